@@ -1,0 +1,48 @@
+"""The one interface between the launcher and a training engine.
+
+Only engines know flag names and file formats. The launcher asks an engine for the options it
+would silently ignore, for what is missing before a real launch, and for the frozen inputs of a
+run: the script accelerate starts, its arguments and the files the job reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from flux_lora.schema import RunConfig
+
+
+@dataclass(frozen=True)
+class EngineInputs:
+    # What follows `accelerate launch <accelerate flags>`: a script path or ["-m", module], then its args.
+    script_argv: list[str]
+    # Run-directory-relative file name -> text content; written into the run directory before launch.
+    files: dict[str, str] = field(default_factory=dict)
+    # Environment additions for the job (never secrets: they are recorded in command.json).
+    env: dict[str, str] = field(default_factory=dict)
+    # Working directory of the job.
+    cwd: str = "."
+
+
+class Engine(Protocol):
+    name: str
+
+    def unapplied_options(self, run: RunConfig) -> dict[str, str]:
+        """Config keys (dotted, e.g. "profile.noise_offset") set to an active value that this engine
+        ignores, each with a one-line reason. Empty when everything set is honoured."""
+        ...
+
+    def missing_requirements(self, run: RunConfig) -> list[str]:
+        """One line per thing a real launch needs but cannot find (checkout, weight files), naming
+        the file and the config key to fix. The launcher refuses a real launch if any; warns in a dry run."""
+        ...
+
+    def version_record(self, run: RunConfig) -> dict[str, object]:
+        """What identifies the engine's code for the repro record (e.g. the sd-scripts commit)."""
+        ...
+
+    def render(self, run: RunConfig, run_dir: Path, unapplied: dict[str, str]) -> EngineInputs:
+        """The exact inputs of the job. Options listed in `unapplied` must not be passed on."""
+        ...

@@ -1,0 +1,282 @@
+"""Typed config: one dataclass per config group, registered in Hydra's ConfigStore.
+
+The primary config (`conf/config.yaml`) starts from `run_schema`, so every group file merges
+into a typed node: an unknown key, a wrong type or a bad enum value fails at compose time.
+Each top-level section has one owner group (see `OWNER_GROUPS`); `ablation` files are the one
+deliberate exception and list the keys they change in `ablation.changes`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class LrScheduler(str, Enum):
+    constant = "constant"
+    constant_with_warmup = "constant_with_warmup"
+    cosine = "cosine"
+    cosine_with_restarts = "cosine_with_restarts"
+    linear = "linear"
+    polynomial = "polynomial"
+
+
+class TimestepSampling(str, Enum):
+    sigma = "sigma"
+    uniform = "uniform"
+    sigmoid = "sigmoid"
+    shift = "shift"
+    flux_shift = "flux_shift"
+
+
+class ModelPredictionType(str, Enum):
+    raw = "raw"
+    additive = "additive"
+    sigma_scaled = "sigma_scaled"
+
+
+class MixedPrecision(str, Enum):
+    no = "no"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class LossType(str, Enum):
+    l2 = "l2"
+    l1 = "l1"
+    huber = "huber"
+    smooth_l1 = "smooth_l1"
+
+
+class HuberSchedule(str, Enum):
+    constant = "constant"
+    exponential = "exponential"
+    snr = "snr"
+
+
+class Accelerator(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class OptimizerName(str, Enum):
+    adamw8bit = "adamw8bit"
+    adamw = "adamw"
+    adafactor = "adafactor"
+
+
+class EngineName(str, Enum):
+    native = "native"
+    sd_scripts = "sd_scripts"
+
+
+class ModelKind(str, Enum):
+    tiny = "tiny"
+    flux_dev = "flux_dev"
+
+
+@dataclass
+class ProfileConfig:
+    """The training recipe. Defaults are the FLUX.1-dev settings common to every profile."""
+
+    name: str = MISSING
+    resolution: int = MISSING
+    max_train_steps: int = MISSING
+    network_dim: int = MISSING
+    network_alpha: float = MISSING
+    network_dropout: Optional[float] = None
+    learning_rate: float = 1e-4
+    lr_scheduler: LrScheduler = LrScheduler.constant_with_warmup
+    lr_warmup_steps: int = 0
+    lr_scheduler_num_cycles: int = 1
+    noise_offset: float = 0.0
+    min_snr_gamma: Optional[float] = None
+    loss_type: LossType = LossType.l2
+    huber_schedule: HuberSchedule = HuberSchedule.snr
+    max_grad_norm: float = 1.0
+    # FLUX.1-dev LoRA recipe (kohya/ai-toolkit consensus): embedded guidance 1.0, flux_shift, raw prediction.
+    guidance_scale: float = 1.0
+    timestep_sampling: TimestepSampling = TimestepSampling.flux_shift
+    sigmoid_scale: float = 1.0
+    discrete_flow_shift: float = 1.0
+    model_prediction_type: ModelPredictionType = ModelPredictionType.raw
+    mixed_precision: MixedPrecision = MixedPrecision.bf16
+    gradient_checkpointing: bool = True
+    cache_latents_to_disk: bool = True
+    cache_text_encoder_outputs_to_disk: bool = True
+    # Caption augmentations; cached text-encoder outputs make them impossible (rules.py).
+    shuffle_caption: bool = False
+    caption_dropout_rate: float = 0.0
+    seed: int = 42
+    save_every_n_steps: int = 500
+    save_precision: str = "bf16"
+    sample_every_n_steps: int = 250
+    sample_steps: int = 20
+    network_module: str = "networks.lora_flux"
+    network_train_unet_only: bool = True
+    max_data_loader_n_workers: int = 2
+
+
+@dataclass
+class GpuConfig:
+    """Memory and throughput knobs of a hardware tier."""
+
+    name: str = MISSING
+    accelerator: Accelerator = Accelerator.cuda
+    memory_gb: int = MISSING
+    num_gpus: int = 1
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    max_resolution: int = 1024
+    blocks_to_swap: int = 0
+    fp8_base: bool = False
+    cpu_offload_checkpointing: bool = False
+
+
+@dataclass
+class OptimizerConfig:
+    name: OptimizerName = MISSING
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    # Adafactor with a fixed lr (FLUX LoRA recipes): no relative step, no warmup init, no param scaling.
+    relative_step: bool = False
+    scale_parameter: bool = False
+    warmup_init: bool = False
+
+
+@dataclass
+class AblationConfig:
+    """One cell of the ablation matrix; `changes` lists the keys it sets on purpose."""
+
+    name: str = "none"
+    description: str = ""
+    changes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EngineConfig:
+    name: EngineName = MISSING
+    # sd-scripts only: a checkout of kohya-ss/sd-scripts (flux_train_network.py).
+    sd_scripts_dir: Optional[str] = None
+    pinned_commit: Optional[str] = None
+    tokenizer_cache_dir: Optional[str] = None
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    kind: ModelKind = MISSING
+    # flux_dev: the four single files a kohya user has, or one diffusers-format folder.
+    transformer: Optional[str] = None
+    vae: Optional[str] = None
+    clip_l: Optional[str] = None
+    t5xxl: Optional[str] = None
+    diffusers_dir: Optional[str] = None
+    tokenizer_dir: Optional[str] = None
+    t5xxl_max_token_length: int = 512
+    # tiny: weights are drawn in code from this seed.
+    init_seed: int = 0
+
+
+@dataclass
+class SamplePrompt:
+    text: str = MISSING
+    seed: int = MISSING
+
+
+@dataclass
+class DatasetAnalysisConfig:
+    blur_threshold: float = 60.0
+    duplicate_max_distance: int = 6
+    detect_faces: bool = True
+
+
+@dataclass
+class DatasetGateConfig:
+    enforce: bool = True
+    min_images: int = 5
+    max_blurry_share: float = 0.2
+    max_duplicate_groups: int = 0
+    max_missing_captions: int = 0
+    max_missing_trigger: int = 0
+    max_unreadable: int = 0
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    path: str = MISSING
+    trigger: str = MISSING
+    class_tokens: str = MISSING
+    caption_extension: str = ".txt"
+    num_repeats: int = 1
+    enable_bucket: bool = True
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    sample_prompts: list[SamplePrompt] = field(default_factory=list)
+    analysis: DatasetAnalysisConfig = field(default_factory=DatasetAnalysisConfig)
+    gate: DatasetGateConfig = field(default_factory=DatasetGateConfig)
+
+
+@dataclass
+class PathsConfig:
+    root: str = MISSING
+    outputs: str = MISSING
+    cache: str = MISSING
+    models: str = MISSING
+
+
+@dataclass
+class LaunchConfig:
+    dry_run: bool = False
+    # Run an ablation cell even if every change it declares is a no-op for the chosen engine.
+    allow_noop_ablation: bool = False
+    # Resume from a saved training state folder (an engine's `*-state` directory).
+    resume_from: Optional[str] = None
+    output_name: str = "flux-lora"
+
+
+@dataclass
+class RunConfig:
+    name: str = MISSING
+    profile: ProfileConfig = MISSING
+    gpu: GpuConfig = MISSING
+    optimizer: OptimizerConfig = MISSING
+    ablation: AblationConfig = field(default_factory=AblationConfig)
+    engine: EngineConfig = MISSING
+    model: ModelConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    paths: PathsConfig = MISSING
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+
+# The group that owns each top-level section; no other group file may set keys in it.
+OWNER_GROUPS: dict[str, str] = {
+    "profile": "profile",
+    "gpu": "gpu",
+    "optimizer": "optimizer",
+    "engine": "engine",
+    "model": "model",
+    "dataset": "dataset",
+}
+
+# Sections that describe where and how a run is launched, not what it trains (left out of the run id).
+NON_SEMANTIC_KEYS: tuple[str, ...] = (
+    "name",
+    "paths",
+    "launch",
+    "ablation.description",
+    "dataset.path",
+    "engine.sd_scripts_dir",
+    "engine.tokenizer_cache_dir",
+)
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
