@@ -1,18 +1,64 @@
-"""flux-lora entry point: compose -> check -> freeze -> launch. Everything else lives in flux_lora/."""
+"""flux-lora entry point: compose -> check -> freeze -> launch (-> report after a sweep).
+
+    python launch.py                                  # embedded default: tiny FLUX, sample data, CPU
+    python launch.py profile=final gpu=h200           # with conf/local/default.yaml pointing at real weights
+    python launch.py sweep=ablation                   # the nine-cell ablation matrix
+"""
+
+import os
+import sys
+from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from flux_lora.compose import register
+from flux_lora.check import check_run, print_check_report
+from flux_lora.compose import PROJECT_ROOT, describe_config_error, load_run, print_config_tree, register, resolved_container
+from flux_lora.engines import get_engine
+from flux_lora.report import SweepDirRecorder, find_run_dirs, print_summary, read_run
+from flux_lora.runner import RunState, accelerate_argv, start_run
+from flux_lora.snapshot import freeze_run
 
 register()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from omegaconf import OmegaConf
-    print(OmegaConf.to_yaml(cfg, resolve=True))
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    print_config_tree(cfg)
+
+    run = load_run(cfg)
+    engine = get_engine(run.engine.name.value)
+    report = check_run(run, engine, dry_run=run.launch.dry_run)
+    frozen = freeze_run(run, resolved_container(cfg), report, engine, run_dir, PROJECT_ROOT, accelerate_argv)
+    print_check_report(report)
+    status = start_run(frozen, report, dry_run=run.launch.dry_run)
+
+    print(f"run {frozen.run_id} {status.state.value}: {run_dir}")
+    # A single run that did not happen is a failed command; a sweep goes on to its next cell.
+    if hydra_cfg.mode == RunMode.RUN and status.state not in (RunState.succeeded, RunState.dry_run):
+        sys.exit(1)
+
+
+def cli() -> int:
+    # Let composition errors reach us whole, so each is printed as one line, not Hydra's page.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        main()
+    except Exception as exc:  # noqa: BLE001 - the CLI's contract is one line per error
+        if os.environ.get("FLUX_LORA_TRACEBACK"):
+            raise
+        print(f"error: {describe_config_error(exc)}  (FLUX_LORA_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        return 2
+    finally:
+        if SweepDirRecorder.sweep_dir is not None:
+            rows = [read_run(d) for d in find_run_dirs(SweepDirRecorder.sweep_dir)]
+            print_summary(rows, title=f"sweep {SweepDirRecorder.sweep_dir}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.syntax import Syntax
+from rich.tree import Tree
 
 from flux_lora.schema import RunConfig, register_configs
 
@@ -34,3 +39,41 @@ def resolved_container(cfg: DictConfig) -> dict:
 def load_run(cfg: DictConfig) -> RunConfig:
     """The composed config as a typed, fully resolved `RunConfig` (enums as Enum members)."""
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def describe_config_error(exc: BaseException) -> str:
+    """One line naming the key or group option at fault and how to fix it (Hydra's own is a page)."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+    if isinstance(exc, MissingConfigException):
+        missing = re.search(r"Could not find '([^']+)'", str(exc))
+        where = missing.group(1) if missing else str(exc).splitlines()[0]
+        group, _, option = where.rpartition("/")
+        options = ", ".join(exc.options or [])
+        if group and options:
+            return f"{group}={option}: no such option in conf/{group}/; choose one of: {options}"
+        return f"{where}: config not found under conf/"
+    cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else exc
+    if isinstance(cause, OmegaConfBaseException):
+        key = getattr(cause, "full_key", None) or "config"
+        first = str(getattr(cause, "msg", None) or cause).splitlines()[0]
+        in_file = re.match(r"In '([^']+)'", str(exc))
+        origin = f" (in conf/{in_file.group(1)}.yaml)" if in_file else ""
+        if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
+            return f"{key}: unknown key{origin}: {first}; check the spelling (`python launch.py --cfg job` lists every key)"
+        if isinstance(cause, ValidationError):
+            return f"{key}: wrong value{origin}: {first}"
+        return f"{key}{origin}: {first}"
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def print_config_tree(cfg: DictConfig, console: Console | None = None) -> None:
+    """The resolved config as a tree, one branch per section, as it will be frozen."""
+    console = console or Console()
+    tree = Tree("[bold]config[/bold]")
+    for section, value in resolved_container(cfg).items():
+        branch = tree.add(f"[bold]{section}[/bold]")
+        text = yaml.safe_dump(value, sort_keys=False, allow_unicode=True).rstrip() if isinstance(value, (dict, list)) else str(value)
+        branch.add(Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
+    console.print(tree)

@@ -46,3 +46,7 @@ class Engine(Protocol):
     def render(self, run: RunConfig, run_dir: Path, unapplied: dict[str, str]) -> EngineInputs:
         """The exact inputs of the job. Options listed in `unapplied` must not be passed on."""
         ...
+
+    def check_inputs(self, run: RunConfig, inputs: EngineInputs) -> list[str]:
+        """Problems with rendered inputs (e.g. argv rejected by the engine's own parser), one line each."""
+        ...

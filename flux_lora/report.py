@@ -1,0 +1,129 @@
+"""Report: a summary table of runs, built only from what their run directories hold.
+
+Used at the end of a sweep (Hydra's end-of-sweep callback does not fire after a failure, so
+launch.py calls it itself) and as `python -m flux_lora.report DIR [DIR ...]`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+
+
+@dataclass(frozen=True)
+class RunRow:
+    run_dir: Path
+    name: str
+    ablation: str
+    run_id: str
+    state: str
+    duration_s: Optional[float]
+    final_loss: Optional[float]
+    peak_memory_gb: Optional[float]
+    note: str
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def last_scalar(logging_dir: Path, tag: str) -> Optional[float]:
+    """Last value of a TensorBoard scalar under logging_dir (both engines write TensorBoard events)."""
+    if not logging_dir.is_dir():
+        return None
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    value: Optional[float] = None
+    latest_wall = -1.0
+    for events in logging_dir.rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events.parent), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags().get("scalars", []):
+            last = acc.Scalars(tag)[-1]
+            if last.wall_time > latest_wall:
+                latest_wall, value = last.wall_time, float(last.value)
+    return value
+
+
+def read_run(run_dir: Path) -> RunRow:
+    run = _read_json(run_dir / "run.json")
+    status = _read_json(run_dir / "status.json")
+    summary = _read_json(run_dir / "output" / "train_summary.json")
+    final_loss = summary.get("final_loss")
+    if final_loss is None:
+        final_loss = last_scalar(run_dir / "logs", "loss/average")
+    state = status.get("state", "not started")
+    note = status.get("reason") or ""
+    if state == "refused":
+        note = run.get("refusal") or "; ".join(run.get("errors", [])) or note
+    return RunRow(
+        run_dir=run_dir,
+        name=run.get("name", run_dir.name),
+        ablation=run.get("ablation", {}).get("name", ""),
+        run_id=run.get("run_id", ""),
+        state=state,
+        duration_s=status.get("duration_s"),
+        final_loss=final_loss,
+        peak_memory_gb=summary.get("peak_memory_gb"),
+        note=note,
+    )
+
+
+def find_run_dirs(root: Path) -> list[Path]:
+    if (root / "run.json").exists():
+        return [root]
+    return sorted((p.parent for p in root.rglob("run.json")), key=lambda p: p.name)
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_summary(rows: list[RunRow], title: str, console: Optional[Console] = None) -> None:
+    console = console or Console()
+    table = Table(title=title)
+    for column in ("run", "ablation", "state", "run id", "time s", "final loss", "peak GB", "note"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        table.add_row(
+            r.run_dir.name, r.ablation, r.state, r.run_id, _fmt(r.duration_s, ".1f"),
+            _fmt(r.final_loss, ".4f"), _fmt(r.peak_memory_gb, ".2f"), r.note,
+        )  # fmt: skip
+    console.print(table)
+
+
+class SweepDirRecorder(Callback):
+    """Remembers the sweep directory in the launching process, where the summary is printed."""
+
+    sweep_dir: Optional[Path] = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        SweepDirRecorder.sweep_dir = Path(config.hydra.sweep.dir)
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print("usage: python -m flux_lora.report RUN_OR_SWEEP_DIR [...]", file=sys.stderr)
+        return 2
+    for arg in argv:
+        root = Path(arg)
+        if not root.is_dir():
+            print(f"{root}: no such directory; pass a run or sweep directory under outputs/", file=sys.stderr)
+            return 2
+        print_summary([read_run(d) for d in find_run_dirs(root)], title=str(root))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

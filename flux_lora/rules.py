@@ -1,0 +1,213 @@
+"""Semantic checks of a composed run, listed in one place, each with the reason it exists.
+
+A rule looks at the typed `RunConfig` and returns a one-line message (naming the key and the
+fix) or None. Errors stop the launch; warnings are printed and recorded in the snapshot.
+Engine-specific checks (options an engine ignores, missing checkouts or weights) live with the
+engine; this module only knows what FLUX, accelerate and the hardware tiers demand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Callable, Optional
+
+from flux_lora.schema import (
+    Accelerator,
+    EngineName,
+    HuberSchedule,
+    LossType,
+    MixedPrecision,
+    ModelKind,
+    RunConfig,
+)
+
+
+class Severity(str, Enum):
+    error = "error"
+    warning = "warning"
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    severity: Severity
+    reason: str
+    check: Callable[[RunConfig], Optional[str]]
+
+
+MAX_BLOCKS_TO_SWAP = 35  # sd-scripts: 19 double + 38 single blocks, swap granularity leaves 35
+
+
+def _resolution_multiple_of_16(run: RunConfig) -> Optional[str]:
+    r = run.profile.resolution
+    if r % 16:
+        return f"profile.resolution={r}: must be a multiple of 16; set profile.resolution={r // 16 * 16 or 16}"
+    return None
+
+
+def _bucket_steps_multiple_of_32(run: RunConfig) -> Optional[str]:
+    s = run.dataset.bucket_reso_steps
+    if s % 32:
+        return f"dataset.bucket_reso_steps={s}: must be a multiple of 32 for FLUX; set dataset.bucket_reso_steps=64"
+    return None
+
+
+def _resolution_within_buckets(run: RunConfig) -> Optional[str]:
+    d, r = run.dataset, run.profile.resolution
+    if d.enable_bucket and not d.min_bucket_reso <= r <= d.max_bucket_reso:
+        return (
+            f"profile.resolution={r}: outside dataset.min_bucket_reso={d.min_bucket_reso}.."
+            f"dataset.max_bucket_reso={d.max_bucket_reso}; widen the bucket range or change the resolution"
+        )
+    return None
+
+
+def _tier_holds_resolution(run: RunConfig) -> Optional[str]:
+    g, r = run.gpu, run.profile.resolution
+    if r > g.max_resolution:
+        return (
+            f"profile.resolution={r}: gpu={g.name} holds at most {g.max_resolution} px; "
+            f"choose a smaller profile or a larger gpu tier"
+        )
+    return None
+
+
+def _blocks_to_swap_max(run: RunConfig) -> Optional[str]:
+    n = run.gpu.blocks_to_swap
+    if not 0 <= n <= MAX_BLOCKS_TO_SWAP:
+        return f"gpu.blocks_to_swap={n}: must be between 0 and {MAX_BLOCKS_TO_SWAP}"
+    return None
+
+
+def _blocks_to_swap_vs_cpu_offload(run: RunConfig) -> Optional[str]:
+    if run.gpu.blocks_to_swap > 0 and run.gpu.cpu_offload_checkpointing:
+        return "gpu.cpu_offload_checkpointing=true: excluded by gpu.blocks_to_swap>0; set one of them off"
+    return None
+
+
+def _blocks_to_swap_single_gpu(run: RunConfig) -> Optional[str]:
+    if run.gpu.blocks_to_swap > 0 and run.gpu.num_gpus > 1:
+        return (
+            f"gpu.blocks_to_swap={run.gpu.blocks_to_swap}: not supported with gpu.num_gpus={run.gpu.num_gpus}; "
+            "set gpu.blocks_to_swap=0 or gpu.num_gpus=1"
+        )
+    return None
+
+
+def _cpu_tier_single_process(run: RunConfig) -> Optional[str]:
+    if run.gpu.accelerator == Accelerator.cpu and run.gpu.num_gpus != 1:
+        return f"gpu.num_gpus={run.gpu.num_gpus}: the cpu tier runs one process; set gpu.num_gpus=1"
+    return None
+
+
+def _fp8_needs_mixed_precision(run: RunConfig) -> Optional[str]:
+    if run.gpu.fp8_base and run.profile.mixed_precision == MixedPrecision.no:
+        return "gpu.fp8_base=true: needs profile.mixed_precision=bf16 (or fp16)"
+    return None
+
+
+def _cached_text_excludes_caption_augmentation(run: RunConfig) -> Optional[str]:
+    p = run.profile
+    if p.cache_text_encoder_outputs_to_disk and (p.shuffle_caption or p.caption_dropout_rate > 0):
+        return (
+            "profile.shuffle_caption/caption_dropout_rate: impossible with cached text-encoder outputs; "
+            "set profile.cache_text_encoder_outputs_to_disk=false or turn the augmentation off"
+        )
+    return None
+
+
+def _huber_needs_non_snr_schedule(run: RunConfig) -> Optional[str]:
+    p = run.profile
+    if p.loss_type in (LossType.huber, LossType.smooth_l1) and p.huber_schedule == HuberSchedule.snr:
+        return f"profile.huber_schedule=snr: not implemented for FLUX with loss_type={p.loss_type.value}; set profile.huber_schedule=constant"
+    return None
+
+
+def _sd_scripts_needs_flux_dev(run: RunConfig) -> Optional[str]:
+    if run.engine.name == EngineName.sd_scripts and run.model.kind != ModelKind.flux_dev:
+        return f"engine=sd_scripts: trains FLUX.1-dev weight files, not model={run.model.name}; choose model=flux_dev or engine=native"
+    return None
+
+
+def _dropout_is_a_probability(run: RunConfig) -> Optional[str]:
+    p = run.profile.network_dropout
+    if p is not None and not 0.0 <= p < 1.0:
+        return f"profile.network_dropout={p}: must be in [0, 1)"
+    return None
+
+
+def _warmup_shorter_than_training(run: RunConfig) -> Optional[str]:
+    p = run.profile
+    if p.lr_warmup_steps >= p.max_train_steps:
+        return f"profile.lr_warmup_steps={p.lr_warmup_steps}: must be below profile.max_train_steps={p.max_train_steps}"
+    return None
+
+
+def _positive_intervals(run: RunConfig) -> Optional[str]:
+    p = run.profile
+    for key in ("max_train_steps", "save_every_n_steps", "sample_every_n_steps", "network_dim"):
+        if getattr(p, key) <= 0:
+            return f"profile.{key}={getattr(p, key)}: must be positive"
+    if run.gpu.batch_size <= 0 or run.gpu.gradient_accumulation_steps <= 0:
+        return "gpu.batch_size and gpu.gradient_accumulation_steps: must be positive"
+    return None
+
+
+def _alpha_shrinks_updates(run: RunConfig) -> Optional[str]:
+    p = run.profile
+    scale = p.network_alpha / p.network_dim
+    if scale <= 1 / 8:
+        return (
+            f"profile.network_alpha={p.network_alpha:g} with network_dim={p.network_dim}: LoRA updates are scaled "
+            f"DOWN {1 / scale:.0f}x (alpha/rank={scale:.4g}); set profile.network_alpha={p.network_dim} for scale 1"
+        )
+    return None
+
+
+def _cpu_offload_needs_checkpointing(run: RunConfig) -> Optional[str]:
+    if run.gpu.cpu_offload_checkpointing and not run.profile.gradient_checkpointing:
+        return "gpu.cpu_offload_checkpointing=true: has no effect without profile.gradient_checkpointing=true"
+    return None
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("resolution_multiple_of_16", Severity.error, "FLUX packs 2x2 patches of 8x-downsampled latents: other sizes crash at step 1", _resolution_multiple_of_16),
+    Rule("bucket_steps_multiple_of_32", Severity.error, "sd-scripts asserts it for FLUX", _bucket_steps_multiple_of_32),
+    Rule("resolution_within_buckets", Severity.error, "sd-scripts asserts min_bucket_reso <= resolution <= max_bucket_reso", _resolution_within_buckets),
+    Rule("tier_holds_resolution", Severity.error, "a tier's memory bounds the resolution it can train", _tier_holds_resolution),
+    Rule("blocks_to_swap_max", Severity.error, "FLUX has 35 swappable blocks; more crashes", _blocks_to_swap_max),
+    Rule("blocks_to_swap_vs_cpu_offload", Severity.error, "sd-scripts asserts they exclude each other", _blocks_to_swap_vs_cpu_offload),
+    Rule("blocks_to_swap_single_gpu", Severity.error, "block swapping is not supported with several GPUs (sd-scripts #1480)", _blocks_to_swap_single_gpu),
+    Rule("cpu_tier_single_process", Severity.error, "without GPUs accelerate runs one process here", _cpu_tier_single_process),
+    Rule("fp8_needs_mixed_precision", Severity.error, "fp8 base weights compute in bf16/fp16; mixed_precision=no fails", _fp8_needs_mixed_precision),
+    Rule("cached_text_excludes_caption_augmentation", Severity.error, "cached text embeddings cannot change per step", _cached_text_excludes_caption_augmentation),
+    Rule("huber_needs_non_snr_schedule", Severity.error, "huber_schedule=snr raises NotImplementedError on FLUX", _huber_needs_non_snr_schedule),
+    Rule("sd_scripts_needs_flux_dev", Severity.error, "sd-scripts loads real FLUX weight files only", _sd_scripts_needs_flux_dev),
+    Rule("dropout_is_a_probability", Severity.error, "dropout outside [0, 1) is meaningless", _dropout_is_a_probability),
+    Rule("warmup_shorter_than_training", Severity.error, "a run that never leaves warmup never reaches its learning rate", _warmup_shorter_than_training),
+    Rule("positive_intervals", Severity.error, "zero or negative counts make no run", _positive_intervals),
+    Rule("alpha_shrinks_updates", Severity.warning, "alpha=1 at rank 32 silently shrank every update 32x in the old scripts", _alpha_shrinks_updates),
+    Rule("cpu_offload_needs_checkpointing", Severity.warning, "sd-scripts reads it only inside the checkpointing branch", _cpu_offload_needs_checkpointing),
+)
+
+
+@dataclass(frozen=True)
+class RuleFindings:
+    errors: list[str]
+    warnings: list[str]
+
+
+def apply_rules(run: RunConfig, rules: tuple[Rule, ...] = RULES) -> RuleFindings:
+    errors: list[str] = []
+    warnings: list[str] = []
+    for rule in rules:
+        message = rule.check(run)
+        if message is not None:
+            (errors if rule.severity == Severity.error else warnings).append(message)
+    return RuleFindings(errors=errors, warnings=warnings)
+
+
+def lora_scale_line(run: RunConfig) -> str:
+    p = run.profile
+    return f"LoRA update scale alpha/rank = {p.network_alpha:g}/{p.network_dim} = {p.network_alpha / p.network_dim:.4g}"

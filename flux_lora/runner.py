@@ -1,0 +1,162 @@
+"""Launch: start the frozen run as an `accelerate launch` subprocess and record how it ended.
+
+The child gets an argument list (never a shell string); its output is streamed to the console
+and to `train.log` with secret values redacted; `status.json` says what happened. SIGINT and
+SIGTERM (Ctrl-C, SLURM's pre-timeout signal) are forwarded to the job, which is then marked
+interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+from types import FrameType
+from typing import Optional
+
+from flux_lora.check import CheckReport
+from flux_lora.engines.base import EngineInputs
+from flux_lora.schema import Accelerator, RunConfig
+from flux_lora.snapshot import FrozenRun, redact, secret_values
+
+STATUS_FILE = "status.json"
+LOG_FILE = "train.log"
+
+
+class RunState(str, Enum):
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    interrupted = "interrupted"
+    refused = "refused"
+    dry_run = "dry_run"
+
+
+@dataclass
+class RunStatus:
+    state: RunState
+    exit_code: Optional[int] = None
+    started: Optional[str] = None
+    ended: Optional[str] = None
+    duration_s: Optional[float] = None
+    reason: Optional[str] = None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_status(run_dir: Path, status: RunStatus) -> None:
+    data = asdict(status)
+    data["state"] = status.state.value
+    (run_dir / STATUS_FILE).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def read_status(run_dir: Path) -> Optional[RunStatus]:
+    path = run_dir / STATUS_FILE
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    data["state"] = RunState(data["state"])
+    return RunStatus(**data)
+
+
+def accelerate_argv(run: RunConfig, inputs: EngineInputs) -> list[str]:
+    """`accelerate launch` with the tier's process count, precision and device flags, then the job."""
+    gpu = run.gpu
+    argv = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--num_machines", "1",
+        "--num_processes", str(gpu.num_gpus),
+        "--mixed_precision", run.profile.mixed_precision.value,
+        "--dynamo_backend", "no",
+    ]  # fmt: skip
+    if gpu.accelerator == Accelerator.cpu:
+        argv.append("--cpu")
+    elif gpu.num_gpus > 1:
+        argv.append("--multi_gpu")
+    return argv + list(inputs.script_argv)
+
+
+def refuse_run(run_dir: Path, reason: str) -> RunStatus:
+    status = RunStatus(state=RunState.refused, reason=reason, ended=_now())
+    write_status(run_dir, status)
+    return status
+
+
+def mark_dry_run(run_dir: Path) -> RunStatus:
+    status = RunStatus(state=RunState.dry_run, reason="launch.dry_run=true: frozen, not started", ended=_now())
+    write_status(run_dir, status)
+    return status
+
+
+def launch_run(run_dir: Path, argv: list[str], inputs: EngineInputs) -> RunStatus:
+    started_at = time.monotonic()
+    status = RunStatus(state=RunState.running, started=_now())
+    write_status(run_dir, status)
+    secrets = secret_values()
+    env = {**os.environ, **inputs.env, "PYTHONUNBUFFERED": "1"}
+
+    # A session of its own, so a terminal's Ctrl-C reaches only us and we decide how the job stops.
+    child = subprocess.Popen(
+        argv, cwd=inputs.cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, errors="replace", bufsize=1, start_new_session=True,
+    )  # fmt: skip
+    interrupted = False
+
+    def forward(signum: int, _frame: Optional[FrameType]) -> None:
+        nonlocal interrupted
+        interrupted = True
+        try:
+            os.killpg(child.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with open(run_dir / LOG_FILE, "a", encoding="utf-8") as log:
+            assert child.stdout is not None
+            for line in child.stdout:
+                line = redact(line, secrets)
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                log.write(line)
+                log.flush()
+        exit_code = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    if interrupted:
+        state = RunState.interrupted
+    else:
+        state = RunState.succeeded if exit_code == 0 else RunState.failed
+    status = RunStatus(
+        state=state,
+        exit_code=exit_code,
+        started=status.started,
+        ended=_now(),
+        duration_s=round(time.monotonic() - started_at, 2),
+        reason=None if state == RunState.succeeded else f"see {run_dir / LOG_FILE}",
+    )
+    write_status(run_dir, status)
+    return status
+
+
+def start_run(frozen: FrozenRun, report: CheckReport, *, dry_run: bool) -> RunStatus:
+    """Refuse, stop after freezing (dry run), or launch: the one place that decides."""
+    if report.errors:
+        return refuse_run(frozen.run_dir, "; ".join(report.errors))
+    if report.refusal:
+        return refuse_run(frozen.run_dir, report.refusal)
+    if dry_run:
+        return mark_dry_run(frozen.run_dir)
+    assert frozen.inputs is not None and frozen.argv is not None
+    return launch_run(frozen.run_dir, frozen.argv, frozen.inputs)

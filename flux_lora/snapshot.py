@@ -1,0 +1,218 @@
+"""Freeze: write everything that defines a run into its directory before anything starts.
+
+The job reads only these files, so what is recorded is what ran:
+  config.yaml               the resolved config
+  run.json                  run id, name, ablation, options not applied, warnings, check results
+  <engine files>            e.g. native_config.json, or dataset.toml + sample_prompts.txt for sd-scripts
+  command.json              argv, working directory, environment additions
+  repro.json                git state and diff, host, Python, packages, torch/CUDA/GPU, seed, engine code
+  dataset_fingerprint.json  content hash plus per-file manifest
+  dataset_report.json, dataset_contact_sheet.png   the preflight analysis
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import yaml
+
+from flux_lora.check import CheckReport
+from flux_lora.dataset import fingerprint_dataset, write_contact_sheet
+from flux_lora.engines.base import Engine, EngineInputs
+from flux_lora.schema import NON_SEMANTIC_KEYS, RunConfig
+
+SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "CREDENTIAL")
+# Environment worth recording for reproduction (after secrets are dropped).
+RECORDED_ENV_PREFIXES = ("CUDA_", "NVIDIA_", "SLURM_", "HF_", "TORCH_", "ACCELERATE_", "OMP_", "SD_SCRIPTS_DIR")
+
+
+# Builds the full `accelerate launch ...` argv (runner.accelerate_argv); passed in so freeze records it.
+AccelerateArgvBuilder = Callable[[RunConfig, EngineInputs], list[str]]
+
+
+class RunDirectoryTaken(RuntimeError):
+    """A run directory already holds a frozen run; flux-lora never overwrites one."""
+
+
+def is_secret_name(name: str) -> bool:
+    upper = name.upper()
+    return any(marker in upper for marker in SECRET_MARKERS)
+
+
+def secret_values(environ: dict[str, str] | None = None) -> list[str]:
+    """Values of secret-named variables, longest first, for redacting logs (short ones would over-match)."""
+    env = os.environ if environ is None else environ
+    return sorted({v for k, v in env.items() if is_secret_name(k) and len(v) >= 6}, key=len, reverse=True)
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    for value in secrets:
+        text = text.replace(value, "***")
+    return text
+
+
+def _drop_key(tree: dict[str, Any], dotted: str) -> None:
+    *parents, leaf = dotted.split(".")
+    node: Any = tree
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+            return
+    if isinstance(node, dict):
+        node.pop(leaf, None)
+
+
+def semantic_config(resolved: dict[str, Any], dataset_content_hash: str) -> dict[str, Any]:
+    """What defines a run: the resolved config without log paths and the like, with the dataset by content."""
+    tree = json.loads(json.dumps(resolved))
+    for key in NON_SEMANTIC_KEYS:
+        _drop_key(tree, key)
+    tree.setdefault("dataset", {})["content_hash"] = dataset_content_hash
+    return tree
+
+
+def compute_run_id(resolved: dict[str, Any], dataset_content_hash: str) -> str:
+    canonical = json.dumps(semantic_config(resolved, dataset_content_hash), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def _git(args: list[str], cwd: Path) -> Optional[str]:
+    if shutil.which("git") is None:
+        return None
+    done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=False)
+    return done.stdout if done.returncode == 0 else None
+
+
+def git_state(repo: Path) -> dict[str, Any]:
+    commit = _git(["rev-parse", "HEAD"], repo)
+    if commit is None:
+        return {"commit": None, "dirty": None, "diff": None, "note": "not a git checkout"}
+    status = _git(["status", "--porcelain", "--untracked-files=no"], repo) or ""
+    diff = _git(["diff", "HEAD"], repo) or ""
+    return {"commit": commit.strip(), "dirty": bool(status.strip()), "diff": diff}
+
+
+def package_versions() -> dict[str, str]:
+    # Read in-process from installed metadata: same answer as `pip freeze`, without a subprocess.
+    versions = {}
+    for dist in importlib.metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            versions[name] = dist.version
+    return dict(sorted(versions.items(), key=lambda kv: kv[0].lower()))
+
+
+def accelerator_state() -> dict[str, Any]:
+    import torch
+
+    state: dict[str, Any] = {"torch": torch.__version__, "cuda_build": torch.version.cuda, "cuda_available": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        state["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if shutil.which("nvidia-smi"):
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, check=False
+            )
+            state["driver"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    return state
+
+
+def recorded_environment() -> dict[str, str]:
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(RECORDED_ENV_PREFIXES) and not is_secret_name(k)}
+
+
+def repro_record(run: RunConfig, engine: Engine, project_root: Path) -> dict[str, Any]:
+    return {
+        "git": git_state(project_root),
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "python": sys.version,
+        "executable": sys.executable,
+        "packages": package_versions(),
+        "accelerator": accelerator_state(),
+        "environment": recorded_environment(),
+        "seed": run.profile.seed,
+        "engine": engine.version_record(run),
+    }
+
+
+@dataclass(frozen=True)
+class FrozenRun:
+    run_dir: Path
+    run_id: str
+    inputs: Optional[EngineInputs]  # None when errors stopped the engine from rendering
+    argv: Optional[list[str]]
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _safe_env(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if not is_secret_name(k)}
+
+
+def freeze_run(
+    run: RunConfig,
+    resolved: dict[str, Any],
+    report: CheckReport,
+    engine: Engine,
+    run_dir: Path,
+    project_root: Path,
+    accelerate_argv: AccelerateArgvBuilder,
+) -> FrozenRun:
+    """Write the run's record; render the engine's inputs unless config errors make that meaningless."""
+    if (run_dir / "run.json").exists():
+        raise RunDirectoryTaken(f"{run_dir}: already holds a frozen run; flux-lora never overwrites one, launch again for a new directory")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    dataset_path = Path(run.dataset.path)
+    fingerprint = fingerprint_dataset(dataset_path, run.dataset.caption_extension) if dataset_path.is_dir() else None
+    run_id = compute_run_id(resolved, fingerprint["content_hash"] if fingerprint else "missing")
+
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
+    if fingerprint is not None:
+        _write_json(run_dir / "dataset_fingerprint.json", fingerprint)
+    if report.dataset_report is not None:
+        report.dataset_report.write_json(run_dir / "dataset_report.json")
+        write_contact_sheet(report.dataset_report, dataset_path, run_dir / "dataset_contact_sheet.png")
+
+    inputs: Optional[EngineInputs] = None
+    argv: Optional[list[str]] = None
+    if not report.errors:
+        inputs = engine.render(run, run_dir, report.not_applied)
+        for name, text in inputs.files.items():
+            (run_dir / name).write_text(text)
+        report.errors.extend(engine.check_inputs(run, inputs))
+        argv = accelerate_argv(run, inputs)
+        _write_json(run_dir / "command.json", {"argv": argv, "cwd": inputs.cwd, "env": _safe_env(inputs.env)})
+
+    _write_json(run_dir / "repro.json", repro_record(run, engine, project_root))
+    _write_json(
+        run_dir / "run.json",
+        {
+            "run_id": run_id,
+            "name": run.name,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "dry_run": run.launch.dry_run,
+            "engine": run.engine.name.value,
+            "ablation": {"name": run.ablation.name, "changes": list(run.ablation.changes)},
+            "not_applied": report.not_applied,
+            "errors": report.errors,
+            "warnings": report.warnings,
+            "infos": report.infos,
+            "refusal": report.refusal,
+            "dataset_gate_passed": report.gate.passed if report.gate else None,
+        },
+    )
+    return FrozenRun(run_dir=run_dir, run_id=run_id, inputs=inputs, argv=argv)

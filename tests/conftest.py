@@ -1,0 +1,27 @@
+"""Shared fixtures: real Hydra composition of conf/ through the Compose API."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from flux_lora.compose import CONF_DIR, load_run, register
+from flux_lora.schema import RunConfig
+
+register()
+
+
+def compose_config(overrides: list[str] | None = None, *, with_hydra: bool = False) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=overrides or [], return_hydra_config=with_hydra)
+
+
+@pytest.fixture
+def compose_run() -> Callable[..., RunConfig]:
+    def _compose(*overrides: str) -> RunConfig:
+        return load_run(compose_config(list(overrides)))
+
+    return _compose
