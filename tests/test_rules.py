@@ -1,0 +1,68 @@
+"""Semantic rules: each fires on the configuration it guards against, none fires on the shipped ones."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+
+from flux_lora.rules import RULES, apply_rules, lora_scale_line
+from flux_lora.schema import RunConfig
+
+ComposeRun = Callable[..., RunConfig]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["profile=fast", "gpu=rtx4090"],
+        ["profile=fast", "gpu=a6000"],
+        ["profile=final", "gpu=a6000"],
+        ["profile=final", "gpu=h100"],
+        ["profile=final", "gpu=h200"],
+        ["profile=final", "gpu=h200", "engine=sd_scripts", "model=flux_dev"],
+        ["profile=fast", "gpu=h100", "gpu.num_gpus=8"],
+    ],
+)
+def test_shipped_combinations_pass(compose_run: ComposeRun, overrides: list[str]) -> None:
+    findings = apply_rules(compose_run(*overrides))
+    assert findings.errors == []
+    assert findings.warnings == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["profile.resolution=250"], "profile.resolution=250: must be a multiple of 16"),
+        (["dataset.bucket_reso_steps=48"], "dataset.bucket_reso_steps=48"),
+        (["profile=final", "gpu=rtx4090"], "profile.resolution=768: gpu=rtx4090 holds at most 512 px"),
+        (["gpu=h100", "profile=fast", "gpu.blocks_to_swap=36"], "gpu.blocks_to_swap=36"),
+        (["gpu=rtx4090", "profile=fast", "gpu.cpu_offload_checkpointing=true"], "gpu.cpu_offload_checkpointing=true: excluded"),
+        (["gpu=rtx4090", "profile=fast", "gpu.num_gpus=2"], "gpu.blocks_to_swap=22: not supported with gpu.num_gpus=2"),
+        (["gpu.fp8_base=true", "profile.mixed_precision=no"], "gpu.fp8_base=true: needs profile.mixed_precision=bf16"),
+        (["profile.shuffle_caption=true"], "profile.shuffle_caption/caption_dropout_rate"),
+        (["profile.caption_dropout_rate=0.1"], "profile.shuffle_caption/caption_dropout_rate"),
+        (["profile.loss_type=huber"], "profile.huber_schedule=snr"),
+        (["engine=sd_scripts"], "engine=sd_scripts: trains FLUX.1-dev weight files, not model=tiny"),
+        (["profile.network_dropout=1.5"], "profile.network_dropout=1.5"),
+        (["profile.lr_warmup_steps=30"], "profile.lr_warmup_steps=30"),
+        (["gpu.num_gpus=2"], "gpu.num_gpus=2: the cpu tier runs one process"),
+    ],
+)
+def test_rule_errors_name_the_key(compose_run: ComposeRun, overrides: list[str], key: str) -> None:
+    errors = apply_rules(compose_run(*overrides)).errors
+    assert any(e.startswith(key) for e in errors), errors
+    assert all("\n" not in e for e in errors)
+
+
+def test_alpha_one_is_flagged_as_shrinking_updates(compose_run: ComposeRun) -> None:
+    run = compose_run("profile=fast", "gpu=h100", "ablation=baseline")
+    warnings = apply_rules(run).warnings
+    assert any("scaled DOWN 32x" in w for w in warnings), warnings
+    assert lora_scale_line(run) == "LoRA update scale alpha/rank = 1/32 = 0.03125"
+
+
+def test_every_rule_has_a_reason() -> None:
+    assert len({r.name for r in RULES}) == len(RULES)
+    assert all(r.reason and "\n" not in r.reason for r in RULES)
