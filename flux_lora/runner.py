@@ -72,7 +72,7 @@ def accelerate_argv(run: RunConfig, inputs: EngineInputs) -> list[str]:
     """`accelerate launch` with the tier's process count, precision and device flags, then the job."""
     gpu = run.gpu
     argv = [
-        sys.executable, "-m", "accelerate.commands.launch",
+        run.engine.python or sys.executable, "-m", "accelerate.commands.launch",
         "--num_machines", "1",
         "--num_processes", str(gpu.num_gpus),
         "--mixed_precision", run.profile.mixed_precision.value,

@@ -161,6 +161,9 @@ class AblationConfig:
 @dataclass
 class EngineConfig:
     name: EngineName = MISSING
+    # Interpreter that runs `accelerate launch` for this engine; null = the launcher's own. sd-scripts pins
+    # older diffusers/transformers than the native engine, so it usually lives in a venv of its own.
+    python: Optional[str] = None
     # sd-scripts only: a checkout of kohya-ss/sd-scripts (flux_train_network.py).
     sd_scripts_dir: Optional[str] = None
     pinned_commit: Optional[str] = None
@@ -275,6 +278,7 @@ NON_SEMANTIC_KEYS: tuple[str, ...] = (
     "dataset.path",
     "engine.sd_scripts_dir",
     "engine.tokenizer_cache_dir",
+    "engine.python",
 )
 
 
