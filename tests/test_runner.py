@@ -1,0 +1,92 @@
+"""The runner starts real `accelerate launch` subprocesses (on CPU) and records how they ended."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from flux_lora.engines.base import EngineInputs
+from flux_lora.runner import RunState, accelerate_argv, launch_run, read_status
+from flux_lora.schema import RunConfig
+
+JOB = textwrap.dedent(
+    """
+    import os, sys, time
+    print("job started", flush=True)
+    print("token in output:", os.environ.get("FLUX_TEST_API_TOKEN"), flush=True)
+    if sys.argv[1] == "sleep":
+        print("ready", flush=True)
+        time.sleep(60)
+    sys.exit(int(sys.argv[1]))
+    """
+)
+
+
+@pytest.fixture
+def job_script(tmp_path: Path) -> Path:
+    path = tmp_path / "job.py"
+    path.write_text(JOB)
+    return path
+
+
+def test_accelerate_flags_follow_the_tier(compose_run: Callable[..., RunConfig]) -> None:
+    inputs = EngineInputs(script_argv=["-m", "some.module", "cfg.json"])
+    cpu = accelerate_argv(compose_run(), inputs)
+    assert cpu[1:3] == ["-m", "accelerate.commands.launch"]
+    assert "--cpu" in cpu and "--multi_gpu" not in cpu
+    assert cpu[cpu.index("--mixed_precision") + 1] == "bf16"
+    assert cpu[-3:] == ["-m", "some.module", "cfg.json"]
+    multi = accelerate_argv(compose_run("profile=fast", "gpu=h100", "gpu.num_gpus=4"), inputs)
+    assert multi[multi.index("--num_processes") + 1] == "4"
+    assert "--multi_gpu" in multi and "--cpu" not in multi
+    single = accelerate_argv(compose_run("profile=fast", "gpu=h100"), inputs)
+    assert "--multi_gpu" not in single and "--cpu" not in single
+
+
+def _cpu_argv(job: Path, arg: str) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", str(job), arg]  # fmt: skip
+
+
+def test_successful_job_streams_log_and_redacts_secrets(
+    tmp_path: Path, job_script: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FLUX_TEST_API_TOKEN", "s3cr3t-value-123")
+    status = launch_run(tmp_path, _cpu_argv(job_script, "0"), EngineInputs(script_argv=[], cwd=str(tmp_path)))
+    assert status.state == RunState.succeeded and status.exit_code == 0
+    log = (tmp_path / "train.log").read_text()
+    assert "job started" in log and "s3cr3t-value-123" not in log and "token in output: ***" in log
+    assert "s3cr3t-value-123" not in capsys.readouterr().out
+    on_disk = read_status(tmp_path)
+    assert on_disk is not None and on_disk.state == RunState.succeeded and on_disk.duration_s is not None
+
+
+def test_failing_job_is_recorded_as_failed(tmp_path: Path, job_script: Path) -> None:
+    status = launch_run(tmp_path, _cpu_argv(job_script, "3"), EngineInputs(script_argv=[], cwd=str(tmp_path)))
+    assert status.state == RunState.failed and status.exit_code != 0
+    assert json.loads((tmp_path / "status.json").read_text())["state"] == "failed"
+
+
+def test_sigterm_is_forwarded_and_run_marked_interrupted(tmp_path: Path, job_script: Path) -> None:
+    # The launcher itself runs in a subprocess so that the test can signal it as SLURM would.
+    code = (
+        "import sys; from pathlib import Path; from flux_lora.engines.base import EngineInputs; "
+        "from flux_lora.runner import launch_run; "
+        f"launch_run(Path({str(tmp_path)!r}), {_cpu_argv(job_script, 'sleep')!r}, EngineInputs(script_argv=[], cwd={str(tmp_path)!r}))"
+    )
+    launcher = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert launcher.stdout is not None
+    for line in launcher.stdout:
+        if "ready" in line:
+            break
+    launcher.send_signal(signal.SIGTERM)
+    launcher.wait(timeout=60)
+    status = read_status(tmp_path)
+    assert status is not None and status.state == RunState.interrupted
