@@ -46,18 +46,20 @@ def main(cfg: DictConfig) -> None:
 def cli() -> int:
     # Let composition errors reach us whole, so each is printed as one line, not Hydra's page.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    code = 0
     try:
         main()
     except Exception as exc:  # noqa: BLE001 - the CLI's contract is one line per error
         if os.environ.get("FLUX_LORA_TRACEBACK"):
             raise
         print(f"error: {describe_config_error(exc)}  (FLUX_LORA_TRACEBACK=1 shows the traceback)", file=sys.stderr)
-        return 2
-    finally:
-        if SweepDirRecorder.sweep_dir is not None:
-            rows = [read_run(d) for d in find_run_dirs(SweepDirRecorder.sweep_dir)]
-            print_summary(rows, title=f"sweep {SweepDirRecorder.sweep_dir}")
-    return 0
+        code = 2
+    if SweepDirRecorder.sweep_dir is not None:
+        rows = [read_run(d) for d in find_run_dirs(SweepDirRecorder.sweep_dir)]
+        print_summary(rows, title=f"sweep {SweepDirRecorder.sweep_dir}")
+        if any(r.state in (RunState.failed.value, RunState.interrupted.value) for r in rows):
+            code = max(code, 1)
+    return code
 
 
 if __name__ == "__main__":
