@@ -104,6 +104,7 @@ def check_run(run: RunConfig, engine: Engine, *, dry_run: bool) -> CheckReport:
         report.warnings.append(f"{key}: has no effect with engine={run.engine.name.value} and is not passed: {why}")
     report.refusal = noop_ablation_refusal(run, report.not_applied)
 
+    report.warnings.extend(engine.warnings(run))
     missing = engine.missing_requirements(run)
     # Nothing starts in a dry run, so absent weights or checkouts only matter for a real launch.
     (report.warnings if dry_run else report.errors).extend(missing)

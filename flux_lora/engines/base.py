@@ -39,6 +39,10 @@ class Engine(Protocol):
         the file and the config key to fix. The launcher refuses a real launch if any; warns in a dry run."""
         ...
 
+    def warnings(self, run: RunConfig) -> list[str]:
+        """Anything else worth a warning line before launch (e.g. a checkout off the pinned commit)."""
+        ...
+
     def version_record(self, run: RunConfig) -> dict[str, object]:
         """What identifies the engine's code for the repro record (e.g. the sd-scripts commit)."""
         ...
