@@ -116,10 +116,10 @@ def check_run(run: RunConfig, engine: Engine, *, dry_run: bool) -> CheckReport:
 def print_check_report(report: CheckReport, console: Console | None = None) -> None:
     console = console or Console()
     for line in report.infos:
-        console.print(f"[cyan]info[/cyan]: {line}", highlight=False)
+        console.print(f"[cyan]info[/cyan]: {line}", highlight=False, soft_wrap=True)
     for line in report.warnings:
-        console.print(f"[yellow]warning[/yellow]: {line}", highlight=False)
+        console.print(f"[yellow]warning[/yellow]: {line}", highlight=False, soft_wrap=True)
     for line in report.errors:
-        console.print(f"[red]error[/red]: {line}", highlight=False)
+        console.print(f"[red]error[/red]: {line}", highlight=False, soft_wrap=True)
     if report.refusal:
-        console.print(f"[red]refused[/red]: {report.refusal}", highlight=False)
+        console.print(f"[red]refused[/red]: {report.refusal}", highlight=False, soft_wrap=True)

@@ -91,7 +91,8 @@ def _fmt(value: Optional[float], spec: str) -> str:
 
 
 def print_summary(rows: list[RunRow], title: str, console: Optional[Console] = None) -> None:
-    console = console or Console()
+    # Piped output (logs, SLURM) gets a wide table instead of rich's 80-column default.
+    console = console or Console(width=None if sys.stdout.isatty() else 200)
     table = Table(title=title)
     for column in ("run", "ablation", "state", "run id", "time s", "final loss", "peak GB", "note"):
         table.add_column(column, overflow="fold")
