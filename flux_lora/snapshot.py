@@ -87,6 +87,15 @@ def compute_run_id(resolved: dict[str, Any], dataset_content_hash: str) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
+def earlier_runs_with_id(outputs: Path, run_id: str, exclude: Path) -> list[Path]:
+    """Run directories under outputs that froze the same semantic config (the same run id)."""
+    found = []
+    for record in outputs.rglob("run.json") if outputs.is_dir() else []:
+        if record.parent != exclude and f'"run_id": "{run_id}"' in record.read_text(errors="replace"):
+            found.append(record.parent)
+    return sorted(found)
+
+
 def _git(args: list[str], cwd: Path) -> Optional[str]:
     if shutil.which("git") is None:
         return None
@@ -179,6 +188,9 @@ def freeze_run(
     dataset_path = Path(run.dataset.path)
     fingerprint = fingerprint_dataset(dataset_path, run.dataset.caption_extension) if dataset_path.is_dir() else None
     run_id = compute_run_id(resolved, fingerprint["content_hash"] if fingerprint else "missing")
+
+    for earlier in earlier_runs_with_id(Path(run.paths.outputs), run_id, exclude=run_dir):
+        report.infos.append(f"run id {run_id} already frozen in {earlier} (same semantic config and dataset)")
 
     (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
     if fingerprint is not None:
