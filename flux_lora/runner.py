@@ -79,7 +79,7 @@ def accelerate_argv(run: RunConfig, inputs: EngineInputs) -> list[str]:
         "--dynamo_backend", "no",
     ]  # fmt: skip
     if gpu.accelerator == Accelerator.cpu:
-        argv.append("--cpu")
+        argv += ["--cpu", "--num_cpu_threads_per_process", str(os.cpu_count() or 1)]
     elif gpu.num_gpus > 1:
         argv.append("--multi_gpu")
     return argv + list(inputs.script_argv)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from flux_lora.engines.base import Engine
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the training job imports this package and must not load the schema (and Hydra)
+    from flux_lora.engines.base import Engine
 
 
 def get_engine(name: str) -> Engine:
     # Imported on demand: the native engine pulls in torch and diffusers, sd-scripts needs neither.
     if name == "native":
-        from flux_lora.engines.native import NativeEngine
+        from flux_lora.engines.native.engine import NativeEngine
 
         return NativeEngine()
     if name == "sd_scripts":

@@ -1,0 +1,240 @@
+"""Training data: image + caption files, aspect buckets, and content-keyed latent and text caches on disk.
+
+Caches live under `cache_dir` and are shared by every run that points there (an ablation sweep
+encodes its dataset once). An entry's key is a hash of everything that decides its content:
+    latents: image file bytes, bucket size, VAE identity
+    text:    caption text, text-encoder identity (weights, tokenizers), T5 max token length
+so an edited image or caption, another bucket, or another model gets a new entry, never a stale one.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from safetensors.torch import load_file, save_file
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# Bump when the way an entry is computed changes (resize filter, crop), so old entries are never read.
+CACHE_FORMAT = "1"
+# FLUX packs 2x2 latent patches of an 8x-downsampled image: image sides must be multiples of 16.
+SIDE_MULTIPLE = 16
+
+
+@dataclass
+class ImageCaption:
+    image: Path
+    caption: str
+
+
+@dataclass
+class TrainItem:
+    """One cached training example, held in memory for the whole run."""
+
+    latents: torch.Tensor  # [16, h, w]
+    pooled: torch.Tensor  # [D_clip]
+    t5: torch.Tensor  # [L, D_t5]
+    bucket: tuple[int, int]  # (width, height) in pixels
+    source: str
+
+
+@dataclass
+class CacheStats:
+    latent_hits: int = 0
+    latent_misses: int = 0
+    text_hits: int = 0
+    text_misses: int = 0
+
+
+def find_examples(dataset_path: str | Path, caption_extension: str, fallback_caption: str) -> list[ImageCaption]:
+    """Images in the folder (sorted by name) with the caption file beside each; no caption -> fallback."""
+    root = Path(dataset_path)
+    images = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise FileNotFoundError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    examples = []
+    for image in images:
+        caption_file = image.with_suffix(caption_extension)
+        caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else fallback_caption
+        examples.append(ImageCaption(image, caption))
+    return examples
+
+
+def bucket_sizes(resolution: int, steps: int, min_reso: int, max_reso: int) -> list[tuple[int, int]]:
+    """sd-scripts' bucket set: the square of side resolution, plus every (w, h) with area <= resolution^2,
+    both sides multiples of `steps` within [min_reso, max_reso]."""
+    if steps % SIDE_MULTIPLE:
+        raise ValueError(f"bucket_reso_steps {steps} must be a multiple of {SIDE_MULTIPLE} for FLUX")
+    max_area = resolution * resolution
+    square = resolution // steps * steps
+    sizes = {(square, square)}
+    width = min_reso
+    while width <= max_reso:
+        height = min(max_reso, (max_area // width) // steps * steps)
+        if height >= min_reso:
+            sizes.add((width, height))
+            sizes.add((height, width))
+        width += steps
+    return sorted(sizes)
+
+
+def choose_bucket(width: int, height: int, sizes: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is nearest the image's (sd-scripts' select_bucket without no_upscale)."""
+    aspect = width / height
+    return min(sizes, key=lambda size: abs(size[0] / size[1] - aspect))
+
+
+def load_pixels(data: bytes, bucket: tuple[int, int]) -> torch.Tensor:
+    """Image bytes -> [3, h, w] in [-1, 1]: resized to cover the bucket, centre-cropped (sd-scripts' default)."""
+    width, height = bucket
+    with Image.open(io.BytesIO(data)) as opened:
+        image = ImageOps.exif_transpose(opened).convert("RGB")
+    scale = max(width / image.width, height / image.height)
+    resized = (max(width, math.ceil(image.width * scale)), max(height, math.ceil(image.height * scale)))
+    image = image.resize(resized, Image.Resampling.LANCZOS)
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    image = image.crop((left, top, left + width, top + height))
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def latent_key(image_bytes: bytes, bucket: tuple[int, int], vae_identity: str) -> str:
+    hasher = blake3.blake3(image_bytes)
+    hasher.update(f"|latents|{CACHE_FORMAT}|{bucket[0]}x{bucket[1]}|{vae_identity}".encode())
+    return hasher.hexdigest()
+
+
+def text_key(caption: str, text_encoders_identity: str, max_length: int) -> str:
+    payload = f"text|{CACHE_FORMAT}|{text_encoders_identity}|{max_length}|{caption}"
+    return blake3.blake3(payload.encode("utf-8")).hexdigest()
+
+
+class TensorCache:
+    """One safetensors file per key under root/<kind>/<key[:2]>/; writes are atomic renames, so
+    concurrent runs sharing the folder at worst compute the same entry twice."""
+
+    def __init__(self, root: str | Path, kind: str) -> None:
+        self.root = Path(root) / kind
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.safetensors"
+
+    def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        try:
+            return load_file(str(self.path(key)))
+        except (OSError, ValueError, RuntimeError):
+            return None  # absent or truncated: recompute
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        target = self.path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".safetensors")
+        os.close(handle)
+        try:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, temporary)
+            os.replace(temporary, target)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+
+
+def cached_text_embeddings(parts, captions: list[str], cache: TensorCache, stats: CacheStats) -> dict[str, tuple]:
+    """caption -> (pooled, t5 sequence), encoding only the captions not in the cache."""
+    from flux_lora.engines.native.models import encode_prompts
+
+    result: dict[str, tuple] = {}
+    for caption in dict.fromkeys(captions):
+        key = text_key(caption, parts.text_encoders_identity, parts.t5_max_length)
+        entry = cache.get(key)
+        if entry is None:
+            stats.text_misses += 1
+            pooled, sequence = encode_prompts(parts, [caption])
+            entry = {"pooled": pooled[0], "t5": sequence[0]}
+            cache.put(key, entry)
+        else:
+            stats.text_hits += 1
+        result[caption] = (entry["pooled"], entry["t5"])
+    return result
+
+
+def cached_latents(parts, examples: list[ImageCaption], buckets: list[tuple[int, int]], cache: TensorCache,
+                   stats: CacheStats) -> list[torch.Tensor]:
+    """Latents [16, h/8, w/8] per example, encoding only images not in the cache."""
+    from flux_lora.engines.native.models import encode_images
+
+    result = []
+    for example, bucket in zip(examples, buckets):
+        data = example.image.read_bytes()
+        key = latent_key(data, bucket, parts.vae_identity)
+        entry = cache.get(key)
+        if entry is None:
+            stats.latent_misses += 1
+            # The posterior sample is seeded by the key, so an entry is the same whoever computes it.
+            generator = torch.Generator(device=parts.vae.device).manual_seed(int(key[:15], 16))
+            latents = encode_images(parts, load_pixels(data, bucket)[None], generator=generator)[0]
+            entry = {"latents": latents}
+            cache.put(key, entry)
+        else:
+            stats.latent_hits += 1
+        result.append(entry["latents"])
+    return result
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as opened:
+        return ImageOps.exif_transpose(opened).size
+
+
+def build_train_items(config, parts) -> tuple[list[TrainItem], CacheStats]:
+    """Every training example with its latents and text embeddings, from the caches (filled as needed)."""
+    examples = find_examples(config.dataset_path, config.caption_extension, config.class_tokens)
+    if config.enable_bucket:
+        sizes = bucket_sizes(config.resolution, config.bucket_reso_steps, config.min_bucket_reso, config.max_bucket_reso)
+        if not sizes:
+            raise ValueError(
+                f"no bucket fits resolution {config.resolution} within [{config.min_bucket_reso}, {config.max_bucket_reso}]"
+            )
+        buckets = [choose_bucket(*image_size(e.image), sizes) for e in examples]
+    else:
+        side = config.resolution // SIDE_MULTIPLE * SIDE_MULTIPLE
+        buckets = [(side, side)] * len(examples)
+    stats = CacheStats()
+    latents = cached_latents(parts, examples, buckets, TensorCache(config.cache_dir, "latents"), stats)
+    texts = cached_text_embeddings(parts, [e.caption for e in examples], TensorCache(config.cache_dir, "text"), stats)
+    items = [
+        TrainItem(latents=lat, pooled=texts[e.caption][0], t5=texts[e.caption][1], bucket=b, source=e.image.name)
+        for e, b, lat in zip(examples, buckets, latents)
+    ]
+    return items, stats
+
+
+def epoch_batches(items: list[TrainItem], num_repeats: int, batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    """One epoch as lists of item indices: each item num_repeats times, batches within one bucket, order shuffled."""
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for index, item in enumerate(items):
+        by_bucket.setdefault(item.bucket, []).extend([index] * num_repeats)
+    batches = []
+    for bucket in sorted(by_bucket):
+        indices = by_bucket[bucket]
+        order = torch.randperm(len(indices), generator=generator).tolist()
+        shuffled = [indices[i] for i in order]
+        batches += [shuffled[i : i + batch_size] for i in range(0, len(shuffled), batch_size)]
+    order = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in order]
+
+
+def collate(items: list[TrainItem], indices: list[int]) -> dict[str, torch.Tensor]:
+    chosen = [items[i] for i in indices]
+    return {
+        "latents": torch.stack([i.latents for i in chosen]),
+        "pooled": torch.stack([i.pooled for i in chosen]),
+        "t5": torch.stack([i.t5 for i in chosen]),
+    }

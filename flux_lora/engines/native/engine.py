@@ -1,0 +1,193 @@
+"""NativeEngine: turns a composed RunConfig into native_config.json and `-m flux_lora.engines.native.train`.
+
+Launcher side only (imports the schema); the job reads the JSON through config.py and never this module.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from dataclasses import asdict, fields
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+from flux_lora.compose import PROJECT_ROOT
+from flux_lora.engines.base import EngineInputs
+from flux_lora.engines.native.config import NativeTrainConfig
+from flux_lora.schema import Accelerator, ModelKind, OptimizerName, RunConfig
+
+CONFIG_FILE = "native_config.json"
+TRAIN_MODULE = "flux_lora.engines.native.train"
+
+
+def _value(value: object) -> object:
+    return value.value if isinstance(value, Enum) else value
+
+
+def _path(value: Optional[str]) -> Optional[str]:
+    return str(Path(value).expanduser().absolute()) if value else None
+
+
+def optimizer_args(run: RunConfig) -> dict:
+    """Constructor arguments of the chosen optimizer (Adafactor has no betas and a two-part eps)."""
+    opt = run.optimizer
+    if opt.name == OptimizerName.adafactor:
+        return {
+            "weight_decay": opt.weight_decay,
+            "relative_step": opt.relative_step,
+            "scale_parameter": opt.scale_parameter,
+            "warmup_init": opt.warmup_init,
+        }
+    return {"weight_decay": opt.weight_decay, "betas": [float(b) for b in opt.betas], "eps": opt.eps}
+
+
+def unapplied_options(run: RunConfig) -> dict[str, str]:
+    """Keys set to an active value that the native engine does not apply, each with the reason."""
+    p, gpu = run.profile, run.gpu
+    unapplied: dict[str, str] = {}
+    if gpu.blocks_to_swap > 0 and gpu.accelerator == Accelerator.cpu:
+        unapplied["gpu.blocks_to_swap"] = "block swapping (diffusers group offloading) needs CUDA; nothing to swap on CPU"
+    if gpu.cpu_offload_checkpointing:
+        unapplied["gpu.cpu_offload_checkpointing"] = "engine=native has no CPU offload of checkpointed activations"
+    if p.shuffle_caption:
+        unapplied["profile.shuffle_caption"] = "text-encoder outputs are cached, so each caption is encoded once as written"
+    if p.caption_dropout_rate > 0:
+        unapplied["profile.caption_dropout_rate"] = "text-encoder outputs are cached, so captions are never dropped"
+    if not p.cache_latents_to_disk:
+        unapplied["profile.cache_latents_to_disk"] = "engine=native always caches latents on disk (content-keyed, shared)"
+    if not p.cache_text_encoder_outputs_to_disk:
+        unapplied["profile.cache_text_encoder_outputs_to_disk"] = "engine=native always caches text-encoder outputs on disk"
+    if not p.network_train_unet_only:
+        unapplied["profile.network_train_unet_only"] = "engine=native trains a DiT-only LoRA (no CLIP-L LoRA)"
+    if p.network_module != "networks.lora_flux":
+        unapplied["profile.network_module"] = "engine=native always builds its own kohya-format FLUX LoRA"
+    if p.max_data_loader_n_workers > 0:
+        unapplied["profile.max_data_loader_n_workers"] = "cached latents and text embeddings are held in memory; no loader workers"
+    return unapplied
+
+
+# Keys of `unapplied` -> the NativeTrainConfig field that must then carry its inactive value.
+_NEUTRAL_VALUES = {"gpu.blocks_to_swap": ("blocks_to_swap", 0), "profile.max_data_loader_n_workers": ("max_data_loader_n_workers", 0)}
+
+
+def native_config_from_run(run: RunConfig, run_dir: Path, unapplied: Optional[dict[str, str]] = None) -> NativeTrainConfig:
+    """The frozen job config of a run; options in `unapplied` (default: unapplied_options(run)) are not passed on."""
+    p, gpu, model, ds = run.profile, run.gpu, run.model, run.dataset
+    run_dir = Path(run_dir).absolute()
+    config = NativeTrainConfig(
+        model_kind=_value(model.kind),
+        init_seed=model.init_seed,
+        transformer_path=_path(model.transformer),
+        vae_path=_path(model.vae),
+        clip_l_path=_path(model.clip_l),
+        t5xxl_path=_path(model.t5xxl),
+        diffusers_dir=_path(model.diffusers_dir),
+        tokenizer_dir=_path(model.tokenizer_dir),
+        t5_max_length=model.t5xxl_max_token_length,
+        dataset_path=_path(ds.path) or "",
+        caption_extension=ds.caption_extension,
+        num_repeats=ds.num_repeats,
+        trigger=ds.trigger,
+        class_tokens=ds.class_tokens,
+        enable_bucket=ds.enable_bucket,
+        min_bucket_reso=ds.min_bucket_reso,
+        max_bucket_reso=ds.max_bucket_reso,
+        bucket_reso_steps=ds.bucket_reso_steps,
+        resolution=p.resolution,
+        sample_prompts=[{"text": s.text, "seed": s.seed} for s in ds.sample_prompts],
+        max_train_steps=p.max_train_steps,
+        network_dim=p.network_dim,
+        network_alpha=float(p.network_alpha),
+        network_dropout=p.network_dropout,
+        learning_rate=p.learning_rate,
+        lr_scheduler=_value(p.lr_scheduler),
+        lr_warmup_steps=p.lr_warmup_steps,
+        lr_scheduler_num_cycles=p.lr_scheduler_num_cycles,
+        noise_offset=p.noise_offset,
+        min_snr_gamma=p.min_snr_gamma,
+        loss_type=_value(p.loss_type),
+        huber_schedule=_value(p.huber_schedule),
+        guidance_scale=p.guidance_scale,
+        timestep_sampling=_value(p.timestep_sampling),
+        sigmoid_scale=p.sigmoid_scale,
+        discrete_flow_shift=p.discrete_flow_shift,
+        model_prediction_type=_value(p.model_prediction_type),
+        max_grad_norm=p.max_grad_norm,
+        seed=p.seed,
+        mixed_precision=_value(p.mixed_precision),
+        gradient_checkpointing=p.gradient_checkpointing,
+        batch_size=gpu.batch_size,
+        gradient_accumulation_steps=gpu.gradient_accumulation_steps,
+        blocks_to_swap=gpu.blocks_to_swap,
+        fp8_base=gpu.fp8_base,
+        use_cpu=gpu.accelerator == Accelerator.cpu,
+        optimizer=_value(run.optimizer.name),
+        optimizer_args=optimizer_args(run),
+        save_every_n_steps=p.save_every_n_steps,
+        save_precision=p.save_precision,
+        sample_every_n_steps=p.sample_every_n_steps,
+        sample_steps=p.sample_steps,
+        max_data_loader_n_workers=p.max_data_loader_n_workers,
+        cache_dir=_path(run.paths.cache) or "",
+        run_dir=str(run_dir),
+        output_dir=str(run_dir / "output"),
+        logging_dir=str(run_dir / "logs"),
+        output_name=run.launch.output_name,
+        resume_from=_path(run.launch.resume_from),
+        record={"run_name": run.name, "ablation": run.ablation.name},
+    )
+    for key in unapplied_options(run) if unapplied is None else unapplied:
+        if key in _NEUTRAL_VALUES:
+            name, neutral = _NEUTRAL_VALUES[key]
+            setattr(config, name, neutral)
+    return config
+
+
+class NativeEngine:
+    name = "native"
+
+    def unapplied_options(self, run: RunConfig) -> dict[str, str]:
+        return unapplied_options(run)
+
+    def missing_requirements(self, run: RunConfig) -> list[str]:
+        if run.model.kind != ModelKind.flux_dev:
+            return []
+        from flux_lora.engines.native.models import missing_flux_dev_files
+
+        m = run.model
+        return missing_flux_dev_files(transformer=m.transformer, vae=m.vae, clip_l=m.clip_l, t5xxl=m.t5xxl,
+                                      diffusers_dir=m.diffusers_dir, tokenizer_dir=m.tokenizer_dir)
+
+    def warnings(self, run: RunConfig) -> list[str]:
+        return []  # the engine's code is this package's, recorded with the git state
+
+    def version_record(self, run: RunConfig) -> dict[str, object]:
+        record: dict[str, object] = {"engine": "native"}
+        for package in ("diffusers", "peft", "torch", "accelerate", "transformers", "bitsandbytes"):
+            try:
+                record[package] = importlib.metadata.version(package)
+            except importlib.metadata.PackageNotFoundError:
+                record[package] = None
+        return record
+
+    def render(self, run: RunConfig, run_dir: Path, unapplied: dict[str, str]) -> EngineInputs:
+        config = native_config_from_run(run, run_dir, unapplied)
+        return EngineInputs(
+            script_argv=["-m", TRAIN_MODULE, str(Path(run_dir).absolute() / CONFIG_FILE)],
+            files={CONFIG_FILE: config.to_json()},
+            env={},
+            cwd=str(PROJECT_ROOT),
+        )
+
+    def check_inputs(self, run: RunConfig, inputs: EngineInputs) -> list[str]:
+        """The frozen JSON must read back into exactly the config it was made from."""
+        text = inputs.files.get(CONFIG_FILE)
+        if text is None:
+            return [f"{CONFIG_FILE} missing from the rendered inputs"]
+        data = json.loads(text)
+        known = {f.name for f in fields(NativeTrainConfig)}
+        problems = [f"{CONFIG_FILE}: unknown key {key}" for key in sorted(set(data) - known)]
+        if not problems and asdict(NativeTrainConfig(**data)) != data:
+            problems.append(f"{CONFIG_FILE}: does not round-trip through NativeTrainConfig")
+        return problems

@@ -1,0 +1,68 @@
+"""NativeEngine: the frozen job input it renders, what it reports as unapplied or missing, and the
+rule that the training job never imports the launcher's config machinery."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from flux_lora.compose import PROJECT_ROOT
+from flux_lora.engines.native.engine import NativeEngine, native_config_from_run
+from flux_lora.engines.native.config import NativeTrainConfig
+
+
+def test_render_writes_the_config_the_job_reads(compose_run, tmp_path):
+    run = compose_run()
+    engine = NativeEngine()
+    inputs = engine.render(run, tmp_path, engine.unapplied_options(run))
+    assert inputs.script_argv == ["-m", "flux_lora.engines.native.train", str(tmp_path.absolute() / "native_config.json")]
+    assert inputs.cwd == str(PROJECT_ROOT) and inputs.env == {}
+    (tmp_path / "native_config.json").write_text(inputs.files["native_config.json"])
+    config = NativeTrainConfig.from_json(tmp_path / "native_config.json")
+    assert config == native_config_from_run(run, tmp_path)
+    assert config.output_dir == str(tmp_path.absolute() / "output") and config.logging_dir == str(tmp_path.absolute() / "logs")
+    assert config.model_kind == "tiny" and config.use_cpu and config.optimizer == "adamw8bit"
+    assert config.sample_prompts[0] == {"text": run.dataset.sample_prompts[0].text, "seed": 1001}
+    assert engine.check_inputs(run, inputs) == []
+
+
+def test_profile_values_reach_the_job(compose_run, tmp_path):
+    config = native_config_from_run(compose_run("profile=final", "optimizer=adafactor", "launch.resume_from=/x/y-state"), tmp_path)
+    assert (config.noise_offset, config.min_snr_gamma, config.network_dropout) == (0.1, 5.0, 0.1)
+    assert config.lr_scheduler == "cosine_with_restarts" and config.resume_from == "/x/y-state"
+    assert config.optimizer_args == {"weight_decay": 0.0, "relative_step": False, "scale_parameter": False, "warmup_init": False}
+
+
+def test_unapplied_options_are_reported_and_not_passed_on(compose_run, tmp_path):
+    run = compose_run("gpu.blocks_to_swap=4", "profile.noise_offset=0.1", "profile.min_snr_gamma=5")
+    unapplied = NativeEngine().unapplied_options(run)
+    assert "gpu.blocks_to_swap" in unapplied
+    assert "profile.noise_offset" not in unapplied and "profile.min_snr_gamma" not in unapplied
+    assert native_config_from_run(run, tmp_path, unapplied).blocks_to_swap == 0
+    assert NativeEngine().unapplied_options(compose_run("gpu=h100", "model=flux_dev")).get("gpu.blocks_to_swap") is None
+
+
+def test_missing_requirements(compose_run, tmp_path):
+    engine = NativeEngine()
+    assert engine.missing_requirements(compose_run()) == []
+    missing = engine.missing_requirements(compose_run("model=flux_dev", f"paths.models={tmp_path}"))
+    assert missing and all(line.startswith("model.") for line in missing)
+
+
+def test_version_record(compose_run):
+    record = NativeEngine().version_record(compose_run())
+    assert record["engine"] == "native" and {"diffusers", "peft", "torch"} <= set(record)
+
+
+def test_training_job_imports_no_hydra_or_schema():
+    code = (
+        "import sys\n"
+        "import flux_lora.engines.native.train, flux_lora.engines.native.models, flux_lora.engines.native.lora\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('hydra', 'omegaconf') or m in ('flux_lora.schema', 'flux_lora.compose'))\n"
+        "print(bad[:8])\n"
+        "sys.exit(1 if bad else 0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, f"the training job imports {done.stdout.strip()}"
