@@ -338,7 +338,10 @@ def test_missing_requirements_name_the_key_to_fix(tmp_path):
 def test_standin_writes_what_sd_scripts_writes(tmp_path):
     """The stand-in itself (run with python, not accelerate): sd-scripts' output names and a TensorBoard run."""
     (tmp_path / "images").mkdir()
-    run = compose_run("profile=smoke", "gpu=h100", f"dataset.path={tmp_path / 'images'}")  # 30 steps, saves every 15
+    run = compose_run(
+        "profile=smoke", "gpu=h100", f"dataset.path={tmp_path / 'images'}",
+        "profile.max_train_steps=30", "profile.save_every_n_steps=15",
+    )  # fmt: skip
     inputs = SdScriptsEngine().render(run, tmp_path, {})
     for name, text in inputs.files.items():
         (tmp_path / name).write_text(text)
