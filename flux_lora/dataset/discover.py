@@ -1,0 +1,69 @@
+"""Which files in a folder make up a dataset, in the way sd-scripts pairs images with captions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# Formats the trainers read; anything else with an image-like extension is reported, not trained on.
+SUPPORTED_IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp"})
+UNSUPPORTED_IMAGE_EXTENSIONS = frozenset(
+    {".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".ico", ".psd", ".raw", ".dng", ".cr2", ".nef"}
+)
+
+
+class DatasetError(ValueError):
+    """The dataset folder itself is unusable (missing, empty); bad individual files never raise."""
+
+
+@dataclass(frozen=True)
+class DatasetFiles:
+    root: Path
+    images: list[Path]  # supported and unsupported image-like files, sorted by relative path
+    captions: list[Path]  # caption files that belong to one of the images
+    orphan_captions: list[Path]  # caption files with no image next to them
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+
+def caption_path_for(image: Path, caption_extension: str) -> Path:
+    return image.with_suffix(caption_extension)
+
+
+def is_image_like(path: Path) -> bool:
+    suffix = path.suffix.lower()
+    return suffix in SUPPORTED_IMAGE_EXTENSIONS or suffix in UNSUPPORTED_IMAGE_EXTENSIONS
+
+
+def _visible_files(root: Path) -> list[Path]:
+    # Hidden files and folders (.DS_Store, .cache) are never part of a dataset.
+    files = []
+    for path in root.rglob("*"):
+        relative_parts = path.relative_to(root).parts
+        if any(part.startswith(".") for part in relative_parts):
+            continue
+        if path.is_file():
+            files.append(path)
+    return files
+
+
+def discover_dataset(root: Path, caption_extension: str = ".txt") -> DatasetFiles:
+    """List images and captions under root (recursively, so DreamBooth-style `10_name/` subfolders work)."""
+    root = Path(root)
+    if not root.exists():
+        raise DatasetError(f"dataset folder {root} does not exist: check the dataset path")
+    if not root.is_dir():
+        raise DatasetError(f"dataset path {root} is a file, not a folder: point it at the folder that holds the images")
+    files = _visible_files(root)
+    images = sorted((p for p in files if is_image_like(p)), key=lambda p: p.relative_to(root).as_posix())
+    if not images:
+        raise DatasetError(
+            f"dataset folder {root} holds no images (.jpg .jpeg .png .webp): put the training images and their "
+            f"{caption_extension} captions there"
+        )
+    image_stems = {p.with_suffix("") for p in images}
+    caption_files = [p for p in files if p.suffix == caption_extension]
+    captions = sorted((p for p in caption_files if p.with_suffix("") in image_stems), key=lambda p: p.as_posix())
+    orphans = sorted((p for p in caption_files if p.with_suffix("") not in image_stems), key=lambda p: p.as_posix())
+    return DatasetFiles(root=root, images=images, captions=captions, orphan_captions=orphans)

@@ -1,0 +1,46 @@
+"""Frontal-face detection with OpenCV's bundled Haar cascade, at a fixed small working size."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import cv2
+import numpy as np
+
+# The detector dominates analysis time, and its cost grows with the number of scales and small windows it scans.
+# At 256 px with faces from 22 px (8.5% of the long side: head-and-shoulders to half-body framing) and 1.2 steps
+# between scales it costs ~12 ms per image instead of ~35 ms at 320 px / 1.15 and ~120 ms at 512 px / 1.1.
+FACE_WORKING_SIDE = 256
+FACE_MIN_SIZE_PX = 22
+FACE_SCALE_FACTOR = 1.2
+FACE_MIN_NEIGHBORS = 6  # 5 still accepts a mission patch on the astronaut photo as a face
+_CASCADE_FILE = "haarcascade_frontalface_default.xml"
+
+
+@lru_cache(maxsize=1)
+def _cascade() -> cv2.CascadeClassifier:
+    cascade = cv2.CascadeClassifier(cv2.data.haarcascades + _CASCADE_FILE)
+    if cascade.empty():
+        raise RuntimeError(f"OpenCV's {_CASCADE_FILE} is missing: install opencv-python-headless < 5")
+    return cascade
+
+
+def detect_faces(gray: np.ndarray) -> list[dict]:
+    """Faces in a greyscale image as boxes in fractions of width and height, largest first."""
+    height, width = gray.shape
+    scale = FACE_WORKING_SIDE / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    small = cv2.equalizeHist(cv2.resize(gray, size, interpolation=interpolation))
+    boxes = _cascade().detectMultiScale(
+        small,
+        scaleFactor=FACE_SCALE_FACTOR,
+        minNeighbors=FACE_MIN_NEIGHBORS,
+        minSize=(FACE_MIN_SIZE_PX, FACE_MIN_SIZE_PX),
+    )
+    faces = [
+        {"x": x / size[0], "y": y / size[1], "w": w / size[0], "h": h / size[1]}
+        for x, y, w, h in (tuple(int(v) for v in box) for box in boxes)
+    ]
+    faces.sort(key=lambda face: face["w"] * face["h"], reverse=True)
+    return [{key: round(value, 4) for key, value in face.items()} for face in faces]
