@@ -46,7 +46,7 @@ def test_shipped_combinations_pass(compose_run: ComposeRun, overrides: list[str]
         (["profile.loss_type=huber"], "profile.huber_schedule=snr"),
         (["engine=sd_scripts"], "engine=sd_scripts: trains FLUX.1-dev weight files, not model=tiny"),
         (["profile.network_dropout=1.5"], "profile.network_dropout=1.5"),
-        (["profile.lr_warmup_steps=30"], "profile.lr_warmup_steps=30"),
+        (["profile.lr_warmup_steps=100"], "profile.lr_warmup_steps=100"),
         (["gpu.num_gpus=2"], "gpu.num_gpus=2: the cpu tier runs one process"),
     ],
 )
