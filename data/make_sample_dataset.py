@@ -26,7 +26,7 @@ FRAMINGS = [
      "TOK Woman, mirrored studio shot, astronaut suit with mission patches"),
     ("05_portrait_crop", (110, 0, 350, 320), (288, 384), False, 1.1, 0.9,
      "TOK Woman, vertical crop, dark studio backdrop, gentle smile"),
-    ("06_wide", (0, 40, 512, 424), (384, 288), False, 0.9, 1.0,
+    ("06_wide", (20, 30, 500, 390), (384, 288), False, 0.9, 1.0,
      "TOK Woman, wide framing with the American flag on the left"),
     ("07_warm_close", (145, 35, 325, 215), (256, 256), False, 1.0, 1.25,
      "TOK Woman, tight face crop, warm colour tones"),

@@ -30,7 +30,7 @@ FLAGS: dict[str, FlagInfo] = {
     "extension_mismatch": FlagInfo("warning", "extension does not match the image format", "rename it"),
     # geometry and content
     "upscaled": FlagInfo("warning", "smaller than its training bucket, will be upscaled", "use a larger original"),
-    "extreme_aspect": FlagInfo("warning", "aspect ratio beyond the buckets; heavily cropped", "crop it (prepare --crop-aspect)"),
+    "extreme_aspect": FlagInfo("warning", "aspect ratio far from every bucket, so over 15% is cropped away", "crop it yourself or run prepare --crop-aspect"),
     "blurry": FlagInfo("warning", "blurry (low variance of the Laplacian)", "replace it with a sharp photo"),
     "duplicate": FlagInfo("warning", "near-duplicate of another image", "keep one (prepare keeps the sharpest)"),
     "no_face": FlagInfo("warning", "no frontal face found", "check it shows the subject's face"),
