@@ -22,6 +22,8 @@ import torch
 from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 
+from flux_lora.buckets import bucket_sizes, nearest_bucket
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Bump when the way an entry is computed changes (resize filter, crop), so old entries are never read.
 CACHE_FORMAT = "1"
@@ -66,30 +68,6 @@ def find_examples(dataset_path: str | Path, caption_extension: str, fallback_cap
         caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else fallback_caption
         examples.append(ImageCaption(image, caption))
     return examples
-
-
-def bucket_sizes(resolution: int, steps: int, min_reso: int, max_reso: int) -> list[tuple[int, int]]:
-    """sd-scripts' bucket set: the square of side resolution, plus every (w, h) with area <= resolution^2,
-    both sides multiples of `steps` within [min_reso, max_reso]."""
-    if steps % SIDE_MULTIPLE:
-        raise ValueError(f"bucket_reso_steps {steps} must be a multiple of {SIDE_MULTIPLE} for FLUX")
-    max_area = resolution * resolution
-    square = resolution // steps * steps
-    sizes = {(square, square)}
-    width = min_reso
-    while width <= max_reso:
-        height = min(max_reso, (max_area // width) // steps * steps)
-        if height >= min_reso:
-            sizes.add((width, height))
-            sizes.add((height, width))
-        width += steps
-    return sorted(sizes)
-
-
-def choose_bucket(width: int, height: int, sizes: list[tuple[int, int]]) -> tuple[int, int]:
-    """The bucket whose aspect ratio is nearest the image's (sd-scripts' select_bucket without no_upscale)."""
-    aspect = width / height
-    return min(sizes, key=lambda size: abs(size[0] / size[1] - aspect))
 
 
 def load_pixels(data: bytes, bucket: tuple[int, int]) -> torch.Tensor:
@@ -202,7 +180,7 @@ def build_train_items(config, parts) -> tuple[list[TrainItem], CacheStats]:
             raise ValueError(
                 f"no bucket fits resolution {config.resolution} within [{config.min_bucket_reso}, {config.max_bucket_reso}]"
             )
-        buckets = [choose_bucket(*image_size(e.image), sizes) for e in examples]
+        buckets = [nearest_bucket(*image_size(e.image), sizes) for e in examples]
     else:
         side = config.resolution // SIDE_MULTIPLE * SIDE_MULTIPLE
         buckets = [(side, side)] * len(examples)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from flux_lora.engines.native.data import bucket_sizes, build_train_items, choose_bucket, epoch_batches
+from flux_lora.buckets import bucket_sizes, nearest_bucket
+from flux_lora.engines.native.data import build_train_items, epoch_batches
 from flux_lora.engines.native.models import build_tiny_flux
 from tests.engines.native.native_tiny_run import make_dataset, tiny_config
 
@@ -13,8 +14,8 @@ def test_buckets_are_sd_scripts_buckets_with_flux_sides():
     sizes = bucket_sizes(512, 64, 256, 1024)
     assert (512, 512) in sizes
     assert all(w % 64 == 0 and h % 64 == 0 and w * h <= 512 * 512 for w, h in sizes)
-    assert choose_bucket(1200, 800, sizes)[0] > choose_bucket(1200, 800, sizes)[1]
-    assert choose_bucket(800, 1200, sizes)[0] < choose_bucket(800, 1200, sizes)[1]
+    assert nearest_bucket(1200, 800, sizes)[0] > nearest_bucket(1200, 800, sizes)[1]
+    assert nearest_bucket(800, 1200, sizes)[0] < nearest_bucket(800, 1200, sizes)[1]
 
 
 def test_epoch_batches_repeat_items_and_never_mix_buckets(tmp_path):
