@@ -18,7 +18,7 @@ from flux_lora.check import check_run, print_check_report
 from flux_lora.compose import PROJECT_ROOT, describe_config_error, load_run, print_config_tree, register, resolved_container
 from flux_lora.engines import get_engine
 from flux_lora.report import SweepDirRecorder, find_run_dirs, print_summary, read_run
-from flux_lora.runner import RunState, accelerate_argv, start_run
+from flux_lora.runner import RunState, launch_command, start_run
 from flux_lora.snapshot import freeze_run
 
 register()
@@ -33,7 +33,7 @@ def main(cfg: DictConfig) -> None:
     run = load_run(cfg)
     engine = get_engine(run.engine.name.value)
     report = check_run(run, engine, dry_run=run.launch.dry_run)
-    frozen = freeze_run(run, resolved_container(cfg), report, engine, run_dir, PROJECT_ROOT, accelerate_argv)
+    frozen = freeze_run(run, resolved_container(cfg), report, engine, run_dir, PROJECT_ROOT, launch_command)
     print_check_report(report)
     status = start_run(frozen, report, dry_run=run.launch.dry_run)
 

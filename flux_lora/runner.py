@@ -24,7 +24,7 @@ from typing import Optional
 from flux_lora.check import CheckReport
 from flux_lora.engines.base import EngineInputs
 from flux_lora.schema import Accelerator, RunConfig
-from flux_lora.snapshot import FrozenRun, redact, secret_values
+from flux_lora.snapshot import FrozenRun, LaunchCommand, redact, secret_values
 
 STATUS_FILE = "status.json"
 LOG_FILE = "train.log"
@@ -85,6 +85,11 @@ def accelerate_argv(run: RunConfig, inputs: EngineInputs) -> list[str]:
     return argv + list(inputs.script_argv)
 
 
+def launch_command(run: RunConfig, inputs: EngineInputs) -> LaunchCommand:
+    # Unbuffered, so the job's lines reach the log as they happen.
+    return LaunchCommand(argv=accelerate_argv(run, inputs), cwd=inputs.cwd, env={"PYTHONUNBUFFERED": "1", **inputs.env})
+
+
 def refuse_run(run_dir: Path, reason: str) -> RunStatus:
     status = RunStatus(state=RunState.refused, reason=reason, ended=_now())
     write_status(run_dir, status)
@@ -97,16 +102,16 @@ def mark_dry_run(run_dir: Path) -> RunStatus:
     return status
 
 
-def launch_run(run_dir: Path, argv: list[str], inputs: EngineInputs) -> RunStatus:
+def launch_run(run_dir: Path, command: LaunchCommand) -> RunStatus:
     started_at = time.monotonic()
     status = RunStatus(state=RunState.running, started=_now())
     write_status(run_dir, status)
     secrets = secret_values()
-    env = {**os.environ, **inputs.env, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **command.env}
 
     # A session of its own, so a terminal's Ctrl-C reaches only us and we decide how the job stops.
     child = subprocess.Popen(
-        argv, cwd=inputs.cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        command.argv, cwd=command.cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, errors="replace", bufsize=1, start_new_session=True,
     )  # fmt: skip
     interrupted = False
@@ -158,5 +163,5 @@ def start_run(frozen: FrozenRun, report: CheckReport, *, dry_run: bool) -> RunSt
         return refuse_run(frozen.run_dir, report.refusal)
     if dry_run:
         return mark_dry_run(frozen.run_dir)
-    assert frozen.inputs is not None and frozen.argv is not None
-    return launch_run(frozen.run_dir, frozen.argv, frozen.inputs)
+    assert frozen.command is not None
+    return launch_run(frozen.run_dir, frozen.command)

@@ -37,8 +37,17 @@ SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "CREDENTIAL")
 RECORDED_ENV_PREFIXES = ("CUDA_", "NVIDIA_", "SLURM_", "HF_", "TORCH_", "ACCELERATE_", "OMP_", "SD_SCRIPTS_DIR")
 
 
-# Builds the full `accelerate launch ...` argv (runner.accelerate_argv); passed in so freeze records it.
-AccelerateArgvBuilder = Callable[[RunConfig, EngineInputs], list[str]]
+@dataclass(frozen=True)
+class LaunchCommand:
+    """The frozen command (command.json): what the runner starts, exactly."""
+
+    argv: list[str]
+    cwd: str
+    env: dict[str, str]  # additions to the launcher's environment
+
+
+# Builds the `accelerate launch ...` command (runner.launch_command); passed in so freeze records it.
+LaunchCommandBuilder = Callable[[RunConfig, EngineInputs], LaunchCommand]
 
 
 class RunDirectoryTaken(RuntimeError):
@@ -159,8 +168,7 @@ def repro_record(run: RunConfig, engine: Engine, project_root: Path) -> dict[str
 class FrozenRun:
     run_dir: Path
     run_id: str
-    inputs: Optional[EngineInputs]  # None when errors stopped the engine from rendering
-    argv: Optional[list[str]]
+    command: Optional[LaunchCommand]  # None when errors stopped the engine from rendering
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -178,7 +186,7 @@ def freeze_run(
     engine: Engine,
     run_dir: Path,
     project_root: Path,
-    accelerate_argv: AccelerateArgvBuilder,
+    launch_command: LaunchCommandBuilder,
 ) -> FrozenRun:
     """Write the run's record; render the engine's inputs unless config errors make that meaningless."""
     if (run_dir / "run.json").exists():
@@ -199,15 +207,14 @@ def freeze_run(
         report.dataset_report.write_json(run_dir / "dataset_report.json")
         write_contact_sheet(report.dataset_report, dataset_path, run_dir / "dataset_contact_sheet.png")
 
-    inputs: Optional[EngineInputs] = None
-    argv: Optional[list[str]] = None
+    command: Optional[LaunchCommand] = None
     if not report.errors:
         inputs = engine.render(run, run_dir, report.not_applied)
         for name, text in inputs.files.items():
             (run_dir / name).write_text(text)
         report.errors.extend(engine.check_inputs(run, inputs))
-        argv = accelerate_argv(run, inputs)
-        _write_json(run_dir / "command.json", {"argv": argv, "cwd": inputs.cwd, "env": _safe_env(inputs.env)})
+        command = launch_command(run, inputs)
+        _write_json(run_dir / "command.json", {"argv": command.argv, "cwd": command.cwd, "env": _safe_env(command.env)})
 
     _write_json(run_dir / "repro.json", repro_record(run, engine, project_root))
     _write_json(
@@ -227,4 +234,4 @@ def freeze_run(
             "dataset_gate_passed": report.gate.passed if report.gate else None,
         },
     )
-    return FrozenRun(run_dir=run_dir, run_id=run_id, inputs=inputs, argv=argv)
+    return FrozenRun(run_dir=run_dir, run_id=run_id, command=command)

@@ -14,6 +14,7 @@ import pytest
 
 from flux_lora.engines.base import EngineInputs
 from flux_lora.runner import RunState, accelerate_argv, launch_run, read_status
+from flux_lora.snapshot import LaunchCommand
 from flux_lora.schema import RunConfig
 
 JOB = textwrap.dedent(
@@ -59,7 +60,7 @@ def test_successful_job_streams_log_and_redacts_secrets(
     tmp_path: Path, job_script: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("FLUX_TEST_API_TOKEN", "s3cr3t-value-123")
-    status = launch_run(tmp_path, _cpu_argv(job_script, "0"), EngineInputs(script_argv=[], cwd=str(tmp_path)))
+    status = launch_run(tmp_path, LaunchCommand(_cpu_argv(job_script, "0"), cwd=str(tmp_path), env={}))
     assert status.state == RunState.succeeded and status.exit_code == 0
     log = (tmp_path / "train.log").read_text()
     assert "job started" in log and "s3cr3t-value-123" not in log and "token in output: ***" in log
@@ -69,7 +70,7 @@ def test_successful_job_streams_log_and_redacts_secrets(
 
 
 def test_failing_job_is_recorded_as_failed(tmp_path: Path, job_script: Path) -> None:
-    status = launch_run(tmp_path, _cpu_argv(job_script, "3"), EngineInputs(script_argv=[], cwd=str(tmp_path)))
+    status = launch_run(tmp_path, LaunchCommand(_cpu_argv(job_script, "3"), cwd=str(tmp_path), env={}))
     assert status.state == RunState.failed and status.exit_code != 0
     assert json.loads((tmp_path / "status.json").read_text())["state"] == "failed"
 
@@ -77,9 +78,8 @@ def test_failing_job_is_recorded_as_failed(tmp_path: Path, job_script: Path) -> 
 def test_sigterm_is_forwarded_and_run_marked_interrupted(tmp_path: Path, job_script: Path) -> None:
     # The launcher itself runs in a subprocess so that the test can signal it as SLURM would.
     code = (
-        "import sys; from pathlib import Path; from flux_lora.engines.base import EngineInputs; "
-        "from flux_lora.runner import launch_run; "
-        f"launch_run(Path({str(tmp_path)!r}), {_cpu_argv(job_script, 'sleep')!r}, EngineInputs(script_argv=[], cwd={str(tmp_path)!r}))"
+        "from pathlib import Path; from flux_lora.runner import launch_run; from flux_lora.snapshot import LaunchCommand; "
+        f"launch_run(Path({str(tmp_path)!r}), LaunchCommand({_cpu_argv(job_script, 'sleep')!r}, cwd={str(tmp_path)!r}, env={{}}))"
     )
     launcher = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert launcher.stdout is not None
