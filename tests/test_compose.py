@@ -162,3 +162,25 @@ def test_config_errors_become_one_clear_line(override: str, expected: str) -> No
     line = describe_config_error(info.value)
     assert "\n" not in line
     assert line.startswith(expected), line
+
+
+def test_local_config_selects_the_real_setup_and_the_command_line_still_wins(tmp_path: Path) -> None:
+    import shutil
+
+    from hydra import compose, initialize_config_dir
+
+    from flux_lora.compose import PROJECT_ROOT
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf, symlinks=True)
+    (conf / "sweep").unlink()
+    (conf / "sweep").symlink_to(PROJECT_ROOT / "sweeps")
+    (conf / "local").mkdir()
+    shutil.copy(PROJECT_ROOT / "examples" / "local" / "default.yaml", conf / "local" / "default.yaml")
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        local = resolved_container(compose("config"))
+        chosen = resolved_container(compose("config", overrides=["profile=final", "gpu=h200"]))
+    assert (local["model"]["name"], local["engine"]["name"], local["profile"]["name"], local["gpu"]["name"]) == ("flux_dev", "sd_scripts", "fast", "h100")
+    assert local["model"]["transformer"] == "/models/flux1-dev.safetensors"
+    assert local["dataset"]["path"] == "/data/subject"
+    assert (chosen["profile"]["name"], chosen["gpu"]["name"], chosen["model"]["name"]) == ("final", "h200", "flux_dev")
