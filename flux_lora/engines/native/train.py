@@ -91,17 +91,31 @@ def store_base_in_fp8(transformer: nn.Module) -> int:
     return count
 
 
-def enable_block_swap(transformer: nn.Module, blocks_to_swap: int, device: torch.device) -> None:
-    """sd-scripts' split (n//2 double blocks, 2*(n - n//2) single blocks, from the end) via diffusers group offloading."""
+def enable_block_swap(transformer: nn.Module, blocks_to_swap: int, device: torch.device) -> int:
+    """sd-scripts' split (n//2 double blocks, 2*(n - n//2) single blocks, from the end) via diffusers group offloading.
+
+    Only the frozen base layers are offloaded: group offloading restores a module's weights from the CPU copy it
+    made when offloading was set up, so a trainable LoRA weight offloaded that way would lose its updates.
+    Returns the number of layers offloaded.
+    """
     from diffusers.hooks import apply_group_offloading
 
     doubles, singles = transformer.transformer_blocks, transformer.single_transformer_blocks
     n_double = min(blocks_to_swap // 2, len(doubles))
     n_single = min((blocks_to_swap - blocks_to_swap // 2) * 2, len(singles))
     swapped = list(doubles)[len(doubles) - n_double :] + list(singles)[len(singles) - n_single :]
-    for block in swapped:
-        apply_group_offloading(block, onload_device=device, offload_device=torch.device("cpu"),
-                               offload_type="leaf_level", use_stream=True)
+    frozen_leaves = [
+        module
+        for block in swapped
+        for module in block.modules()
+        if next(module.children(), None) is None
+        and any(True for _ in module.parameters(recurse=False))
+        and not any(p.requires_grad for p in module.parameters(recurse=False))
+    ]
+    for leaf in frozen_leaves:
+        apply_group_offloading(leaf, onload_device=device, offload_device=torch.device("cpu"),
+                               offload_type="leaf_level", use_stream=device.type == "cuda")
+    return len(frozen_leaves)
 
 
 def build_optimizer(config: NativeTrainConfig, params: list[nn.Parameter]):
