@@ -32,17 +32,11 @@ import torch
 import yaml
 
 from flux_lora.engines.native.config import NativeTrainConfig
-from flux_lora.engines.native.lora import add_flux_lora
 from flux_lora.engines.native.models import MODEL_CONFIGS
 from flux_lora.engines.native.train import (
-    build_optimizer,
-    build_scheduler,
-    draw_noise_and_sigmas,
-    enable_block_swap,
-    flow_matching_loss,
     peak_memory_gb,
-    step_generator,
-    store_base_in_fp8,
+    prepare_lora_training,
+    train_micro_step,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,7 +136,6 @@ def measure(setting: Setting, *, tiny: bool, device: torch.device, steps: int, w
     """Set up as run_training does, then time `warmup + steps` optimizer steps; `stage[0]` names where an OOM hit."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
-    from diffusers.training_utils import cast_training_params
 
     config = setting.config
     stage[0] = "setup"
@@ -152,26 +145,14 @@ def measure(setting: Setting, *, tiny: bool, device: torch.device, steps: int, w
                               mixed_precision=config.mixed_precision, cpu=config.use_cpu)
     weight_dtype = torch.bfloat16
 
-    # The same order as run_training: bf16 base, LoRA in fp32, fp8 base, checkpointing, optimizer, prepare, swap.
+    # The job's own setup: bf16 base, LoRA in fp32, fp8 base, checkpointing, optimizer, prepare, block swap.
     transformer = build_random_transformer(transformer_config(tiny), device, seed)  # already in weight_dtype
-    transformer.requires_grad_(False)
-    params = add_flux_lora(transformer, config.network_dim, config.network_alpha, config.network_dropout)
-    cast_training_params(transformer, dtype=torch.float32)
-    fp8_linears = store_base_in_fp8(transformer) if config.fp8_base else 0
-    if config.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    transformer.train()
-    optimizer = build_optimizer(config, params)
-    scheduler = build_scheduler(config, optimizer, accelerator.num_processes)
-    transformer, optimizer, scheduler = accelerator.prepare(transformer, optimizer, scheduler)
-    block_swap = bool(config.blocks_to_swap) and device.type == "cuda"
-    if block_swap:
-        enable_block_swap(accelerator.unwrap_model(transformer), config.blocks_to_swap, device)
+    training = prepare_lora_training(transformer, config, accelerator, weight_dtype)
     synchronize(device)
     setup_peak = peak_memory_gb(device)
 
     # Random stand-ins for one cached batch, kept on the CPU in bf16 like the job's caches.
-    model_config = accelerator.unwrap_model(transformer).config
+    model_config = accelerator.unwrap_model(training.transformer).config
     generator = torch.Generator().manual_seed(seed)
     b, side = config.batch_size, setting.resolution // 8
     batch = {
@@ -187,18 +168,8 @@ def measure(setting: Setting, *, tiny: bool, device: torch.device, steps: int, w
         nonlocal micro_step
         for _ in range(config.gradient_accumulation_steps):
             on_device = {k: v.to(device) for k, v in batch.items()}
-            with accelerator.accumulate(transformer):
-                noise, sigmas = draw_noise_and_sigmas(config, on_device["latents"], step_generator(config.seed, micro_step))
-                with accelerator.autocast():
-                    loss = flow_matching_loss(transformer, config, on_device["latents"], noise, sigmas,
-                                              on_device["pooled"], on_device["t5"], weight_dtype)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach().item())  # the job reads every micro-step's loss, which syncs
+            # The job reads every micro-step's loss too (a device sync), so the timing includes it.
+            losses.append(train_micro_step(training, config, accelerator, on_device, micro_step, weight_dtype))
             micro_step += 1
         if not accelerator.sync_gradients:
             raise RuntimeError("accumulation out of step: the last micro-step did not update the weights")
@@ -222,8 +193,8 @@ def measure(setting: Setting, *, tiny: bool, device: torch.device, steps: int, w
         "step_seconds": seconds,
         "peak_memory_gb": peak_memory_gb(device),
         "setup_peak_memory_gb": setup_peak,
-        "fp8_linears": fp8_linears,
-        "block_swap_applied": block_swap,
+        "fp8_linears": training.fp8_linears,
+        "block_swap_applied": training.block_swap,
         "final_loss": losses[-1],
     }
 

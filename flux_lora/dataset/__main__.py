@@ -12,7 +12,6 @@ from rich.console import Console
 
 from flux_lora.dataset import (
     AnalysisSettings,
-    DatasetError,
     GateSettings,
     PrepareSettings,
     analyze_dataset,

@@ -347,14 +347,65 @@ class Progress:
 # ------------------------------------------------------------------------------------------ the job
 
 
+@dataclass
+class LoraTraining:
+    """The transformer with its LoRA, ready to step: what the loop and the GPU benchmark both run."""
+
+    transformer: nn.Module  # wrapped by accelerate
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    params: list[nn.Parameter]
+    fp8_linears: int
+    block_swap: bool
+
+
+def prepare_lora_training(transformer: nn.Module, config: NativeTrainConfig, accelerator, weight_dtype: torch.dtype) -> LoraTraining:
+    """Base frozen in the compute dtype (or fp8), LoRA parameters in fp32, checkpointing, optimizer, block swap."""
+    from diffusers.training_utils import cast_training_params
+
+    from flux_lora.engines.native.lora import add_flux_lora
+
+    transformer.requires_grad_(False)
+    transformer.to(dtype=weight_dtype)
+    params = add_flux_lora(transformer, config.network_dim, config.network_alpha, config.network_dropout)
+    cast_training_params(transformer, dtype=torch.float32)
+    fp8_linears = store_base_in_fp8(transformer) if config.fp8_base else 0
+    if config.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    optimizer = build_optimizer(config, params)
+    scheduler = build_scheduler(config, optimizer, accelerator.num_processes)
+    transformer, optimizer, scheduler = accelerator.prepare(transformer, optimizer, scheduler)
+    block_swap = bool(config.blocks_to_swap) and accelerator.device.type == "cuda"
+    if block_swap:
+        enable_block_swap(accelerator.unwrap_model(transformer), config.blocks_to_swap, accelerator.device)
+    return LoraTraining(transformer, optimizer, scheduler, params, fp8_linears, block_swap)
+
+
+def train_micro_step(training: LoraTraining, config: NativeTrainConfig, accelerator, batch: dict[str, torch.Tensor],
+                     micro_step: int, weight_dtype: torch.dtype) -> float:
+    """One micro-batch under gradient accumulation; the optimizer steps when accelerate syncs gradients."""
+    with accelerator.accumulate(training.transformer):
+        noise, sigmas = draw_noise_and_sigmas(config, batch["latents"], step_generator(config.seed, micro_step))
+        with accelerator.autocast():
+            loss = flow_matching_loss(training.transformer, config, batch["latents"], noise, sigmas,
+                                      batch["pooled"], batch["t5"], weight_dtype)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and config.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(training.params, config.max_grad_norm)
+        training.optimizer.step()
+        training.scheduler.step()
+        training.optimizer.zero_grad(set_to_none=True)
+    return loss.detach().item()
+
+
 def run_training(config: NativeTrainConfig) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import set_seed
-    from diffusers.training_utils import cast_training_params
     from torch.utils.tensorboard import SummaryWriter
 
-    from flux_lora.engines.native.lora import add_flux_lora, save_kohya_lora
+    from flux_lora.engines.native.lora import save_kohya_lora
     from flux_lora.engines.native.models import decode_latents
 
     began = time.time()
@@ -384,22 +435,8 @@ def run_training(config: NativeTrainConfig) -> TrainResult:
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    # LoRA on the base transformer: base in the compute dtype (or fp8), LoRA parameters in fp32.
-    transformer = parts.transformer
-    transformer.requires_grad_(False)
-    transformer.to(dtype=weight_dtype)
-    params = add_flux_lora(transformer, config.network_dim, config.network_alpha, config.network_dropout)
-    cast_training_params(transformer, dtype=torch.float32)
-    fp8_linears = store_base_in_fp8(transformer) if config.fp8_base else 0
-    if config.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    transformer.train()
-    optimizer = build_optimizer(config, params)
-    scheduler = build_scheduler(config, optimizer, accelerator.num_processes)
-    transformer, optimizer, scheduler = accelerator.prepare(transformer, optimizer, scheduler)
-    block_swap = bool(config.blocks_to_swap) and device.type == "cuda"
-    if block_swap:
-        enable_block_swap(accelerator.unwrap_model(transformer), config.blocks_to_swap, device)
+    training = prepare_lora_training(parts.transformer, config, accelerator, weight_dtype)
+    transformer, scheduler = training.transformer, training.scheduler
 
     # Accelerate state holds only the LoRA (not the frozen base) plus optimizer, scheduler and RNG.
     def save_lora_state(models, weights, state_dir):
@@ -432,7 +469,7 @@ def run_training(config: NativeTrainConfig) -> TrainResult:
 
     started_at = time.time()
     metadata = lora_metadata(config, items=items, batches_per_epoch=batches_per_epoch, started_at=started_at,
-                             fp8_linears=fp8_linears, block_swap_applied=block_swap, num_processes=accelerator.num_processes)
+                             fp8_linears=training.fp8_linears, block_swap_applied=training.block_swap, num_processes=accelerator.num_processes)
     save_dtype = SAVE_DTYPES.get(config.save_precision, torch.bfloat16)
     writer = SummaryWriter(str(logging_dir)) if accelerator.is_main_process else None
     sample_paths: list[str] = []
@@ -487,18 +524,7 @@ def run_training(config: NativeTrainConfig) -> TrainResult:
                                 torch.Generator().manual_seed(config.seed + epoch))
         indices = batches[position]
         batch = {k: v.to(device) for k, v in collate(items, indices).items()}
-        with accelerator.accumulate(transformer):
-            noise, sigmas = draw_noise_and_sigmas(config, batch["latents"], step_generator(config.seed, micro_step))
-            with accelerator.autocast():
-                loss = flow_matching_loss(transformer, config, batch["latents"], noise, sigmas,
-                                          batch["pooled"], batch["t5"], weight_dtype)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and config.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        micro_loss = loss.detach().item()
+        micro_loss = train_micro_step(training, config, accelerator, batch, micro_step, weight_dtype)
         micro_losses.append(micro_loss)
         recorder.add(epoch, position, micro_loss)
         micro_step += 1

@@ -3,10 +3,8 @@ rule that the training job never imports the launcher's config machinery."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-from pathlib import Path
 
 from flux_lora.compose import PROJECT_ROOT
 from flux_lora.engines.native.engine import NativeEngine, native_config_from_run
