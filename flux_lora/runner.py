@@ -2,8 +2,8 @@
 
 The child gets an argument list (never a shell string); its output is streamed to the console
 and to `train.log` with secret values redacted; `status.json` says what happened. SIGINT and
-SIGTERM (Ctrl-C, SLURM's pre-timeout signal) are forwarded to the job, which is then marked
-interrupted.
+SIGTERM (Ctrl-C, SLURM's cancel or time limit) and SIGUSR2 (submitit's warning before the time limit,
+sent on as SIGTERM) are forwarded to the job, which is then marked interrupted.
 """
 
 from __future__ import annotations
@@ -120,11 +120,11 @@ def launch_run(run_dir: Path, command: LaunchCommand) -> RunStatus:
         nonlocal interrupted
         interrupted = True
         try:
-            os.killpg(child.pid, signum)
+            os.killpg(child.pid, signal.SIGTERM if signum == signal.SIGUSR2 else signum)
         except ProcessLookupError:
             pass
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
     try:
         with open(run_dir / LOG_FILE, "a", encoding="utf-8") as log:
             assert child.stdout is not None

@@ -75,7 +75,8 @@ def test_failing_job_is_recorded_as_failed(tmp_path: Path, job_script: Path) -> 
     assert json.loads((tmp_path / "status.json").read_text())["state"] == "failed"
 
 
-def test_sigterm_is_forwarded_and_run_marked_interrupted(tmp_path: Path, job_script: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR2])
+def test_stop_signals_are_forwarded_and_run_marked_interrupted(tmp_path: Path, job_script: Path, signum: int) -> None:
     # The launcher itself runs in a subprocess so that the test can signal it as SLURM would.
     code = (
         "from pathlib import Path; from flux_lora.runner import launch_run; from flux_lora.snapshot import LaunchCommand; "
@@ -86,7 +87,7 @@ def test_sigterm_is_forwarded_and_run_marked_interrupted(tmp_path: Path, job_scr
     for line in launcher.stdout:
         if "ready" in line:
             break
-    launcher.send_signal(signal.SIGTERM)
+    launcher.send_signal(signum)
     launcher.wait(timeout=60)
     status = read_status(tmp_path)
     assert status is not None and status.state == RunState.interrupted
