@@ -194,7 +194,12 @@ def freeze_run(
     run_dir.mkdir(parents=True, exist_ok=True)
 
     dataset_path = Path(run.dataset.path)
-    fingerprint = fingerprint_dataset(dataset_path, run.dataset.caption_extension) if dataset_path.is_dir() else None
+    if report.dataset_report is not None:
+        fingerprint = report.dataset_report.fingerprint  # the preflight already hashed every byte
+    elif dataset_path.is_dir():
+        fingerprint = fingerprint_dataset(dataset_path, run.dataset.caption_extension)
+    else:
+        fingerprint = None
     run_id = compute_run_id(resolved, fingerprint["content_hash"] if fingerprint else "missing")
 
     for earlier in earlier_runs_with_id(Path(run.paths.outputs), run_id, exclude=run_dir):
