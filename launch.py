@@ -33,7 +33,8 @@ def main(cfg: DictConfig) -> None:
     run = load_run(cfg)
     engine = get_engine(run.engine.name.value)
     report = check_run(run, engine, dry_run=run.launch.dry_run)
-    frozen = freeze_run(run, resolved_container(cfg), report, engine, run_dir, PROJECT_ROOT, launch_command)
+    overrides = list(hydra_cfg.overrides.task)
+    frozen = freeze_run(run, resolved_container(cfg), report, engine, run_dir, PROJECT_ROOT, launch_command, overrides)
     print_check_report(report)
     status = start_run(frozen, report, dry_run=run.launch.dry_run)
 

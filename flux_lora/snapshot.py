@@ -2,7 +2,7 @@
 
 The job reads only these files, so what is recorded is what ran:
   config.yaml               the resolved config
-  run.json                  run id, name, ablation, options not applied, warnings, check results
+  run.json                  run id, name, command-line overrides, ablation, options not applied, warnings, checks
   <engine files>            e.g. native_config.json, or dataset.toml + sample_prompts.txt for sd-scripts
   command.json              argv, working directory, environment additions
   repro.json                git state and diff, host, Python, packages, torch/CUDA/GPU, seed, engine code
@@ -171,8 +171,14 @@ class FrozenRun:
     command: Optional[LaunchCommand]  # None when errors stopped the engine from rendering
 
 
+def _write_text(path: Path, text: str) -> None:
+    # Every snapshot file goes through here: a secret's value never lands on disk, whatever carried it
+    # (a config value, a git diff, an engine input).
+    path.write_text(redact(text, secret_values()))
+
+
 def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    _write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def _safe_env(env: dict[str, str]) -> dict[str, str]:
@@ -187,6 +193,7 @@ def freeze_run(
     run_dir: Path,
     project_root: Path,
     launch_command: LaunchCommandBuilder,
+    overrides: list[str],
 ) -> FrozenRun:
     """Write the run's record; render the engine's inputs unless config errors make that meaningless."""
     if (run_dir / "run.json").exists():
@@ -205,7 +212,7 @@ def freeze_run(
     for earlier in earlier_runs_with_id(Path(run.paths.outputs), run_id, exclude=run_dir):
         report.infos.append(f"run id {run_id} already frozen in {earlier} (same semantic config and dataset)")
 
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
+    _write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
     if fingerprint is not None:
         _write_json(run_dir / "dataset_fingerprint.json", fingerprint)
     if report.dataset_report is not None:
@@ -216,7 +223,7 @@ def freeze_run(
     if not report.errors:
         inputs = engine.render(run, run_dir, report.not_applied)
         for name, text in inputs.files.items():
-            (run_dir / name).write_text(text)
+            _write_text(run_dir / name, text)
         report.errors.extend(engine.check_inputs(run, inputs))
         command = launch_command(run, inputs)
         _write_json(run_dir / "command.json", {"argv": command.argv, "cwd": command.cwd, "env": _safe_env(command.env)})
@@ -228,6 +235,7 @@ def freeze_run(
             "run_id": run_id,
             "name": run.name,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "overrides": overrides,
             "dry_run": run.launch.dry_run,
             "engine": run.engine.name.value,
             "ablation": {"name": run.ablation.name, "changes": list(run.ablation.changes)},

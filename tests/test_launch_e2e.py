@@ -2,7 +2,7 @@
 `accelerate launch`, train, snapshot, report.
 
 The sd-scripts cases cannot run kohya's trainer here (no GPU, no 24 GB weights, no checkout): they
-use the stand-in script in tests/engines/sd_scripts_standin/, which parses the argv with a parser
+use the stand-in script tests/engines/sd_scripts_standin.py (copied into a fake checkout), which parses the argv with a parser
 built from sd-scripts' option table and writes the files sd-scripts would write. The weight files
 given to it are empty placeholders, since the stand-in never reads them.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 
 from flux_lora.compose import PROJECT_ROOT
 
-STANDIN_DIR = PROJECT_ROOT / "tests" / "engines" / "sd_scripts_standin"
+STANDIN = PROJECT_ROOT / "tests" / "engines" / "sd_scripts_standin.py"
 SECRET = "hf_e2e-secret-never-recorded"
 FAST_NATIVE = [
     "profile.max_train_steps=4",
@@ -85,7 +86,9 @@ def test_embedded_default_trains_end_to_end(tmp_path: Path) -> None:
 def test_sd_scripts_ablation_sweep_dry_run(tmp_path: Path) -> None:
     from flux_lora.engines.sd_scripts import check_args_against_reference
 
-    done = launch(["sweep=ablation", "engine=sd_scripts", "model=flux_dev", "launch.dry_run=true"], tmp_path)
+    # A secret pasted into a config value is redacted from every snapshot file (assert_no_secret).
+    args = ["sweep=ablation", "engine=sd_scripts", "model=flux_dev", "launch.dry_run=true", f"dataset.class_tokens={SECRET}"]
+    done = launch(args, tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     dirs = run_dirs(tmp_path)
     assert len(dirs) == 9
@@ -111,7 +114,10 @@ def test_sd_scripts_engine_runs_through_accelerate_with_standin(tmp_path: Path) 
         (models / name).write_bytes(b"")  # placeholders: the stand-in never loads weights
     args = ["engine=sd_scripts", "model=flux_dev", f"paths.models={models}", "profile=final", "gpu=cpu",
             "profile.resolution=256", "profile.max_train_steps=4", "profile.lr_warmup_steps=1", "profile.save_every_n_steps=2"]  # fmt: skip
-    done = launch(args, tmp_path, {"SD_SCRIPTS_DIR": str(STANDIN_DIR)})
+    checkout = tmp_path / "sd-scripts"
+    checkout.mkdir()
+    shutil.copy(STANDIN, checkout / "flux_train_network.py")
+    done = launch(args, tmp_path, {"SD_SCRIPTS_DIR": str(checkout)})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (run_dir,) = run_dirs(tmp_path)
     run = assert_complete_snapshot(run_dir, ["dataset.toml", "sample_prompts.txt", "train.log"])

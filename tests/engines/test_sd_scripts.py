@@ -2,7 +2,7 @@
 and the checks made at launch (option table, the checkout's own parser in a subprocess, commit pin).
 
 sd-scripts itself is never run here: where a checkout is needed, a fake one in tmp_path wraps the
-stand-in (tests/engines/sd_scripts_standin), whose parser is built from the reference option table.
+stand-in (tests/engines/sd_scripts_standin.py), whose parser is built from the reference option table.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from flux_lora.schema import RunConfig
 REPO = Path(__file__).resolve().parents[2]
 SHARED_REFERENCE = REPO.parent / "shared" / "reference" / "sd_scripts_flux_args.json"
 REFERENCE = SHARED_REFERENCE if SHARED_REFERENCE.is_file() else REFERENCE_JSON
-STANDIN = Path(__file__).resolve().parent / "sd_scripts_standin" / "flux_train_network.py"
+STANDIN = Path(__file__).resolve().parent / "sd_scripts_standin.py"
 
 PROFILES = ("fast", "final", "smoke")
 GPUS = ("rtx4090", "a6000", "h100", "h200")

@@ -13,7 +13,10 @@ import json
 import time
 from pathlib import Path
 
-OPTIONS_JSON = Path(__file__).resolve().parents[3] / "flux_lora" / "engines" / "sd_scripts_flux_args.json"
+import flux_lora.engines
+
+# The packaged option table; found through the package because tests copy this file into a fake checkout.
+OPTIONS_JSON = Path(flux_lora.engines.__file__).with_name("sd_scripts_flux_args.json")
 
 
 def _int_or_float(text: str) -> float:
