@@ -6,7 +6,7 @@ ablation no-op guard, and the dataset preflight (analysis and gate from flux_lor
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -73,18 +73,8 @@ def check_dataset(run: RunConfig, report: CheckReport) -> None:
         report.errors.append(f"dataset.path: {exc}")
         return
     g = d.gate
-    gate = evaluate_gate(
-        report.dataset_report,
-        GateSettings(
-            enforce=g.enforce,
-            min_images=g.min_images,
-            max_blurry_share=g.max_blurry_share,
-            max_duplicate_groups=g.max_duplicate_groups,
-            max_missing_captions=g.max_missing_captions,
-            max_missing_trigger=g.max_missing_trigger,
-            max_unreadable=g.max_unreadable,
-        ),
-    )
+    # The dataset group's gate keys are GateSettings' fields one to one (the dataset tools know no schema).
+    gate = evaluate_gate(report.dataset_report, GateSettings(**asdict(g)))
     report.gate = gate
     report.warnings.extend(f"dataset: {w}" for w in gate.warnings)
     if g.enforce:
