@@ -73,7 +73,7 @@ def test_embedded_default_trains_end_to_end(tmp_path: Path) -> None:
     assert json.loads((run_dir / "status.json").read_text())["state"] == "succeeded"
     command = json.loads((run_dir / "command.json").read_text())
     assert command["argv"][1:3] == ["-m", "accelerate.commands.launch"] and command["env"] == {"PYTHONUNBUFFERED": "1"}
-    assert command["argv"][-3:] == ["-m", "flux_lora.engines.native.train", str(run_dir / "native_config.json")]
+    assert command["argv"][-3:] == ["-m", "flux_lora.engines.native.train", str(run_dir)]
     output = run_dir / "output"
     assert (output / "flux-lora.safetensors").is_file()
     assert (output / "flux-lora-step00000002.safetensors").is_file()

@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Optional
 
 
+# The file in the run directory that the job reads, and nothing else of the launcher's.
+CONFIG_FILE = "native_config.json"
+
 @dataclass
 class NativeTrainConfig:
     # Model: "tiny" (drawn in code from init_seed) or "flux_dev" (local files only).

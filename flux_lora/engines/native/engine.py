@@ -14,10 +14,9 @@ from typing import Optional
 
 from flux_lora.compose import PROJECT_ROOT
 from flux_lora.engines.base import EngineInputs
-from flux_lora.engines.native.config import NativeTrainConfig
+from flux_lora.engines.native.config import CONFIG_FILE, NativeTrainConfig
 from flux_lora.schema import Accelerator, ModelKind, OptimizerName, RunConfig
 
-CONFIG_FILE = "native_config.json"
 TRAIN_MODULE = "flux_lora.engines.native.train"
 
 
@@ -174,7 +173,7 @@ class NativeEngine:
     def render(self, run: RunConfig, run_dir: Path, unapplied: dict[str, str]) -> EngineInputs:
         config = native_config_from_run(run, run_dir, unapplied)
         return EngineInputs(
-            script_argv=["-m", TRAIN_MODULE, str(Path(run_dir).absolute() / CONFIG_FILE)],
+            script_argv=["-m", TRAIN_MODULE, str(Path(run_dir).absolute())],
             files={CONFIG_FILE: config.to_json()},
             env={},
             cwd=str(PROJECT_ROOT),

@@ -1,4 +1,4 @@
-"""The native FLUX LoRA training job: `accelerate launch -m flux_lora.engines.native.train <native_config.json>`.
+"""The native FLUX LoRA training job: `accelerate launch -m flux_lora.engines.native.train <run dir>`.
 
 Reads only the frozen config file (and the dataset, model files and caches it names). Top to bottom:
 load the model parts -> fill/read the latent and text caches -> free the text encoders -> LoRA (+ fp8
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flux_lora.engines.native import flow
-from flux_lora.engines.native.config import NativeTrainConfig
+from flux_lora.engines.native.config import CONFIG_FILE, NativeTrainConfig
 from flux_lora.engines.native.data import (
     TensorCache,
     TrainItem,
@@ -572,9 +572,11 @@ def run_training(config: NativeTrainConfig) -> TrainResult:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: accelerate launch -m flux_lora.engines.native.train <native_config.json>", file=sys.stderr)
+        print("usage: accelerate launch -m flux_lora.engines.native.train <run dir | native_config.json>", file=sys.stderr)
         return 2
-    result = run_training(NativeTrainConfig.from_json(args[0]))
+    frozen = Path(args[0])
+    # The launcher passes the run directory; the job reads only the config frozen in it.
+    result = run_training(NativeTrainConfig.from_json(frozen / CONFIG_FILE if frozen.is_dir() else frozen))
     print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}, LoRA {result.lora_path}", flush=True)
     return 0
 
