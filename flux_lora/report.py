@@ -60,7 +60,8 @@ def read_run(run_dir: Path) -> RunRow:
     run = _read_json(run_dir / "run.json")
     status = _read_json(run_dir / "status.json")
     summary = _read_json(run_dir / "output" / "train_summary.json")
-    final_loss = summary.get("final_loss")
+    # The moving average at the last step (sd-scripts' loss/average): one step's loss is too noisy to compare.
+    final_loss = summary.get("average_loss")
     if final_loss is None:
         final_loss = last_scalar(run_dir / "logs", "loss/average")
     state = status.get("state", "not started")
@@ -94,7 +95,7 @@ def print_summary(rows: list[RunRow], title: str, console: Optional[Console] = N
     # Piped output (logs, SLURM) gets a wide table instead of rich's 80-column default.
     console = console or Console(width=None if sys.stdout.isatty() else 200)
     table = Table(title=title)
-    for column in ("run", "ablation", "state", "run id", "time s", "final loss", "peak GB", "note"):
+    for column in ("run", "ablation", "state", "run id", "time s", "final avg loss", "peak GB", "note"):
         table.add_column(column, overflow="fold")
     for r in rows:
         table.add_row(

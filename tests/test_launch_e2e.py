@@ -125,6 +125,11 @@ def test_sd_scripts_engine_runs_through_accelerate_with_standin(tmp_path: Path) 
     assert json.loads((run_dir / "status.json").read_text())["state"] == "succeeded"
     assert (run_dir / "output" / "flux-lora.safetensors").is_file()
     assert done.stdout.count("has no effect with engine=sd_scripts") == 2
+    # The report reads sd-scripts' TensorBoard events (no train_summary.json from that engine).
+    from flux_lora.report import read_run
+
+    row = read_run(run_dir)
+    assert row.state == "succeeded" and row.final_loss is not None and row.run_id == run["run_id"]
 
 
 def test_config_errors_are_one_line(tmp_path: Path) -> None:
