@@ -60,3 +60,14 @@ def test_package_versions_read_in_process() -> None:
     versions = package_versions()
     assert versions["hydra-core"] == "1.3.8"
     assert "torch" in versions
+
+
+def test_earlier_runs_with_the_same_id_are_found(tmp_path: Path) -> None:
+    from flux_lora.snapshot import earlier_runs_with_id
+
+    for name, run_id in (("a", "abc123abc123"), ("b", "def456def456"), ("c", "abc123abc123")):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "run.json").write_text(json.dumps({"run_id": run_id}, indent=2))
+    found = earlier_runs_with_id(tmp_path, "abc123abc123", exclude=tmp_path / "runs" / "c")
+    assert found == [tmp_path / "runs" / "a"]
+    assert earlier_runs_with_id(tmp_path / "missing", "abc123abc123", exclude=tmp_path) == []
