@@ -33,7 +33,7 @@ FAST_NATIVE = [
 
 def launch(args: list[str], tmp_path: Path, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "SD_SCRIPTS_DIR"}
-    env.update({"HF_TOKEN": SECRET, "HF_HUB_OFFLINE": "1", **(extra_env or {})})
+    env.update({"HF_TOKEN": SECRET, **(extra_env or {})})
     return subprocess.run(
         [sys.executable, str(PROJECT_ROOT / "launch.py"), *args, f"paths.outputs={tmp_path / 'outputs'}",
          f"paths.cache={tmp_path / 'cache'}"],
@@ -72,7 +72,7 @@ def test_embedded_default_trains_end_to_end(tmp_path: Path) -> None:
     assert_complete_snapshot(run_dir, ["native_config.json", "train.log"])
     assert json.loads((run_dir / "status.json").read_text())["state"] == "succeeded"
     command = json.loads((run_dir / "command.json").read_text())
-    assert command["argv"][1:3] == ["-m", "accelerate.commands.launch"] and command["env"] == {"PYTHONUNBUFFERED": "1"}
+    assert command["argv"][1:3] == ["-m", "accelerate.commands.launch"] and command["env"] == {"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     assert command["argv"][-3:] == ["-m", "flux_lora.engines.native.train", str(run_dir)]
     output = run_dir / "output"
     assert (output / "flux-lora.safetensors").is_file()

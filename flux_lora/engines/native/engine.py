@@ -175,7 +175,8 @@ class NativeEngine:
         return EngineInputs(
             script_argv=["-m", TRAIN_MODULE, str(Path(run_dir).absolute())],
             files={CONFIG_FILE: config.to_json()},
-            env={},
+            # Weights and tokenizers come from local paths only: a hub lookup is a bug, so fail fast instead.
+            env={"HF_HUB_OFFLINE": "1"},
             cwd=str(PROJECT_ROOT),
         )
 

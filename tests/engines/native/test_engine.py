@@ -16,7 +16,7 @@ def test_render_writes_the_config_the_job_reads(compose_run, tmp_path):
     engine = NativeEngine()
     inputs = engine.render(run, tmp_path, engine.unapplied_options(run))
     assert inputs.script_argv == ["-m", "flux_lora.engines.native.train", str(tmp_path.absolute())]
-    assert inputs.cwd == str(PROJECT_ROOT) and inputs.env == {}
+    assert inputs.cwd == str(PROJECT_ROOT) and inputs.env == {"HF_HUB_OFFLINE": "1"}
     (tmp_path / "native_config.json").write_text(inputs.files["native_config.json"])
     config = NativeTrainConfig.from_json(tmp_path / "native_config.json")
     assert config == native_config_from_run(run, tmp_path)
