@@ -274,7 +274,8 @@ NON_SEMANTIC_KEYS: tuple[str, ...] = (
     "name",
     "paths",
     "launch",
-    "ablation.description",
+    # A label: what an ablation changes is already in the values it sets.
+    "ablation",
     "dataset.path",
     "engine.sd_scripts_dir",
     "engine.tokenizer_cache_dir",
