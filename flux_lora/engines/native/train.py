@@ -217,21 +217,20 @@ def sample_latents(transformer, pooled, t5, *, seed: int, width: int, height: in
 
 
 class LossRecorder:
-    """sd-scripts' loss/average: mean of the latest loss at each micro-batch position of an epoch."""
+    """sd-scripts' loss/average: mean of the latest loss at each micro-batch position of an epoch
+    (the positions this process trains on, which are all of them with one process)."""
 
     def __init__(self) -> None:
-        self.losses: list[float] = []
+        self.latest: dict[int, float] = {}
         self.total = 0.0
 
     def add(self, epoch: int, position: int, loss: float) -> None:
-        while len(self.losses) <= position:
-            self.losses.append(0.0)
-        self.total += loss - self.losses[position]
-        self.losses[position] = loss
+        self.total += loss - self.latest.get(position, 0.0)
+        self.latest[position] = loss
 
     @property
     def average(self) -> float:
-        return self.total / len(self.losses) if self.losses else 0.0
+        return self.total / len(self.latest) if self.latest else 0.0
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -244,7 +243,7 @@ def lora_metadata(config: NativeTrainConfig, *, items: list[TrainItem], batches_
                   fp8_linears: int, block_swap_applied: bool, num_processes: int) -> dict[str, str]:
     """ss_* and modelspec.* keys, each only when it describes something this run applied."""
     buckets = sorted({item.bucket for item in items})
-    epochs = math.ceil(config.max_train_steps * config.gradient_accumulation_steps / max(1, batches_per_epoch))
+    epochs = math.ceil(config.max_train_steps * config.gradient_accumulation_steps * num_processes / max(1, batches_per_epoch))
     meta: dict[str, object] = {
         "ss_training_engine": "flux-lora native (diffusers FluxTransformer2DModel + peft, kohya lora_flux key format)",
         "ss_network_module": "networks.lora_flux",
@@ -383,10 +382,10 @@ def prepare_lora_training(transformer: nn.Module, config: NativeTrainConfig, acc
 
 
 def train_micro_step(training: LoraTraining, config: NativeTrainConfig, accelerator, batch: dict[str, torch.Tensor],
-                     micro_step: int, weight_dtype: torch.dtype) -> float:
+                     batch_index: int, weight_dtype: torch.dtype) -> float:
     """One micro-batch under gradient accumulation; the optimizer steps when accelerate syncs gradients."""
     with accelerator.accumulate(training.transformer):
-        noise, sigmas = draw_noise_and_sigmas(config, batch["latents"], step_generator(config.seed, micro_step))
+        noise, sigmas = draw_noise_and_sigmas(config, batch["latents"], step_generator(config.seed, batch_index))
         with accelerator.autocast():
             loss = flow_matching_loss(training.transformer, config, batch["latents"], noise, sigmas,
                                       batch["pooled"], batch["t5"], weight_dtype)
@@ -481,7 +480,7 @@ def run_training(config: NativeTrainConfig) -> TrainResult:
         accelerator.wait_for_everyone()
         accelerator.save_state(str(state_dir))
         if accelerator.is_main_process:
-            epoch = step * config.gradient_accumulation_steps // max(1, batches_per_epoch)
+            epoch = step * config.gradient_accumulation_steps * accelerator.num_processes // max(1, batches_per_epoch)
             (state_dir / TRAIN_STATE_FILE).write_text(json.dumps({"current_epoch": epoch, "current_step": step}))
             step_meta = dict(metadata, ss_steps=str(step), ss_epoch=str(epoch), ss_training_finished_at=str(time.time()))
             save_kohya_lora(accelerator.unwrap_model(transformer), path, step_meta, dtype=save_dtype)
@@ -519,12 +518,15 @@ def run_training(config: NativeTrainConfig) -> TrainResult:
     micro_losses: list[float] = []
     step_began = time.perf_counter()
     while global_step < config.max_train_steps:
-        epoch, position = divmod(micro_step, batches_per_epoch)
+        # With several GPUs each process takes its own batch: process k reads the k-th of every
+        # num_processes consecutive batches (and draws that batch's noise), so no two train on the same data.
+        batch_index = micro_step * accelerator.num_processes + accelerator.process_index
+        epoch, position = divmod(batch_index, batches_per_epoch)
         batches = epoch_batches(items, config.num_repeats, config.batch_size,
                                 torch.Generator().manual_seed(config.seed + epoch))
         indices = batches[position]
         batch = {k: v.to(device) for k, v in collate(items, indices).items()}
-        micro_loss = train_micro_step(training, config, accelerator, batch, micro_step, weight_dtype)
+        micro_loss = train_micro_step(training, config, accelerator, batch, batch_index, weight_dtype)
         micro_losses.append(micro_loss)
         recorder.add(epoch, position, micro_loss)
         micro_step += 1
