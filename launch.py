@@ -39,6 +39,8 @@ def main(cfg: DictConfig) -> None:
     status = start_run(frozen, report, dry_run=run.launch.dry_run)
 
     print(f"run {frozen.run_id} {status.state.value}: {run_dir}")
+    if status.state == RunState.interrupted:
+        sys.exit(130)  # Ctrl-C or a scheduler's stop ends a sweep too, not just its current cell
     # A single run that did not happen is a failed command; a sweep goes on to its next cell.
     if hydra_cfg.mode == RunMode.RUN and status.state not in (RunState.succeeded, RunState.dry_run):
         sys.exit(1)
@@ -55,11 +57,13 @@ def cli() -> int:
             raise
         print(f"error: {describe_config_error(exc)}  (FLUX_LORA_TRACEBACK=1 shows the traceback)", file=sys.stderr)
         code = 2
-    if SweepDirRecorder.sweep_dir is not None:
-        rows = [read_run(d) for d in find_run_dirs(SweepDirRecorder.sweep_dir)]
-        print_summary(rows, title=f"sweep {SweepDirRecorder.sweep_dir}")
-        if any(r.state in (RunState.failed.value, RunState.interrupted.value) for r in rows):
-            code = max(code, 1)
+    finally:
+        # Also after an interrupted sweep: the table shows what ran, what stopped and what never started.
+        if SweepDirRecorder.sweep_dir is not None:
+            rows = [read_run(d) for d in find_run_dirs(SweepDirRecorder.sweep_dir)]
+            print_summary(rows, title=f"sweep {SweepDirRecorder.sweep_dir}")
+            if any(r.state in (RunState.failed.value, RunState.interrupted.value) for r in rows):
+                code = max(code, 1)
     return code
 
 

@@ -168,3 +168,22 @@ def test_sweep_through_submitit_launcher(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     states = {d.name.split("-")[-1]: json.loads((d / "status.json").read_text())["state"] for d in run_dirs(tmp_path)}
     assert states == {"baseline": "dry_run", "a6_min_snr": "refused"}
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_sweep_and_marks_the_cell_interrupted(tmp_path: Path) -> None:
+    import signal
+
+    args = [sys.executable, str(PROJECT_ROOT / "launch.py"), "sweep=ablation", "profile.max_train_steps=1000",
+            f"paths.outputs={tmp_path / 'outputs'}", f"paths.cache={tmp_path / 'cache'}"]  # fmt: skip
+    launcher = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert launcher.stdout is not None
+    for line in launcher.stdout:
+        if line.startswith("step "):  # the first cell is training
+            break
+    launcher.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C delivers to the launcher
+    rest = launcher.stdout.read()
+    assert launcher.wait(timeout=120) != 0
+    (run_dir,) = run_dirs(tmp_path)  # the sweep stopped: no second cell was started
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "interrupted"
+    assert "interrupted" in rest and "sweep" in rest  # the summary table is still printed
