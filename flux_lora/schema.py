@@ -15,6 +15,8 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from flux_lora.dataset import AnalysisSettings, GateSettings
+
 
 class LrScheduler(str, Enum):
     constant = "constant"
@@ -192,22 +194,24 @@ class SamplePrompt:
     seed: int = MISSING
 
 
+# Threshold defaults come from the dataset tools, so `python -m flux_lora.dataset` and the launch preflight
+# judge a dataset the same way (their reasons are documented there).
 @dataclass
 class DatasetAnalysisConfig:
-    blur_threshold: float = 60.0
-    duplicate_max_distance: int = 6
-    detect_faces: bool = True
+    blur_threshold: float = AnalysisSettings.blur_threshold
+    duplicate_max_distance: int = AnalysisSettings.duplicate_max_distance
+    detect_faces: bool = AnalysisSettings.detect_faces
 
 
 @dataclass
 class DatasetGateConfig:
-    enforce: bool = True
-    min_images: int = 5
-    max_blurry_share: float = 0.2
-    max_duplicate_groups: int = 0
-    max_missing_captions: int = 0
-    max_missing_trigger: int = 0
-    max_unreadable: int = 0
+    enforce: bool = GateSettings.enforce
+    min_images: int = GateSettings.min_images
+    max_blurry_share: float = GateSettings.max_blurry_share
+    max_duplicate_groups: int = GateSettings.max_duplicate_groups
+    max_missing_captions: int = GateSettings.max_missing_captions
+    max_missing_trigger: int = GateSettings.max_missing_trigger
+    max_unreadable: int = GateSettings.max_unreadable
 
 
 @dataclass

@@ -78,6 +78,15 @@ def _tiny_t5_tokenizer(max_length: int) -> T5Tokenizer:
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
 
 
+def _inference_ready(parts: FluxParts) -> FluxParts:
+    """Every part in eval mode; the VAE and text encoders frozen (the trainer freezes the transformer itself)."""
+    for module in (parts.transformer, parts.vae, parts.clip_encoder, parts.t5_encoder):
+        module.eval()
+    for module in (parts.vae, parts.clip_encoder, parts.t5_encoder):
+        module.requires_grad_(False)
+    return parts
+
+
 def build_tiny_flux(init_seed: int = 0, t5_max_length: int = 64) -> FluxParts:
     """A FLUX.1-dev-shaped model small enough for a CPU training step in tens of milliseconds."""
     clip_tokenizer = _tiny_clip_tokenizer()
@@ -142,21 +151,18 @@ def build_tiny_flux(init_seed: int = 0, t5_max_length: int = 64) -> FluxParts:
                 eos_token_id=t5_tokenizer.eos_token_id,
             )
         )
-    for module in (transformer, vae, clip_encoder, t5_encoder):
-        module.eval()
-    clip_encoder.requires_grad_(False)
-    t5_encoder.requires_grad_(False)
-    vae.requires_grad_(False)
-    return FluxParts(
-        transformer=transformer,
-        vae=vae,
-        clip_tokenizer=clip_tokenizer,
-        clip_encoder=clip_encoder,
-        t5_tokenizer=t5_tokenizer,
-        t5_encoder=t5_encoder,
-        vae_identity=f"tiny-flux-vae-seed{init_seed}",
-        text_encoders_identity=f"tiny-flux-text-seed{init_seed}-t5len{t5_max_length}",
-        t5_max_length=t5_max_length,
+    return _inference_ready(
+        FluxParts(
+            transformer=transformer,
+            vae=vae,
+            clip_tokenizer=clip_tokenizer,
+            clip_encoder=clip_encoder,
+            t5_tokenizer=t5_tokenizer,
+            t5_encoder=t5_encoder,
+            vae_identity=f"tiny-flux-vae-seed{init_seed}",
+            text_encoders_identity=f"tiny-flux-text-seed{init_seed}-t5len{t5_max_length}",
+            t5_max_length=t5_max_length,
+        )
     )
 
 
@@ -335,20 +341,18 @@ def load_flux_dev(
         vae_id = _tree_identity([Path(vae)])
         text_id = _tree_identity([Path(clip_l), Path(t5xxl), clip_tok_dir, t5_tok_dir])
     model, autoencoder, clip_tokenizer, clip_encoder, t5_tokenizer, t5_encoder = parts
-    for module in (model, autoencoder, clip_encoder, t5_encoder):
-        module.eval()
-    for module in (autoencoder, clip_encoder, t5_encoder):
-        module.requires_grad_(False)
-    return FluxParts(
-        transformer=model,
-        vae=autoencoder,
-        clip_tokenizer=clip_tokenizer,
-        clip_encoder=clip_encoder,
-        t5_tokenizer=t5_tokenizer,
-        t5_encoder=t5_encoder,
-        vae_identity=f"flux-vae-{vae_id}",
-        text_encoders_identity=f"flux-text-{text_id}-t5len{t5_max_length}",
-        t5_max_length=t5_max_length,
+    return _inference_ready(
+        FluxParts(
+            transformer=model,
+            vae=autoencoder,
+            clip_tokenizer=clip_tokenizer,
+            clip_encoder=clip_encoder,
+            t5_tokenizer=t5_tokenizer,
+            t5_encoder=t5_encoder,
+            vae_identity=f"flux-vae-{vae_id}",
+            text_encoders_identity=f"flux-text-{text_id}-t5len{t5_max_length}",
+            t5_max_length=t5_max_length,
+        )
     )
 
 
