@@ -19,6 +19,7 @@ from flux_lora.dataset import (
     analyze_dataset,
     evaluate_gate,
 )
+from flux_lora.dataset.training_set import TrainingSet, training_set_from_report
 from rich.console import Console
 
 from flux_lora.engines.base import Engine
@@ -37,6 +38,8 @@ class CheckReport:
     refusal: Optional[str] = None
     dataset_report: Optional[DatasetReport] = None
     gate: Optional[GateResult] = None
+    # The (image, caption) pairs that train: what the gate passed is what both engines read.
+    training_set: Optional[TrainingSet] = None
 
 
 def noop_ablation_refusal(run: RunConfig, not_applied: dict[str, str]) -> Optional[str]:
@@ -82,6 +85,12 @@ def check_dataset(run: RunConfig, report: CheckReport) -> None:
         report.errors.extend(f"dataset: {p}{fix}" for p in gate.problems)
     else:
         report.warnings.extend(f"dataset: {p}" for p in gate.problems)
+    report.training_set = training_set_from_report(report.dataset_report, d.caption_extension, d.class_tokens, d.num_repeats)
+    for example in report.training_set.examples:
+        if example.caption_source.startswith("file read as"):
+            report.warnings.append(f"dataset: {example.image}: caption {example.caption_source}; save it as UTF-8")
+    if not report.training_set.examples:
+        report.errors.append(f"dataset.path: no image in {d.path} would train (all unusable or excluded); see dataset_report.json")
 
 
 def check_run(run: RunConfig, engine: Engine, *, dry_run: bool) -> CheckReport:

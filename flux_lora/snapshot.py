@@ -7,6 +7,7 @@ The job reads only these files, so what is recorded is what ran:
   command.json              argv, working directory, environment additions
   repro.json                git state and diff, host, Python, packages, torch/CUDA/GPU, seed, engine code
   dataset_fingerprint.json  content hash plus per-file manifest
+  training_set.json         the (image, caption, repeats) pairs that train; both engines read it
   dataset_report.json, dataset_contact_sheet.png   the preflight analysis
 """
 
@@ -29,6 +30,7 @@ import yaml
 
 from flux_lora.check import CheckReport
 from flux_lora.dataset import fingerprint_dataset, write_contact_sheet
+from flux_lora.dataset.training_set import TRAINING_SET_FILE
 from flux_lora.engines.base import Engine, EngineInputs
 from flux_lora.schema import NON_SEMANTIC_KEYS, RunConfig
 
@@ -207,7 +209,12 @@ def freeze_run(
         fingerprint = fingerprint_dataset(dataset_path, run.dataset.caption_extension)
     else:
         fingerprint = None
-    run_id = compute_run_id(resolved, fingerprint["content_hash"] if fingerprint else "missing")
+    # The run id takes the dataset as it trains (images, captions, repeats), else the folder's bytes.
+    if report.training_set is not None:
+        dataset_identity = report.training_set.content_hash
+    else:
+        dataset_identity = fingerprint["content_hash"] if fingerprint else "missing"
+    run_id = compute_run_id(resolved, dataset_identity)
 
     for earlier in earlier_runs_with_id(Path(run.paths.outputs), run_id, exclude=run_dir):
         report.infos.append(f"run id {run_id} already frozen in {earlier} (same semantic config and dataset)")
@@ -215,6 +222,8 @@ def freeze_run(
     _write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
     if fingerprint is not None:
         _write_json(run_dir / "dataset_fingerprint.json", fingerprint)
+    if report.training_set is not None:
+        _write_text(run_dir / TRAINING_SET_FILE, json.dumps(report.training_set.to_dict(), indent=2, ensure_ascii=False) + "\n")
     if report.dataset_report is not None:
         report.dataset_report.write_json(run_dir / "dataset_report.json")
         write_contact_sheet(report.dataset_report, dataset_path, run_dir / "dataset_contact_sheet.png")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # Formats the trainers read; anything else with an image-like extension is reported, not trained on.
 SUPPORTED_IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp"})
+# Images in the root and in direct subfolders train; sd-scripts reads each subset folder without recursion.
+MAX_SUBSET_DEPTH = 1
 UNSUPPORTED_IMAGE_EXTENSIONS = frozenset(
     {".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".ico", ".psd", ".raw", ".dng", ".cr2", ".nef"}
 )
@@ -22,6 +24,8 @@ class DatasetFiles:
     images: list[Path]  # supported and unsupported image-like files, sorted by relative path
     captions: list[Path]  # caption files that belong to one of the images
     orphan_captions: list[Path]  # caption files with no image next to them
+    # Images more than one folder deep: no trainer reads them (sd-scripts takes one folder per subset).
+    nested_images: list[Path] = field(default_factory=list)
 
     def relative(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
@@ -48,22 +52,30 @@ def _visible_files(root: Path) -> list[Path]:
     return files
 
 
+def folder_depth(path: Path, root: Path) -> int:
+    """0 for a file directly in root, 1 for one in a subfolder (a kohya `10_name/` subset), and so on."""
+    return len(path.relative_to(root).parts) - 1
+
+
 def discover_dataset(root: Path, caption_extension: str = ".txt") -> DatasetFiles:
-    """List images and captions under root (recursively, so DreamBooth-style `10_name/` subfolders work)."""
+    """Images and captions in root and its direct subfolders (kohya's `10_name/` subsets); deeper ones are listed apart."""
     root = Path(root)
     if not root.exists():
         raise DatasetError(f"dataset folder {root} does not exist: check the dataset path")
     if not root.is_dir():
         raise DatasetError(f"dataset path {root} is a file, not a folder: point it at the folder that holds the images")
-    files = _visible_files(root)
+    visible = _visible_files(root)
+    files = [p for p in visible if folder_depth(p, root) <= MAX_SUBSET_DEPTH]
+    nested = sorted((p for p in visible if folder_depth(p, root) > MAX_SUBSET_DEPTH and is_image_like(p)), key=lambda p: p.as_posix())
     images = sorted((p for p in files if is_image_like(p)), key=lambda p: p.relative_to(root).as_posix())
     if not images:
+        deeper = f" ({len(nested)} images sit more than one folder deep, which no trainer reads)" if nested else ""
         raise DatasetError(
-            f"dataset folder {root} holds no images (.jpg .jpeg .png .webp): put the training images and their "
-            f"{caption_extension} captions there"
+            f"dataset folder {root} holds no images (.jpg .jpeg .png .webp){deeper}: put the training images and their "
+            f"{caption_extension} captions there or in direct subfolders"
         )
     image_stems = {p.with_suffix("") for p in images}
     caption_files = [p for p in files if p.suffix == caption_extension]
     captions = sorted((p for p in caption_files if p.with_suffix("") in image_stems), key=lambda p: p.as_posix())
     orphans = sorted((p for p in caption_files if p.with_suffix("") not in image_stems), key=lambda p: p.as_posix())
-    return DatasetFiles(root=root, images=images, captions=captions, orphan_captions=orphans)
+    return DatasetFiles(root=root, images=images, captions=captions, orphan_captions=orphans, nested_images=nested)

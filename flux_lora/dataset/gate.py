@@ -108,6 +108,11 @@ def evaluate_gate(report: DatasetReport, gate: GateSettings) -> GateResult:
         )
     if report.orphan_captions:
         warnings.append(f"{len(report.orphan_captions)} captions without an image: {_names(report.orphan_captions)}")
+    if report.nested_images:
+        warnings.append(
+            f"{len(report.nested_images)} images more than one folder deep are not trained (each direct subfolder is "
+            f"one subset; move them up a level): {_names(report.nested_images)}"
+        )
 
     if not gate.enforce:
         return GateResult(passed=True, problems=[], warnings=problems + warnings)

@@ -55,6 +55,7 @@ class DatasetReport:
     leakage_hints: list[dict]
     fingerprint: dict
     analysis: dict  # how the analysis ran: seconds, cache hits, workers
+    nested_images: list[str] = field(default_factory=list)  # more than one folder deep: not trained
     thumbnails: dict[str, bytes] = field(default_factory=dict, repr=False)  # by content hash; not serialised
     thumbnail_lookup: Any = field(default=None, repr=False)  # callable(content_hash) -> bytes | None, e.g. the cache
 
@@ -109,6 +110,7 @@ class DatasetReport:
             "summary": self.summary(),
             "images": [image.to_dict() for image in self.images],
             "orphan_captions": self.orphan_captions,
+            "nested_images": self.nested_images,
             "duplicate_groups": self.duplicate_groups,
             "identical_caption_groups": self.identical_caption_groups,
             "near_identical_caption_groups": self.near_identical_caption_groups,

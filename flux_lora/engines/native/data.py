@@ -15,6 +15,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import blake3
 import numpy as np
@@ -23,8 +24,9 @@ from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 
 from flux_lora.buckets import bucket_sizes, nearest_bucket
+from flux_lora.dataset.discover import SUPPORTED_IMAGE_EXTENSIONS
+from flux_lora.dataset.training_set import TrainingSet, training_set_from_folder
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Bump when the way an entry is computed changes (resize filter, crop), so old entries are never read.
 CACHE_FORMAT = "1"
 # FLUX packs 2x2 latent patches of an 8x-downsampled image: image sides must be multiples of 16.
@@ -35,6 +37,7 @@ SIDE_MULTIPLE = 16
 class ImageCaption:
     image: Path
     caption: str
+    repeats: int = 1
 
 
 @dataclass
@@ -46,6 +49,7 @@ class TrainItem:
     t5: torch.Tensor  # [L, D_t5]
     bucket: tuple[int, int]  # (width, height) in pixels
     source: str
+    repeats: Optional[int] = None  # times per epoch; None: the dataset's num_repeats
 
 
 @dataclass
@@ -56,18 +60,16 @@ class CacheStats:
     text_misses: int = 0
 
 
-def find_examples(dataset_path: str | Path, caption_extension: str, fallback_caption: str) -> list[ImageCaption]:
-    """Images in the folder (sorted by name) with the caption file beside each; no caption -> fallback."""
-    root = Path(dataset_path)
-    images = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise FileNotFoundError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)})")
-    examples = []
-    for image in images:
-        caption_file = image.with_suffix(caption_extension)
-        caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else fallback_caption
-        examples.append(ImageCaption(image, caption))
-    return examples
+def find_examples(config) -> list[ImageCaption]:
+    """The pairs that train: the run's frozen training set, or the same selection made from the folder."""
+    if config.training_set_file:
+        training_set = TrainingSet.read_json(Path(config.training_set_file))
+    else:
+        training_set = training_set_from_folder(Path(config.dataset_path), config.caption_extension, config.class_tokens,
+                                                config.num_repeats)
+    if not training_set.examples:
+        raise FileNotFoundError(f"{training_set.root}: no image to train on ({', '.join(sorted(SUPPORTED_IMAGE_EXTENSIONS))})")
+    return [ImageCaption(training_set.image_path(e), e.caption, e.repeats) for e in training_set.examples]
 
 
 def load_pixels(data: bytes, bucket: tuple[int, int]) -> torch.Tensor:
@@ -173,7 +175,7 @@ def image_size(path: Path) -> tuple[int, int]:
 
 def build_train_items(config, parts) -> tuple[list[TrainItem], CacheStats]:
     """Every training example with its latents and text embeddings, from the caches (filled as needed)."""
-    examples = find_examples(config.dataset_path, config.caption_extension, config.class_tokens)
+    examples = find_examples(config)
     if config.enable_bucket:
         sizes = bucket_sizes(config.resolution, config.bucket_reso_steps, config.min_bucket_reso, config.max_bucket_reso)
         if not sizes:
@@ -188,17 +190,17 @@ def build_train_items(config, parts) -> tuple[list[TrainItem], CacheStats]:
     latents = cached_latents(parts, examples, buckets, TensorCache(config.cache_dir, "latents"), stats)
     texts = cached_text_embeddings(parts, [e.caption for e in examples], TensorCache(config.cache_dir, "text"), stats)
     items = [
-        TrainItem(latents=lat, pooled=texts[e.caption][0], t5=texts[e.caption][1], bucket=b, source=e.image.name)
+        TrainItem(latents=lat, pooled=texts[e.caption][0], t5=texts[e.caption][1], bucket=b, source=e.image.name, repeats=e.repeats)
         for e, b, lat in zip(examples, buckets, latents)
     ]
     return items, stats
 
 
 def epoch_batches(items: list[TrainItem], num_repeats: int, batch_size: int, generator: torch.Generator) -> list[list[int]]:
-    """One epoch as lists of item indices: each item num_repeats times, batches within one bucket, order shuffled."""
+    """One epoch as lists of item indices: each item its repeats (else num_repeats) times, batches within one bucket, order shuffled."""
     by_bucket: dict[tuple[int, int], list[int]] = {}
     for index, item in enumerate(items):
-        by_bucket.setdefault(item.bucket, []).extend([index] * num_repeats)
+        by_bucket.setdefault(item.bucket, []).extend([index] * (item.repeats or num_repeats))
     batches = []
     for bucket in sorted(by_bucket):
         indices = by_bucket[bucket]

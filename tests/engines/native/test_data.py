@@ -19,10 +19,11 @@ def test_buckets_are_sd_scripts_buckets_with_flux_sides():
 
 
 def test_epoch_batches_repeat_items_and_never_mix_buckets(tmp_path):
-    config = tiny_config(tmp_path, make_dataset(tmp_path / "ds", count=4), resolution=96)
+    config = tiny_config(tmp_path, make_dataset(tmp_path / "ds", count=4), resolution=96, num_repeats=3)
     items, _ = build_train_items(config, build_tiny_flux())
     assert [item.bucket for item in items] == [(128, 64), (96, 96), (128, 64), (96, 96)]
-    batches = epoch_batches(items, num_repeats=3, batch_size=2, generator=torch.Generator().manual_seed(0))
+    assert [item.repeats for item in items] == [3, 3, 3, 3]
+    batches = epoch_batches(items, num_repeats=1, batch_size=2, generator=torch.Generator().manual_seed(0))
     flat = sorted(i for batch in batches for i in batch)
     assert flat == sorted(list(range(4)) * 3)
     assert all(len({items[i].bucket for i in batch}) == 1 for batch in batches)

@@ -1,0 +1,158 @@
+"""The training set: which (image, caption) pairs train, decided once for the whole pipeline.
+
+The preflight, the fingerprint, the run id, the native trainer and the sd-scripts dataset view all
+read this list, so what was checked is what trains. Rules:
+  - images in the dataset folder and its direct subfolders (discover.py); one subset per folder;
+    a folder named `N_name` (kohya's DreamBooth convention) repeats its images N times;
+  - hidden files, unsupported formats and images the analysis found unusable never train;
+  - the caption is the caption file's text; a caption that is not UTF-8 is read as latin-1 (what
+    Windows editors usually wrote) and said so; a missing or empty caption trains as the class tokens,
+    as sd-scripts does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import blake3
+
+from flux_lora.dataset.discover import SUPPORTED_IMAGE_EXTENSIONS, caption_path_for, discover_dataset
+from flux_lora.dataset.fingerprint import hash_file
+from flux_lora.dataset.flags import severity_of
+from flux_lora.dataset.report import DatasetReport
+
+# kohya's DreamBooth folder convention: "10_name" repeats its images 10 times per epoch.
+REPEATS_FOLDER = re.compile(r"^(\d+)_(.+)$")
+TRAINING_SET_FILE = "training_set.json"
+
+
+@dataclass(frozen=True)
+class TrainingExample:
+    image: str  # posix path relative to the dataset folder
+    content_hash: str  # blake3 of the image bytes
+    caption: str  # the text that trains, never empty
+    caption_source: str  # "file", "file read as latin-1", "class tokens: ..."
+    subset: str  # folder relative to the dataset folder; "" for the folder itself
+    repeats: int
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    root: str  # absolute dataset folder
+    examples: list[TrainingExample]
+    excluded: list[dict] = field(default_factory=list)  # {"path", "reason"} for images that do not train
+
+    @property
+    def content_hash(self) -> str:
+        """What the run id uses: every trained image by content, its caption text and its repeats."""
+        hasher = blake3.blake3()
+        for e in sorted(self.examples, key=lambda e: e.image):
+            hasher.update(json.dumps([e.image, e.content_hash, e.caption, e.repeats], ensure_ascii=False).encode() + b"\n")
+        return hasher.hexdigest()
+
+    def subsets(self) -> dict[str, list[TrainingExample]]:
+        by_subset: dict[str, list[TrainingExample]] = {}
+        for example in self.examples:
+            by_subset.setdefault(example.subset, []).append(example)
+        return dict(sorted(by_subset.items()))
+
+    def image_path(self, example: TrainingExample) -> Path:
+        return Path(self.root) / example.image
+
+    def to_dict(self) -> dict:
+        return {
+            "root": self.root,
+            "content_hash": self.content_hash,
+            "n_examples": len(self.examples),
+            "n_images_per_epoch": sum(e.repeats for e in self.examples),
+            "examples": [asdict(e) for e in self.examples],
+            "excluded": self.excluded,
+        }
+
+    def write_json(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainingSet":
+        return cls(root=data["root"], examples=[TrainingExample(**e) for e in data["examples"]], excluded=data.get("excluded", []))
+
+    @classmethod
+    def read_json(cls, path: Path) -> "TrainingSet":
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def subset_repeats(subset: str, default_repeats: int) -> int:
+    match = REPEATS_FOLDER.match(Path(subset).name) if subset else None
+    return int(match.group(1)) if match and int(match.group(1)) > 0 else default_repeats
+
+
+def read_training_caption(caption_file: Path, class_tokens: str) -> tuple[str, str]:
+    """(caption text, where it came from) for one image."""
+    if not caption_file.is_file():
+        return class_tokens, "class tokens: no caption file"
+    raw = caption_file.read_bytes()
+    try:
+        text, source = raw.decode("utf-8-sig"), "file"
+    except UnicodeDecodeError:
+        text, source = raw.decode("latin-1"), "file read as latin-1 (not UTF-8)"
+    text = " ".join(text.split())
+    if not text:
+        return class_tokens, "class tokens: empty caption file"
+    return text, source
+
+
+def _select(
+    root: Path,
+    images: list[str],
+    hashes: dict[str, str],
+    unusable: dict[str, str],
+    caption_extension: str,
+    class_tokens: str,
+    default_repeats: int,
+) -> TrainingSet:
+    examples: list[TrainingExample] = []
+    excluded: list[dict] = []
+    for relative in images:
+        if Path(relative).suffix.lower() not in SUPPORTED_IMAGE_EXTENSIONS:
+            excluded.append({"path": relative, "reason": "format the trainers do not read"})
+            continue
+        if relative in unusable:
+            excluded.append({"path": relative, "reason": unusable[relative]})
+            continue
+        caption, source = read_training_caption(caption_path_for(root / relative, caption_extension), class_tokens)
+        subset = Path(relative).parent.as_posix()
+        subset = "" if subset == "." else subset
+        examples.append(TrainingExample(relative, hashes[relative], caption, source, subset, subset_repeats(subset, default_repeats)))
+    return TrainingSet(root=str(root.resolve()), examples=examples, excluded=excluded)
+
+
+def training_set_from_report(
+    report: DatasetReport, caption_extension: str, class_tokens: str, default_repeats: int
+) -> TrainingSet:
+    """The training set of an analysed dataset: the report's images minus those it found unusable."""
+    root = Path(report.dataset_path)
+    unusable = {r.path: ", ".join(f for f in r.flags if severity_of(f) == "error") for r in report.images if r.unusable}
+    hashes = {r.path: r.content_hash for r in report.images}
+    selected = _select(root, [r.path for r in report.images], hashes, unusable, caption_extension, class_tokens, default_repeats)
+    nested = [{"path": p, "reason": "more than one folder deep"} for p in report.nested_images]
+    return TrainingSet(root=selected.root, examples=selected.examples, excluded=selected.excluded + nested)
+
+
+def training_set_from_folder(
+    root: Path, caption_extension: str, class_tokens: str, default_repeats: int = 1
+) -> TrainingSet:
+    """The same selection without the analysis (no decoding): for tools and tests that train a folder directly."""
+    files = discover_dataset(Path(root), caption_extension)
+    relatives = [files.relative(p) for p in files.images]
+    hashes = {files.relative(p): hash_file(p)[0] for p in files.images}
+    selected = _select(files.root, relatives, hashes, {}, caption_extension, class_tokens, default_repeats)
+    nested = [{"path": files.relative(p), "reason": "more than one folder deep"} for p in files.nested_images]
+    return TrainingSet(root=selected.root, examples=selected.examples, excluded=selected.excluded + nested)
+
+
+def load_training_set(path: Optional[str | Path]) -> Optional[TrainingSet]:
+    return TrainingSet.read_json(Path(path)) if path else None

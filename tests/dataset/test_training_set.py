@@ -1,0 +1,81 @@
+"""One decision of which (image, caption) pairs train, read by the preflight, the fingerprint, the run id
+and both engines (issue "Engine fidelity" item 13): real image files in tmp_path, real analysis."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from flux_lora.dataset import AnalysisSettings, analyze_dataset
+from flux_lora.dataset.training_set import training_set_from_folder, training_set_from_report
+from flux_lora.engines.native.data import find_examples
+from tests.engines.native.native_tiny_run import tiny_config
+
+
+def _photo(path: Path, seed: int, caption: bytes | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = (np.random.default_rng(seed).random((96, 96, 3)) * 255).astype("uint8")
+    Image.fromarray(pixels).save(path)
+    if caption is not None:
+        path.with_suffix(".txt").write_bytes(caption)
+
+
+def kohya_layout(root: Path) -> Path:
+    """A DreamBooth-style folder: images in the root, in `10_tok/`, one too deep, a macOS resource fork, latin-1."""
+    _photo(root / "a.png", 0, b"TOK woman, root photo")
+    _photo(root / "10_tok" / "b.png", 1, b"TOK woman, in a subset folder")
+    _photo(root / "10_tok" / "c.png", 2, "TOK woman, café".encode("latin-1"))
+    _photo(root / "plain" / "d.png", 3, None)  # no caption: class tokens
+    _photo(root / "plain" / "deeper" / "e.png", 4, b"TOK woman, too deep")
+    (root / "10_tok" / "._b.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble resource fork, not an image")
+    return root
+
+
+def test_folder_selection_takes_subsets_skips_hidden_and_nested_and_reads_latin1(tmp_path):
+    selected = training_set_from_folder(kohya_layout(tmp_path / "ds"), ".txt", "woman", default_repeats=2)
+    by_image = {e.image: e for e in selected.examples}
+    assert sorted(by_image) == ["10_tok/b.png", "10_tok/c.png", "a.png", "plain/d.png"]
+    assert by_image["10_tok/b.png"].repeats == 10 and by_image["a.png"].repeats == 2 and by_image["plain/d.png"].repeats == 2
+    assert by_image["10_tok/c.png"].caption == "TOK woman, café" and "latin-1" in by_image["10_tok/c.png"].caption_source
+    assert by_image["plain/d.png"].caption == "woman"
+    assert {"path": "plain/deeper/e.png", "reason": "more than one folder deep"} in selected.excluded
+    assert list(selected.subsets()) == ["", "10_tok", "plain"]
+
+
+def test_preflight_and_native_trainer_read_the_same_pairs(tmp_path):
+    root = kohya_layout(tmp_path / "ds")
+    report = analyze_dataset(root, AnalysisSettings(resolution=64, trigger="TOK woman", bucket_reso_steps=32,
+                                                    min_bucket_reso=64, max_bucket_reso=128, cache_dir=None))
+    assert report.nested_images == ["plain/deeper/e.png"]
+    from_report = training_set_from_report(report, ".txt", "woman", 1)
+    path = tmp_path / "training_set.json"
+    from_report.write_json(path)
+    examples = find_examples(tiny_config(tmp_path, root, training_set_file=str(path)))
+    assert [(str(e.image), e.caption, e.repeats) for e in examples] == [
+        (str(root / e.image), e.caption, e.repeats) for e in from_report.examples
+    ]
+    assert len(examples) == 4
+    # Without a frozen list the trainer makes the same selection from the folder.
+    assert [e.caption for e in find_examples(tiny_config(tmp_path, root))] == [e.caption for e in from_report.examples]
+
+
+def test_training_set_hash_follows_captions_and_repeats(tmp_path):
+    root = kohya_layout(tmp_path / "ds")
+    first = training_set_from_folder(root, ".txt", "woman").content_hash
+    (root / "a.txt").write_text("TOK woman, an edited caption", encoding="utf-8")
+    edited = training_set_from_folder(root, ".txt", "woman").content_hash
+    (root / "10_tok").rename(root / "5_tok")
+    renamed = training_set_from_folder(root, ".txt", "woman").content_hash
+    assert len({first, edited, renamed}) == 3
+
+
+def test_unusable_image_does_not_train(tmp_path):
+    root = kohya_layout(tmp_path / "ds")
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    report = analyze_dataset(root, AnalysisSettings(resolution=64, trigger="TOK woman", bucket_reso_steps=32,
+                                                    min_bucket_reso=64, max_bucket_reso=128, cache_dir=None))
+    selected = training_set_from_report(report, ".txt", "woman", 1)
+    assert "broken.jpg" not in {e.image for e in selected.examples}
+    assert any(x["path"] == "broken.jpg" for x in selected.excluded)
