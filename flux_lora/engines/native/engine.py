@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from flux_lora.compose import PROJECT_ROOT
+from flux_lora.dataset.training_set import TRAINING_SET_FILE
 from flux_lora.engines.base import EngineInputs
 from flux_lora.engines.native.config import CONFIG_FILE, NativeTrainConfig
 from flux_lora.schema import Accelerator, ModelKind, OptimizerName, RunConfig
@@ -89,6 +90,7 @@ def native_config_from_run(run: RunConfig, run_dir: Path, unapplied: Optional[di
         num_repeats=ds.num_repeats,
         trigger=ds.trigger,
         class_tokens=ds.class_tokens,
+        training_set_file=str(run_dir / TRAINING_SET_FILE) if (run_dir / TRAINING_SET_FILE).is_file() else None,
         enable_bucket=ds.enable_bucket,
         min_bucket_reso=ds.min_bucket_reso,
         max_bucket_reso=ds.max_bucket_reso,
