@@ -1,0 +1,189 @@
+"""Checkpoint files that can be trusted: written under a temporary name, renamed when complete, and
+described by a manifest (every file's size and blake3 hash) written last.
+
+A state folder is good when its `manifest.json` says "complete" and every file it lists is there with
+its size and hash: a folder a crash left half-written has no manifest, and a file damaged later no
+longer matches. Standard library and blake3 only, so the launcher can check a resume state without torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import blake3
+
+MANIFEST = "manifest.json"
+STAGING_PREFIX = ".tmp-"  # a folder or file still being written
+REPLACED_PREFIX = ".old-"  # a previous state moved aside for the instant its successor takes its name
+_CHUNK = 8 * 2**20
+
+
+def staging_path(final: Path) -> Path:
+    """Where `final` is written before it is complete: beside it, so the rename stays on one filesystem."""
+    return final.with_name(STAGING_PREFIX + final.name)
+
+
+def replaced_path(final: Path) -> Path:
+    return final.with_name(REPLACED_PREFIX + final.name)
+
+
+def file_blake3(path: Path, sync: bool = False) -> str:
+    """Hex blake3 of a file; `sync` also flushes it to disk, since we read it anyway."""
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            hasher.update(chunk)
+        if sync:
+            os.fsync(handle.fileno())
+    return hasher.hexdigest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes a rename durable; some filesystems refuse to open a directory, which only costs durability.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_file(path: Path, write_fn: Callable[[Path], None]) -> Path:
+    """Call write_fn(temporary path) and rename the result to `path`; a crash leaves the old file untouched."""
+    path = Path(path)
+    staging = staging_path(path)
+    staging.unlink(missing_ok=True)
+    try:
+        write_fn(staging)
+        with open(staging, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    return atomic_write_file(path, lambda staging: staging.write_text(text, encoding="utf-8"))
+
+
+def write_manifest(state_dir: Path, step: int) -> Path:
+    """List every file of state_dir (relative path, size, blake3) and the step; written last, atomically."""
+    state_dir = Path(state_dir)
+    files = sorted(p for p in state_dir.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.startswith(STAGING_PREFIX))
+    entries = [
+        {"path": p.relative_to(state_dir).as_posix(), "size": p.stat().st_size, "blake3": file_blake3(p, sync=True)}
+        for p in files
+    ]
+    manifest = {"complete": True, "step": step, "files": entries}
+    return atomic_write_text(state_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+
+
+def read_manifest(state_dir: Path) -> dict:
+    """The manifest of a state folder; raises ValueError with the reason if it is missing or malformed."""
+    path = Path(state_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"no {MANIFEST} (an unfinished write, or a state from before manifests)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"unreadable {MANIFEST}: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("complete") is not True:
+        raise ValueError(f"{MANIFEST} does not say complete")
+    if not isinstance(manifest.get("step"), int) or not isinstance(manifest.get("files"), list):
+        raise ValueError(f"{MANIFEST} lacks its step or file list")
+    return manifest
+
+
+def state_problem(state_dir: Path) -> Optional[str]:
+    """None when the state folder is complete and every file matches its manifest; else one line saying why not."""
+    state_dir = Path(state_dir)
+    if not state_dir.is_dir():
+        aside = replaced_path(state_dir)
+        hint = f" (a replacement was interrupted: the previous state is {aside})" if aside.is_dir() else ""
+        return f"{state_dir}: missing{hint}"
+    try:
+        manifest = read_manifest(state_dir)
+    except ValueError as exc:
+        return f"{state_dir}: {exc}"
+    for entry in manifest["files"]:
+        try:
+            relative, size, digest = entry["path"], entry["size"], entry["blake3"]
+        except (TypeError, KeyError):
+            return f"{state_dir}: {MANIFEST} has a malformed entry {entry!r}"
+        path = state_dir / relative
+        if not path.is_file():
+            return f"{state_dir}: {relative} is missing"
+        actual = path.stat().st_size
+        if actual != size:
+            return f"{state_dir}: {relative} has {actual} bytes, the manifest says {size}"
+        if file_blake3(path) != digest:
+            return f"{state_dir}: {relative} does not match its blake3 hash"
+    return None
+
+
+def begin_dir(final_dir: Path) -> Path:
+    """A fresh, empty staging folder for final_dir (what an earlier crash left there is discarded)."""
+    final_dir = Path(final_dir)
+    recover_replaced_dir(final_dir)
+    staging = staging_path(final_dir)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def commit_dir(staging: Path, final_dir: Path, step: int) -> Path:
+    """Write the manifest into the complete staging folder, then give it final_dir's name.
+
+    An existing final_dir stays in place until the new folder is complete; it is moved aside only for the
+    instant between two renames (recover_replaced_dir repairs a crash there), then deleted.
+    """
+    final_dir = Path(final_dir)
+    write_manifest(staging, step)
+    aside = replaced_path(final_dir)
+    if final_dir.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final_dir, aside)
+    os.replace(staging, final_dir)
+    _fsync_dir(final_dir.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+    return final_dir
+
+
+def recover_replaced_dir(final_dir: Path) -> None:
+    """Repair a crash between commit_dir's two renames: put the complete new folder (or else the old one) in place."""
+    final_dir = Path(final_dir)
+    aside = replaced_path(final_dir)
+    if final_dir.exists() or not aside.is_dir():
+        return
+    staging = staging_path(final_dir)
+    if staging.is_dir() and state_problem(staging) is None:
+        os.replace(staging, final_dir)
+    else:
+        os.replace(aside, final_dir)
+
+
+@contextmanager
+def atomic_dir(final_dir: Path, step: int) -> Iterator[Path]:
+    """Yield a staging folder to fill; on success it gets a manifest and final_dir's name, on error it is removed.
+
+    A process that dies inside the block leaves only the staging folder behind, never a partial final_dir.
+    """
+    staging = begin_dir(final_dir)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    commit_dir(staging, final_dir, step)
