@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers import FluxTransformer2DModel
 from peft import LoraConfig
 from safetensors import safe_open
@@ -64,6 +63,33 @@ def lora_module_names(transformer: FluxTransformer2DModel) -> list[str]:
     return list(_lora_groups(transformer))
 
 
+class FusedDownDropout:
+    """kohya's network_dropout: dropout on lora_down's output in training, ONE mask per fused module.
+
+    The Linears of a fused group compute the same down output (shared weight, same input), so the first
+    of them to run in a forward draws the mask and the others reuse it; a member that runs again starts a
+    new forward and draws anew. Under non-reentrant gradient checkpointing the recomputation restores the
+    RNG and calls the members in the same order, so it draws the same masks as the original forward.
+    """
+
+    def __init__(self, p: float, members: int) -> None:
+        self.p, self.members = p, members
+        self.mask: torch.Tensor | None = None
+        self.used: set[int] = set()
+
+    def __call__(self, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        if not module.training:
+            return output
+        mask = self.mask
+        if mask is None or id(module) in self.used or mask.shape != output.shape or mask.dtype != output.dtype:
+            mask = torch.empty_like(output).bernoulli_(1.0 - self.p)
+            self.used = set()
+        self.used.add(id(module))
+        # Hold the mask only until every member has used it (a single Linear never holds it).
+        self.mask = None if len(self.used) == self.members else mask
+        return output * mask * (1.0 / (1.0 - self.p))
+
+
 def add_flux_lora(
     transformer: FluxTransformer2DModel, rank: int, alpha: float, dropout: float | None
 ) -> list[torch.nn.Parameter]:
@@ -84,12 +110,9 @@ def add_flux_lora(
         for down in downs[1:]:
             down.weight = downs[0].weight  # one kohya lora_down per fused group
         if dropout:
-            # kohya: dropout on lora_down's output, training only. Here each member of a fused group
-            # draws its own mask; kohya draws one mask for the whole fused down output.
+            hook = FusedDownDropout(dropout, len(downs))
             for down in downs:
-                down.register_forward_hook(
-                    lambda module, inputs, output, p=dropout: F.dropout(output, p, module.training)
-                )
+                down.register_forward_hook(hook)
     params = [p for name, p in transformer.named_parameters() if "lora_" in name]
     for param in params:
         param.requires_grad_(True)

@@ -195,3 +195,56 @@ def test_diffusers_kohya_converter_reads_every_key_we_write():
     assert len([k for k in converted if k.endswith("lora_A.weight")]) == len(
         [m for m in transformer.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
     )
+
+
+def _down_outputs(transformer, module_names: list[str]) -> dict[str, list[torch.Tensor]]:
+    """Every call's lora_down output (after dropout) of the named Linears, in call order."""
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in module_names}
+    for name in module_names:
+        down = transformer.get_submodule(name).lora_A["default"]
+        # Registered after the dropout hook, so it sees the dropped output.
+        down.register_forward_hook(lambda module, inputs, output, name=name: seen[name].append(output.detach().clone()))
+    return seen
+
+
+def test_network_dropout_draws_one_mask_per_fused_module():
+    transformer, _ = lora_transformer(dropout=0.5)
+    randomize_lora(transformer)
+    groups = {
+        "img_attn_qkv": [f"transformer_blocks.0.attn.{m}" for m in ("to_q", "to_k", "to_v")],
+        "txt_attn_qkv": [f"transformer_blocks.0.attn.{m}" for m in ("add_q_proj", "add_k_proj", "add_v_proj")],
+        "linear1": [f"single_transformer_blocks.0.{m}" for m in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")],
+    }
+    seen = _down_outputs(transformer, [name for members in groups.values() for name in members])
+    transformer.train()
+    torch.manual_seed(0)
+    forward(transformer)
+    forward(transformer)
+    for kohya_name, members in groups.items():
+        for call in range(2):
+            kept = [seen[name][call] != 0 for name in members]
+            assert 0.3 < kept[0].float().mean() < 0.7, kohya_name
+            # The members compute the same down output, so one mask means the very same values.
+            assert all(torch.equal(seen[name][call], seen[members[0]][call]) for name in members), kohya_name
+        assert not torch.equal(seen[members[0]][0] != 0, seen[members[0]][1] != 0)  # a new mask per forward
+
+
+def test_gradient_checkpointing_recomputes_the_same_dropout_masks():
+    grads = []
+    for checkpointing in (False, True):
+        transformer, params = lora_transformer(dropout=0.5)
+        randomize_lora(transformer)
+        if checkpointing:
+            transformer.enable_gradient_checkpointing()
+        transformer.train()
+        torch.manual_seed(0)
+        forward(transformer).pow(2).mean().backward()
+        grads.append([p.grad.clone() for p in params])
+    for plain, checkpointed in zip(*grads):
+        torch.testing.assert_close(checkpointed, plain)
+
+
+def test_alpha_zero_means_alpha_equals_rank():
+    transformer, _ = lora_transformer(alpha=0.0)
+    assert transformer.transformer_blocks[0].attn.to_q.scaling["default"] == 1.0
+    assert kohya_state_dict(transformer)["lora_unet_double_blocks_0_img_attn_qkv.alpha"].item() == RANK
