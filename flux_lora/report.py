@@ -17,6 +17,8 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
+from flux_lora.outcome import scalar_series
+
 
 @dataclass(frozen=True)
 class RunRow:
@@ -39,21 +41,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def last_scalar(logging_dir: Path, tag: str) -> Optional[float]:
-    """Last value of a TensorBoard scalar under logging_dir (both engines write TensorBoard events)."""
-    if not logging_dir.is_dir():
-        return None
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    value: Optional[float] = None
-    latest_wall = -1.0
-    for events in logging_dir.rglob("events.out.tfevents.*"):
-        acc = EventAccumulator(str(events.parent), size_guidance={"scalars": 0})
-        acc.Reload()
-        if tag in acc.Tags().get("scalars", []):
-            last = acc.Scalars(tag)[-1]
-            if last.wall_time > latest_wall:
-                latest_wall, value = last.wall_time, float(last.value)
-    return value
+    """Value of a TensorBoard scalar at its highest step under logging_dir (both engines write TensorBoard events)."""
+    series = scalar_series(logging_dir, tag)
+    return series[-1][1] if series else None
 
 
 def read_run(run_dir: Path) -> RunRow:

@@ -19,10 +19,11 @@ from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
 from types import FrameType
-from typing import Optional
+from typing import Callable, Optional
 
 from flux_lora.check import CheckReport
 from flux_lora.engines.base import EngineInputs
+from flux_lora.outcome import gather_evidence, training_shortfall
 from flux_lora.schema import Accelerator, RunConfig
 from flux_lora.snapshot import FrozenRun, LaunchCommand, redact, secret_values
 
@@ -102,7 +103,20 @@ def mark_dry_run(run_dir: Path) -> RunStatus:
     return status
 
 
-def launch_run(run_dir: Path, command: LaunchCommand) -> RunStatus:
+@dataclass(frozen=True)
+class ExpectedTraining:
+    """What the run's artefacts must show for it to count as succeeded (outcome.py)."""
+
+    max_train_steps: int
+    output_name: str
+
+
+def launch_run(
+    run_dir: Path,
+    command: LaunchCommand,
+    expect: Optional[ExpectedTraining] = None,
+    finish: Optional[Callable[[], list[str]]] = None,
+) -> RunStatus:
     started_at = time.monotonic()
     status = RunStatus(state=RunState.running, started=_now())
     write_status(run_dir, status)
@@ -139,23 +153,37 @@ def launch_run(run_dir: Path, command: LaunchCommand) -> RunStatus:
         for s, handler in previous.items():
             signal.signal(s, handler)
 
+    if finish is not None:
+        finish()  # e.g. a resumed sd-scripts attempt's files renumbered before they are judged
+    reason: Optional[str] = None
     if interrupted:
         state = RunState.interrupted
+    elif exit_code != 0:
+        state, reason = RunState.failed, f"exit code {exit_code}; see {run_dir / LOG_FILE}"
     else:
-        state = RunState.succeeded if exit_code == 0 else RunState.failed
+        # Exit 0 proves nothing: the artefacts must show every step trained into a LoRA.
+        reason = training_shortfall(gather_evidence(run_dir, expect.output_name), expect.max_train_steps) if expect else None
+        state = RunState.failed if reason else RunState.succeeded
     status = RunStatus(
         state=state,
         exit_code=exit_code,
         started=status.started,
         ended=_now(),
         duration_s=round(time.monotonic() - started_at, 2),
-        reason=None if state == RunState.succeeded else f"see {run_dir / LOG_FILE}",
+        reason=reason if state != RunState.interrupted else f"stopped by a signal; see {run_dir / LOG_FILE}",
     )
     write_status(run_dir, status)
     return status
 
 
-def start_run(frozen: FrozenRun, report: CheckReport, *, dry_run: bool) -> RunStatus:
+def start_run(
+    frozen: FrozenRun,
+    report: CheckReport,
+    *,
+    dry_run: bool,
+    expect: Optional[ExpectedTraining] = None,
+    finish: Optional[Callable[[], list[str]]] = None,
+) -> RunStatus:
     """Refuse, stop after freezing (dry run), or launch: the one place that decides."""
     if report.errors:
         return refuse_run(frozen.run_dir, "; ".join(report.errors))
@@ -164,4 +192,4 @@ def start_run(frozen: FrozenRun, report: CheckReport, *, dry_run: bool) -> RunSt
     if dry_run:
         return mark_dry_run(frozen.run_dir)
     assert frozen.command is not None
-    return launch_run(frozen.run_dir, frozen.command)
+    return launch_run(frozen.run_dir, frozen.command, expect, finish)

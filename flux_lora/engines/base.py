@@ -52,5 +52,15 @@ class Engine(Protocol):
         ...
 
     def check_inputs(self, run: RunConfig, inputs: EngineInputs) -> list[str]:
-        """Problems with rendered inputs (e.g. argv rejected by the engine's own parser), one line each."""
+        """Problems with rendered inputs (e.g. an argv the pinned parser's table rejects), one line each."""
+        ...
+
+    def preflight(self, run: RunConfig, inputs: EngineInputs) -> dict[str, object]:
+        """The engine's own checks of the inputs before any weights load: {"state": passed | failed | skipped,
+        "problem": one line or None, ...}; recorded in run.json, and a failure refuses the run."""
+        ...
+
+    def finish_attempt(self, run: RunConfig, run_dir: Path) -> list[str]:
+        """Tidy the job's outputs after it ends, however it ended (e.g. renumber a resumed attempt's files);
+        returns what changed. Must be safe to call again."""
         ...

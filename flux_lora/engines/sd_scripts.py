@@ -11,7 +11,7 @@ shared/reference/sd-scripts-flux.md (line numbers at the pinned commit).
 from __future__ import annotations
 
 import json
-import logging
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -21,10 +21,11 @@ from typing import Optional
 
 import tomli_w
 
+from flux_lora.dataset.training_set import TRAINING_SET_FILE, TrainingSet
 from flux_lora.engines.base import EngineInputs
-from flux_lora.schema import LrScheduler, ModelKind, OptimizerName, RunConfig
-
-log = logging.getLogger(__name__)
+from flux_lora.engines.sd_scripts_dataset import build_dataset_view, view_subsets
+from flux_lora.engines.sd_scripts_resume import ResumePlan, adopt_resumed_outputs, plan_resume, resume_problem
+from flux_lora.schema import HuberSchedule, LossType, LrScheduler, ModelKind, OptimizerName, RunConfig, TimestepSampling
 
 SCRIPT_NAME = "flux_train_network.py"
 REFERENCE_JSON = Path(__file__).with_name("sd_scripts_flux_args.json")
@@ -72,19 +73,14 @@ OPTIMIZER_TYPES: dict[OptimizerName, str] = {
     OptimizerName.adafactor: "Adafactor",
 }
 MODEL_FILE_KEYS: tuple[str, ...] = ("transformer", "vae", "clip_l", "t5xxl")
-# Exit status of the parse-with-checkout child when sd-scripts (or its dependencies) cannot be imported.
-NOT_IMPORTABLE_EXIT = 86
-_PARSE_WITH_CHECKOUT_CODE = f"""
-import sys
-sys.argv[0] = "flux_train_network.py"  # argparse names the program after it in its messages
-sys.path.insert(0, ".")
-try:
-    import flux_train_network
-except Exception as error:
-    print(f"flux_train_network not importable: {{error!r}}", file=sys.stderr)
-    sys.exit({NOT_IMPORTABLE_EXIT})
-flux_train_network.setup_parser().parse_args(sys.argv[1:])
-"""
+# Timestep samplings that read --discrete_flow_shift: shift directly, sigma through the noise scheduler's shift.
+FLOW_SHIFT_SAMPLINGS = (TimestepSampling.shift, TimestepSampling.sigma)
+HUBER_LOSSES = (LossType.huber, LossType.smooth_l1)
+# Tokenizer folders sd-scripts looks for under --tokenizer_cache_dir before it asks the hub (strategy_base.py:54-71).
+TOKENIZER_FOLDERS: tuple[str, ...] = ("openai_clip-vit-large-patch14", "google_t5-v1_1-xxl")
+# Runs sd-scripts' own pre-training checks in engine.python (standard library on our side).
+PREFLIGHT_JOB = Path(__file__).with_name("sd_scripts_preflight_job.py")
+PREFLIGHT_MARKER = "FLUX_LORA_PREFLIGHT_VERDICT "  # same as sd_scripts_preflight_job.VERDICT_MARKER
 
 
 @dataclass(frozen=True)
@@ -126,6 +122,15 @@ def unapplied_flux_options(run: RunConfig) -> dict[str, str]:
         unapplied["profile.min_snr_gamma"] = (
             "sd-scripts' FLUX trainer returns the loss unweighted (post_process_loss, flux_train_network.py:436-437);"
             " engine=native applies it"
+        )
+    if run.profile.discrete_flow_shift != 1.0 and run.profile.timestep_sampling not in FLOW_SHIFT_SAMPLINGS:
+        unapplied["profile.discrete_flow_shift"] = (
+            f"read only by timestep_sampling=shift and by the default sigma sampling's scheduler (flux_train_utils.py:486-499,"
+            f" flux_train_network.py:302), not by {run.profile.timestep_sampling.value}"
+        )
+    if run.profile.huber_schedule != HuberSchedule.snr and run.profile.loss_type not in HUBER_LOSSES:
+        unapplied["profile.huber_schedule"] = (
+            f"read only with loss_type huber or smooth_l1 (train_util.py:6111-6112), not {run.profile.loss_type.value}"
         )
     if run.gpu.cpu_offload_checkpointing and not run.profile.gradient_checkpointing:
         unapplied["gpu.cpu_offload_checkpointing"] = (
@@ -197,9 +202,18 @@ def has_sample_prompts(run: RunConfig) -> bool:
     return bool(run.dataset.sample_prompts) and run.profile.sample_every_n_steps > 0
 
 
+def resume_of(run: RunConfig) -> Optional[ResumePlan]:
+    """The resume plan when launch.resume_from names a readable state; None otherwise (the check reports why)."""
+    state = run.launch.resume_from
+    if not state or resume_problem(Path(_absolute(state)), run.profile.max_train_steps, run.profile.lr_scheduler.value):
+        return None
+    return plan_resume(Path(_absolute(state)), run.profile.max_train_steps)
+
+
 def render_sd_scripts_args(run: RunConfig, run_dir: Path, unapplied: dict[str, str]) -> list[str]:
     """The arguments of flux_train_network.py (without the script path) for a frozen run."""
     p, gpu, model, engine = run.profile, run.gpu, run.model, run.engine
+    resume = resume_of(run)
     run_dir = Path(run_dir).absolute()
     a = _Argv(unapplied)
 
@@ -225,10 +239,13 @@ def render_sd_scripts_args(run: RunConfig, run_dir: Path, unapplied: dict[str, s
     a.value("--optimizer_args", *optimizer_args(run))
     a.value("--learning_rate", float(p.learning_rate))
     a.value("--lr_scheduler", p.lr_scheduler)
-    a.value("--lr_warmup_steps", p.lr_warmup_steps)
+    # sd-scripts scales the schedule's total by the process count but not the warmup, and accelerate steps the
+    # scheduler once per process (train_util.py:5274-5277): warmup is given in scheduler steps so it ends at
+    # optimizer step lr_warmup_steps on any number of GPUs, as in the native engine.
+    a.value("--lr_warmup_steps", p.lr_warmup_steps * gpu.num_gpus)
     if p.lr_scheduler == LrScheduler.cosine_with_restarts:
         a.value("--lr_scheduler_num_cycles", p.lr_scheduler_num_cycles)
-    a.value("--max_train_steps", p.max_train_steps)
+    a.value("--max_train_steps", resume.remaining_steps if resume else p.max_train_steps)
     a.value("--gradient_accumulation_steps", gpu.gradient_accumulation_steps)
     # Batch size lives here, not in dataset.toml: datasets fall back to it (config_util.py), and
     # train_network.py:985,1183 read only this flag for the logged total batch and ss_batch_size_per_device.
@@ -238,11 +255,13 @@ def render_sd_scripts_args(run: RunConfig, run_dir: Path, unapplied: dict[str, s
 
     # Loss and flow-matching recipe.
     a.value("--loss_type", p.loss_type)
-    a.value("--huber_schedule", p.huber_schedule)
+    if p.loss_type in HUBER_LOSSES:
+        a.value("--huber_schedule", p.huber_schedule)
     a.value("--guidance_scale", float(p.guidance_scale))
     a.value("--timestep_sampling", p.timestep_sampling)
     a.value("--sigmoid_scale", float(p.sigmoid_scale))
-    a.value("--discrete_flow_shift", float(p.discrete_flow_shift))
+    if p.timestep_sampling in FLOW_SHIFT_SAMPLINGS:
+        a.value("--discrete_flow_shift", float(p.discrete_flow_shift))
     a.value("--model_prediction_type", p.model_prediction_type)
 
     # Precision and memory.
@@ -270,7 +289,7 @@ def render_sd_scripts_args(run: RunConfig, run_dir: Path, unapplied: dict[str, s
     if has_sample_prompts(run):
         a.value("--sample_prompts", run_dir / SAMPLE_PROMPTS)
         a.value("--sample_every_n_steps", p.sample_every_n_steps)
-    a.value("--output_dir", run_dir / "output")
+    a.value("--output_dir", run_dir / "output" / resume.attempt_output if resume else run_dir / "output")
     a.value("--output_name", run.launch.output_name)
     a.value("--save_model_as", "safetensors")
     if p.save_every_n_steps > 0:
@@ -279,16 +298,23 @@ def render_sd_scripts_args(run: RunConfig, run_dir: Path, unapplied: dict[str, s
     a.value("--log_with", "tensorboard")
     a.value("--logging_dir", run_dir / "logs")
 
-    if run.launch.resume_from:
-        a.value("--resume", _absolute(run.launch.resume_from))
-        # Without it global_step restarts at 0: step-named checkpoints and logs restart (issues #1999, #2171).
-        a.switch("--skip_until_initial_step", True)
+    if resume:
+        # See sd_scripts_resume.py: never --skip_until_initial_step (wrong with accumulation > 1, #2407).
+        a.value("--resume", resume.state_dir)
+        a.value("--initial_step", 0)
+        a.value("--log_prefix", resume.log_prefix)
     return a.tokens
 
 
-def render_dataset_toml(run: RunConfig) -> str:
-    """The `--dataset_config` TOML; every key is one sd-scripts' strict dataset schema accepts."""
+def render_dataset_toml(run: RunConfig, subsets: Optional[list[tuple[Path, int]]] = None) -> str:
+    """The `--dataset_config` TOML; every key is one sd-scripts' strict dataset schema accepts.
+
+    `subsets` are (folder, num_repeats) of the training set's view (sd_scripts_dataset.py); without one
+    (a dry run without a dataset) the dataset folder itself is the one subset.
+    """
     p, ds = run.profile, run.dataset
+    if subsets is None:
+        subsets = [(Path(_absolute(ds.path)), ds.num_repeats)]
     general: dict[str, object] = {"caption_extension": ds.caption_extension, "shuffle_caption": p.shuffle_caption}
     if p.shuffle_caption:
         general["keep_tokens"] = 1  # captions start with the trigger: keep it in front when shuffling
@@ -302,7 +328,9 @@ def render_dataset_toml(run: RunConfig) -> str:
         "bucket_reso_steps": ds.bucket_reso_steps,
         # Small photos are upscaled to their bucket (sd-scripts' default), so every step trains at profile.resolution.
         "bucket_no_upscale": False,
-        "subsets": [{"image_dir": _absolute(ds.path), "class_tokens": ds.class_tokens, "num_repeats": ds.num_repeats}],
+        "subsets": [
+            {"image_dir": str(folder), "class_tokens": ds.class_tokens, "num_repeats": repeats} for folder, repeats in subsets
+        ],
     }
     return tomli_w.dumps({"general": general, "datasets": [dataset]})
 
@@ -399,23 +427,39 @@ def check_args_against_reference(
     return problems
 
 
-def parse_with_checkout(argv: list[str], sd_scripts_dir: str | Path, timeout_s: float = 300.0) -> list[str]:
-    """Parse the argv with the checkout's own parser in a child process; [] if it parses or cannot be imported."""
+@dataclass(frozen=True)
+class PreflightVerdict:
+    """What sd-scripts' own checks said: passed, failed (with the first problem) or skipped (and why)."""
+
+    state: str
+    problem: Optional[str] = None
+    steps: tuple[str, ...] = ()
+    python: Optional[str] = None
+
+    def record(self) -> dict[str, object]:
+        return {"state": self.state, "problem": self.problem, "steps": list(self.steps), "python": self.python}
+
+
+def engine_preflight(argv: list[str], sd_scripts_dir: str | Path, python: Optional[str] = None,
+                     timeout_s: float = 600.0) -> PreflightVerdict:
+    """Run sd-scripts' checks on the argv in the interpreter that will train (engine.python), in the checkout."""
     checkout = Path(sd_scripts_dir)
+    interpreter = python or sys.executable
     if not (checkout / SCRIPT_NAME).is_file():
-        return []
-    command = [sys.executable, "-c", _PARSE_WITH_CHECKOUT_CODE, *argv]
+        return PreflightVerdict("skipped", f"no {SCRIPT_NAME} in {checkout} (engine.sd_scripts_dir)", python=interpreter)
+    command = [interpreter, str(PREFLIGHT_JOB), *argv]
     try:
         done = subprocess.run(command, cwd=checkout, capture_output=True, text=True, timeout=timeout_s)
+    except FileNotFoundError:
+        return PreflightVerdict("failed", f"engine.python={interpreter}: no such interpreter; set engine.python to sd-scripts' venv python", python=interpreter)
     except subprocess.TimeoutExpired:
-        return [f"sd-scripts parser at {checkout} did not finish in {timeout_s:.0f} s"]
-    if done.returncode == NOT_IMPORTABLE_EXIT:
-        log.info("skipped parsing with the sd-scripts checkout: %s", done.stderr.strip().splitlines()[-1:])
-        return []
-    if done.returncode != 0:
-        errors = [line for line in done.stderr.splitlines() if "error:" in line] or done.stderr.splitlines()[-3:]
-        return [f"sd-scripts parser at {checkout}: {line.strip()}" for line in errors]
-    return []
+        return PreflightVerdict("failed", f"sd-scripts checks at {checkout} did not finish in {timeout_s:.0f} s", python=interpreter)
+    verdicts = [line[len(PREFLIGHT_MARKER):] for line in done.stdout.splitlines() if line.startswith(PREFLIGHT_MARKER)]
+    if not verdicts:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return PreflightVerdict("failed", f"sd-scripts checks in {interpreter} ended without a verdict (exit {done.returncode}): {last}", python=interpreter)
+    data = json.loads(verdicts[-1])
+    return PreflightVerdict(data["state"], data.get("problem"), tuple(data.get("steps", ())), python=interpreter)
 
 
 # ---------------------------------------------------------------- checkout and version
@@ -477,8 +521,27 @@ def commit_warning(run: RunConfig) -> Optional[str]:
     return None
 
 
+def tokenizer_cache_problem(run: RunConfig) -> Optional[str]:
+    """sd-scripts asks the hub for CLIP-L's and T5's tokenizers unless both folders are in tokenizer_cache_dir."""
+    cache = run.engine.tokenizer_cache_dir
+    missing = [name for name in TOKENIZER_FOLDERS if not cache or not (Path(cache).expanduser() / name).is_dir()]
+    if not missing:
+        return None
+    return (
+        f"engine.tokenizer_cache_dir={cache or '(unset)'}: lacks {', '.join(missing)}, so sd-scripts downloads them "
+        "from the Hugging Face hub (fails offline); copy both tokenizer folders there (README: Docker)"
+    )
+
+
+def is_offline() -> bool:
+    return any(os.environ.get(name, "").lower() in ("1", "true", "yes") for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
 def missing_requirements(run: RunConfig) -> list[str]:
     missing: list[str] = []
+    tokenizers = tokenizer_cache_problem(run)
+    if tokenizers and is_offline():
+        missing.append(tokenizers)
     if not has_checkout(run):
         where = run.engine.sd_scripts_dir or "(unset)"
         missing.append(
@@ -518,21 +581,39 @@ class SdScriptsEngine:
         run_dir = Path(run_dir).absolute()
         checkout = checkout_dir(run)
         script = str((checkout or Path(UNSET_CHECKOUT)) / SCRIPT_NAME)
-        files = {DATASET_TOML: render_dataset_toml(run)}
+        subsets = None
+        if (run_dir / TRAINING_SET_FILE).is_file():
+            training_set = TrainingSet.read_json(run_dir / TRAINING_SET_FILE)
+            view = build_dataset_view(training_set, Path(_absolute(run.paths.cache)), run.dataset.caption_extension)
+            subsets = view_subsets(view, training_set)
+        files = {DATASET_TOML: render_dataset_toml(run, subsets)}
         if has_sample_prompts(run):
             files[SAMPLE_PROMPTS] = render_sample_prompts(run)
         args = render_sd_scripts_args(run, run_dir, unapplied)
         return EngineInputs(script_argv=[script, *args], files=files, env={}, cwd=str(checkout or run_dir))
 
     def warnings(self, run: RunConfig) -> list[str]:
-        warning = commit_warning(run)
-        return [warning] if warning else []
+        found = [commit_warning(run)]
+        if not is_offline():
+            found.append(tokenizer_cache_problem(run))
+        return [w for w in found if w]
 
     def check_inputs(self, run: RunConfig, inputs: EngineInputs) -> list[str]:
-        """Checks before launch: the reference option table always, the checkout's real parser when importable."""
-        args = inputs.script_argv[1:]
-        problems = check_args_against_reference(args)
-        checkout = checkout_dir(run)
-        if not problems and checkout is not None:
-            problems = parse_with_checkout(args, checkout)
+        """The argv against the pinned parser's option table, and a resume that sd-scripts cannot continue."""
+        problems = check_args_against_reference(inputs.script_argv[1:])
+        if run.launch.resume_from:
+            problem = resume_problem(Path(_absolute(run.launch.resume_from)), run.profile.max_train_steps, run.profile.lr_scheduler.value)
+            if problem:
+                problems.append(problem)
         return problems
+
+    def preflight(self, run: RunConfig, inputs: EngineInputs) -> dict[str, object]:
+        """sd-scripts' own pre-training checks, in engine.python; recorded in run.json whatever the outcome."""
+        checkout = checkout_dir(run)
+        if checkout is None:
+            return PreflightVerdict("skipped", "engine.sd_scripts_dir is not set").record()
+        return engine_preflight(inputs.script_argv[1:], checkout, run.engine.python).record()
+
+    def finish_attempt(self, run: RunConfig, run_dir: Path) -> list[str]:
+        """After the job: a resumed attempt's files move into output/ under their true step numbers."""
+        return adopt_resumed_outputs(Path(run_dir) / "output", run.launch.output_name)

@@ -1,15 +1,18 @@
 """Stand-in for kohya-ss sd-scripts' flux_train_network.py, for tests that cannot train FLUX.
 
 It parses the command line with a parser built from the pinned parser's option table (the packaged
-sd_scripts_flux_args.json), checks the run-directory files it is given, and writes what sd-scripts
-would write, under sd-scripts' names: step and final LoRA files (kohya keys, ss_* metadata), state
-folders with train_state.json, and a TensorBoard run. Nothing is trained: the loss is made up.
+sd_scripts_flux_args.json), finds the images the way sd-scripts does (one folder per subset, no
+recursion), counts epochs, optimizer steps and resumed steps with sd-scripts' own arithmetic
+(including its --skip_until_initial_step bug), and writes what sd-scripts would write, under its
+names: step and final LoRA files (kohya keys, ss_* metadata), state folders with train_state.json,
+and a TensorBoard run. Nothing is trained: the loss is made up.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -42,15 +45,28 @@ def setup_parser() -> argparse.ArgumentParser:
 
 
 def check_run_files(args: argparse.Namespace) -> None:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    dataset = tomllib.loads(Path(args.dataset_config).read_text(encoding="utf-8"))
-    for subset in dataset["datasets"][0]["subsets"]:
-        assert Path(subset["image_dir"]).is_dir(), f"image_dir {subset['image_dir']} is not a directory"
     if args.sample_prompts:
         assert Path(args.sample_prompts).is_file(), f"sample prompts {args.sample_prompts} missing"
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def dataset_subsets(args: argparse.Namespace) -> list[tuple[Path, int]]:
+    import tomllib
+
+    dataset = tomllib.loads(Path(args.dataset_config).read_text(encoding="utf-8"))
+    return [(Path(s["image_dir"]), int(s.get("num_repeats", 1))) for d in dataset["datasets"] for s in d["subsets"]]
+
+
+def batches_per_epoch(args: argparse.Namespace) -> int:
+    """len(train_dataloader): like sd-scripts, each subset folder is read WITHOUT recursion and hidden files are
+    skipped (glob "*.ext"); bucketing is left out (one bucket), so this is exact for a single-bucket dataset."""
+    images = 0
+    for folder, repeats in dataset_subsets(args):
+        found = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")] if folder.is_dir() else []
+        images += len(found) * repeats
+    return math.ceil(images / args.train_batch_size)
 
 
 def save_lora(path: Path, args: argparse.Namespace, step: int) -> None:
@@ -89,41 +105,113 @@ def save_state(state_dir: Path, step: int) -> None:
     (state_dir / "train_state.json").write_text(json.dumps({"current_epoch": 1, "current_step": step}))
 
 
-def first_step(args: argparse.Namespace) -> int:
-    # sd-scripts restarts global_step at 0 on --resume unless --skip_until_initial_step is given.
-    if not args.resume or not args.skip_until_initial_step:
-        return 0
-    return json.loads((Path(args.resume) / "train_state.json").read_text())["current_step"]
+def resume_arithmetic(args: argparse.Namespace, steps_from_state: int | None, loader_len: int) -> tuple[int, int, int]:
+    """(epoch_to_start, initial micro-batches to skip, starting global_step), as train_network.py:1232-1273 and
+    1340-1344 compute them at the pinned commit, including the --skip_until_initial_step bug with accumulation > 1."""
+    accumulation = args.gradient_accumulation_steps
+    updates_per_epoch = math.ceil(loader_len / accumulation)
+    initial_step = 0
+    if args.initial_epoch is not None or args.initial_step is not None:
+        if args.initial_step is not None:
+            initial_step = args.initial_step
+        else:
+            initial_step = (args.initial_epoch - 1) * updates_per_epoch
+    elif steps_from_state is not None:
+        initial_step = steps_from_state
+    if initial_step > 0:
+        assert args.max_train_steps > initial_step, f"max_train_steps should be greater than initial step: {args.max_train_steps} vs {initial_step}"
+    epoch_to_start = 0
+    if initial_step > 0:
+        if args.skip_until_initial_step:
+            initial_step *= accumulation  # micro-batches ...
+            epoch_to_start = initial_step // updates_per_epoch  # ... divided by optimizer steps per epoch (#2407)
+        else:
+            epoch_to_start = initial_step // updates_per_epoch
+            initial_step = 0
+    global_step = 0
+    if initial_step > 0:
+        for _ in range(epoch_to_start):
+            initial_step -= loader_len
+        global_step = initial_step
+    return epoch_to_start, initial_step, global_step
 
 
 def main() -> None:
     args = setup_parser().parse_args()
     check_run_files(args)
+    loader_len = batches_per_epoch(args)
+    if loader_len == 0:
+        # sd-scripts logs this and returns: exit code 0 with nothing trained (train_network.py:575-579).
+        print("No data found. Please verify arguments (train_data_dir must be the parent of folders with images)", flush=True)
+        return
     from torch.utils.tensorboard import SummaryWriter
 
     output_dir, name = Path(args.output_dir), args.output_name or "last"
     output_dir.mkdir(parents=True, exist_ok=True)
+    steps_from_state = None
+    if args.resume:
+        steps_from_state = json.loads((Path(args.resume) / "train_state.json").read_text())["current_step"]
+        print(f"load train state from {args.resume}: current_step {steps_from_state}", flush=True)
+    epoch_to_start, initial_step, global_step = resume_arithmetic(args, steps_from_state, loader_len)
+    print(f"resume arithmetic: epoch_to_start={epoch_to_start} initial_step={initial_step} global_step={global_step}", flush=True)
+    accumulation = args.gradient_accumulation_steps
+    num_train_epochs = math.ceil(args.max_train_steps / math.ceil(loader_len / accumulation))
     log_dir = Path(args.logging_dir) / f"{args.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}" / "network_train"
     writer = SummaryWriter(str(log_dir)) if args.log_with in ("tensorboard", "all") else None
     losses: list[float] = []
-    for step in range(first_step(args) + 1, args.max_train_steps + 1):
-        loss = 0.5 / (1.0 + 0.05 * step)  # made up and decreasing: nothing is trained
-        losses.append(loss)
-        if writer is not None:
-            writer.add_scalar("loss/current", loss, step)
-            writer.add_scalar("loss/average", sum(losses) / len(losses), step)
-            writer.add_scalar("lr/unet", args.learning_rate, step)
-        print(f"steps: {step}/{args.max_train_steps} loss={loss:.4f}", flush=True)
-        if args.save_every_n_steps and step % args.save_every_n_steps == 0:
-            save_lora(output_dir / f"{name}-step{step:08d}.safetensors", args, step)
-            if args.save_state:
-                save_state(output_dir / f"{name}-step{step:08d}-state", step)
+    trained = 0
+    current_step = global_step
+    for epoch in range(epoch_to_start, num_train_epochs):
+        skip = 0
+        if initial_step > 0:
+            skip, initial_step = initial_step, 0
+        accumulated = 0
+        for micro in range(loader_len):
+            current_step = global_step
+            if micro < skip:
+                continue
+            # accelerate syncs (an optimizer step) every `accumulation` batches and at the end of the dataloader
+            accumulated += 1
+            if accumulated % accumulation and micro + 1 != loader_len:
+                continue
+            accumulated = 0
+            global_step += 1
+            trained += 1
+            loss = 0.5 / (1.0 + 0.05 * global_step)  # made up and decreasing: nothing is trained
+            losses.append(loss)
+            if writer is not None:
+                writer.add_scalar("loss/current", loss, global_step)
+                writer.add_scalar("loss/average", sum(losses) / len(losses), global_step)
+                writer.add_scalar("lr/unet", args.learning_rate, global_step)
+            print(f"steps: {global_step}/{args.max_train_steps} loss={loss:.4f}", flush=True)
+            if args.save_every_n_steps and global_step % args.save_every_n_steps == 0:
+                save_lora(output_dir / f"{name}-step{global_step:08d}.safetensors", args, global_step)
+                if args.save_state:
+                    save_state(output_dir / f"{name}-step{global_step:08d}-state", global_step)
+            if global_step >= args.max_train_steps:
+                break
+        if global_step >= args.max_train_steps:
+            break
     if writer is not None:
         writer.close()
-    save_lora(output_dir / f"{name}.safetensors", args, args.max_train_steps)
+    print(f"trained {trained} optimizer steps", flush=True)
+    save_lora(output_dir / f"{name}.safetensors", args, global_step)
     if args.save_state or args.save_state_on_train_end:
-        save_state(output_dir / f"{name}-state", args.max_train_steps)
+        save_state(output_dir / f"{name}-state", current_step + 1)  # sd-scripts writes current_step + 1 (train_network.py:948)
     print(f"model saved: {output_dir / f'{name}.safetensors'}", flush=True)
+
+
+class FluxNetworkTrainer:
+    """The pre-training checks of FluxNetworkTrainer that the launcher's engine preflight runs."""
+
+    def get_latents_caching_strategy(self, args: argparse.Namespace) -> str:
+        return "flux latents"
+
+    def assert_extra_args(self, args: argparse.Namespace, train_dataset_group, val_dataset_group) -> None:
+        # The base trainer's check comes first (train_network.py:175), then FLUX's own (flux_train_network.py:95).
+        train_dataset_group.verify_bucket_reso_steps(64)
+        train_dataset_group.verify_bucket_reso_steps(32)
+        assert not (args.blocks_to_swap and args.cpu_offload_checkpointing), "blocks_to_swap is not supported with cpu_offload_checkpointing"
 
 
 if __name__ == "__main__":

@@ -30,12 +30,12 @@ from flux_lora.engines.sd_scripts import (
     commit_warning,
     load_reference_options,
     reference_commit,
-    parse_with_checkout,
     render_dataset_toml,
     render_sample_prompts,
     split_flags,
 )
 from flux_lora.schema import RunConfig
+from tests.engines.native.native_tiny_run import make_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED_REFERENCE = REPO.parent / "shared" / "reference" / "sd_scripts_flux_args.json"
@@ -204,8 +204,14 @@ def test_run_directory_paths_resume_and_data_loader(tmp_path):
     assert got["--tokenizer_cache_dir"] == [str(REPO / "models" / "tokenizer_cache")]
     assert "--resume" not in got and "--skip_until_initial_step" not in got
     state = tmp_path / "flux-lora-step00000500-state"
+    state.mkdir()
+    (state / "train_state.json").write_text('{"current_epoch": 3, "current_step": 500}')
     resumed = flags(render_args(compose_run("profile=fast", "gpu=h100", f"launch.resume_from={state}")))
-    assert resumed["--resume"] == [str(state)] and "--skip_until_initial_step" in resumed
+    # Never the skip flag (wrong with accumulation > 1); the remaining 1000 of 1500 steps in a folder of their own.
+    assert resumed["--resume"] == [str(state)] and "--skip_until_initial_step" not in resumed
+    assert resumed["--initial_step"] == ["0"] and resumed["--max_train_steps"] == ["1000"]
+    assert resumed["--output_dir"] == [str(RUN_DIR / "output" / "resumed-from-step00000500")]
+    assert resumed["--log_prefix"] == ["from-step00000500-"]
     smoke = flags(render_args(compose_run("profile=smoke", "gpu=h100")))
     assert smoke["--max_data_loader_n_workers"] == ["0"] and "--persistent_data_loader_workers" not in smoke
 
@@ -276,22 +282,6 @@ def fake_checkout(root: Path, body: str | None = None) -> Path:
     return root
 
 
-def test_parse_with_checkout_runs_the_checkouts_parser(tmp_path):
-    checkout = fake_checkout(tmp_path / "sd-scripts")
-    argv = render_args(compose_run("profile=final", "gpu=rtx4090", "ablation=a8_all"))
-    assert parse_with_checkout(argv, checkout) == []
-    problems = parse_with_checkout([*argv, "--mixed_precision", "fp32"], checkout)
-    assert len(problems) == 1 and "--mixed_precision: invalid choice: 'fp32'" in problems[0]
-    unknown = parse_with_checkout([*argv, "--noise_offsett", "1"], checkout)
-    assert "unrecognized arguments: --noise_offsett" in unknown[0]
-
-
-def test_parse_with_checkout_skips_without_an_importable_checkout(tmp_path):
-    assert parse_with_checkout(["--bogus"], tmp_path / "nowhere") == []
-    broken = fake_checkout(tmp_path / "broken", body="import module_sd_scripts_needs_but_is_absent\n")
-    assert parse_with_checkout(["--bogus"], broken) == []
-
-
 def git_checkout(root: Path) -> str:
     fake_checkout(root)
     git = ["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
@@ -337,7 +327,7 @@ def test_missing_requirements_name_the_key_to_fix(tmp_path):
 
 def test_standin_writes_what_sd_scripts_writes(tmp_path):
     """The stand-in itself (run with python, not accelerate): sd-scripts' output names and a TensorBoard run."""
-    (tmp_path / "images").mkdir()
+    make_dataset(tmp_path / "images", count=2)
     run = compose_run(
         "profile=smoke", "gpu=h100", f"dataset.path={tmp_path / 'images'}",
         "profile.max_train_steps=30", "profile.save_every_n_steps=15",

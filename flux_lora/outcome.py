@@ -1,0 +1,70 @@
+"""What a finished job's artefacts say: did it train every step into a LoRA with a finite loss?
+
+An exit code of 0 proves nothing (sd-scripts returns 0 after "No data found", after a resume that
+skipped every step, and with a NaN loss). A run succeeded only when the job exited 0, the final
+LoRA file exists, the last recorded optimizer step is max_train_steps, and no recorded loss is
+NaN or infinite. Steps come from the TensorBoard events both engines write (a resumed sd-scripts
+attempt logs under a `from-stepNNNNNNNN-` folder, counted from that step).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from flux_lora.engines.sd_scripts_resume import log_step_offset
+
+LOSS_TAG = "loss/current"
+
+
+@dataclass(frozen=True)
+class TrainingEvidence:
+    lora_path: Path
+    lora_exists: bool
+    last_step: Optional[int]  # highest optimizer step with a recorded loss; None when nothing was logged
+    nonfinite_step: Optional[int]  # first step whose loss was NaN or infinite
+
+
+def scalar_series(logging_dir: Path, tag: str) -> list[tuple[int, float, float]]:
+    """(true step, value, wall time) of a TensorBoard scalar over every event folder under logging_dir, by step."""
+    if not Path(logging_dir).is_dir():
+        return []
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    points: list[tuple[int, float, float]] = []
+    for folder in sorted({events.parent for events in Path(logging_dir).rglob("events.out.tfevents.*")}):
+        relative = folder.relative_to(logging_dir)
+        offset = log_step_offset(relative.parts[0]) if relative.parts else 0
+        accumulator = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        if tag in accumulator.Tags().get("scalars", []):
+            points += [(e.step + offset, float(e.value), e.wall_time) for e in accumulator.Scalars(tag)]
+    return sorted(points, key=lambda point: (point[0], point[2]))
+
+
+def gather_evidence(run_dir: Path, output_name: str) -> TrainingEvidence:
+    run_dir = Path(run_dir)
+    lora = run_dir / "output" / f"{output_name}.safetensors"
+    losses = scalar_series(run_dir / "logs", LOSS_TAG)
+    nonfinite = next((step for step, value, _ in losses if not math.isfinite(value)), None)
+    return TrainingEvidence(
+        lora_path=lora,
+        lora_exists=lora.is_file() and lora.stat().st_size > 0,
+        last_step=max((step for step, _, _ in losses), default=None),
+        nonfinite_step=nonfinite,
+    )
+
+
+def training_shortfall(evidence: TrainingEvidence, max_train_steps: int) -> Optional[str]:
+    """Why a job that exited 0 did not train what was asked; None when it did."""
+    if evidence.nonfinite_step is not None:
+        return f"exited 0 but the loss became NaN/inf at step {evidence.nonfinite_step}"
+    gaps = []
+    trained = evidence.last_step or 0
+    if trained != max_train_steps:
+        gaps.append(f"trained {trained} of {max_train_steps} steps")
+    if not evidence.lora_exists:
+        gaps.append(f"wrote no LoRA ({evidence.lora_path.name} missing)")
+    return f"exited 0 but {' and '.join(gaps)}" if gaps else None

@@ -1,0 +1,45 @@
+"""sd-scripts checkouts for tests: the real one when the machine has it, the stand-in otherwise.
+
+A real checkout at the pinned commit is used when SD_SCRIPTS_DIR names it and SD_SCRIPTS_PYTHON names
+the interpreter of its own venv (sd-scripts' requirements); CI has neither, so it gets the stand-in:
+tests/engines/sd_scripts_standin.py as flux_train_network.py plus stand-ins of the `library` modules
+that sd-scripts' pre-training checks use. Tests say which ran (`Checkout.kind`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+HERE = Path(__file__).resolve().parent
+STANDIN = HERE / "sd_scripts_standin.py"
+STANDIN_LIBRARY = HERE / "sd_scripts_standin_library" / "library"
+
+
+@dataclass(frozen=True)
+class Checkout:
+    path: Path
+    python: str
+    kind: str  # "real" or "stand-in"
+
+
+def standin_checkout(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(STANDIN, root / "flux_train_network.py")
+    shutil.copytree(STANDIN_LIBRARY, root / "library", dirs_exist_ok=True)
+    return root
+
+
+def real_checkout() -> Optional[Checkout]:
+    path, python = os.environ.get("SD_SCRIPTS_DIR"), os.environ.get("SD_SCRIPTS_PYTHON")
+    if path and python and (Path(path) / "flux_train_network.py").is_file() and Path(python).is_file():
+        return Checkout(Path(path), python, "real")
+    return None
+
+
+def checkout_for_tests(root: Path) -> Checkout:
+    return real_checkout() or Checkout(standin_checkout(root), sys.executable, "stand-in")
