@@ -182,6 +182,13 @@ class NativeEngine:
             cwd=str(PROJECT_ROOT),
         )
 
+    def preflight(self, run: RunConfig, inputs: EngineInputs) -> dict[str, object]:
+        # The job's inputs are built and checked in this process (schema, rules, training set): nothing else to run.
+        return {"state": "skipped", "problem": "engine=native: its inputs are checked by the launcher itself", "steps": []}
+
+    def finish_attempt(self, run: RunConfig, run_dir: Path) -> list[str]:
+        return []  # the native job names its files by the true step itself
+
     def check_inputs(self, run: RunConfig, inputs: EngineInputs) -> list[str]:
         """The frozen JSON must read back into exactly the config it was made from."""
         text = inputs.files.get(CONFIG_FILE)
