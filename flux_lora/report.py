@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from rich.console import Console
@@ -31,12 +32,21 @@ class RunRow:
     final_loss: Optional[float]
     peak_memory_gb: Optional[float]
     note: str
+    images_seen: Optional[int] = None  # max_train_steps x batch x accumulation x GPUs: the cell's compute
+    step_basis: str = ""
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
+        return {}
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
         return {}
 
 
@@ -58,7 +68,15 @@ def read_run(run_dir: Path) -> RunRow:
     note = status.get("reason") or ""
     if state == "refused":
         note = run.get("refusal") or "; ".join(run.get("errors", [])) or note
+    config = _read_yaml(run_dir / "config.yaml")
+    profile, gpu, ablation = config.get("profile", {}), config.get("gpu", {}), config.get("ablation", {})
+    try:
+        images_seen = profile["max_train_steps"] * gpu["batch_size"] * gpu["gradient_accumulation_steps"] * gpu["num_gpus"]
+    except (KeyError, TypeError):
+        images_seen = None
     return RunRow(
+        images_seen=images_seen,
+        step_basis=ablation.get("step_basis", "") if ablation.get("name", "none") != "none" else "",
         run_dir=run_dir,
         name=run.get("name", run_dir.name),
         ablation=run.get("ablation", {}).get("name", ""),
@@ -84,12 +102,15 @@ def _fmt(value: Optional[float], spec: str) -> str:
 def print_summary(rows: list[RunRow], title: str, console: Optional[Console] = None) -> None:
     # Piped output (logs, SLURM) gets a wide table instead of rich's 80-column default.
     console = console or Console(width=None if sys.stdout.isatty() else 200)
+    bases = sorted({r.step_basis for r in rows if r.step_basis})
+    if bases:  # the comparison basis of accumulating cells (ablation.step_basis) belongs with the numbers
+        title = f"{title} (ablation.step_basis={', '.join(bases)})"
     table = Table(title=title)
-    for column in ("run", "ablation", "state", "run id", "time s", "final avg loss", "peak GB", "note"):
+    for column in ("run", "ablation", "state", "run id", "images seen", "time s", "final avg loss", "peak GB", "note"):
         table.add_column(column, overflow="fold")
     for r in rows:
         table.add_row(
-            r.run_dir.name, r.ablation, r.state, r.run_id, _fmt(r.duration_s, ".1f"),
+            r.run_dir.name, r.ablation, r.state, r.run_id, "-" if r.images_seen is None else str(r.images_seen), _fmt(r.duration_s, ".1f"),
             _fmt(r.final_loss, ".4f"), _fmt(r.peak_memory_gb, ".2f"), r.note,
         )  # fmt: skip
     console.print(table)

@@ -184,3 +184,59 @@ def test_local_config_selects_the_real_setup_and_the_command_line_still_wins(tmp
     assert local["model"]["transformer"] == "/models/flux1-dev.safetensors"
     assert local["dataset"]["path"] == "/data/subject"
     assert (chosen["profile"]["name"], chosen["gpu"]["name"], chosen["model"]["name"]) == ("final", "h200", "flux_dev")
+
+
+def test_key_added_with_plus_is_refused_by_the_schema() -> None:
+    # `+` composes (Hydra adds the key with struct mode off); the typed run must still refuse it by name.
+    from flux_lora.compose import load_run
+
+    for override, key in [("+profile.max_steps=5", "profile.max_steps"), ("+foo=1", "foo"), ("+dataset.gate.x=1", "dataset.gate.x")]:
+        cfg = compose_config([override])
+        with pytest.raises(Exception) as info:
+            load_run(cfg)
+        assert describe_config_error(info.value).startswith(f"{key}: unknown key"), override
+
+
+@pytest.mark.parametrize("launcher", ["local", "slurm", "submitit_local"])
+def test_submitit_folder_is_inside_the_sweep_dir(launcher: str) -> None:
+    from omegaconf import OmegaConf
+
+    hydra_cfg = compose_config([f"hydra/launcher={launcher}"], with_hydra=True).hydra
+    folder = Path(OmegaConf.select(hydra_cfg, "launcher.submitit_folder"))
+    assert Path(hydra_cfg.sweep.dir) in folder.parents, folder
+    if launcher != "submitit_local":  # the plugin's own default keeps "%j", an empty folder of that name
+        assert "%j" not in str(folder)
+
+
+def test_help_shows_readme_usage_and_the_config_groups() -> None:
+    import subprocess
+    import sys
+
+    from flux_lora.compose import PROJECT_ROOT
+
+    done = subprocess.run([sys.executable, str(PROJECT_ROOT / "launch.py"), "--help"], capture_output=True, text=True, timeout=120, check=True)
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    usage = readme.split("## Usage", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    for line in filter(None, map(str.strip, usage.splitlines())):
+        assert line in done.stdout, f"README usage line missing from --help: {line}"
+    for group in GROUPS:
+        assert f"\n{group}: {', '.join(options(group))}\n" in done.stdout
+
+
+@pytest.mark.parametrize("profile", ["fast", "smoke"])
+def test_ablation_step_basis_is_declared_and_holds_images_or_updates_equal(profile: str) -> None:
+    """a3/a8 change the accumulation; the declared basis says what else follows, and nothing more changes."""
+    for basis in ("optimizer_steps", "images_seen"):
+        base = resolved_container(compose_config([f"profile={profile}", "ablation=baseline", f"ablation.step_basis={basis}"]))
+        for cell in ABLATION_CELLS:
+            cfg = resolved_container(compose_config([f"profile={profile}", f"ablation={cell}", f"ablation.step_basis={basis}"]))
+            accumulation = cfg["gpu"]["gradient_accumulation_steps"]
+            updates, base_updates = cfg["profile"]["max_train_steps"], base["profile"]["max_train_steps"]
+            images = updates * accumulation * cfg["gpu"]["batch_size"]
+            base_images = base_updates * base["gpu"]["gradient_accumulation_steps"] * base["gpu"]["batch_size"]
+            if basis == "optimizer_steps" or accumulation == 1:
+                assert updates == base_updates == 500, cell
+                assert "profile.max_train_steps" not in _diff(base, cfg), cell
+            else:  # equal images seen: a quarter of the updates, and that is the only undeclared difference
+                assert images == base_images and updates == 125, cell
+                assert _covered(_diff(base, cfg) - {"profile.max_train_steps"}, cfg["ablation"]["changes"]), cell

@@ -21,7 +21,7 @@ ComposeRun = Callable[..., RunConfig]
         ["profile=final", "gpu=a6000"],
         ["profile=final", "gpu=h100"],
         ["profile=final", "gpu=h200"],
-        ["profile=final", "gpu=h200", "engine=sd_scripts", "model=flux_dev"],
+        ["profile=final", "gpu=h200", "engine=sd_scripts", "model=flux_dev", "dataset=subject"],
         ["profile=fast", "gpu=h100", "gpu.num_gpus=8"],
     ],
 )
