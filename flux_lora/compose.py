@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from enum import Enum
 from pathlib import Path
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, Node, OmegaConf
+from omegaconf.errors import ConfigKeyError
 from rich.console import Console
 from rich.syntax import Syntax
 from rich.tree import Tree
@@ -24,11 +26,20 @@ def _run_name(*parts: object) -> str:
     return "-".join(n for n in names if n not in ("", "none"))
 
 
+def _ablation_steps(baseline_steps: int, step_basis: object, gradient_accumulation_steps: int) -> int:
+    """A cell's max_train_steps: the baseline's (accumulation 1), or fewer so it sees as many images."""
+    basis = step_basis.value if isinstance(step_basis, Enum) else str(step_basis)
+    if basis == "images_seen":
+        return max(1, round(int(baseline_steps) / int(gradient_accumulation_steps)))
+    return int(baseline_steps)
+
+
 def register() -> None:
     """Idempotent: launch.py, tests and submitit workers all call it before composing."""
     register_configs()
     OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
     OmegaConf.register_new_resolver("run_name", _run_name, replace=True)
+    OmegaConf.register_new_resolver("ablation_steps", _ablation_steps, replace=True)
 
 
 def resolved_container(cfg: DictConfig) -> dict:
@@ -36,8 +47,36 @@ def resolved_container(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
 
 
+def _container_children(node: DictConfig | ListConfig) -> list[tuple[str, Node]]:
+    if isinstance(node, DictConfig):
+        return [(str(key), node._get_node(key)) for key in node.keys()]  # type: ignore[misc]
+    return [(str(index), node._get_node(index)) for index in range(len(node))]  # type: ignore[misc]
+
+
+def raise_on_keys_outside_schema(node: DictConfig | ListConfig, skip: tuple[str, ...] = ("hydra",)) -> None:
+    """Raise ConfigKeyError (as OmegaConf does for a typo) at the first key the typed schema does not have.
+
+    Hydra applies `+key=value` with struct mode off (force_add), and OmegaConf.to_object keeps such a
+    key as a stray attribute nothing reads: `+profile.max_steps=5` would be frozen while the default
+    step count trains. `skip` names top-level keys that are not the run's (Hydra's own node).
+    """
+    object_type = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+    known = {f.name for f in dataclasses.fields(object_type)} if dataclasses.is_dataclass(object_type) else None
+    for key, child in _container_children(node):
+        if key in skip:
+            continue
+        if known is not None and key not in known:
+            node._format_and_raise(
+                key=key, value=None,
+                cause=ConfigKeyError(f"Key '{key}' not in '$OBJECT_TYPE' (a `+` override cannot add keys the schema lacks)"),
+            )  # fmt: skip
+        if isinstance(child, (DictConfig, ListConfig)) and not child._is_missing() and not child._is_none():
+            raise_on_keys_outside_schema(child, skip=())
+
+
 def load_run(cfg: DictConfig) -> RunConfig:
-    """The composed config as a typed, fully resolved `RunConfig` (enums as Enum members)."""
+    """The composed config as a typed, fully resolved `RunConfig` (enums as Enum members); refuses keys outside the schema."""
+    raise_on_keys_outside_schema(cfg)
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 
 

@@ -41,6 +41,19 @@ class ModelPredictionType(str, Enum):
     sigma_scaled = "sigma_scaled"
 
 
+class SavePrecision(str, Enum):
+    # sd-scripts' --save_precision choices, by name (float is fp32).
+    float = "float"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class MinSnrVariant(str, Enum):
+    # flow_min_snr: w = min((1-sigma)^2, gamma*sigma^2); clamp: w = min(1, gamma*sigma^2) (engines/native/flow.py).
+    flow_min_snr = "flow_min_snr"
+    clamp = "clamp"
+
+
 class MixedPrecision(str, Enum):
     no = "no"
     fp16 = "fp16"
@@ -76,6 +89,11 @@ class EngineName(str, Enum):
     sd_scripts = "sd_scripts"
 
 
+class StepBasis(str, Enum):
+    optimizer_steps = "optimizer_steps"
+    images_seen = "images_seen"
+
+
 class ModelKind(str, Enum):
     tiny = "tiny"
     flux_dev = "flux_dev"
@@ -97,6 +115,7 @@ class ProfileConfig:
     lr_scheduler_num_cycles: int = 1
     noise_offset: float = 0.0
     min_snr_gamma: Optional[float] = None
+    min_snr_variant: MinSnrVariant = MinSnrVariant.flow_min_snr
     loss_type: LossType = LossType.l2
     huber_schedule: HuberSchedule = HuberSchedule.snr
     max_grad_norm: float = 1.0
@@ -115,7 +134,7 @@ class ProfileConfig:
     caption_dropout_rate: float = 0.0
     seed: int = 42
     save_every_n_steps: int = 500
-    save_precision: str = "bf16"
+    save_precision: SavePrecision = SavePrecision.bf16
     sample_every_n_steps: int = 250
     sample_steps: int = 20
     network_module: str = "networks.lora_flux"
@@ -158,6 +177,11 @@ class AblationConfig:
     name: str = "none"
     description: str = ""
     changes: list[str] = field(default_factory=list)
+    # Optimizer steps of the baseline cell (gradient accumulation 1); the cells' step count follows step_basis.
+    baseline_steps: int = 500
+    # How a cell that accumulates gradients is compared with the baseline: at equal optimizer steps (as the
+    # recipe uses accumulation; more images and compute) or at equal images seen (equal compute, fewer updates).
+    step_basis: StepBasis = StepBasis.optimizer_steps
 
 
 @dataclass
@@ -247,6 +271,8 @@ class LaunchConfig:
     # Resume from a saved training state folder (an engine's `*-state` directory).
     resume_from: Optional[str] = None
     output_name: str = "flux-lora"
+    # Step states (`*-stepNNNNNNNN-state`) kept on disk: the newest N; 0 keeps all.
+    keep_last_states: int = 2
 
 
 @dataclass
