@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from flux_lora.compose import PROJECT_ROOT
+from tests.engines.sd_scripts_checkout import standin_checkout
 
-STANDIN = PROJECT_ROOT / "tests" / "engines" / "sd_scripts_standin.py"
 SECRET = "hf_e2e-secret-never-recorded"
 FAST_NATIVE = [
     "profile.max_train_steps=4",
@@ -87,7 +86,8 @@ def test_sd_scripts_ablation_sweep_dry_run(tmp_path: Path) -> None:
     from flux_lora.engines.sd_scripts import check_args_against_reference
 
     # A secret pasted into a config value is redacted from every snapshot file (assert_no_secret).
-    args = ["sweep=ablation", "engine=sd_scripts", "model=flux_dev", "launch.dry_run=true", f"dataset.class_tokens={SECRET}"]
+    args = ["sweep=ablation", "engine=sd_scripts", "model=flux_dev", "launch.dry_run=true", f"dataset.class_tokens={SECRET}",
+            "dataset.bucket_reso_steps=64"]  # fmt: skip
     done = launch(args, tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     dirs = run_dirs(tmp_path)
@@ -113,15 +113,15 @@ def test_sd_scripts_engine_runs_through_accelerate_with_standin(tmp_path: Path) 
     for name in ("flux1-dev.safetensors", "ae.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors"):
         (models / name).write_bytes(b"")  # placeholders: the stand-in never loads weights
     args = ["engine=sd_scripts", "model=flux_dev", f"paths.models={models}", "profile=final", "gpu=cpu",
-            "profile.resolution=256", "profile.max_train_steps=4", "profile.lr_warmup_steps=1", "profile.save_every_n_steps=2"]  # fmt: skip
-    checkout = tmp_path / "sd-scripts"
-    checkout.mkdir()
-    shutil.copy(STANDIN, checkout / "flux_train_network.py")
+            "profile.resolution=256", "profile.max_train_steps=4", "profile.lr_warmup_steps=1", "profile.save_every_n_steps=2",
+            "dataset.bucket_reso_steps=64"]  # fmt: skip
+    checkout = standin_checkout(tmp_path / "sd-scripts")
     done = launch(args, tmp_path, {"SD_SCRIPTS_DIR": str(checkout)})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (run_dir,) = run_dirs(tmp_path)
     run = assert_complete_snapshot(run_dir, ["dataset.toml", "sample_prompts.txt", "train.log"])
     assert set(run["not_applied"]) == {"profile.noise_offset", "profile.min_snr_gamma"}
+    assert run["engine_preflight"]["state"] == "passed"  # the stand-in's checks (tests/engines/sd_scripts_checkout.py)
     assert json.loads((run_dir / "status.json").read_text())["state"] == "succeeded"
     assert (run_dir / "output" / "flux-lora.safetensors").is_file()
     assert done.stdout.count("has no effect with engine=sd_scripts") == 2
