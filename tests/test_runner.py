@@ -13,7 +13,7 @@ from typing import Callable
 import pytest
 
 from flux_lora.engines.base import EngineInputs
-from flux_lora.runner import RunState, accelerate_argv, launch_run, read_status
+from flux_lora.runner import ExpectedTraining, RunState, accelerate_argv, launch_run, read_status
 from flux_lora.snapshot import LaunchCommand
 from flux_lora.schema import RunConfig
 
@@ -91,3 +91,43 @@ def test_stop_signals_are_forwarded_and_run_marked_interrupted(tmp_path: Path, j
     launcher.wait(timeout=60)
     status = read_status(tmp_path)
     assert status is not None and status.state == RunState.interrupted
+
+
+TRAINING_JOB = textwrap.dedent(
+    """
+    import math, sys
+    from pathlib import Path
+    from torch.utils.tensorboard import SummaryWriter
+
+    run_dir, steps, nan_at, write_lora = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "lora"
+    writer = SummaryWriter(str(run_dir / "logs"))
+    for step in range(1, steps + 1):
+        writer.add_scalar("loss/current", math.nan if step == nan_at else 1.0 / step, step)
+    writer.close()
+    if write_lora:
+        (run_dir / "output").mkdir(exist_ok=True)
+        (run_dir / "output" / "flux-lora.safetensors").write_bytes(b"lora bytes")
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("steps", "nan_at", "lora", "reason"),
+    [
+        (4, 0, "lora", None),
+        (0, 0, "none", "exited 0 but trained 0 of 4 steps and wrote no LoRA (flux-lora.safetensors missing)"),
+        (2, 0, "lora", "exited 0 but trained 2 of 4 steps"),
+        (4, 0, "none", "exited 0 but wrote no LoRA (flux-lora.safetensors missing)"),
+        (4, 3, "lora", "exited 0 but the loss became NaN/inf at step 3"),
+    ],
+)
+def test_exit_0_is_success_only_when_the_artefacts_show_every_step_trained(
+    tmp_path: Path, steps: int, nan_at: int, lora: str, reason: str | None
+) -> None:
+    # A plain python job (no accelerate needed to judge artefacts) writing real TensorBoard events.
+    job = tmp_path / "training_job.py"
+    job.write_text(TRAINING_JOB)
+    command = LaunchCommand([sys.executable, str(job), str(tmp_path), str(steps), str(nan_at), lora], cwd=str(tmp_path), env={})
+    status = launch_run(tmp_path, command, ExpectedTraining(max_train_steps=4, output_name="flux-lora"))
+    assert status.exit_code == 0
+    assert (status.state, status.reason) == ((RunState.succeeded, None) if reason is None else (RunState.failed, reason))
