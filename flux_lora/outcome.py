@@ -10,7 +10,8 @@ attempt logs under a `from-stepNNNNNNNN-` folder, counted from that step).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -68,3 +69,55 @@ def training_shortfall(evidence: TrainingEvidence, max_train_steps: int) -> Opti
     if not evidence.lora_exists:
         gaps.append(f"wrote no LoRA ({evidence.lora_path.name} missing)")
     return f"exited 0 but {' and '.join(gaps)}" if gaps else None
+
+
+# The job's exit status when a stop signal ended it (128 + SIGINT / SIGTERM), and when SIGKILL did.
+STOPPED_EXIT_CODES = (130, 143)
+KILLED_EXIT_CODE = 137
+# Progress lines that carry the optimizer step and the loss: sd-scripts' tqdm bar ("... 150/1500 [..., avr_loss=0.12]"),
+# its stand-in and the native engine ("steps: 3/4 loss=0.5", "step 3/4 loss 0.5").
+_PROGRESS = (
+    re.compile(r"(?P<step>\d+)/(?P<total>\d+) \[[^\]]*avr_loss=(?P<loss>[-+\w.]+)"),
+    re.compile(r"steps?:?\s+(?P<step>\d+)/(?P<total>\d+)\s+loss[=\s](?P<loss>[-+\w.]+)"),
+)
+_OUT_OF_MEMORY = re.compile(r"CUDA out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED|out of memory", re.IGNORECASE)
+_KILLED = re.compile(r"died with <Signals.SIGKILL: 9>|\bKilled\b")
+_ERROR = re.compile(r"(Error|error:|Exception|Traceback)")
+
+
+@dataclass
+class JobWatch:
+    """What the job's output says as it runs: the step reached, a non-finite loss, an out-of-memory crash."""
+
+    last_step: Optional[int] = None
+    nonfinite_step: Optional[int] = None
+    out_of_memory: Optional[str] = None
+    killed: bool = False
+    last_error: Optional[str] = None
+    stop_sent: bool = False
+    _recent: list[str] = field(default_factory=list)
+
+    def feed(self, line: str) -> bool:
+        """Read one line; True when it reported progress."""
+        text = line.strip()
+        if not text:
+            return False
+        if _OUT_OF_MEMORY.search(text) and self.out_of_memory is None:
+            self.out_of_memory = text[:200]
+        if _KILLED.search(text):
+            self.killed = True
+        if _ERROR.search(text) and not text.startswith("Traceback"):
+            self.last_error = text[:300]
+        for pattern in _PROGRESS:
+            match = pattern.search(text)
+            if match:
+                step = int(match["step"])
+                self.last_step = step
+                try:
+                    finite = math.isfinite(float(match["loss"]))
+                except ValueError:
+                    finite = True  # not a number we can read: no verdict
+                if not finite and self.nonfinite_step is None:
+                    self.nonfinite_step = step
+                return True
+        return False

@@ -1,9 +1,14 @@
-"""Launch: start the frozen run as an `accelerate launch` subprocess and record how it ended.
+"""Launch: start the frozen run as an `accelerate launch` job and record how it ended.
 
-The child gets an argument list (never a shell string); its output is streamed to the console
-and to `train.log` with secret values redacted; `status.json` says what happened. SIGINT and
-SIGTERM (Ctrl-C, SLURM's cancel or time limit) and SIGUSR2 (submitit's warning before the time limit,
-sent on as SIGTERM) are forwarded to the job, which is then marked interrupted.
+The job gets an argument list (never a shell string) and runs under flux_lora.job_guard, so it dies
+with the launcher (after a chance to save) and leaves no orphan. Its output is streamed to the
+console and to `train.log` with secret values redacted and watched for a non-finite loss (the job
+is stopped within a step of it) and out-of-memory crashes. `status.json` says what happened: the
+state comes from what the job did (its exit status, the steps it logged, the LoRA and states it
+saved), not from which signal the launcher saw. SIGINT and SIGTERM (Ctrl-C, SLURM's cancel or time
+limit) and SIGUSR2 (submitit's warning before the time limit, sent on as SIGTERM) are forwarded.
+While a job runs, status.json carries the launcher's host, pid and a heartbeat, so another launch can
+tell a live run from one whose launcher died; every attempt is appended to its `attempts`.
 """
 
 from __future__ import annotations
@@ -11,10 +16,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
@@ -23,7 +30,7 @@ from typing import Callable, Optional
 
 from flux_lora.check import CheckReport
 from flux_lora.engines.base import EngineInputs
-from flux_lora.outcome import gather_evidence, training_shortfall
+from flux_lora.outcome import KILLED_EXIT_CODE, STOPPED_EXIT_CODES, JobWatch, gather_evidence, training_shortfall
 from flux_lora.schema import Accelerator, RunConfig
 from flux_lora.snapshot import FrozenRun, LaunchCommand, redact, secret_values
 
@@ -48,6 +55,16 @@ class RunStatus:
     ended: Optional[str] = None
     duration_s: Optional[float] = None
     reason: Optional[str] = None
+    host: Optional[str] = None
+    pid: Optional[int] = None  # the launcher's, while it runs the job
+    heartbeat: Optional[str] = None
+    # One entry per start of the job: started, ended, state, exit_code, from_step, host, pid, reason.
+    attempts: list[dict] = field(default_factory=list)
+
+
+HEARTBEAT_S = 30.0
+# A running run whose launcher is on another host and silent this long is taken for dead.
+STALE_HEARTBEAT_S = 600.0
 
 
 def _now() -> str:
@@ -57,7 +74,10 @@ def _now() -> str:
 def write_status(run_dir: Path, status: RunStatus) -> None:
     data = asdict(status)
     data["state"] = status.state.value
-    (run_dir / STATUS_FILE).write_text(json.dumps(data, indent=2) + "\n")
+    # Replaced in one step: another launch deciding whether this run is alive never reads half a file.
+    temporary = run_dir / f".{STATUS_FILE}.{os.getpid()}.tmp"
+    temporary.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(temporary, run_dir / STATUS_FILE)
 
 
 def read_status(run_dir: Path) -> Optional[RunStatus]:
@@ -65,8 +85,32 @@ def read_status(run_dir: Path) -> Optional[RunStatus]:
     if not path.exists():
         return None
     data = json.loads(path.read_text())
+    known = {f.name for f in fields(RunStatus)}
+    data = {k: v for k, v in data.items() if k in known}
     data["state"] = RunState(data["state"])
     return RunStatus(**data)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def owner_alive(status: RunStatus, now: Optional[float] = None) -> bool:
+    """Whether the launcher that marked this run `running` still runs it (this host: its pid; else: its heartbeat)."""
+    if status.state != RunState.running:
+        return False
+    if status.host == socket.gethostname() and status.pid is not None:
+        return _pid_alive(status.pid)
+    if status.heartbeat is None:
+        return False
+    age = (now or time.time()) - datetime.fromisoformat(status.heartbeat).timestamp()
+    return age < STALE_HEARTBEAT_S
 
 
 def accelerate_argv(run: RunConfig, inputs: EngineInputs) -> list[str]:
@@ -109,6 +153,48 @@ class ExpectedTraining:
 
     max_train_steps: int
     output_name: str
+    from_step: int = 0  # steps already trained when this attempt starts (a resume)
+    memory_advice: str = ""  # the tier's settings that would use less memory, for an out-of-memory report
+
+
+def _read_summary(run_dir: Path, since: float) -> dict:
+    # The native job's own account of how it stopped; an older attempt's file says nothing about this one.
+    path = run_dir / "output" / "train_summary.json"
+    try:
+        if path.stat().st_mtime >= since:
+            return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    return {}
+
+
+def judge_attempt(
+    run_dir: Path, exit_code: int, expect: Optional[ExpectedTraining], watch: JobWatch, signalled: bool, began: float
+) -> tuple[RunState, Optional[str]]:
+    """The attempt's state and reason, from what the job did and left behind."""
+    from flux_lora.resume import latest_good_state  # resume.py reads statuses written here
+
+    summary = _read_summary(run_dir, began)
+    log = run_dir / LOG_FILE
+    if watch.out_of_memory:
+        advice = f"; to use less memory: {expect.memory_advice}" if expect and expect.memory_advice else ""
+        return RunState.failed, f"out of memory ({watch.out_of_memory}){advice}"
+    nonfinite = summary.get("nonfinite_step") if summary.get("stop_reason") == "nonfinite_loss" else watch.nonfinite_step
+    if nonfinite is not None:
+        kept = summary.get("last_good_checkpoint") or (latest_good_state(run_dir, expect.output_name) if expect else None)
+        return RunState.failed, f"loss became NaN at step {nonfinite}; last good checkpoint: {kept or 'none'}"
+    if exit_code == 0:
+        if expect is None:
+            return RunState.succeeded, None
+        reason = training_shortfall(gather_evidence(run_dir, expect.output_name), expect.max_train_steps)
+        return (RunState.failed, reason) if reason else (RunState.succeeded, None)
+    stopped = summary.get("stop_reason") == "signal" or exit_code in STOPPED_EXIT_CODES or signalled
+    if stopped:
+        saved = latest_good_state(run_dir, expect.output_name) if expect else None
+        return RunState.interrupted, f"stopped by a signal; resume from: {saved or 'nothing saved yet'}"
+    if exit_code == KILLED_EXIT_CODE or watch.killed:
+        return RunState.failed, "out of memory (killed by SIGKILL, as the kernel's OOM killer does; see dmesg)"
+    return RunState.failed, f"exit code {exit_code}: {watch.last_error or 'see ' + str(log)}"
 
 
 def launch_run(
@@ -117,28 +203,47 @@ def launch_run(
     expect: Optional[ExpectedTraining] = None,
     finish: Optional[Callable[[], list[str]]] = None,
 ) -> RunStatus:
-    started_at = time.monotonic()
-    status = RunStatus(state=RunState.running, started=_now())
+    started_at, began = time.monotonic(), time.time()
+    previous = read_status(run_dir)
+    attempts = list(previous.attempts) if previous else []
+    host, pid = socket.gethostname(), os.getpid()
+    attempt = {"started": _now(), "ended": None, "state": RunState.running.value, "exit_code": None,
+               "from_step": expect.from_step if expect else 0, "host": host, "pid": pid, "reason": None}  # fmt: skip
+    status = RunStatus(state=RunState.running, started=attempt["started"], host=host, pid=pid, heartbeat=_now(),
+                       attempts=[*attempts, attempt])  # fmt: skip
     write_status(run_dir, status)
     secrets = secret_values()
     env = {**os.environ, **command.env}
 
-    # A session of its own, so a terminal's Ctrl-C reaches only us and we decide how the job stops.
+    # A session of its own, so a terminal's Ctrl-C reaches only us and we decide how the job stops; the guard
+    # takes the job down with it if this process dies.
     child = subprocess.Popen(
-        command.argv, cwd=command.cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, errors="replace", bufsize=1, start_new_session=True,
+        [sys.executable, "-m", "flux_lora.job_guard", *command.argv], cwd=command.cwd, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1, start_new_session=True,
     )  # fmt: skip
-    interrupted = False
+    signalled = False
 
-    def forward(signum: int, _frame: Optional[FrameType]) -> None:
-        nonlocal interrupted
-        interrupted = True
+    def stop_job(signum: int) -> None:
         try:
-            os.killpg(child.pid, signal.SIGTERM if signum == signal.SIGUSR2 else signum)
+            os.killpg(child.pid, signum)
         except ProcessLookupError:
             pass
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
+    def forward(signum: int, _frame: Optional[FrameType]) -> None:
+        nonlocal signalled
+        signalled = True
+        stop_job(signal.SIGTERM if signum == signal.SIGUSR2 else signum)
+
+    beating = threading.Event()
+
+    def heartbeat() -> None:
+        while not beating.wait(HEARTBEAT_S):
+            status.heartbeat = _now()
+            write_status(run_dir, status)
+
+    previous_handlers = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
+    threading.Thread(target=heartbeat, daemon=True).start()
+    watch = JobWatch()
     try:
         with open(run_dir / LOG_FILE, "a", encoding="utf-8") as log:
             assert child.stdout is not None
@@ -148,29 +253,28 @@ def launch_run(
                 sys.stdout.flush()
                 log.write(line)
                 log.flush()
+                if watch.feed(line) and watch.nonfinite_step is not None and not watch.stop_sent:
+                    watch.stop_sent = True  # the loss is NaN: nothing later can be trusted; stop now
+                    stop_job(signal.SIGTERM)
         exit_code = child.wait()
     finally:
-        for s, handler in previous.items():
+        beating.set()
+        for s, handler in previous_handlers.items():
             signal.signal(s, handler)
 
     if finish is not None:
         finish()  # e.g. a resumed sd-scripts attempt's files renumbered before they are judged
-    reason: Optional[str] = None
-    if interrupted:
-        state = RunState.interrupted
-    elif exit_code != 0:
-        state, reason = RunState.failed, f"exit code {exit_code}; see {run_dir / LOG_FILE}"
-    else:
-        # Exit 0 proves nothing: the artefacts must show every step trained into a LoRA.
-        reason = training_shortfall(gather_evidence(run_dir, expect.output_name), expect.max_train_steps) if expect else None
-        state = RunState.failed if reason else RunState.succeeded
+    state, reason = judge_attempt(run_dir, exit_code, expect, watch, signalled, began)
+    attempt.update(ended=_now(), state=state.value, exit_code=exit_code, reason=reason)
     status = RunStatus(
         state=state,
         exit_code=exit_code,
         started=status.started,
-        ended=_now(),
+        ended=attempt["ended"],
         duration_s=round(time.monotonic() - started_at, 2),
-        reason=reason if state != RunState.interrupted else f"stopped by a signal; see {run_dir / LOG_FILE}",
+        reason=reason,
+        host=host,
+        attempts=status.attempts,
     )
     write_status(run_dir, status)
     return status

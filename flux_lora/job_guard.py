@@ -1,0 +1,111 @@
+"""The training job's guard: it dies with the launcher, and the job goes with it, after a chance to save.
+
+    python -m flux_lora.job_guard <argv of the job...>
+
+The runner starts this (standard library only, so it never slows the start) as a session leader; it
+starts the job in its own process group and:
+  - adopts the job's descendants (Linux child subreaper), so it exits only when every process of
+    the job has exited (accelerate's launcher process dies at once on SIGTERM while the trainer is
+    still saving its state);
+  - notices the launcher's death (Linux parent-death signal, and the parent pid changing, checked
+    once a second), then stops the job as the launcher would: SIGTERM to its group, SIGKILL after
+    GRACE_S seconds. So `kill -9` of the launcher leaves no orphan holding a GPU;
+  - gives the job default SIGINT and SIGTERM handling, even when the launcher was started in the
+    background by a shell (which makes it ignore SIGINT): a stop always reaches the job.
+It exits with the job's exit status (a signal as 128 + its number).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from types import FrameType
+from typing import Optional
+
+GRACE_S = 120.0  # long enough for a FLUX LoRA state to be written; then the job is killed
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _prctl(option: int, value: int) -> bool:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False  # not Linux: the parent-pid poll still notices the launcher's death
+
+
+def _restore_default_stop_signals() -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+
+
+def _stop_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + GRACE_S
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.5)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print("usage: python -m flux_lora.job_guard <job argv...>", file=sys.stderr)
+        return 2
+    launcher = os.getppid()
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    job = subprocess.Popen(argv, process_group=0, preexec_fn=_restore_default_stop_signals)
+    stopping = threading.Event()
+
+    def launcher_gone(_signum: int = 0, _frame: Optional[FrameType] = None) -> None:
+        if not stopping.is_set():
+            stopping.set()
+            threading.Thread(target=_stop_group, args=(job.pid,), daemon=True).start()
+
+    def forward(signum: int, _frame: Optional[FrameType]) -> None:
+        try:
+            os.killpg(job.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    signal.signal(signal.SIGHUP, launcher_gone)
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGHUP)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, forward)
+
+    def watch_parent() -> None:
+        while job.poll() is None:
+            if os.getppid() != launcher:
+                launcher_gone()
+                return
+            time.sleep(1.0)
+
+    threading.Thread(target=watch_parent, daemon=True).start()
+    code = job.wait()
+    # Wait for every adopted descendant too: the job is over only when all of its processes are.
+    while True:
+        try:
+            os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+    return 128 - code if code < 0 else code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
