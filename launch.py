@@ -24,13 +24,29 @@ from flux_lora.snapshot import freeze_run
 register()
 
 
+def error_line(exc: BaseException) -> str:
+    return f"error: {describe_config_error(exc)}  (FLUX_LORA_TRACEBACK=1 shows the traceback)"
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    try:
+        launch_one(cfg)
+    except Exception as exc:  # noqa: BLE001 - the CLI's contract is one line per error
+        # A sweep's other cells still run and Hydra reports the failure with them.
+        if HydraConfig.get().mode == RunMode.MULTIRUN or os.environ.get("FLUX_LORA_TRACEBACK"):
+            raise
+        # Raised through Hydra, the error would come after a line of Hydra's own ("Error executing job ...").
+        print(error_line(exc), file=sys.stderr)
+        sys.exit(2)
+
+
+def launch_one(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    run = load_run(cfg)  # first: a key outside the schema stops here, before anything is printed
     print_config_tree(cfg)
 
-    run = load_run(cfg)
     engine = get_engine(run.engine.name.value)
     report = check_run(run, engine, dry_run=run.launch.dry_run)
     overrides = list(hydra_cfg.overrides.task)
@@ -55,7 +71,7 @@ def cli() -> int:
     except Exception as exc:  # noqa: BLE001 - the CLI's contract is one line per error
         if os.environ.get("FLUX_LORA_TRACEBACK"):
             raise
-        print(f"error: {describe_config_error(exc)}  (FLUX_LORA_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         code = 2
     finally:
         # Also after an interrupted sweep: the table shows what ran, what stopped and what never started.

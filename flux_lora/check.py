@@ -1,14 +1,19 @@
 """Check: everything that must hold before a run is frozen and started.
 
 Config rules (rules.py), what the chosen engine would silently ignore or cannot find, the
-ablation no-op guard, and the dataset preflight (analysis and gate from flux_lora.dataset).
+ablation no-op guard, the GPUs a CUDA tier needs (gpu_probe.py), and the dataset preflight
+(analysis and gate from flux_lora.dataset). Keys outside the schema, the run name and where outputs
+land are checked earlier still, before Hydra creates the run directory (LaunchPreflight).
 """
 
 from __future__ import annotations
 
+import shutil
+import sys
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from flux_lora.dataset import (
     AnalysisSettings,
@@ -20,11 +25,17 @@ from flux_lora.dataset import (
     evaluate_gate,
 )
 from flux_lora.dataset.training_set import TrainingSet, training_set_from_report
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 
+from flux_lora.compose import describe_config_error, raise_on_keys_outside_schema
 from flux_lora.engines.base import Engine
-from flux_lora.rules import apply_rules, lora_scale_line
-from flux_lora.schema import RunConfig
+from flux_lora.gpu_probe import GpuProbe, probe_gpus
+from flux_lora.rules import apply_rules, lora_scale_line, plain_stem_problem
+from flux_lora.schema import Accelerator, RunConfig
+
 
 
 @dataclass
@@ -93,6 +104,71 @@ def check_dataset(run: RunConfig, report: CheckReport) -> None:
         report.errors.append(f"dataset.path: no image in {d.path} would train (all unusable or excluded); see dataset_report.json")
 
 
+def gpu_visibility_problem(run: RunConfig, probe: GpuProbe) -> Optional[str]:
+    """A CUDA tier needs gpu.num_gpus visible CUDA GPUs; accelerate would otherwise fail or fall back to CPU."""
+    g = run.gpu
+    if not probe.gpus:
+        return f"gpu={g.name}: no CUDA GPU visible on this machine ({probe.problem}); use gpu=cpu or run on a GPU node"
+    if len(probe.gpus) < g.num_gpus:
+        return (
+            f"gpu.num_gpus={g.num_gpus}: only {len(probe.gpus)} CUDA GPU(s) visible on this machine (per {probe.source}); "
+            f"set gpu.num_gpus={len(probe.gpus)} or run on a node with {g.num_gpus}"
+        )
+    return None
+
+
+def outputs_problem(outputs: Path, min_free_gib: float) -> Optional[str]:
+    """paths.outputs must be creatable, writable and have room: found now, not after an hour of training."""
+    try:
+        outputs.mkdir(parents=True, exist_ok=True)
+        # Trying is the only honest test: permission bits lie to root and to ACLs, a read-only mount does not show in them.
+        with tempfile.TemporaryFile(dir=outputs):
+            pass
+    except OSError as exc:
+        blocker = next((p for p in (outputs, *outputs.parents) if p.exists()), None)
+        why = f"{blocker} is a file, not a folder" if blocker is not None and not blocker.is_dir() else exc.strerror or str(exc)
+        return f"paths.outputs={outputs}: cannot write there ({why}); set paths.outputs=<a writable folder>"
+    free_gib = shutil.disk_usage(outputs).free / 2**30
+    if free_gib < min_free_gib:
+        return (
+            f"paths.outputs={outputs}: only {free_gib:.2f} GiB free (below {min_free_gib:g} GiB); free some space, "
+            "set paths.outputs=<another disk> or lower hydra.callbacks.preflight.min_free_gib"
+        )
+    return None
+
+
+class LaunchPreflight(Callback):
+    """Before Hydra creates the run (or sweep) directory: no key outside the schema, a plain run name,
+    and a paths.outputs that is writable with room left.
+
+    Hydra turns an exception raised by a callback into a warning and goes on, so a problem ends the
+    launch here with SystemExit, after printing its one line (exit status 2, as for a config error).
+    """
+
+    def __init__(self, min_free_gib: float = 1.0) -> None:
+        self.min_free_gib = min_free_gib
+
+    def _check(self, config: DictConfig) -> None:
+        try:
+            raise_on_keys_outside_schema(config)
+        except OmegaConfBaseException as exc:
+            self._stop(describe_config_error(exc))
+        problem = plain_stem_problem("name", str(config.name)) or outputs_problem(Path(config.paths.outputs), self.min_free_gib)
+        if problem:
+            self._stop(problem)
+
+    @staticmethod
+    def _stop(line: str) -> None:
+        print(f"error: {line}", file=sys.stderr)
+        raise SystemExit(2)
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
+
+
 def check_run(run: RunConfig, engine: Engine, *, dry_run: bool) -> CheckReport:
     findings = apply_rules(run)
     report = CheckReport(errors=list(findings.errors), warnings=list(findings.warnings))
@@ -108,17 +184,24 @@ def check_run(run: RunConfig, engine: Engine, *, dry_run: bool) -> CheckReport:
     # Nothing starts in a dry run, so absent weights or checkouts only matter for a real launch.
     (report.warnings if dry_run else report.errors).extend(missing)
 
+    if run.gpu.accelerator == Accelerator.cuda:
+        gpu_problem = gpu_visibility_problem(run, probe_gpus())
+        # A dry run of a cluster config on a laptop must still work; a real launch here would not.
+        if gpu_problem:
+            (report.warnings if dry_run else report.errors).append(gpu_problem)
+
     check_dataset(run, report)
     return report
 
 
-def print_check_report(report: CheckReport, console: Console | None = None) -> None:
+def print_check_report(report: CheckReport, console: Console | None = None, error_console: Console | None = None) -> None:
     console = console or Console()
+    error_console = error_console or Console(stderr=True)  # errors on stderr, so a script sees just them
     for line in report.infos:
         console.print(f"[cyan]info[/cyan]: {line}", highlight=False, soft_wrap=True)
     for line in report.warnings:
         console.print(f"[yellow]warning[/yellow]: {line}", highlight=False, soft_wrap=True)
     for line in report.errors:
-        console.print(f"[red]error[/red]: {line}", highlight=False, soft_wrap=True)
+        error_console.print(f"[red]error[/red]: {line}", highlight=False, soft_wrap=True)
     if report.refusal:
-        console.print(f"[red]refused[/red]: {report.refusal}", highlight=False, soft_wrap=True)
+        error_console.print(f"[red]refused[/red]: {report.refusal}", highlight=False, soft_wrap=True)

@@ -8,6 +8,7 @@ engine; this module only knows what FLUX, accelerate and the hardware tiers dema
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import Enum
 from typing import Callable, Optional
@@ -171,6 +172,29 @@ def _cpu_offload_needs_checkpointing(run: RunConfig) -> Optional[str]:
     return None
 
 
+# A file stem and nothing more: no separator, no "..", no leading dot (hidden files), no spaces or shell characters.
+PLAIN_STEM = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def plain_stem_problem(key: str, value: str) -> Optional[str]:
+    """Names that become file or folder names must stay inside the folder they are put in."""
+    # A trailing dot is dropped by Windows file systems and reads as an extension cut short.
+    if PLAIN_STEM.fullmatch(value) and not value.endswith("."):
+        return None
+    return (
+        f"{key}={value!r}: must be a plain file name stem (letters, digits, '.', '_', '-'; no path separators "
+        f"or '..', at most 128 characters); set {key}=flux-lora or a similar name"
+    )
+
+
+def _output_name_is_plain_stem(run: RunConfig) -> Optional[str]:
+    return plain_stem_problem("launch.output_name", run.launch.output_name)
+
+
+def _run_name_is_plain_stem(run: RunConfig) -> Optional[str]:
+    return plain_stem_problem("name", run.name)
+
+
 RULES: tuple[Rule, ...] = (
     Rule("resolution_multiple_of_16", Severity.error, "FLUX packs 2x2 patches of 8x-downsampled latents: other sizes crash at step 1", _resolution_multiple_of_16),
     Rule("bucket_steps_multiple_of_32", Severity.error, "sd-scripts asserts it for FLUX", _bucket_steps_multiple_of_32),
@@ -189,6 +213,8 @@ RULES: tuple[Rule, ...] = (
     Rule("positive_intervals", Severity.error, "zero or negative counts make no run", _positive_intervals),
     Rule("alpha_shrinks_updates", Severity.warning, "alpha=1 at rank 32 silently shrank every update 32x in the old scripts", _alpha_shrinks_updates),
     Rule("cpu_offload_needs_checkpointing", Severity.warning, "sd-scripts reads it only inside the checkpointing branch", _cpu_offload_needs_checkpointing),
+    Rule("output_name_is_plain_stem", Severity.error, "the LoRA files are <run dir>/output/<output_name>*: a path there writes outside the run", _output_name_is_plain_stem),
+    Rule("run_name_is_plain_stem", Severity.error, "the run directory is named after it: a path there lands outside paths.outputs", _run_name_is_plain_stem),
 )
 
 

@@ -32,6 +32,7 @@ from flux_lora.check import CheckReport
 from flux_lora.dataset import fingerprint_dataset, write_contact_sheet
 from flux_lora.dataset.training_set import TRAINING_SET_FILE
 from flux_lora.engines.base import Engine, EngineInputs
+from flux_lora.gpu_probe import probe_gpus, torch_cuda_build
 from flux_lora.schema import NON_SEMANTIC_KEYS, RunConfig
 
 SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "CREDENTIAL")
@@ -123,28 +124,39 @@ def git_state(repo: Path) -> dict[str, Any]:
     return {"commit": commit.strip(), "dirty": bool(status.strip()), "diff": diff}
 
 
+def _metadata_headers(text: str) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            break  # the body (long description) follows the first blank line
+        key, sep, value = line.partition(": ")
+        if sep and key in ("Name", "Version"):
+            headers.setdefault(key, value.strip())
+    return headers
+
+
 def package_versions() -> dict[str, str]:
-    # Read in-process from installed metadata: same answer as `pip freeze`, without a subprocess.
+    # In-process from installed metadata: same answer as `pip freeze`, without a subprocess. Only the two
+    # header lines are read: `dist.metadata` runs the email parser over every file (80 ms of each launch).
     versions = {}
     for dist in importlib.metadata.distributions():
-        name = dist.metadata["Name"]
-        if name:
-            versions[name] = dist.version
+        headers = _metadata_headers(dist.read_text("METADATA") or dist.read_text("PKG-INFO") or "")
+        if headers.get("Name"):
+            versions[headers["Name"]] = headers.get("Version", "")
     return dict(sorted(versions.items(), key=lambda kv: kv[0].lower()))
 
 
-def accelerator_state() -> dict[str, Any]:
-    import torch
+def _installed_version(package: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
-    state: dict[str, Any] = {"torch": torch.__version__, "cuda_build": torch.version.cuda, "cuda_available": torch.cuda.is_available()}
-    if torch.cuda.is_available():
-        state["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        if shutil.which("nvidia-smi"):
-            out = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, check=False
-            )
-            state["driver"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
-    return state
+
+def accelerator_state() -> dict[str, Any]:
+    # From package metadata and NVML/nvidia-smi: importing torch here cost the launcher 2 s; the job
+    # itself records what torch sees on the device it trains on.
+    return {"torch": _installed_version("torch"), "cuda_build": torch_cuda_build(), **probe_gpus().as_record()}
 
 
 def recorded_environment() -> dict[str, str]:
