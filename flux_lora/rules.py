@@ -8,20 +8,27 @@ engine; this module only knows what FLUX, accelerate and the hardware tiers dema
 
 from __future__ import annotations
 
+import math
+
 import re
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable, Optional
+from typing import Callable, Collection, Optional
+
+import numpy as np
 
 from flux_lora.schema import (
     Accelerator,
     EngineName,
     HuberSchedule,
     LossType,
+    MinSnrVariant,
     MixedPrecision,
     ModelKind,
+    ModelPredictionType,
     RunConfig,
 )
+from flux_lora.noise_levels import min_snr_weight_np, sample_sigmas_np, weighted_median
 
 
 class Severity(str, Enum):
@@ -138,6 +145,29 @@ def _dropout_is_a_probability(run: RunConfig) -> Optional[str]:
     return None
 
 
+def _sigma_scaled_is_wrong_for_flux(run: RunConfig) -> Optional[str]:
+    if run.profile.model_prediction_type == ModelPredictionType.sigma_scaled:
+        return (
+            "profile.model_prediction_type=sigma_scaled: compares an estimated clean latent with FLUX's velocity "
+            "target (a math error in sd-scripts); set profile.model_prediction_type=raw"
+        )
+    return None
+
+
+def _min_snr_variant_needs_gamma(run: RunConfig) -> Optional[str]:
+    p = run.profile
+    if p.min_snr_variant != MinSnrVariant.flow_min_snr and not p.min_snr_gamma:
+        return f"profile.min_snr_variant={p.min_snr_variant.value}: has no effect without profile.min_snr_gamma; set profile.min_snr_gamma (e.g. 5)"
+    return None
+
+
+def _keep_last_states_not_negative(run: RunConfig) -> Optional[str]:
+    n = run.launch.keep_last_states
+    if n < 0:
+        return f"launch.keep_last_states={n}: must be 0 (keep every step state) or more"
+    return None
+
+
 def _warmup_shorter_than_training(run: RunConfig) -> Optional[str]:
     p = run.profile
     if p.lr_warmup_steps >= p.max_train_steps:
@@ -155,9 +185,14 @@ def _positive_intervals(run: RunConfig) -> Optional[str]:
     return None
 
 
+def effective_alpha(run: RunConfig) -> float:
+    """kohya reads network_alpha 0 as alpha = rank (scale 1); so do the rules and the native engine."""
+    return run.profile.network_alpha or float(run.profile.network_dim)
+
+
 def _alpha_shrinks_updates(run: RunConfig) -> Optional[str]:
     p = run.profile
-    scale = p.network_alpha / p.network_dim
+    scale = effective_alpha(run) / p.network_dim
     if scale <= 1 / 8:
         return (
             f"profile.network_alpha={p.network_alpha:g} with network_dim={p.network_dim}: LoRA updates are scaled "
@@ -209,6 +244,9 @@ RULES: tuple[Rule, ...] = (
     Rule("huber_needs_non_snr_schedule", Severity.error, "huber_schedule=snr raises NotImplementedError on FLUX", _huber_needs_non_snr_schedule),
     Rule("sd_scripts_needs_flux_dev", Severity.error, "sd-scripts loads real FLUX weight files only", _sd_scripts_needs_flux_dev),
     Rule("dropout_is_a_probability", Severity.error, "dropout outside [0, 1) is meaningless", _dropout_is_a_probability),
+    Rule("sigma_scaled_is_wrong_for_flux", Severity.error, "sd-scripts' sigma_scaled loss compares x0 with a velocity for FLUX", _sigma_scaled_is_wrong_for_flux),
+    Rule("min_snr_variant_needs_gamma", Severity.warning, "a min-SNR variant without a gamma weights nothing", _min_snr_variant_needs_gamma),
+    Rule("keep_last_states_not_negative", Severity.error, "a negative count of states to keep means nothing", _keep_last_states_not_negative),
     Rule("warmup_shorter_than_training", Severity.error, "a run that never leaves warmup never reaches its learning rate", _warmup_shorter_than_training),
     Rule("positive_intervals", Severity.error, "zero or negative counts make no run", _positive_intervals),
     Rule("alpha_shrinks_updates", Severity.warning, "alpha=1 at rank 32 silently shrank every update 32x in the old scripts", _alpha_shrinks_updates),
@@ -236,4 +274,78 @@ def apply_rules(run: RunConfig, rules: tuple[Rule, ...] = RULES) -> RuleFindings
 
 def lora_scale_line(run: RunConfig) -> str:
     p = run.profile
-    return f"LoRA update scale alpha/rank = {p.network_alpha:g}/{p.network_dim} = {p.network_alpha / p.network_dim:.4g}"
+    alpha = effective_alpha(run)
+    line = f"LoRA update scale alpha/rank = {alpha:g}/{p.network_dim} = {alpha / p.network_dim:.4g}"
+    return line + (" (network_alpha=0 means alpha = rank, as in kohya)" if not p.network_alpha else "")
+
+
+SIGMA_DRAWS = 20_000  # two stable decimals for a mean or a median; about a millisecond in numpy
+
+
+def noise_offset_line(run: RunConfig) -> Optional[str]:
+    """How far the offset moves each latent channel's mean, against the spread that sampling noise has."""
+    p = run.profile
+    if not p.noise_offset:
+        return None
+    values_per_channel = (p.resolution // 8) ** 2  # FLUX's VAE: 16 channels at 1/8 of the image size
+    sampling = 1.0 / math.sqrt(values_per_channel)
+    training = math.sqrt(p.noise_offset**2 + 1.0 / values_per_channel)
+    ratio = training / sampling
+    effect = f"{ratio:.0f}x the sampler's: teaches a train/sample mismatch" if ratio >= 2 else "close to the sampler's"
+    return (
+        f"profile.noise_offset={p.noise_offset:g}: per-channel mean std about {training:.2f} in training vs about "
+        f"{sampling:.2f} in sampling noise at {p.resolution} px ({effect})"
+    )
+
+
+MIN_SNR_FORMULAS = {
+    MinSnrVariant.flow_min_snr: "min((1-sigma)^2, gamma*sigma^2)",
+    MinSnrVariant.clamp: "min(1, gamma*sigma^2)",
+}
+
+
+def min_snr_line(run: RunConfig) -> Optional[str]:
+    """Mean min-SNR weight and where the weighted loss sits, under the run's own timestep sampling."""
+    p = run.profile
+    if not p.min_snr_gamma:
+        return None
+    latent = p.resolution // 8
+    sigmas = sample_sigmas_np(
+        p.timestep_sampling.value, SIGMA_DRAWS, latent, latent, sigmoid_scale=p.sigmoid_scale,
+        discrete_flow_shift=p.discrete_flow_shift, rng=np.random.default_rng(0),
+    )
+    weights = min_snr_weight_np(sigmas, p.min_snr_gamma, p.min_snr_variant.value)
+    return (
+        f"profile.min_snr_gamma={p.min_snr_gamma:g} ({p.min_snr_variant.value}: w = {MIN_SNR_FORMULAS[p.min_snr_variant]}): "
+        f"mean loss weight {weights.mean():.2f} under timestep_sampling={p.timestep_sampling.value} at {p.resolution} px; "
+        f"half the weighted loss comes from sigma <= {weighted_median(sigmas, weights):.2f} "
+        f"(unweighted median sigma {float(np.median(sigmas)):.2f})"
+    )
+
+
+def recipe_effect_lines(run: RunConfig, skip: Collection[str] = ()) -> list[str]:
+    """Info lines saying what noise offset and min-SNR do to this run; keys in `skip` (not applied) are left out."""
+    lines = []
+    if "profile.noise_offset" not in skip:
+        lines.append(noise_offset_line(run))
+    if "profile.min_snr_gamma" not in skip:
+        lines.append(min_snr_line(run))
+    return [line for line in lines if line]
+
+
+def memory_advice(run: RunConfig) -> str:
+    """The settings of this run that would use less GPU memory, for an out-of-memory report."""
+    g, p = run.gpu, run.profile
+    advice = []
+    if g.batch_size > 1:
+        advice.append(f"gpu.batch_size={g.batch_size // 2} (raise gpu.gradient_accumulation_steps to keep the effective batch)")
+    if not p.gradient_checkpointing:
+        advice.append("profile.gradient_checkpointing=true")
+    if not g.fp8_base:
+        advice.append("gpu.fp8_base=true")
+    if g.blocks_to_swap < MAX_BLOCKS_TO_SWAP and g.num_gpus == 1:
+        advice.append(f"gpu.blocks_to_swap={min(MAX_BLOCKS_TO_SWAP, g.blocks_to_swap + 10)}")
+    if p.resolution > 512:
+        advice.append(f"profile.resolution={p.resolution - 256}")
+    advice.append("or a smaller gpu tier preset (gpu=rtx4090 is the leanest)")
+    return ", ".join(advice)

@@ -19,7 +19,12 @@ min-SNR-gamma (Hang et al. 2023): along the flow path the signal-to-noise ratio 
     velocity error equals the x0 error divided by sigma^2, so the velocity loss of each sample is
     multiplied by
         w(sigma) = sigma^2 * min(SNR, gamma) = min((1 - sigma)^2, gamma * sigma^2),
-    the flow-matching analogue of the paper's v-prediction weight min(SNR, gamma) / (SNR + 1).
+    the flow-matching analogue of the paper's v-prediction weight min(SNR, gamma) / (SNR + 1)
+    (min_snr_variant flow_min_snr). The clamp variant only caps the weight of low-noise samples,
+    w(sigma) = min(1, gamma * sigma^2), and leaves high-noise samples at weight 1.
+
+The shift formulas live in flux_lora.noise_levels (torch-free), so the launcher's check-time summary
+of a recipe uses the same ones.
 """
 
 from __future__ import annotations
@@ -30,23 +35,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-NUM_TRAIN_TIMESTEPS = 1000  # sd-scripts' FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
-
-
-def flux_shift_mu(image_seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15) -> float:
-    """FLUX's resolution-dependent shift: linear in the packed sequence length, 0.5 at 256 and 1.15 at 4096 tokens."""
-    slope = (max_shift - base_shift) / (4096 - 256)
-    return base_shift + slope * (image_seq_len - 256)
-
-
-def time_shift(mu: float, sigma: Tensor) -> Tensor:
-    """exp(mu) / (exp(mu) + (1/sigma - 1)): moves sigma towards 1 (more noise) for larger images."""
-    return math.exp(mu) / (math.exp(mu) + (1.0 / sigma - 1.0))
-
-
-def discrete_shift(sigma: Tensor, shift: float) -> Tensor:
-    """SD3-style shift: shift * sigma / (1 + (shift - 1) * sigma)."""
-    return sigma * shift / (1.0 + (shift - 1.0) * sigma)
+from flux_lora.noise_levels import NUM_TRAIN_TIMESTEPS, discrete_shift, flux_shift_mu, time_shift  # noqa: F401 (part of this module's math)
 
 
 def sample_sigmas(
@@ -108,7 +97,11 @@ def velocity_target(x0: Tensor, noise: Tensor) -> Tensor:
 
 
 def apply_prediction_type(kind: str, prediction: Tensor, noisy: Tensor, sigmas: Tensor) -> Tensor:
-    """sd-scripts' model_prediction_type: raw (as is), additive (+ noisy input), sigma_scaled (-sigma * pred + noisy)."""
+    """sd-scripts' model_prediction_type: raw (as is), additive (+ noisy input), sigma_scaled (-sigma * pred + noisy).
+
+    sigma_scaled turns the prediction into an estimate of x0 and then compares it with the velocity target:
+    wrong for FLUX, so the launcher refuses it (rules.py); it stays here to mirror sd-scripts.
+    """
     if kind == "raw":
         return prediction
     if kind == "additive":
@@ -118,9 +111,14 @@ def apply_prediction_type(kind: str, prediction: Tensor, noisy: Tensor, sigmas: 
     raise ValueError(f"unknown model_prediction_type {kind!r}")
 
 
-def min_snr_weight(sigmas: Tensor, gamma: float) -> Tensor:
-    """w(sigma) = min((1 - sigma)^2, gamma * sigma^2): min-SNR-gamma for a velocity target (module docstring)."""
-    return torch.minimum((1.0 - sigmas) ** 2, gamma * sigmas**2)
+def min_snr_weight(sigmas: Tensor, gamma: float, variant: str = "flow_min_snr") -> Tensor:
+    """Min-SNR-gamma for a velocity target (module docstring): flow_min_snr min((1-sigma)^2, gamma*sigma^2),
+    clamp min(1, gamma*sigma^2)."""
+    if variant == "flow_min_snr":
+        return torch.minimum((1.0 - sigmas) ** 2, gamma * sigmas**2)
+    if variant == "clamp":
+        return torch.clamp(gamma * sigmas**2, max=1.0)
+    raise ValueError(f"unknown min_snr_variant {variant!r}")
 
 
 def huber_c_for(sigmas: Tensor, schedule: str, huber_c: float) -> Tensor:
@@ -146,6 +144,7 @@ def per_sample_loss(
     huber_schedule: str = "snr",
     huber_c: float = 0.1,
     min_snr_gamma: Optional[float] = None,
+    min_snr_variant: str = "flow_min_snr",
 ) -> Tensor:
     """Loss per sample [B]: element loss (sd-scripts' conditional_loss), mean over C,H,W, times min-SNR weight."""
     prediction, target = prediction.float(), target.float()
@@ -161,7 +160,7 @@ def per_sample_loss(
         raise ValueError(f"unknown loss_type {loss_type!r}")
     loss = element.mean(dim=(1, 2, 3))
     if min_snr_gamma:
-        loss = loss * min_snr_weight(sigmas.float(), min_snr_gamma)
+        loss = loss * min_snr_weight(sigmas.float(), min_snr_gamma, min_snr_variant)
     return loss
 
 

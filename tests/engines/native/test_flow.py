@@ -104,3 +104,40 @@ def test_euler_schedule_runs_from_one_to_zero():
     sigmas = flow.euler_sigmas(8, 1024)
     assert len(sigmas) == 9 and sigmas[0] == pytest.approx(1.0) and sigmas[-1] == 0.0
     assert all(a > b for a, b in zip(sigmas, sigmas[1:]))
+
+
+@pytest.mark.parametrize(
+    ("mode", "options"),
+    [("uniform", {}), ("sigmoid", {"sigmoid_scale": 2.0}), ("shift", {"discrete_flow_shift": 3.0}),
+     ("flux_shift", {}), ("sigma", {"discrete_flow_shift": 3.1582})],
+)
+def test_the_launchers_numpy_sampler_draws_what_the_job_draws(mode, options):
+    import numpy as np
+
+    from flux_lora.noise_levels import sample_sigmas_np
+
+    n = 20_000
+    job = flow.sample_sigmas(mode, n, 96, 96, generator=gen(), **options).numpy()  # 768 px latents
+    launcher = sample_sigmas_np(mode, n, 96, 96, rng=np.random.default_rng(0), **options)
+    quantiles = np.linspace(0.05, 0.95, 19)
+    assert np.abs(np.quantile(job, quantiles) - np.quantile(launcher, quantiles)).max() < 0.02
+
+
+@pytest.mark.parametrize("variant", ["flow_min_snr", "clamp"])
+def test_min_snr_variants_and_their_numpy_twin(variant):
+    import numpy as np
+
+    from flux_lora.noise_levels import min_snr_weight_np
+
+    sigmas = torch.linspace(0.01, 0.99, 99, dtype=torch.float64)
+    expected = torch.clamp(5.0 * sigmas**2, max=1.0) if variant == "clamp" else sigmas**2 * torch.clamp(((1 - sigmas) / sigmas) ** 2, max=5.0)
+    weights = flow.min_snr_weight(sigmas, 5.0, variant)
+    assert torch.allclose(weights, expected)
+    assert np.allclose(min_snr_weight_np(sigmas.numpy(), 5.0, variant), weights.numpy())
+    pred, target = torch.zeros(99, 1, 2, 2), torch.ones(99, 1, 2, 2)
+    loss = flow.per_sample_loss(pred, target, sigmas.float(), min_snr_gamma=5.0, min_snr_variant=variant)
+    assert torch.allclose(loss, expected.float(), atol=1e-6)
+    if variant == "clamp":  # high-noise samples keep their full weight, unlike flow_min_snr
+        assert weights[-1] == 1.0 and flow.min_snr_weight(sigmas, 5.0)[-1] < 1e-3
+    with pytest.raises(ValueError):
+        flow.min_snr_weight(sigmas, 5.0, "clip")
