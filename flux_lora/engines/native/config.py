@@ -54,6 +54,7 @@ class NativeTrainConfig:
     lr_scheduler_num_cycles: int = 1
     noise_offset: float = 0.0
     min_snr_gamma: Optional[float] = None
+    min_snr_variant: str = "flow_min_snr"  # or "clamp" (flow.min_snr_weight)
     loss_type: str = "l2"
     huber_schedule: str = "snr"
     huber_c: float = 0.1  # sd-scripts' default; the schema has no key for it
@@ -80,7 +81,7 @@ class NativeTrainConfig:
 
     # Outputs.
     save_every_n_steps: int = 500
-    save_precision: str = "bf16"
+    save_precision: str = "bf16"  # sd-scripts' names: float, fp16, bf16
     sample_every_n_steps: int = 250
     sample_at_first: bool = False
     sample_steps: int = 20
@@ -91,6 +92,7 @@ class NativeTrainConfig:
     logging_dir: str = ""
     output_name: str = "flux-lora"
     resume_from: Optional[str] = None
+    keep_last_states: int = 2  # step states kept on disk, the newest; 0 keeps all
     # Values copied into the LoRA metadata as-is (run name, ablation cell); never read by the loop.
     record: dict = field(default_factory=dict)
 

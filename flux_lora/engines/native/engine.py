@@ -12,6 +12,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Optional
 
+from flux_lora.checkpoint_files import state_problem
 from flux_lora.compose import PROJECT_ROOT
 from flux_lora.dataset.training_set import TRAINING_SET_FILE
 from flux_lora.engines.base import EngineInputs
@@ -107,6 +108,7 @@ def native_config_from_run(run: RunConfig, run_dir: Path, unapplied: Optional[di
         lr_scheduler_num_cycles=p.lr_scheduler_num_cycles,
         noise_offset=p.noise_offset,
         min_snr_gamma=p.min_snr_gamma,
+        min_snr_variant=_value(p.min_snr_variant),
         loss_type=_value(p.loss_type),
         huber_schedule=_value(p.huber_schedule),
         guidance_scale=p.guidance_scale,
@@ -126,7 +128,7 @@ def native_config_from_run(run: RunConfig, run_dir: Path, unapplied: Optional[di
         optimizer=_value(run.optimizer.name),
         optimizer_args=optimizer_args(run),
         save_every_n_steps=p.save_every_n_steps,
-        save_precision=p.save_precision,
+        save_precision=_value(p.save_precision),
         sample_every_n_steps=p.sample_every_n_steps,
         sample_steps=p.sample_steps,
         max_data_loader_n_workers=p.max_data_loader_n_workers,
@@ -136,6 +138,7 @@ def native_config_from_run(run: RunConfig, run_dir: Path, unapplied: Optional[di
         logging_dir=str(run_dir / "logs"),
         output_name=run.launch.output_name,
         resume_from=_path(run.launch.resume_from),
+        keep_last_states=run.launch.keep_last_states,
         record={"run_name": run.name, "ablation": run.ablation.name},
     )
     for key in unapplied_options(run) if unapplied is None else unapplied:
@@ -152,13 +155,19 @@ class NativeEngine:
         return unapplied_options(run)
 
     def missing_requirements(self, run: RunConfig) -> list[str]:
+        missing = []
+        if run.launch.resume_from:
+            # A half-written or damaged state would resume something else than what was trained.
+            problem = state_problem(Path(run.launch.resume_from).expanduser())
+            if problem:
+                missing.append(f"launch.resume_from: {problem}")
         if run.model.kind != ModelKind.flux_dev:
-            return []
+            return missing
         from flux_lora.engines.native.models import missing_flux_dev_files
 
         m = run.model
-        return missing_flux_dev_files(transformer=m.transformer, vae=m.vae, clip_l=m.clip_l, t5xxl=m.t5xxl,
-                                      diffusers_dir=m.diffusers_dir, tokenizer_dir=m.tokenizer_dir)
+        return missing + missing_flux_dev_files(transformer=m.transformer, vae=m.vae, clip_l=m.clip_l, t5xxl=m.t5xxl,
+                                                diffusers_dir=m.diffusers_dir, tokenizer_dir=m.tokenizer_dir)
 
     def warnings(self, run: RunConfig) -> list[str]:
         return []  # the engine's code is this package's, recorded with the git state

@@ -4,6 +4,11 @@ Reads only the frozen config file (and the dataset, model files and caches it na
 load the model parts -> fill/read the latent and text caches -> free the text encoders -> LoRA (+ fp8
 base, block swap) -> optimizer and scheduler under accelerate -> the loop (flow-matching loss from
 flow.py, logging, samples, checkpoints, state) -> final LoRA and train_summary.json.
+
+Every LoRA file and state folder is written under a temporary name and renamed when complete; each state
+gets a manifest (checkpoint_files.py). The job stops early, with a train_summary.json saying why, on
+SIGTERM/SIGINT (after the current optimizer step, with a state to resume from; exit 128 + signal number)
+and on a non-finite loss (nothing saved from the broken weights; exit 3).
 """
 
 from __future__ import annotations
@@ -11,17 +16,31 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
+import re
 import resource
+import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flux_lora.checkpoint_files import (
+    atomic_write_file,
+    atomic_write_text,
+    begin_dir,
+    commit_dir,
+    staging_path,
+    state_problem,
+)
 from flux_lora.engines.native import flow
 from flux_lora.engines.native.config import CONFIG_FILE, NativeTrainConfig
 from flux_lora.engines.native.data import (
@@ -37,6 +56,9 @@ SAMPLE_GUIDANCE = 3.5  # sd-scripts' default embedded guidance for sample prompt
 LORA_STATE_FILE = "lora_weights.safetensors"
 TRAIN_STATE_FILE = "train_state.json"
 SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "float": torch.float32, "fp32": torch.float32}
+SUMMARY_FILE = "train_summary.json"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+EXIT_NONFINITE = 3
 
 
 @dataclass
@@ -49,10 +71,20 @@ class TrainResult:
     seconds: float
     step_seconds: list[float]
     peak_memory_gb: float
-    lora_path: str
+    lora_path: Optional[str]  # None when the run stopped without a LoRA to show (non-finite loss, stop before a step)
     output_dir: str
     sample_paths: list[str] = field(default_factory=list)
     cache: dict = field(default_factory=dict)
+    stop_reason: Optional[str] = None  # None: reached max_train_steps; "signal"; "nonfinite_loss"
+    stop_signal: Optional[int] = None
+    nonfinite_step: Optional[int] = None
+    last_state: Optional[str] = None  # the newest good state folder: saved by this run, else the one it resumed from
+
+    @property
+    def exit_code(self) -> int:
+        if self.stop_reason == "signal":
+            return 128 + (self.stop_signal or signal.SIGTERM)  # the shell's convention: 143 SIGTERM, 130 SIGINT
+        return EXIT_NONFINITE if self.stop_reason == "nonfinite_loss" else 0
 
 
 # ------------------------------------------------------------------------------------------ model setup
@@ -189,7 +221,7 @@ def flow_matching_loss(transformer, config: NativeTrainConfig, latents, noise, s
     prediction = flow.apply_prediction_type(config.model_prediction_type, prediction, noisy, sigmas)
     loss = flow.per_sample_loss(
         prediction, target, sigmas, loss_type=config.loss_type, huber_schedule=config.huber_schedule,
-        huber_c=config.huber_c, min_snr_gamma=config.min_snr_gamma,
+        huber_c=config.huber_c, min_snr_gamma=config.min_snr_gamma, min_snr_variant=config.min_snr_variant,
     )
     return loss.mean()
 
@@ -237,6 +269,9 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+MIN_SNR_WEIGHTS = {"flow_min_snr": "min((1-sigma)^2, gamma*sigma^2)", "clamp": "min(1, gamma*sigma^2)"}
 
 
 def lora_metadata(config: NativeTrainConfig, *, items: list[TrainItem], batches_per_epoch: int, started_at: float,
@@ -297,7 +332,8 @@ def lora_metadata(config: NativeTrainConfig, *, items: list[TrainItem], batches_
         meta["ss_noise_offset_kind"] = "flow: eps + offset * N(0,1)[B,C,1,1] in noisy input and target"
     if config.min_snr_gamma:
         meta["ss_min_snr_gamma"] = config.min_snr_gamma
-        meta["ss_min_snr_kind"] = "flow: loss * min((1-sigma)^2, gamma*sigma^2)"
+        meta["ss_min_snr_variant"] = config.min_snr_variant
+        meta["ss_min_snr_kind"] = "flow: loss * " + MIN_SNR_WEIGHTS[config.min_snr_variant]
     if config.loss_type in ("huber", "smooth_l1"):
         meta["ss_huber_schedule"] = config.huber_schedule
         meta["ss_huber_c"] = config.huber_c
@@ -343,6 +379,95 @@ class Progress:
             self.bar.stop()
 
 
+# ------------------------------------------------------------------------------------------ stopping and states
+
+
+class StopRequest:
+    """SIGTERM/SIGINT ask the loop to stop after the current optimizer step; a second signal ends the process at once."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self.previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python delivers signals to the main thread only (tests may run the job elsewhere)
+        for signum in STOP_SIGNALS:
+            self.previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, _frame) -> None:
+        if self.signum is not None:
+            self.restore()
+            os.kill(os.getpid(), signum)  # the default action now: whoever sends it twice means it
+            return
+        self.signum = signum  # only this: the handler may run in the middle of a print, so it must not print
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+
+def agreed_stop(accelerator, signum: int, nonfinite: bool) -> tuple[int, bool]:
+    """What every process saw (max over processes): saving a state is collective, so all stop at the same step."""
+    if accelerator.num_processes == 1:
+        return signum, nonfinite
+    import torch.distributed as dist
+
+    flags = torch.tensor([signum, int(nonfinite)], device=accelerator.device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return int(flags[0]), bool(flags[1])
+
+
+def lora_is_finite(params: list[nn.Parameter]) -> bool:
+    # One device sync for all parameters.
+    return bool(torch.stack([p.detach().isfinite().all() for p in params]).all())
+
+
+def prune_step_states(output_dir: Path, output_name: str, newest_step: int, keep: int) -> list[Path]:
+    """Delete `{output_name}-stepNNNNNNNN-state` folders beyond the newest `keep` (0 keeps all); returns them.
+
+    Called right after the state of newest_step was written complete, so that good state is always among those kept.
+    """
+    if keep <= 0:
+        return []
+    pattern = re.compile(re.escape(output_name) + r"-step(\d{8})-state")
+    states = sorted(
+        (int(match.group(1)), path)
+        for path in output_dir.iterdir()
+        if path.is_dir() and (match := pattern.fullmatch(path.name)) and int(match.group(1)) <= newest_step
+    )
+    removed = [path for _, path in states[:-keep]]
+    for path in removed:
+        shutil.rmtree(path)
+    return removed
+
+
+def _finite_or_none(value: float) -> Optional[float]:
+    return value if math.isfinite(value) else None  # NaN/inf are not JSON
+
+
+def train_summary(result: TrainResult, config: NativeTrainConfig) -> dict[str, object]:
+    """train_summary.json: the run's numbers, and why and where it stopped."""
+    summary: dict[str, object] = {
+        "final_loss": _finite_or_none(result.final_loss),
+        "average_loss": _finite_or_none(result.average_loss),
+        "steps": result.steps,
+        "seconds": result.seconds,
+        "peak_memory_gb": result.peak_memory_gb,
+        "max_train_steps": config.max_train_steps,
+        "first_step": result.first_step,
+        "stop_reason": result.stop_reason,
+    }
+    if result.stop_reason == "signal":
+        summary["signal"] = signal.Signals(result.stop_signal).name
+        summary["resume_state"] = result.last_state
+    if result.stop_reason == "nonfinite_loss":
+        summary["nonfinite_step"] = result.nonfinite_step
+        summary["last_good_checkpoint"] = result.last_state
+    return summary
+
+
 # ------------------------------------------------------------------------------------------ the job
 
 
@@ -364,9 +489,13 @@ def prepare_lora_training(transformer: nn.Module, config: NativeTrainConfig, acc
 
     from flux_lora.engines.native.lora import add_flux_lora
 
+    from accelerate.utils import set_seed
+
     transformer.requires_grad_(False)
     transformer.to(dtype=weight_dtype)
     params = add_flux_lora(transformer, config.network_dim, config.network_alpha, config.network_dropout)
+    # The LoRA's initial weights are the same on every process; from here on each process draws its own dropout masks.
+    set_seed(config.seed + accelerator.process_index)
     cast_training_params(transformer, dtype=torch.float32)
     fp8_linears = store_base_in_fp8(transformer) if config.fp8_base else 0
     if config.gradient_checkpointing:
@@ -399,6 +528,16 @@ def train_micro_step(training: LoraTraining, config: NativeTrainConfig, accelera
 
 
 def run_training(config: NativeTrainConfig) -> TrainResult:
+    """Train as configured; SIGTERM/SIGINT during the run stop it after the current optimizer step (TrainResult says so)."""
+    stop = StopRequest()
+    stop.install()
+    try:
+        return train_lora(config, stop)
+    finally:
+        stop.restore()
+
+
+def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import set_seed
@@ -408,6 +547,13 @@ def run_training(config: NativeTrainConfig) -> TrainResult:
     from flux_lora.engines.native.models import decode_latents
 
     began = time.time()
+    if config.save_precision not in SAVE_DTYPES:
+        raise ValueError(f"save_precision={config.save_precision!r}: expected one of {sorted(SAVE_DTYPES)}")
+    save_dtype = SAVE_DTYPES[config.save_precision]
+    if config.resume_from:
+        problem = state_problem(Path(config.resume_from))
+        if problem:
+            raise SystemExit(f"resume_from: {problem}")
     # The job is one run per process; tests and benchmarks call this repeatedly in one process.
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
@@ -461,30 +607,41 @@ def run_training(config: NativeTrainConfig) -> TrainResult:
 
     batches_per_epoch = len(epoch_batches(items, config.num_repeats, config.batch_size, torch.Generator().manual_seed(0)))
     global_step = 0
+    last_state: Optional[str] = None
     if config.resume_from:
         accelerator.load_state(config.resume_from)
         global_step = json.loads((Path(config.resume_from) / TRAIN_STATE_FILE).read_text())["current_step"]
+        last_state = str(config.resume_from)
     first_step = global_step + 1
 
     started_at = time.time()
     metadata = lora_metadata(config, items=items, batches_per_epoch=batches_per_epoch, started_at=started_at,
                              fp8_linears=training.fp8_linears, block_swap_applied=training.block_swap, num_processes=accelerator.num_processes)
-    save_dtype = SAVE_DTYPES.get(config.save_precision, torch.bfloat16)
     writer = SummaryWriter(str(logging_dir)) if accelerator.is_main_process else None
     sample_paths: list[str] = []
 
-    def save_checkpoint(step: int, final: bool) -> Path:
+    def save_checkpoint(step: int, final: bool) -> tuple[Path, Path]:
+        """The LoRA file and the state folder of `step`, each complete under its name or not there at all."""
         stem = config.output_name if final else f"{config.output_name}-step{step:08d}"
         path = output_dir / f"{stem}.safetensors"
         state_dir = output_dir / f"{stem}-state"
+        staging = staging_path(state_dir)
+        if accelerator.is_main_process:
+            begin_dir(state_dir)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(state_dir))
+        accelerator.save_state(str(staging))  # every process writes its own RNG file
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             epoch = step * config.gradient_accumulation_steps * accelerator.num_processes // max(1, batches_per_epoch)
-            (state_dir / TRAIN_STATE_FILE).write_text(json.dumps({"current_epoch": epoch, "current_step": step}))
+            (staging / TRAIN_STATE_FILE).write_text(json.dumps({"current_epoch": epoch, "current_step": step}))
+            commit_dir(staging, state_dir, step)
             step_meta = dict(metadata, ss_steps=str(step), ss_epoch=str(epoch), ss_training_finished_at=str(time.time()))
-            save_kohya_lora(accelerator.unwrap_model(transformer), path, step_meta, dtype=save_dtype)
-        return path
+            model = accelerator.unwrap_model(transformer)
+            atomic_write_file(path, lambda partial: save_kohya_lora(model, partial, step_meta, dtype=save_dtype))
+            if not final:
+                prune_step_states(output_dir, config.output_name, step, config.keep_last_states)
+        accelerator.wait_for_everyone()
+        return path, state_dir
 
     def write_samples(step: int) -> None:
         if not accelerator.is_main_process or not prompts:
@@ -507,7 +664,13 @@ def run_training(config: NativeTrainConfig) -> TrainResult:
                 sample_paths.append(str(path))
         model.train()
 
-    if config.sample_at_first and global_step == 0:
+    # A signal during setup stops before the first step: nothing new to save.
+    stop_signal, _ = agreed_stop(accelerator, stop.signum or 0, False)
+    stop_reason: Optional[str] = "signal" if stop_signal else None
+    nonfinite_step: Optional[int] = None
+    lora_path: Optional[Path] = None
+
+    if config.sample_at_first and global_step == 0 and stop_reason is None:
         write_samples(0)
 
     recorder = LossRecorder()
@@ -517,7 +680,7 @@ def run_training(config: NativeTrainConfig) -> TrainResult:
     micro_step = global_step * config.gradient_accumulation_steps
     micro_losses: list[float] = []
     step_began = time.perf_counter()
-    while global_step < config.max_train_steps:
+    while global_step < config.max_train_steps and stop_reason is None:
         # With several GPUs each process takes its own batch: process k reads the k-th of every
         # num_processes consecutive batches (and draws that batch's noise), so no two train on the same data.
         batch_index = micro_step * accelerator.num_processes + accelerator.process_index
@@ -546,27 +709,50 @@ def run_training(config: NativeTrainConfig) -> TrainResult:
             writer.add_scalar("perf/seconds_per_step", seconds, global_step)
             writer.add_scalar("perf/peak_memory_gb", peak_memory_gb(device), global_step)
         progress.update(global_step, current, recorder.average)
-        if global_step < config.max_train_steps:
-            if config.save_every_n_steps and global_step % config.save_every_n_steps == 0:
-                save_checkpoint(global_step, final=False)
-            if config.sample_every_n_steps and global_step % config.sample_every_n_steps == 0:
-                write_samples(global_step)
+
+        stop_signal, nonfinite = agreed_stop(accelerator, stop.signum or 0, not math.isfinite(current))
+        last = global_step == config.max_train_steps
+        periodic = bool(config.save_every_n_steps) and global_step % config.save_every_n_steps == 0
+        # A finite loss can still leave broken weights behind (the update after it); never save those.
+        if nonfinite or ((stop_signal or periodic or last) and not lora_is_finite(training.params)):
+            stop_reason, nonfinite_step = "nonfinite_loss", global_step
+            break
+        if last:
+            break  # the final save below (a stop asked for now changes nothing)
+        if stop_signal and accelerator.is_main_process:
+            print(f"{signal.Signals(stop_signal).name}: stopping at step {global_step}, saving a state to resume from", flush=True)
+        if stop_signal or periodic:
+            lora_path, state = save_checkpoint(global_step, final=False)
+            last_state = str(state)
+        if stop_signal:
+            stop_reason = "signal"
+            break
+        if config.sample_every_n_steps and global_step % config.sample_every_n_steps == 0:
+            write_samples(global_step)
         step_began = time.perf_counter()
     progress.close()
 
-    lora_path = save_checkpoint(global_step, final=True)
-    write_samples(global_step)
+    if stop_reason is None:
+        lora_path, state = save_checkpoint(global_step, final=True)
+        last_state = str(state)
+        write_samples(global_step)
     if writer is not None:
         writer.close()
     result = TrainResult(
         losses=losses, first_step=first_step, steps=global_step,
         final_loss=losses[-1] if losses else float("nan"), average_loss=recorder.average,
         seconds=time.time() - began, step_seconds=step_seconds, peak_memory_gb=peak_memory_gb(device),
-        lora_path=str(lora_path), output_dir=str(output_dir), sample_paths=sample_paths, cache=asdict(stats),
+        lora_path=None if lora_path is None or stop_reason == "nonfinite_loss" else str(lora_path),
+        output_dir=str(output_dir), sample_paths=sample_paths, cache=asdict(stats),
+        stop_reason=stop_reason, stop_signal=stop_signal if stop_reason == "signal" else None, nonfinite_step=nonfinite_step, last_state=last_state,
     )
     if accelerator.is_main_process:
-        summary = {k: getattr(result, k) for k in ("final_loss", "average_loss", "steps", "seconds", "peak_memory_gb")}
-        (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(output_dir / SUMMARY_FILE, json.dumps(train_summary(result, config), indent=2) + "\n")
+        if stop_reason == "signal":
+            print(f"stopped by {signal.Signals(stop_signal).name} at step {global_step}; resume from {last_state}", flush=True)
+        elif stop_reason == "nonfinite_loss":
+            print(f"non-finite loss at step {nonfinite_step}: stopped, nothing saved from these weights; "
+                  f"last good state: {last_state}", flush=True)
     accelerator.end_training()
     return result
 
@@ -579,8 +765,9 @@ def main(argv: list[str] | None = None) -> int:
     frozen = Path(args[0])
     # The launcher passes the run directory; the job reads only the config frozen in it.
     result = run_training(NativeTrainConfig.from_json(frozen / CONFIG_FILE if frozen.is_dir() else frozen))
-    print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}, LoRA {result.lora_path}", flush=True)
-    return 0
+    if result.stop_reason is None:
+        print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}, LoRA {result.lora_path}", flush=True)
+    return result.exit_code
 
 
 if __name__ == "__main__":

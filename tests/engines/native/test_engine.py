@@ -33,6 +33,22 @@ def test_profile_values_reach_the_job(compose_run, tmp_path):
     assert config.optimizer_args == {"weight_decay": 0.0, "relative_step": False, "scale_parameter": False, "warmup_init": False}
 
 
+def test_recipe_and_checkpoint_keys_reach_the_job(compose_run, tmp_path):
+    run = compose_run("profile.min_snr_gamma=5", "profile.min_snr_variant=clamp", "profile.save_precision=float",
+                      "launch.keep_last_states=0")
+    config = native_config_from_run(run, tmp_path)
+    assert (config.min_snr_variant, config.save_precision, config.keep_last_states) == ("clamp", "float", 0)
+    assert native_config_from_run(compose_run(), tmp_path).keep_last_states == 2
+
+
+def test_a_resume_state_that_is_not_complete_is_named(compose_run, tmp_path):
+    state = tmp_path / "flux-lora-step00000004-state"
+    state.mkdir()
+    (state / "optimizer.bin").write_bytes(b"half")  # no manifest: a write that never finished
+    missing = NativeEngine().missing_requirements(compose_run(f"launch.resume_from={state}"))
+    assert missing == [f"launch.resume_from: {state}: no manifest.json (an unfinished write, or a state from before manifests)"]
+
+
 def test_unapplied_options_are_reported_and_not_passed_on(compose_run, tmp_path):
     run = compose_run("gpu.blocks_to_swap=4", "profile.noise_offset=0.1", "profile.min_snr_gamma=5")
     unapplied = NativeEngine().unapplied_options(run)

@@ -25,3 +25,37 @@ def test_two_processes_train_on_different_batches_and_finish(tmp_path: Path) -> 
     finals = re.findall(r"done: 3 steps, final loss ([0-9.]+)", done.stdout)
     assert len(finals) == 2 and finals[0] != finals[1]  # one line per process, each from its own batches
     assert (run_dir / "output" / "flux-lora.safetensors").is_file()
+
+
+PROBE = """
+import hashlib, torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from flux_lora.engines.native.config import NativeTrainConfig
+from flux_lora.engines.native.models import build_tiny_flux
+from flux_lora.engines.native.train import prepare_lora_training
+
+accelerator = Accelerator(cpu=True)
+config = NativeTrainConfig(network_dropout=0.5, optimizer="adamw", use_cpu=True, gradient_checkpointing=False)
+set_seed(config.seed)  # as run_training does: the same seed on every process
+training = prepare_lora_training(build_tiny_flux().transformer, config, accelerator, torch.float32)
+down = accelerator.unwrap_model(training.transformer).single_transformer_blocks[0].proj_out.lora_A["default"]
+mask = down(torch.ones(256, down.in_features)) != 0
+digest = lambda t: hashlib.sha256(t.detach().numpy().tobytes()).hexdigest()[:16]
+print(f"rank {accelerator.process_index} weights {digest(down.weight)} mask {digest(mask)}", flush=True)
+"""
+
+
+def test_each_process_draws_its_own_dropout_masks_from_the_same_initial_lora(tmp_path: Path) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(probe)],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[3],
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    ranks = dict(re.findall(r"rank (\d) (weights \w+ mask \w+)", done.stdout))
+    assert set(ranks) == {"0", "1"}
+    weights, masks = zip(*(re.match(r"weights (\w+) mask (\w+)", ranks[r]).groups() for r in ("0", "1")))
+    assert weights[0] == weights[1] and masks[0] != masks[1]

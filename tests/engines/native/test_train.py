@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from flux_lora.checkpoint_files import state_problem
 from flux_lora.engines.native.config import NativeTrainConfig
 from flux_lora.engines.native.lora import add_flux_lora
 from flux_lora.engines.native.models import build_tiny_flux, encode_prompts
@@ -83,7 +84,12 @@ def test_outputs_have_sd_scripts_names(runs):
     assert all(re.fullmatch(r"flux-lora_0000(04|08)_00_\d{14}_1001\.png", name) for name in samples)
     summary = json.loads((output / "train_summary.json").read_text())
     assert summary["steps"] == 8 and summary["final_loss"] == first.losses[-1]
-    assert set(summary) == {"final_loss", "average_loss", "steps", "seconds", "peak_memory_gb"}
+    assert set(summary) == {"final_loss", "average_loss", "steps", "seconds", "peak_memory_gb", "max_train_steps",
+                            "first_step", "stop_reason"}
+    assert (summary["max_train_steps"], summary["first_step"], summary["stop_reason"]) == (8, 1, None)
+    for state in ("flux-lora-step00000004-state", "flux-lora-state"):
+        assert state_problem(output / state) is None  # complete, with a manifest
+    assert not [p.name for p in output.iterdir() if p.name.startswith(".")]  # no staging leftovers
 
 
 def test_tensorboard_scalars(runs):
@@ -116,7 +122,8 @@ def test_metadata_states_what_was_applied(runs, tmp_path):
 
     dataset = make_dataset(tmp_path / "ds", count=1)
     applied = run_training(tiny_config(tmp_path, dataset, max_train_steps=2, save_every_n_steps=0,
-                                       noise_offset=0.05, min_snr_gamma=5.0, fp8_base=True))
+                                       noise_offset=0.05, min_snr_gamma=5.0, min_snr_variant="clamp", fp8_base=True))
     meta = _metadata(applied.lora_path)
     assert meta["ss_noise_offset"] == "0.05" and meta["ss_min_snr_gamma"] == "5.0"
+    assert meta["ss_min_snr_variant"] == "clamp" and meta["ss_min_snr_kind"] == "flow: loss * min(1, gamma*sigma^2)"
     assert meta["ss_fp8_base"] == "True" and "ss_network_dropout" not in meta
