@@ -33,7 +33,7 @@ from rich.console import Console
 from flux_lora.compose import describe_config_error, raise_on_keys_outside_schema
 from flux_lora.engines.base import Engine
 from flux_lora.gpu_probe import GpuProbe, probe_gpus
-from flux_lora.rules import apply_rules, lora_scale_line, plain_stem_problem
+from flux_lora.rules import apply_rules, lora_scale_line, plain_stem_problem, recipe_effect_lines
 from flux_lora.schema import Accelerator, RunConfig
 
 
@@ -175,6 +175,8 @@ def check_run(run: RunConfig, engine: Engine, *, dry_run: bool) -> CheckReport:
     report.infos.append(lora_scale_line(run))
 
     report.not_applied = engine.unapplied_options(run)
+    # What noise offset and min-SNR do to this run, unless the engine ignores them (its warnings say so).
+    report.infos.extend(recipe_effect_lines(run, skip=report.not_applied))
     for key, why in report.not_applied.items():
         report.warnings.append(f"{key}: has no effect with engine={run.engine.name.value} and is not passed: {why}")
     report.refusal = noop_ablation_refusal(run, report.not_applied)
