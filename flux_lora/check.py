@@ -8,6 +8,7 @@ land are checked earlier still, before Hydra creates the run directory (LaunchPr
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import tempfile
@@ -26,7 +27,8 @@ from flux_lora.dataset import (
 )
 from flux_lora.dataset.training_set import TrainingSet, training_set_from_report
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 
@@ -35,7 +37,6 @@ from flux_lora.engines.base import Engine
 from flux_lora.gpu_probe import GpuProbe, probe_gpus
 from flux_lora.rules import apply_rules, lora_scale_line, plain_stem_problem, recipe_effect_lines
 from flux_lora.schema import Accelerator, RunConfig
-
 
 
 @dataclass
@@ -51,6 +52,10 @@ class CheckReport:
     gate: Optional[GateResult] = None
     # The (image, caption) pairs that train: what the gate passed is what both engines read.
     training_set: Optional[TrainingSet] = None
+    # The engine's own checks of the rendered inputs (set at freeze, where the inputs exist); None = not run.
+    engine_preflight: Optional[dict] = None
+    # launch.resume_from: the state, its step, the run that saved it and any recipe keys changed from that step.
+    resume_source: Optional[dict] = None
 
 
 def noop_ablation_refusal(run: RunConfig, not_applied: dict[str, str]) -> Optional[str]:
@@ -193,7 +198,51 @@ def check_run(run: RunConfig, engine: Engine, *, dry_run: bool) -> CheckReport:
             (report.warnings if dry_run else report.errors).append(gpu_problem)
 
     check_dataset(run, report)
+    if run.launch.resume_from:
+        check_resume_source(run, report)
     return report
+
+
+# Keys a saved LoRA state cannot be loaded across: a different network or base model.
+_STATE_SHAPE_KEYS = ("model.", "profile.network_dim", "profile.network_train_unet_only", "profile.network_module", "engine.name")
+
+
+def check_resume_source(run: RunConfig, report: CheckReport) -> None:
+    """launch.resume_from, before any model loads: a usable state, not finished, of the same network and recipe."""
+    from flux_lora.resume import state_usability  # imports the runner, which imports this module
+    from flux_lora.snapshot import config_differences
+
+    state = Path(run.launch.resume_from).expanduser()
+    problem = state_usability(state) if state.is_dir() else f"{state}: no such folder"
+    if problem:
+        report.errors.append(f"launch.resume_from={state}: {problem}; choose another *-state folder")
+        return
+    step = int(json.loads((state / "train_state.json").read_text())["current_step"])
+    if step >= run.profile.max_train_steps:
+        report.errors.append(
+            f"launch.resume_from={state}: already at step {step} of profile.max_train_steps={run.profile.max_train_steps}; "
+            "nothing is left to train"
+        )
+        return
+    source = state.parent.parent / "config.yaml"  # <run dir>/output/<state>
+    record: dict = {"state": str(state), "step": step, "run_dir": str(state.parent.parent), "recipe_changes": []}
+    report.resume_source = record
+    if not source.is_file():
+        report.warnings.append(f"launch.resume_from={state}: no config.yaml of the run that saved it; recipe changes cannot be checked")
+        return
+    current = OmegaConf.to_container(OmegaConf.structured(run), enum_to_str=True)
+    changed = [c for c in config_differences(yaml.safe_load(source.read_text()), current) if not c.startswith("launch.")]
+    shape = [c for c in changed if c.startswith(_STATE_SHAPE_KEYS)]
+    if shape:
+        report.errors.append(f"launch.resume_from={state}: saved with another network or model ({'; '.join(shape)}); it cannot be loaded")
+    elif changed and not run.launch.allow_recipe_change:
+        report.errors.append(
+            f"launch.resume_from={state}: the recipe differs from the run that saved it ({'; '.join(changed[:5])}); "
+            "restore those values or set launch.allow_recipe_change=true to change them from this step on"
+        )
+    elif changed:
+        record["recipe_changes"] = [f"{c} at step {step}" for c in changed]
+        report.warnings.extend(f"recipe changed at step {step}: {c}" for c in changed)
 
 
 def print_check_report(report: CheckReport, console: Console | None = None, error_console: Console | None = None) -> None:

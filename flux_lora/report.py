@@ -6,6 +6,7 @@ launch.py calls it itself) and as `python -m flux_lora.report DIR [DIR ...]`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flux_lora.outcome import scalar_series
+from flux_lora.snapshot import POINTER_FILE
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,15 @@ def last_scalar(logging_dir: Path, tag: str) -> Optional[float]:
 
 
 def read_run(run_dir: Path) -> RunRow:
+    pointer = _read_json(run_dir / POINTER_FILE)
+    if pointer and not (run_dir / "run.json").exists():
+        # A sweep cell whose run lives elsewhere: skipped as done, or resumed in its own folder.
+        home = Path(pointer["run_dir"])
+        row = read_run(home)
+        if pointer["state"] == "skipped: done":
+            return dataclasses.replace(row, run_dir=run_dir, state="skipped: done", note=str(home))
+        note = f"{pointer['state']} in {home}" + (f": {row.note}" if row.note else "")
+        return dataclasses.replace(row, run_dir=run_dir, note=note)
     run = _read_json(run_dir / "run.json")
     status = _read_json(run_dir / "status.json")
     summary = _read_json(run_dir / "output" / "train_summary.json")
@@ -90,9 +101,10 @@ def read_run(run_dir: Path) -> RunRow:
 
 
 def find_run_dirs(root: Path) -> list[Path]:
-    if (root / "run.json").exists():
+    if (root / "run.json").exists() or (root / POINTER_FILE).exists():
         return [root]
-    return sorted((p.parent for p in root.rglob("run.json")), key=lambda p: p.name)
+    found = {p.parent for p in root.rglob("run.json")} | {p.parent for p in root.rglob(POINTER_FILE)}
+    return sorted(found, key=lambda p: p.name)
 
 
 def _fmt(value: Optional[float], spec: str) -> str:

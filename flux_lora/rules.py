@@ -54,10 +54,19 @@ def _resolution_multiple_of_16(run: RunConfig) -> Optional[str]:
     return None
 
 
-def _bucket_steps_multiple_of_32(run: RunConfig) -> Optional[str]:
-    s = run.dataset.bucket_reso_steps
-    if s % 32:
-        return f"dataset.bucket_reso_steps={s}: must be a multiple of 32 for FLUX; set dataset.bucket_reso_steps=64"
+# sd-scripts' FLUX trainer first runs the base trainer's verify_bucket_reso_steps(64) (train_network.py:175), then
+# its own (32): 64 is what passes. The native engine needs only FLUX's 16 px latent packing; its buckets use 32.
+BUCKET_STEP_MULTIPLE = {EngineName.sd_scripts: 64, EngineName.native: 32}
+
+
+def _bucket_steps_fit_engine(run: RunConfig) -> Optional[str]:
+    s, multiple = run.dataset.bucket_reso_steps, BUCKET_STEP_MULTIPLE[run.engine.name]
+    if s % multiple:
+        fix = s // multiple * multiple or multiple
+        return (
+            f"dataset.bucket_reso_steps={s}: engine={run.engine.name.value} needs a multiple of {multiple}; "
+            f"set dataset.bucket_reso_steps={fix}"
+        )
     return None
 
 
@@ -232,7 +241,7 @@ def _run_name_is_plain_stem(run: RunConfig) -> Optional[str]:
 
 RULES: tuple[Rule, ...] = (
     Rule("resolution_multiple_of_16", Severity.error, "FLUX packs 2x2 patches of 8x-downsampled latents: other sizes crash at step 1", _resolution_multiple_of_16),
-    Rule("bucket_steps_multiple_of_32", Severity.error, "sd-scripts asserts it for FLUX", _bucket_steps_multiple_of_32),
+    Rule("bucket_steps_fit_engine", Severity.error, "sd-scripts asserts a multiple of 64 for FLUX before loading weights", _bucket_steps_fit_engine),
     Rule("resolution_within_buckets", Severity.error, "sd-scripts asserts min_bucket_reso <= resolution <= max_bucket_reso", _resolution_within_buckets),
     Rule("tier_holds_resolution", Severity.error, "a tier's memory bounds the resolution it can train", _tier_holds_resolution),
     Rule("blocks_to_swap_max", Severity.error, "FLUX has 35 swappable blocks; more crashes", _blocks_to_swap_max),

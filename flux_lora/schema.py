@@ -89,6 +89,11 @@ class EngineName(str, Enum):
     sd_scripts = "sd_scripts"
 
 
+class ResumeMode(str, Enum):
+    never = "never"
+    auto = "auto"
+
+
 class StepBasis(str, Enum):
     optimizer_steps = "optimizer_steps"
     images_seen = "images_seen"
@@ -273,6 +278,11 @@ class LaunchConfig:
     output_name: str = "flux-lora"
     # Step states (`*-stepNNNNNNNN-state`) kept on disk: the newest N; 0 keeps all.
     keep_last_states: int = 2
+    # A launch whose run id ran before: `auto` skips it if it succeeded and resumes it (in its own folder) if it
+    # was interrupted, failed after a checkpoint, or its launcher died; `never` always starts a new run.
+    resume: ResumeMode = ResumeMode.never
+    # With launch.resume_from: allow recipe keys to differ from the run that saved the state (recorded per key).
+    allow_recipe_change: bool = False
 
 
 @dataclass

@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional
 import yaml
 
 from flux_lora.check import CheckReport
-from flux_lora.dataset import fingerprint_dataset, write_contact_sheet
+from flux_lora.dataset import DatasetError, fingerprint_dataset, write_contact_sheet
 from flux_lora.dataset.training_set import TRAINING_SET_FILE
 from flux_lora.engines.base import Engine, EngineInputs
 from flux_lora.gpu_probe import probe_gpus, torch_cuda_build
@@ -53,8 +53,54 @@ class LaunchCommand:
 LaunchCommandBuilder = Callable[[RunConfig, EngineInputs], LaunchCommand]
 
 
-class RunDirectoryTaken(RuntimeError):
-    """A run directory already holds a frozen run; flux-lora never overwrites one."""
+CLAIM_FILE = ".flux-lora-claim"
+POINTER_FILE = "run_pointer.json"  # a sweep cell whose run lives elsewhere (skipped as done, or resumed there)
+
+
+def claim_run_dir(run_dir: Path) -> Path:
+    """The run directory this launch owns: run_dir, or run_dir-2, -3, ... when another launch holds it.
+
+    The claim is an exclusively created file, so two launches started in the same second (same name
+    from the clock) never share a folder, whatever the timing; nothing in a taken folder is touched.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    candidate, n = run_dir, 1
+    while True:
+        try:
+            with open(candidate / CLAIM_FILE, "x") as claim:
+                claim.write(f"{platform.node()} {os.getpid()}\n")
+            if (candidate / "run.json").exists() or (candidate / POINTER_FILE).exists():
+                raise FileExistsError  # frozen before claims existed: taken all the same
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = run_dir.with_name(f"{run_dir.name}-{n}")
+            try:
+                candidate.mkdir(parents=True)
+            except FileExistsError:
+                continue
+
+
+def write_pointer(cell_dir: Path, state: str, run_dir: Path, run_id: str) -> None:
+    """Leave a note in a sweep cell's folder that its run lives in run_dir (the summary follows it)."""
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(cell_dir / POINTER_FILE, {"state": state, "run_dir": str(run_dir), "run_id": run_id})
+
+
+def dataset_fingerprint(run: RunConfig, report: CheckReport) -> Optional[dict]:
+    if report.dataset_report is not None:
+        return report.dataset_report.fingerprint  # the preflight already hashed every byte
+    try:
+        return fingerprint_dataset(Path(run.dataset.path), run.dataset.caption_extension)
+    except DatasetError:
+        return None  # missing or empty: the check has already refused the run with that reason
+
+
+def run_identity(resolved: dict[str, Any], report: CheckReport, fingerprint: Optional[dict]) -> str:
+    # The dataset as it trains (images, captions, repeats), else the folder's bytes.
+    if report.training_set is not None:
+        return compute_run_id(resolved, report.training_set.content_hash)
+    return compute_run_id(resolved, fingerprint["content_hash"] if fingerprint else "missing")
 
 
 def is_secret_name(name: str) -> bool:
@@ -92,6 +138,21 @@ def semantic_config(resolved: dict[str, Any], dataset_content_hash: str) -> dict
         _drop_key(tree, key)
     tree.setdefault("dataset", {})["content_hash"] = dataset_content_hash
     return tree
+
+
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_leaves(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): tree}
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """`key: old -> new` for every semantic key that differs between two resolved configs."""
+    a, b = _leaves(semantic_config(old, "")), _leaves(semantic_config(new, ""))
+    return [f"{key}: {a.get(key)!r} -> {b.get(key)!r}" for key in sorted(a.keys() | b.keys()) if a.get(key) != b.get(key)]
 
 
 def compute_run_id(resolved: dict[str, Any], dataset_content_hash: str) -> str:
@@ -210,23 +271,10 @@ def freeze_run(
     overrides: list[str],
 ) -> FrozenRun:
     """Write the run's record; render the engine's inputs unless config errors make that meaningless."""
-    if (run_dir / "run.json").exists():
-        raise RunDirectoryTaken(f"{run_dir}: already holds a frozen run; flux-lora never overwrites one, launch again for a new directory")
-    run_dir.mkdir(parents=True, exist_ok=True)
-
+    run_dir = claim_run_dir(run_dir)
     dataset_path = Path(run.dataset.path)
-    if report.dataset_report is not None:
-        fingerprint = report.dataset_report.fingerprint  # the preflight already hashed every byte
-    elif dataset_path.is_dir():
-        fingerprint = fingerprint_dataset(dataset_path, run.dataset.caption_extension)
-    else:
-        fingerprint = None
-    # The run id takes the dataset as it trains (images, captions, repeats), else the folder's bytes.
-    if report.training_set is not None:
-        dataset_identity = report.training_set.content_hash
-    else:
-        dataset_identity = fingerprint["content_hash"] if fingerprint else "missing"
-    run_id = compute_run_id(resolved, dataset_identity)
+    fingerprint = dataset_fingerprint(run, report)
+    run_id = run_identity(resolved, report, fingerprint)
 
     for earlier in earlier_runs_with_id(Path(run.paths.outputs), run_id, exclude=run_dir):
         report.infos.append(f"run id {run_id} already frozen in {earlier} (same semantic config and dataset)")
@@ -246,6 +294,10 @@ def freeze_run(
         for name, text in inputs.files.items():
             _write_text(run_dir / name, text)
         report.errors.extend(engine.check_inputs(run, inputs))
+        if not report.errors:
+            report.engine_preflight = engine.preflight(run, inputs)
+            if report.engine_preflight["state"] == "failed":
+                report.errors.append(f"engine preflight ({run.engine.name.value}, in {report.engine_preflight.get('python')}): {report.engine_preflight['problem']}")
         command = launch_command(run, inputs)
         _write_json(run_dir / "command.json", {"argv": command.argv, "cwd": command.cwd, "env": _safe_env(command.env)})
 
@@ -266,6 +318,8 @@ def freeze_run(
             "infos": report.infos,
             "refusal": report.refusal,
             "dataset_gate_passed": report.gate.passed if report.gate else None,
+            "engine_preflight": report.engine_preflight,
+            "resume_source": report.resume_source,
         },
     )
     return FrozenRun(run_dir=run_dir, run_id=run_id, command=command)

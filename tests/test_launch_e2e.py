@@ -163,7 +163,8 @@ def test_failing_dataset_gate_stops_before_anything_starts(tmp_path: Path) -> No
 def test_sweep_through_submitit_launcher(tmp_path: Path) -> None:
     # submitit's local executor runs each cell as its own process, the same path SLURM jobs take
     # (the scheduler itself cannot run here).
-    args = ["-m", "hydra/launcher=submitit_local", "ablation=baseline,a6_min_snr", "engine=sd_scripts", "model=flux_dev", "launch.dry_run=true"]
+    args = ["-m", "hydra/launcher=submitit_local", "ablation=baseline,a6_min_snr", "engine=sd_scripts", "model=flux_dev",
+            "launch.dry_run=true", "dataset.bucket_reso_steps=64"]  # fmt: skip
     done = launch(args, tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     states = {d.name.split("-")[-1]: json.loads((d / "status.json").read_text())["state"] for d in run_dirs(tmp_path)}

@@ -183,8 +183,11 @@ class NativeEngine:
 
     def render(self, run: RunConfig, run_dir: Path, unapplied: dict[str, str]) -> EngineInputs:
         config = native_config_from_run(run, run_dir, unapplied)
+        # The state to resume from goes on the command line (recorded per attempt), not into the frozen config.
+        resume = ["--resume", config.resume_from] if config.resume_from else []
+        config.resume_from = None
         return EngineInputs(
-            script_argv=["-m", TRAIN_MODULE, str(Path(run_dir).absolute())],
+            script_argv=["-m", TRAIN_MODULE, str(Path(run_dir).absolute()), *resume],
             files={CONFIG_FILE: config.to_json()},
             # Weights and tokenizers come from local paths only: a hub lookup is a bug, so fail fast instead.
             env={"HF_HUB_OFFLINE": "1"},
