@@ -10,6 +10,8 @@ starts the job in its own process group and:
   - notices the launcher's death (Linux parent-death signal, and the parent pid changing, checked
     once a second), then stops the job as the launcher would: SIGTERM to its group, SIGKILL after
     GRACE_S seconds. So `kill -9` of the launcher leaves no orphan holding a GPU;
+  - relays the job's output, and keeps draining it once the launcher is gone (a write into a closed pipe
+    would kill the job before it saves);
   - gives the job default SIGINT and SIGTERM handling, even when the launcher was started in the
     background by a shell (which makes it ignore SIGINT): a stop always reaches the job.
 It exits with the job's exit status (a signal as 128 + its number).
@@ -62,13 +64,29 @@ def _stop_group(pgid: int) -> None:
         pass
 
 
+def _relay_output(source: int) -> None:
+    """Pass the job's output on; once the launcher is gone, keep draining it so the job never writes into a
+    closed pipe (it would die of that before saving its state)."""
+    sink: Optional[int] = sys.stdout.fileno()
+    while chunk := os.read(source, 1 << 16):
+        if sink is None:
+            continue
+        try:
+            os.write(sink, chunk)
+        except OSError:
+            sink = None
+
+
 def main(argv: list[str]) -> int:
     if not argv:
         print("usage: python -m flux_lora.job_guard <job argv...>", file=sys.stderr)
         return 2
     launcher = os.getppid()
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
-    job = subprocess.Popen(argv, process_group=0, preexec_fn=_restore_default_stop_signals)
+    job = subprocess.Popen(argv, process_group=0, preexec_fn=_restore_default_stop_signals,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    relay = threading.Thread(target=_relay_output, args=(job.stdout.fileno(),), daemon=True)
+    relay.start()
     stopping = threading.Event()
 
     def launcher_gone(_signum: int = 0, _frame: Optional[FrameType] = None) -> None:
@@ -104,6 +122,7 @@ def main(argv: list[str]) -> int:
             break
         except InterruptedError:
             continue
+    relay.join(timeout=5)  # the last lines of the last process
     return 128 - code if code < 0 else code
 
 
