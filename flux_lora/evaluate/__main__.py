@@ -1,0 +1,117 @@
+"""`python -m flux_lora.evaluate RUN_DIR [options]`: evaluate a run, print a summary, write RUN_DIR/eval/eval.json.
+
+Exit status: 0 evaluated, 1 evaluated but the LoRA fails the load or ComfyUI key check, 2 could not evaluate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+from rich.console import Console
+from rich.table import Table
+
+from flux_lora.evaluate.evaluation import evaluate_run
+from flux_lora.evaluate.settings import EvalSettings
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(",") if v.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v.strip())
+
+
+def parse_args(argv: list[str]) -> tuple[Path, EvalSettings, bool]:
+    defaults = EvalSettings()
+    parser = argparse.ArgumentParser(prog="python -m flux_lora.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--validation-path", help="folder of validation images (+ captions); default: the training images")
+    parser.add_argument("--lora", choices=["final", "best"], default=defaults.lora,
+                        help="LoRA that generates (best: lowest validation loss)")  # fmt: skip
+    parser.add_argument("--strengths", type=_floats, default=defaults.strengths, help="e.g. 0.5,0.8,1.0,1.2")
+    parser.add_argument("--seeds", type=_ints, default=defaults.seeds, help="e.g. 0,1,2,3")
+    parser.add_argument("--max-prompts", type=int, default=None, help="at most N sample and N held-out prompts")
+    parser.add_argument("--no-heldout", action="store_true", help="only the run's sample prompts")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's profile.sample_steps)")
+    parser.add_argument("--resolution", type=int, default=None, help="pixels (default: the run's profile.resolution)")
+    parser.add_argument("--min-output-change", type=float, default=defaults.min_output_change)
+    parser.add_argument("--no-validation", action="store_true")
+    parser.add_argument("--no-likeness", action="store_true", help="skip generation, likeness, diversity and grids")
+    parser.add_argument("--no-load-check", action="store_true")
+    parser.add_argument("--device", default=defaults.device)
+    parser.add_argument("--force", action="store_true", help="evaluate again even if eval.json matches")
+    args = parser.parse_args(argv)
+    settings = EvalSettings(
+        validation=not args.no_validation, validation_path=args.validation_path, likeness=not args.no_likeness,
+        lora=args.lora, strengths=args.strengths, seeds=args.seeds, heldout_prompts=not args.no_heldout,
+        max_prompts_per_set=args.max_prompts, sample_steps=args.steps, resolution=args.resolution,
+        load_check=not args.no_load_check, min_output_change=args.min_output_change, device=args.device,
+    )  # fmt: skip
+    return args.run_dir, settings, args.force
+
+
+def _num(value: Optional[float], spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_summary(result: dict, console: Console) -> None:
+    run = result["run"]
+    console.print(f"[bold]{run['name']}[/bold]: {run['label']}")
+    if "validation" in result:
+        validation = result["validation"]
+        sizes = f"{validation['count']} images x {len(validation['sigmas'])} sigmas"
+        table = Table(title=f"validation loss ({validation['images']}, {sizes})")
+        for column in ("LoRA", "step", "loss"):
+            table.add_column(column)
+        for point in validation["curve"]:
+            table.add_row(point["label"], str(point["step"]), _num(point["loss"], ".5f"))
+        console.print(table)
+        console.print(f"best: step {validation['best']['step']} ({_num(validation['best']['loss'], '.5f')}), "
+                      f"final {_num(validation['final']['loss'], '.5f')}")  # fmt: skip
+    if "likeness" in result:
+        likeness = result["likeness"]
+        table = Table(title=f"likeness ({likeness['embedder']}, same person below {likeness['same_person_distance']})")
+        for column in ("images compared", "face found", "mean distance", "mean cosine", "same person"):
+            table.add_column(column)
+        rows = {"training vs training (ceiling)": likeness["ceiling"], "no LoRA (floor)": likeness["floor"],
+                **{f"LoRA x{k}": v for k, v in likeness["by_strength"].items()}}  # fmt: skip
+        for label, block in rows.items():
+            table.add_row(label, _num(block["face_found_share"], ".0%"), _num(block["mean_distance"], ".3f"),
+                          _num(block["mean_cosine"], ".3f"), _num(block["same_person_share"], ".0%"))  # fmt: skip
+        console.print(table)
+        if likeness.get("note"):
+            console.print(likeness["note"])
+        diversity = result["diversity"]
+        console.print(f"diversity: {len(diversity['collapsed_rows'])} collapsed prompt rows, "
+                      f"{len(diversity['copies'])} near-copies of training images")  # fmt: skip
+    if "load_check" in result:
+        check = result["load_check"]
+        verdict = "passed" if check["passed"] else "FAILED"
+        console.print(f"load check (diffusers): {verdict}; {check['modules_loaded']} modules, output change "
+                      f"{_num(check['output_change'], '.2e')} (needs > {check['min_output_change']:g})")  # fmt: skip
+        for line in check["unconsumed_keys"][:5] + check["warnings"][:5] + ([check["error"]] if check["error"] else []):
+            console.print(f"  {line}")
+    comfy = result["comfy_keys"]
+    console.print(f"ComfyUI key map: {'passed' if comfy['passed'] else 'FAILED'}; {comfy['modules']} modules")
+    for line in comfy["problems"][:5]:
+        console.print(f"  {line}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    run_dir, settings, force = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        result = evaluate_run(run_dir, settings, force=force)
+    except (FileNotFoundError, ValueError, ModuleNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print_summary(result, Console())
+    failed = not result["comfy_keys"]["passed"] or not result.get("load_check", {"passed": True})["passed"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

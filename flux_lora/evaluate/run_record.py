@@ -1,0 +1,129 @@
+"""What the evaluator reads from a run directory: the frozen config.yaml, status.json and the saved LoRA files.
+
+Nothing engine-specific: sd-scripts and the native engine write the same layout, so one reader serves both.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import blake3
+import yaml
+from safetensors import safe_open
+
+from flux_lora.dataset.training_set import TRAINING_SET_FILE, TrainingSet, training_set_from_folder
+from flux_lora.engines.native.data import ImageCaption
+
+SUCCEEDED = "succeeded"
+_STEP_IN_NAME = re.compile(r"-step(\d+)$")
+
+
+@dataclass(frozen=True)
+class LoraCheckpoint:
+    path: Path
+    step: Optional[int]  # training step it was saved at (from ss_steps, else the file name); None if unknown
+    final: bool
+    content_hash: str  # blake3 of the file
+
+    def relative_to(self, run_dir: Path) -> str:
+        return str(self.path.relative_to(run_dir))
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    run_dir: Path
+    config: dict[str, Any]
+    state: str
+    reason: Optional[str]
+    checkpoints: list[LoraCheckpoint]  # by step; the final file last
+
+    @property
+    def succeeded(self) -> bool:
+        return self.state == SUCCEEDED
+
+    @property
+    def final(self) -> LoraCheckpoint:
+        """The final LoRA, or the latest intermediate one when the run stopped before writing it."""
+        return next((c for c in self.checkpoints if c.final), self.checkpoints[-1])
+
+    def section(self, name: str) -> dict[str, Any]:
+        return self.config.get(name) or {}
+
+    def training_examples(self) -> list[ImageCaption]:
+        """The pairs that trained: the run's frozen training_set.json, else the same selection from dataset.path."""
+        frozen = self.run_dir / TRAINING_SET_FILE
+        if frozen.is_file():
+            training_set = TrainingSet.read_json(frozen)
+        else:
+            training_set = folder_examples_set(Path(self.section("dataset").get("path") or ""), self.section("dataset"))
+        examples = [ImageCaption(training_set.image_path(e), e.caption, e.repeats) for e in training_set.examples]
+        missing = [str(e.image) for e in examples if not e.image.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{missing[0]}: a training image of this run is gone ({len(missing)} missing); restore it to evaluate"
+            )
+        return examples
+
+
+def folder_examples_set(folder: Path, dataset: dict[str, Any]) -> TrainingSet:
+    """A folder's (image, caption) pairs selected as training selects them (captions beside the images)."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: image folder not found; check dataset.path in config.yaml or --validation-path")
+    return training_set_from_folder(folder, dataset.get("caption_extension") or ".txt", dataset.get("class_tokens") or "")
+
+
+def folder_examples(folder: Path, dataset: dict[str, Any]) -> list[ImageCaption]:
+    training_set = folder_examples_set(folder, dataset)
+    if not training_set.examples:
+        raise FileNotFoundError(f"{folder}: no images to evaluate on")
+    return [ImageCaption(training_set.image_path(e), e.caption) for e in training_set.examples]
+
+
+def file_hash(path: Path) -> str:
+    hasher = blake3.blake3()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            hasher.update(block)
+    return hasher.hexdigest()
+
+
+def _saved_step(path: Path) -> Optional[int]:
+    with safe_open(str(path), framework="pt") as handle:
+        steps = (handle.metadata() or {}).get("ss_steps")
+    if steps is not None and steps.isdigit():
+        return int(steps)
+    match = _STEP_IN_NAME.search(path.stem)
+    return int(match.group(1)) if match else None
+
+
+def find_checkpoints(output_dir: Path, output_name: str) -> list[LoraCheckpoint]:
+    """`<name>.safetensors` (final) and `<name>-*.safetensors` (intermediate) directly in output/."""
+    files = sorted(p for p in output_dir.glob("*.safetensors")
+                   if p.stem == output_name or p.stem.startswith(f"{output_name}-"))  # fmt: skip
+    checkpoints = [LoraCheckpoint(p, _saved_step(p), p.stem == output_name, file_hash(p)) for p in files]
+    return sorted(checkpoints, key=lambda c: (c.final, c.step if c.step is not None else float("inf"), c.path.name))
+
+
+def read_run(run_dir: Path) -> RunRecord:
+    """The run's frozen record; one-line errors name the missing file and what to pass instead."""
+    run_dir = Path(run_dir).resolve()
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"{config_file} not found; pass a run directory written by launch.py (outputs/runs/<time>_<name>)"
+        )
+    config = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+    status_file = run_dir / "status.json"
+    status = json.loads(status_file.read_text(encoding="utf-8")) if status_file.is_file() else {}
+    output_name = (config.get("launch") or {}).get("output_name") or "flux-lora"
+    checkpoints = find_checkpoints(run_dir / "output", output_name) if (run_dir / "output").is_dir() else []
+    if not checkpoints:
+        raise FileNotFoundError(
+            f"{run_dir / 'output'}: no {output_name}*.safetensors; the run saved no LoRA to evaluate "
+            f"(state {status.get('state', 'unknown')})"
+        )
+    return RunRecord(run_dir, config, status.get("state", "unknown"), status.get("reason"), checkpoints)

@@ -1,0 +1,45 @@
+"""What an evaluation does, as one frozen dataclass: its fields (with the LoRA files) are the cache key."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+# The 9 noise levels of the validation set, fixed so curves compare across runs and checkpoints.
+VALIDATION_SIGMAS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    # Validation loss over every saved LoRA.
+    validation: bool = True
+    validation_path: Optional[str] = None  # a folder of images (+ captions); None: the run's training images
+    validation_sigmas: tuple[float, ...] = VALIDATION_SIGMAS
+    validation_batch_size: int = 3  # (image, sigma) pairs per forward pass; FLUX.1-dev at 1024 px needs it small
+
+    # Generation for likeness, diversity and grids (one LoRA file, several strengths and seeds).
+    likeness: bool = True
+    lora: str = "final"  # which LoRA generates: "final" or "best" (lowest validation loss)
+    strengths: tuple[float, ...] = (0.5, 0.8, 1.0, 1.2)
+    seeds: tuple[int, ...] = (0, 1, 2, 3)
+    heldout_prompts: bool = True
+    max_prompts_per_set: Optional[int] = None  # None: every sample prompt and every held-out prompt
+    sample_steps: Optional[int] = None  # None: the run's profile.sample_steps
+    resolution: Optional[int] = None  # None: the run's profile.resolution (generation and validation)
+
+    # Does the exported file load elsewhere and change the model?
+    load_check: bool = True
+    min_output_change: float = 1e-4  # mean |LoRA - base| / mean |base| of the transformer output
+
+    device: str = "auto"  # "auto": cuda when available, else cpu
+
+    def __post_init__(self) -> None:
+        if self.lora not in ("final", "best"):
+            raise ValueError(f"EvalSettings.lora={self.lora!r}: use 'final' or 'best'")
+        if not self.seeds or not self.strengths:
+            raise ValueError("EvalSettings: seeds and strengths need at least one value each")
+        if any(not 0.0 < s < 1.0 for s in self.validation_sigmas):
+            raise ValueError(f"EvalSettings.validation_sigmas={self.validation_sigmas}: each must lie in (0, 1)")
+
+    def to_record(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

@@ -1,0 +1,61 @@
+"""End to end: `python -m flux_lora.evaluate RUN_DIR` on a real tiny run, and its cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image
+
+from flux_lora.evaluate import EvalSettings, evaluate_run
+from flux_lora.evaluate.grids import grid_size
+from tests.evaluate.tiny_eval import SMALL_EVAL
+
+
+def test_cli_writes_eval_json_with_every_section(evaluated_run) -> None:
+    run_dir, done = evaluated_run
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((run_dir / "eval" / "eval.json").read_text())
+    assert result["schema_version"] == 1
+    assert result["run"]["state"] == "succeeded" and result["run"]["succeeded"] is True
+    assert [(e["step"], e["final"]) for e in result["loras"]] == [(2, False), (4, True)]
+
+    validation = result["validation"]
+    assert validation["images"] == "training-set" and validation["count"] == 8
+    assert [p["step"] for p in validation["curve"]] == [0, 2, 4]
+    assert set(validation["curve"][1]["per_sigma"]) == {f"0.{i}" for i in range(1, 10)}
+    assert validation["final"]["step"] == 4 and validation["best"]["step"] in (2, 4)
+
+    # The tiny random model draws no faces: likeness is null, never a made-up number.
+    likeness = result["likeness"]
+    assert likeness["ceiling"]["faces_found"] == 8 and likeness["ceiling"]["mean_distance"] < 0.6
+    assert likeness["floor"]["face_found_share"] == 0 and likeness["floor"]["mean_distance"] is None
+    assert set(likeness["by_strength"]) == {"0.5", "1"}
+    assert all(block["same_person_share"] is None for block in likeness["by_strength"].values())
+
+    assert result["load_check"]["passed"] and result["comfy_keys"]["passed"]
+    assert len(result["samples"]) == 2 * 3 * 2  # prompts x (no LoRA + 2 strengths) x seeds
+    assert {s["set"] for s in result["samples"]} == {"sample", "heldout"}
+    assert len(result["diversity"]["rows"]) == 2 * 3
+    assert result["grids"]["contact_sheet"] == "dataset_contact_sheet.png"
+    assert "ComfyUI key map: passed" in done.stdout
+
+
+def test_grid_png_has_the_expected_pixel_size(evaluated_run) -> None:
+    run_dir, _ = evaluated_run
+    grids = json.loads((run_dir / "eval" / "eval.json").read_text())["grids"]
+    for entry in grids["prompts"]:
+        with Image.open(run_dir / entry["grid"]) as grid:
+            assert grid.size == grid_size(rows=3, columns=2, cell=64)
+        assert entry["rows"] == ["no LoRA", "LoRA x0.5", "LoRA x1"]
+
+
+def test_rerun_with_the_same_settings_is_a_cache_hit(evaluated_run) -> None:
+    run_dir, _ = evaluated_run
+    eval_file = run_dir / "eval" / "eval.json"
+    before = eval_file.stat().st_mtime_ns
+    messages: list[str] = []
+    result = evaluate_run(run_dir, EvalSettings(**SMALL_EVAL), log=messages.append)
+    assert result["cached"] is True
+    assert eval_file.stat().st_mtime_ns == before
+    assert messages == [f"eval: cached, nothing to do (same LoRA files and settings): {eval_file}"]

@@ -1,0 +1,49 @@
+"""dlib face embeddings on the real sample photos (one person), and honest nulls where there is no face."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flux_lora.compose import PROJECT_ROOT
+from flux_lora.evaluate.face_embedding import SAME_PERSON_DISTANCE, FaceEmbedder, cosine, distance
+from flux_lora.evaluate.likeness import ceiling, read_rgb, reference_faces, score_face, summarize
+
+SAMPLE = PROJECT_ROOT / "data" / "sample"
+
+
+@pytest.fixture(scope="module")
+def embedder() -> FaceEmbedder:
+    return FaceEmbedder()
+
+
+def test_two_sample_photos_of_the_same_person_are_within_dlibs_threshold(embedder: FaceEmbedder) -> None:
+    a = embedder.embed(read_rgb(SAMPLE / "02_head_shoulders.jpg"))
+    b = embedder.embed(read_rgb(SAMPLE / "06_wide.jpg"))
+    assert a is not None and b is not None and a.shape == (128,)
+    assert distance(a, b) < SAME_PERSON_DISTANCE and cosine(a, b) > 0.9
+
+
+def test_the_training_faces_set_the_ceiling(embedder: FaceEmbedder) -> None:
+    photos = sorted(SAMPLE.glob("*.jpg"))
+    reference = reference_faces(embedder, photos)
+    assert len(reference) == len(photos) == 8
+    top = ceiling(reference, len(photos))
+    assert top["pairs"] == 28 and top["same_person_share"] == 1.0 and top["mean_distance"] < SAME_PERSON_DISTANCE
+
+
+def test_no_face_gives_null_metrics_not_zero(embedder: FaceEmbedder) -> None:
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    reference = list(reference_faces(embedder, [SAMPLE / "03_close_up.jpg"]).values())
+    assert embedder.embed(noise) is None
+    block = summarize([score_face(None, reference), score_face(None, reference)])
+    assert block == {"images": 2, "faces_found": 0, "face_found_share": 0.0, "mean_cosine": None,
+                     "mean_distance": None, "same_person_share": None}  # fmt: skip
+
+
+def test_an_image_without_a_face_counts_as_not_the_same_person(embedder: FaceEmbedder) -> None:
+    reference = list(reference_faces(embedder, [SAMPLE / "03_close_up.jpg"]).values())
+    face = embedder.embed(read_rgb(SAMPLE / "07_warm_close.jpg"))
+    block = summarize([score_face(face, reference), score_face(None, reference)])
+    assert block["face_found_share"] == 0.5 and block["same_person_share"] == 0.5
+    assert block["mean_distance"] < SAME_PERSON_DISTANCE

@@ -1,0 +1,70 @@
+"""Validation loss on a real tiny run: a fixed set, the same numbers twice, and a LoRA that moves them."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from flux_lora.evaluate.base_model import attach_lora, encode_texts, load_base_parts
+from flux_lora.evaluate.run_record import read_run
+from flux_lora.evaluate.settings import VALIDATION_SIGMAS
+from flux_lora.evaluate.validation import (
+    TRAINING_SET,
+    VALIDATION_FOLDER,
+    build_validation_set,
+    summarize_curve,
+    validation_examples,
+    validation_point,
+)
+
+CPU = dict(guidance=1.0, prediction_type="raw", batch_size=3, device=torch.device("cpu"), dtype=torch.float32)
+
+
+def test_validation_loss_is_deterministic_and_differs_between_base_and_lora(tiny_run: Path) -> None:
+    run = read_run(tiny_run)
+    parts = load_base_parts(run.section("model"), torch.float32)
+    label, _, examples = validation_examples(run, None)
+    examples = examples[:2]
+    embeddings = encode_texts(parts, [e.caption for e in examples])
+    images = build_validation_set(parts, examples, 64, run.section("dataset"), VALIDATION_SIGMAS)
+
+    base = validation_point(parts.transformer, images, embeddings, VALIDATION_SIGMAS, **CPU)
+    assert validation_point(parts.transformer, images, embeddings, VALIDATION_SIGMAS, **CPU) == base
+    attach_lora(parts.transformer, run.final.path)
+    trained = validation_point(parts.transformer, images, embeddings, VALIDATION_SIGMAS, **CPU)
+    assert validation_point(parts.transformer, images, embeddings, VALIDATION_SIGMAS, **CPU) == trained
+
+    assert label == TRAINING_SET
+    assert abs(trained["loss"] - base["loss"]) > 1e-5
+    assert list(base["per_sigma"]) == ["0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "0.9"]
+    assert set(base["per_image"]) == {e.image.name for e in examples}
+
+
+def test_the_set_depends_on_the_image_bytes_only(tiny_run: Path, tmp_path: Path) -> None:
+    """The same photo in another folder, under another name, gets the same latents and noise."""
+    run = read_run(tiny_run)
+    parts = load_base_parts(run.section("model"), torch.float32)
+    source = run.training_examples()[0].image
+    folder = tmp_path / "validation"
+    folder.mkdir()
+    shutil.copy(source, folder / "renamed.jpg")
+    label, where, examples = validation_examples(run, str(folder))
+    assert label == VALIDATION_FOLDER and where == str(folder.resolve())
+    copied = build_validation_set(parts, examples, 64, run.section("dataset"), VALIDATION_SIGMAS)[0]
+    original = build_validation_set(parts, run.training_examples()[:1], 64, run.section("dataset"), VALIDATION_SIGMAS)[0]
+    assert torch.equal(copied.noise, original.noise) and torch.equal(copied.latents, original.latents)
+    assert copied.noise.shape == (9, 16, 8, 8)  # 64 px / 8
+
+
+def test_best_and_final_points_of_a_curve() -> None:
+    curve = [
+        {"step": 0, "file": None, "loss": 1.0},
+        {"step": 2, "file": "output/a-step2.safetensors", "final": False, "loss": 0.7},
+        {"step": 4, "file": "output/a.safetensors", "final": True, "loss": 0.8},
+    ]
+    assert summarize_curve(curve) == {
+        "best": {"step": 2, "file": "output/a-step2.safetensors", "loss": 0.7},
+        "final": {"step": 4, "file": "output/a.safetensors", "loss": 0.8},
+    }
