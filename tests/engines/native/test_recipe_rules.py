@@ -98,3 +98,14 @@ def test_a_min_snr_variant_without_gamma_and_a_negative_state_count_are_flagged(
 def test_the_rules_import_no_torch():
     code = "import sys, flux_lora.rules; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT).returncode == 0
+
+
+def test_check_reports_the_lines_only_for_an_engine_that_applies_them(compose_run):
+    from flux_lora.check import check_run
+    from flux_lora.engines import get_engine
+
+    native = check_run(compose_run("profile.noise_offset=0.1", "profile.min_snr_gamma=5"), get_engine("native"), dry_run=True)
+    assert sum(line.startswith(("profile.noise_offset=", "profile.min_snr_gamma=")) for line in native.infos) == 2
+    run = compose_run("engine=sd_scripts", "model=flux_dev", "profile.noise_offset=0.1", "profile.min_snr_gamma=5")
+    ignored = check_run(run, get_engine("sd_scripts"), dry_run=True)
+    assert not any(line.startswith(("profile.noise_offset=", "profile.min_snr_gamma=")) for line in ignored.infos)
