@@ -759,12 +759,17 @@ def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: accelerate launch -m flux_lora.engines.native.train <run dir | native_config.json>", file=sys.stderr)
+    if len(args) not in (1, 3) or (len(args) == 3 and args[1] != "--resume"):
+        print("usage: accelerate launch -m flux_lora.engines.native.train <run dir | native_config.json> [--resume STATE_DIR]",
+              file=sys.stderr)  # fmt: skip
         return 2
     frozen = Path(args[0])
-    # The launcher passes the run directory; the job reads only the config frozen in it.
-    result = run_training(NativeTrainConfig.from_json(frozen / CONFIG_FILE if frozen.is_dir() else frozen))
+    # The launcher passes the run directory; the job reads only the config frozen in it. A resumed attempt
+    # names its state on the command line, so the frozen config stays as it was.
+    config = NativeTrainConfig.from_json(frozen / CONFIG_FILE if frozen.is_dir() else frozen)
+    if len(args) == 3:
+        config.resume_from = args[2]
+    result = run_training(config)
     if result.stop_reason is None:
         print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}, LoRA {result.lora_path}", flush=True)
     return result.exit_code

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from flux_lora.checkpoint_files import state_problem
 from flux_lora.compose import PROJECT_ROOT
 from flux_lora.engines.native.config import CONFIG_FILE, NativeTrainConfig
-from flux_lora.engines.native.train import main, prune_step_states, run_training
+from flux_lora.engines.native.train import main, prune_step_states
 from tests.engines.native.native_tiny_run import make_dataset, tiny_config
 
 STEP_STATE = re.compile(r"flux-lora-step(\d{8})-state")
@@ -83,10 +83,12 @@ def test_a_signal_finishes_the_step_saves_a_state_and_the_run_resumes(tmp_path: 
     assert not (output / "flux-lora-state").exists()
 
     if signum == signal.SIGTERM:  # one resume is enough to show the state is a real one
-        resumed = run_training(tiny_config(tmp_path, dataset, "resumed", max_train_steps=16, save_every_n_steps=0,
-                                           resume_from=str(state)))
-        assert (resumed.first_step, resumed.steps, resumed.stop_reason) == (stopped + 1, 16, None)
-        assert json.loads((Path(resumed.output_dir) / "train_summary.json").read_text())["first_step"] == stopped + 1
+        # As the launcher resumes: the frozen config unchanged, the state on the command line.
+        resumed = tiny_config(tmp_path, dataset, "resumed", max_train_steps=16, save_every_n_steps=3, keep_last_states=2)
+        assert main([str(freeze(resumed)), "--resume", str(state)]) == 0
+        summary = json.loads((Path(resumed.output_dir) / "train_summary.json").read_text())
+        assert (summary["first_step"], summary["steps"], summary["stop_reason"]) == (stopped + 1, 16, None)
+        assert state_problem(Path(resumed.output_dir) / "flux-lora-state") is None
 
 
 def test_a_non_finite_loss_stops_at_once_and_saves_nothing_from_the_broken_weights(tmp_path: Path) -> None:
