@@ -197,6 +197,9 @@ def check_run(run: RunConfig, engine: Engine, *, dry_run: bool) -> CheckReport:
         if gpu_problem:
             (report.warnings if dry_run else report.errors).append(gpu_problem)
 
+    python = run.engine.python
+    if python and shutil.which(python) is None:
+        report.errors.append(f"engine.python={python}: no such executable; set engine.python to the engine venv's python")
     check_dataset(run, report)
     if run.launch.resume_from:
         check_resume_source(run, report)

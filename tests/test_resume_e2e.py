@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from flux_lora.compose import PROJECT_ROOT
 from tests.test_launch_e2e import run_dirs
@@ -114,3 +115,27 @@ def test_kill_9_of_the_launcher_leaves_no_orphan_and_the_job_saves_first(tmp_pat
     assert summary["stop_reason"] == "signal"  # the guard stopped it gracefully: state saved at the step it reached
     saved = sorted((run_dir / "output").glob("flux-lora-step*-state/manifest.json"))
     assert saved and summary["steps"] >= 2
+
+
+@pytest.mark.slow
+def test_nan_fails_within_steps_and_a_rerun_retries_only_the_failed_cell(tmp_path: Path) -> None:
+    """Two cells, one with an absurd learning rate: it fails with the NaN step named, the other succeeds;
+    the same command again skips the good cell and retries only the failed one."""
+    args = ["-m", "ablation=baseline", "profile.learning_rate=1e-3,1e12", "launch.resume=auto", *SHORT,
+            "ablation.baseline_steps=8"]  # fmt: skip
+    output = finish(start(args, tmp_path))
+    by_lr = {yaml.safe_load((d / "config.yaml").read_text())["profile"]["learning_rate"]: d for d in run_dirs(tmp_path)}
+    bad = json.loads((by_lr[1e12] / "status.json").read_text())
+    assert bad["state"] == "failed" and bad["reason"].startswith("loss became NaN at step "), bad
+    assert int(bad["reason"].split("step ")[1].split(";")[0]) <= 5  # stopped within a few steps, not after 8
+    assert json.loads((by_lr[1e-3] / "status.json").read_text())["state"] == "succeeded"
+    assert "loss became NaN" in output  # and the sweep table names the reason
+
+    time.sleep(1.1)
+    output = finish(start(args, tmp_path))
+    assert output.count("skipped: done: run") == 1, output[-3000:]
+    attempts = {lr: 0 for lr in by_lr}
+    for d in run_dirs(tmp_path):
+        lr = yaml.safe_load((d / "config.yaml").read_text())["profile"]["learning_rate"]
+        attempts[lr] += len(json.loads((d / "status.json").read_text())["attempts"])
+    assert attempts == {1e-3: 1, 1e12: 2}  # resumed from its last good state, or started again if it had none

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -131,3 +132,44 @@ def test_exit_0_is_success_only_when_the_artefacts_show_every_step_trained(
     status = launch_run(tmp_path, command, ExpectedTraining(max_train_steps=4, output_name="flux-lora"))
     assert status.exit_code == 0
     assert (status.state, status.reason) == ((RunState.succeeded, None) if reason is None else (RunState.failed, reason))
+
+
+SCRIPTED_JOB = textwrap.dedent(
+    """
+    import sys, time
+    for line in sys.argv[2:]:
+        print(line, flush=True)
+        time.sleep(0.05)
+    if sys.argv[1] == "hang":
+        time.sleep(120)  # a trainer that would go on with a NaN loss: the launcher must stop it
+    sys.exit(int(sys.argv[1]) if sys.argv[1] != "hang" else 0)
+    """
+)
+
+
+def _scripted(tmp_path: Path, end: str, *lines: str):
+    job = tmp_path / "scripted_job.py"
+    job.write_text(SCRIPTED_JOB)
+    command = LaunchCommand([sys.executable, str(job), end, *lines], cwd=str(tmp_path), env={})
+    expect = ExpectedTraining(max_train_steps=10, output_name="flux-lora", memory_advice="gpu.batch_size=1, gpu.fp8_base=true")
+    return launch_run(tmp_path, command, expect)
+
+
+def test_a_nan_loss_in_sd_scripts_progress_stops_the_job_and_fails_the_run(tmp_path: Path) -> None:
+    started = time.monotonic()
+    status = _scripted(tmp_path, "hang", "steps:  10%| | 1/10 [00:01<00:09, 1.0it/s, avr_loss=0.31]",
+                       "steps:  20%| | 2/10 [00:02<00:08, 1.0it/s, avr_loss=nan]")  # fmt: skip
+    assert time.monotonic() - started < 60  # stopped at once, not after the job's two minutes
+    assert status.state == RunState.failed and status.reason == "loss became NaN at step 2; last good checkpoint: none"
+
+
+def test_out_of_memory_is_named_with_the_settings_that_would_help(tmp_path: Path) -> None:
+    status = _scripted(tmp_path, "1", "steps: 1/10 loss=0.5",
+                       "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")  # fmt: skip
+    assert status.state == RunState.failed and status.reason.startswith("out of memory (torch.OutOfMemoryError: CUDA out of memory")
+    assert status.reason.endswith("to use less memory: gpu.batch_size=1, gpu.fp8_base=true")
+
+
+def test_a_failure_names_its_last_error_line(tmp_path: Path) -> None:
+    status = _scripted(tmp_path, "1", "steps: 1/10 loss=0.5", "ValueError: image 07.jpg could not be decoded")
+    assert status.state == RunState.failed and status.reason == "exit code 1: ValueError: image 07.jpg could not be decoded"

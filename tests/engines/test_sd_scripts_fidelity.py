@@ -241,7 +241,7 @@ def test_engine_preflight_runs_in_engine_python_and_is_recorded(tmp_path):
     assert "assert_extra_args" in preflight["steps"] and "sd_scripts_preflight_job.py" in marker.read_text()
     # An interpreter that does not exist refuses the run with one line naming the key.
     done = launch([*args[:-1], f"engine.python={tmp_path / 'no-such-python'}"], tmp_path, {"SD_SCRIPTS_DIR": str(checkout.path)})
-    assert done.returncode == 1 and f"engine.python={tmp_path / 'no-such-python'}: no such interpreter" in done.stdout + done.stderr
+    assert done.returncode == 1 and f"engine.python={tmp_path / 'no-such-python'}: no such executable" in done.stdout + done.stderr
 
 
 # ---------------------------------------------------------------- 6. options ignored in a combination
