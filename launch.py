@@ -23,7 +23,7 @@ from flux_lora.engines import get_engine
 from flux_lora.report import SweepDirRecorder, find_run_dirs, print_summary, read_run
 from flux_lora.resume import Decision, decide, find_runs_with_id
 from flux_lora.rules import memory_advice
-from flux_lora.runner import ExpectedTraining, RunState, launch_command, launch_run, start_run
+from flux_lora.runner import ExpectedTraining, RunState, evaluate_after_run, launch_command, launch_run, start_run
 from flux_lora.schema import ResumeMode
 from flux_lora.snapshot import config_differences, dataset_fingerprint, freeze_run, run_identity, write_pointer
 
@@ -70,7 +70,7 @@ def launch_one(cfg: DictConfig) -> None:
     print_check_report(report)
     run_dir = frozen.run_dir
     status = start_run(frozen, report, dry_run=run.launch.dry_run, expect=expect, finish=lambda: engine.finish_attempt(run, run_dir))
-    end_run(frozen.run_id, status, run_dir, hydra_cfg.mode)
+    end_run(frozen.run_id, status, run_dir, hydra_cfg.mode, run)
 
 
 def refuse_changed_cell(cell_dir: Path, resolved: dict) -> None:
@@ -92,6 +92,10 @@ def finish_known_run(run, engine, report, cell_dir: Path, run_id: str, decision,
         print(f"skipped: done: run {run_id} succeeded in {home}")
         if home != cell_dir:
             write_pointer(cell_dir, "skipped: done", home, run_id)
+        if run.eval.enabled:  # a re-run with evaluation switched on evaluates what is done (cached if it was)
+            problem = evaluate_after_run(run, home)
+            if problem:
+                print(f"warning: {problem}", file=sys.stderr)
         return
     if decision.decision == Decision.busy:
         if home != cell_dir:
@@ -108,11 +112,15 @@ def finish_known_run(run, engine, report, cell_dir: Path, run_id: str, decision,
         write_pointer(cell_dir, "resumed", home, run_id)
     expect = dataclasses.replace(expect, from_step=state.step or 0)
     status = launch_run(home, launch_command(resumed, inputs), expect, finish=lambda: engine.finish_attempt(resumed, home))
-    end_run(run_id, status, home, mode)
+    end_run(run_id, status, home, mode, run)
 
 
-def end_run(run_id: str, status, run_dir: Path, mode) -> None:
+def end_run(run_id: str, status, run_dir: Path, mode, run=None) -> None:
     print(f"run {run_id} {status.state.value}: {run_dir}" + (f" ({status.reason})" if status.reason else ""))
+    if run is not None and run.eval.enabled and status.state == RunState.succeeded:
+        problem = evaluate_after_run(run, run_dir)
+        if problem:
+            print(f"warning: {problem}", file=sys.stderr)
     if status.state == RunState.interrupted:
         sys.exit(130)  # Ctrl-C or a scheduler's stop ends a sweep too, not just its current cell
     # A single run that did not happen is a failed command; a sweep goes on to its next cell.

@@ -280,6 +280,34 @@ def launch_run(
     return status
 
 
+def evaluation_argv(run: RunConfig, run_dir: Path) -> list[str]:
+    e = run.eval
+    argv = [sys.executable, "-m", "flux_lora.evaluate", str(run_dir), "--lora", e.lora,
+            "--strengths", ",".join(repr(float(s)) for s in e.strengths), "--seeds", ",".join(str(s) for s in e.seeds)]  # fmt: skip
+    if e.max_prompts is not None:
+        argv += ["--max-prompts", str(e.max_prompts)]
+    if not e.heldout_prompts:
+        argv.append("--no-heldout")
+    if not e.likeness:
+        argv.append("--no-likeness")
+    return argv
+
+
+def evaluate_after_run(run: RunConfig, run_dir: Path) -> Optional[str]:
+    """Run the evaluator on a finished run (in its own process: the launcher never loads a model); a warning or None."""
+    secrets = secret_values()
+    done = subprocess.run(evaluation_argv(run, run_dir), capture_output=True, text=True, errors="replace")
+    with open(run_dir / LOG_FILE, "a", encoding="utf-8") as log:
+        for line in (done.stdout + done.stderr).splitlines(keepends=True):
+            line = redact(line, secrets)
+            sys.stdout.write(line)
+            log.write(line)
+    if done.returncode == 0:
+        return None
+    last = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:] or ["no output"]
+    return f"evaluation of {run_dir} exited {done.returncode}: {last[0]}"
+
+
 def start_run(
     frozen: FrozenRun,
     report: CheckReport,

@@ -286,6 +286,19 @@ class LaunchConfig:
 
 
 @dataclass
+class EvalConfig:
+    """`python -m flux_lora.evaluate` at the end of a run that succeeded (flux_lora/evaluate, README "Evaluate a run")."""
+
+    enabled: bool = False
+    likeness: bool = True  # generate images for likeness, diversity and grids (the slow part)
+    lora: str = "final"  # which LoRA generates: final or best (lowest validation loss)
+    strengths: list[float] = field(default_factory=lambda: [0.5, 0.8, 1.0, 1.2])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    max_prompts: Optional[int] = None  # at most N sample and N held-out prompts; None: all
+    heldout_prompts: bool = True
+
+
+@dataclass
 class RunConfig:
     name: str = MISSING
     profile: ProfileConfig = MISSING
@@ -297,6 +310,7 @@ class RunConfig:
     dataset: DatasetConfig = MISSING
     paths: PathsConfig = MISSING
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # The group that owns each top-level section; no other group file may set keys in it.
@@ -314,6 +328,7 @@ NON_SEMANTIC_KEYS: tuple[str, ...] = (
     "name",
     "paths",
     "launch",
+    "eval",
     # A label: what an ablation changes is already in the values it sets.
     "ablation",
     "dataset.path",

@@ -64,10 +64,14 @@ def assert_complete_snapshot(run_dir: Path, engine_files: list[str]) -> dict:
 
 @pytest.mark.slow
 def test_embedded_default_trains_end_to_end(tmp_path: Path) -> None:
-    done = launch(FAST_NATIVE, tmp_path)
+    evaluation = ["eval.enabled=true", "eval.strengths=[1.0]", "eval.seeds=[0]", "eval.max_prompts=1", "eval.heldout_prompts=false"]
+    done = launch([*FAST_NATIVE, *evaluation], tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (run_dir,) = run_dirs(tmp_path)
     assert run_dir.parent.name == "runs" and run_dir.name.endswith("_tiny-smoke-cpu-native")
+    # Evaluated at the end of the run, from its run directory alone (flux_lora/evaluate).
+    evaluation_record = json.loads((run_dir / "eval" / "eval.json").read_text())
+    assert evaluation_record["schema_version"] == 1 and evaluation_record["load_check"]["passed"] is True
     assert_complete_snapshot(run_dir, ["native_config.json", "train.log"])
     assert json.loads((run_dir / "status.json").read_text())["state"] == "succeeded"
     command = json.loads((run_dir / "command.json").read_text())
