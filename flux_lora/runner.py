@@ -6,7 +6,7 @@ console and to `train.log` with secret values redacted and watched for a non-fin
 is stopped within a step of it) and out-of-memory crashes. `status.json` says what happened: the
 state comes from what the job did (its exit status, the steps it logged, the LoRA and states it
 saved), not from which signal the launcher saw. SIGINT and SIGTERM (Ctrl-C, SLURM's cancel or time
-limit) and SIGUSR2 (submitit's warning before the time limit, sent on as SIGTERM) are forwarded.
+limit) and SIGUSR2 (submitit's warning before the time limit) are forwarded, all as SIGTERM.
 While a job runs, status.json carries the launcher's host, pid and a heartbeat, so another launch can
 tell a live run from one whose launcher died; every attempt is appended to its `attempts`.
 """
@@ -232,7 +232,9 @@ def launch_run(
     def forward(signum: int, _frame: Optional[FrameType]) -> None:
         nonlocal signalled
         signalled = True
-        stop_job(signal.SIGTERM if signum == signal.SIGUSR2 else signum)
+        # Always SIGTERM: the trainer saves and stops on it like on Ctrl-C, and accelerate's launcher process
+        # exits quietly instead of printing a KeyboardInterrupt traceback.
+        stop_job(signal.SIGTERM)
 
     beating = threading.Event()
 
