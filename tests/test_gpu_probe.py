@@ -104,10 +104,11 @@ sys.exit(code)
 """
 
 
-def test_launcher_dry_run_imports_no_torch_diffusers_or_transformers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("setup", [[], ["model=flux_dev"], ["engine=sd_scripts", "model=flux_dev", "dataset.bucket_reso_steps=64"]])
+def test_launcher_dry_run_imports_no_torch_diffusers_or_transformers(tmp_path: Path, setup: list[str]) -> None:
     # torch alone cost 2 s of a 3.7 s dry run; the training job imports it, the launcher has no use for it.
     args = [sys.executable, "-c", IMPORT_PROBE, str(PROJECT_ROOT), str(PROJECT_ROOT / "launch.py"), "launch.dry_run=true",
-            f"paths.outputs={tmp_path / 'outputs'}", f"paths.cache={tmp_path / 'cache'}"]  # fmt: skip
+            *setup, f"paths.outputs={tmp_path / 'outputs'}", f"paths.cache={tmp_path / 'cache'}"]  # fmt: skip
     done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "HEAVY_MODULES=\n" in done.stdout, done.stdout.splitlines()[-1]

@@ -163,7 +163,7 @@ class NativeEngine:
                 missing.append(f"launch.resume_from: {problem}")
         if run.model.kind != ModelKind.flux_dev:
             return missing
-        from flux_lora.engines.native.models import missing_flux_dev_files
+        from flux_lora.engines.native.model_files import missing_flux_dev_files
 
         m = run.model
         return missing + missing_flux_dev_files(transformer=m.transformer, vae=m.vae, clip_l=m.clip_l, t5xxl=m.t5xxl,

@@ -19,6 +19,14 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_vae_checkpoint,
 )
 from safetensors.torch import load_file
+
+from flux_lora.engines.native.model_files import (  # noqa: F401 - missing_flux_dev_files is part of this module's API
+    CLIP_TOKENIZER_SUBDIRS,
+    DIFFUSERS_SUBDIRS,
+    T5_TOKENIZER_SUBDIRS,
+    find_tokenizer_dir,
+    missing_flux_dev_files,
+)
 from tokenizers import pre_tokenizers
 from transformers import (
     CLIPTextConfig,
@@ -170,55 +178,6 @@ def build_tiny_flux(init_seed: int = 0, t5_max_length: int = 64) -> FluxParts:
 # FLUX.1-dev from local files.
 # ---------------------------------------------------------------------------------------------------
 
-_FIX_HINT = "or paths.models=<dir>"
-_CLIP_TOKENIZER_SUBDIRS = ("tokenizer", "clip")
-_T5_TOKENIZER_SUBDIRS = ("tokenizer_2", "t5")
-_DIFFUSERS_SUBDIRS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
-
-
-def _find_tokenizer_dir(root: Path, subdirs: tuple[str, ...]) -> Path | None:
-    for name in subdirs:
-        candidate = root / name
-        if candidate.is_dir() and any(candidate.iterdir()):
-            return candidate
-    return None
-
-
-def missing_flux_dev_files(*, transformer, vae, clip_l, t5xxl, diffusers_dir, tokenizer_dir) -> list[str]:
-    """One line per file `load_flux_dev` would need but cannot find, naming the config key that fixes it.
-
-    With `diffusers_dir` set, every part (tokenizers included) comes from that folder and the single
-    files are not read; otherwise the four single files plus `tokenizer_dir` are needed.
-    """
-    if diffusers_dir is not None:
-        root = Path(diffusers_dir)
-        if not root.is_dir():
-            return [f"model.diffusers_dir: {root} not found; set model.diffusers_dir=<path>"]
-        return [
-            f"model.diffusers_dir: {root / sub} not found; set model.diffusers_dir=<a diffusers FLUX.1-dev folder>"
-            for sub in _DIFFUSERS_SUBDIRS
-            if not (root / sub).is_dir()
-        ]
-    missing = []
-    for key, value in (("transformer", transformer), ("vae", vae), ("clip_l", clip_l), ("t5xxl", t5xxl)):
-        if value is None:
-            missing.append(f"model.{key}: not set; set model.{key}=<path> {_FIX_HINT}")
-        elif not Path(value).is_file():
-            missing.append(f"model.{key}: {value} not found; set model.{key}=<path> {_FIX_HINT}")
-    if tokenizer_dir is None:
-        missing.append(f"model.tokenizer_dir: not set; set model.tokenizer_dir=<path> {_FIX_HINT}")
-    else:
-        root = Path(tokenizer_dir)
-        for what, subdirs in (("CLIP", _CLIP_TOKENIZER_SUBDIRS), ("T5", _T5_TOKENIZER_SUBDIRS)):
-            if _find_tokenizer_dir(root, subdirs) is None:
-                where = " or ".join(str(root / s) for s in subdirs)
-                missing.append(
-                    f"model.tokenizer_dir: {what} tokenizer {where} not found; "
-                    f"set model.tokenizer_dir=<path> {_FIX_HINT}"
-                )
-    return missing
-
-
 def _file_identity(path: Path) -> str:
     # Size plus the first and last MiB: covers the safetensors header (names, shapes, dtypes) and some
     # weights, without reading 10-24 GB; independent of where the file lives.
@@ -328,8 +287,8 @@ def load_flux_dev(
         configs = {name: json.loads((config_dir / name / "config.json").read_text())
                    for name in ("transformer", "vae", "clip_l", "t5xxl")}
         tok_root = Path(tokenizer_dir)
-        clip_tok_dir = _find_tokenizer_dir(tok_root, _CLIP_TOKENIZER_SUBDIRS)
-        t5_tok_dir = _find_tokenizer_dir(tok_root, _T5_TOKENIZER_SUBDIRS)
+        clip_tok_dir = find_tokenizer_dir(tok_root, CLIP_TOKENIZER_SUBDIRS)
+        t5_tok_dir = find_tokenizer_dir(tok_root, T5_TOKENIZER_SUBDIRS)
         parts = (
             load_bfl_transformer(Path(transformer), configs["transformer"], dtype),
             load_bfl_vae(Path(vae), configs["vae"], dtype),
