@@ -79,6 +79,7 @@ def test_embedded_default_trains_end_to_end(tmp_path: Path) -> None:
     assert command["argv"][-3:] == ["-m", "flux_lora.engines.native.train", str(run_dir)]
     output = run_dir / "output"
     assert (output / "flux-lora.safetensors").is_file()
+    assert json.loads((output / "device.json").read_text())["device"] == "cpu"  # the job's own account
     assert (output / "flux-lora-step00000002.safetensors").is_file()
     assert list((output / "sample").glob("flux-lora_000004_0[0-4]_*.png"))
     assert list((run_dir / "logs").rglob("events.out.tfevents.*"))

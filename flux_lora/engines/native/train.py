@@ -527,6 +527,25 @@ def train_micro_step(training: LoraTraining, config: NativeTrainConfig, accelera
     return loss.detach().item()
 
 
+DEVICE_FILE = "device.json"
+
+
+def write_device_record(path: Path, accelerator) -> None:
+    """What this job trained on, as torch sees it (the launcher records only what NVML/nvidia-smi say)."""
+    cuda = torch.cuda.is_available()
+    record = {
+        "torch": torch.__version__,
+        "cuda_build": torch.version.cuda,
+        "cuda_available": cuda,
+        "device": str(accelerator.device),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "cpu_threads": torch.get_num_threads(),
+    }
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
 def run_training(config: NativeTrainConfig) -> TrainResult:
     """Train as configured; SIGTERM/SIGINT during the run stop it after the current optimizer step (TrainResult says so)."""
     stop = StopRequest()
@@ -567,6 +586,8 @@ def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision, torch.float32)
     output_dir, logging_dir = Path(config.output_dir), Path(config.logging_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        write_device_record(output_dir / DEVICE_FILE, accelerator)
 
     # Encode the dataset and the sample prompts (from the caches when possible), then free the text encoders.
     parts = load_parts(config)
