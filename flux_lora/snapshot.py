@@ -271,7 +271,9 @@ def freeze_run(
     overrides: list[str],
 ) -> FrozenRun:
     """Write the run's record; render the engine's inputs unless config errors make that meaningless."""
-    run_dir = claim_run_dir(run_dir)
+    asked, run_dir = run_dir, claim_run_dir(run_dir)
+    if run_dir != asked:
+        report.infos.append(f"{asked} holds another launch's run; flux-lora never shares or overwrites one: this run is in {run_dir}")
     dataset_path = Path(run.dataset.path)
     fingerprint = dataset_fingerprint(run, report)
     run_id = run_identity(resolved, report, fingerprint)

@@ -103,11 +103,11 @@ def test_empty_dataset_folder(tmp_path: Path) -> None:
     empty = tmp_path / "empty_dataset"
     empty.mkdir()
     done = launch([f"dataset.path={empty}", "launch.dry_run=true"], tmp_path)
-    # Exit 2 while the freeze fingerprints the folder after the check already refused it (raised, then
-    # printed as one line); 1 once the freeze leaves an unusable dataset to the check's refusal.
-    line = the_error(done, done.returncode if done.returncode in (1, 2) else 1)
+    line = the_error(done, 1)  # refused by the check, and recorded as refused in a complete run directory
     assert f"dataset folder {empty} holds no images" in line, line
     assert_nothing_trained(tmp_path)
+    (run_json,) = (tmp_path / "outputs").rglob("run.json")
+    assert json.loads((run_json.parent / "status.json").read_text())["state"] == "refused"
 
 
 def test_missing_weights(tmp_path: Path) -> None:
@@ -197,3 +197,14 @@ def test_run_name_escaping_the_outputs(tmp_path: Path) -> None:
     line = the_error(launch(["name=../../../../escaped", "launch.dry_run=true"], tmp_path), 2)
     assert line.startswith("error: name='../../../../escaped': must be a plain file name stem")
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "escaped").exists()
+
+
+def test_a_second_launch_into_the_same_run_directory_gets_its_own(tmp_path: Path) -> None:
+    """Not an error: two launches naming one folder (same second, or hydra.run.dir given twice) never share it."""
+    run_dir = tmp_path / "outputs" / "runs" / "same"
+    first = launch(["launch.dry_run=true", f"hydra.run.dir={run_dir}"], tmp_path)
+    second = launch(["launch.dry_run=true", f"hydra.run.dir={run_dir}", "profile.learning_rate=2e-3"], tmp_path)
+    assert first.returncode == second.returncode == 0, second.stderr
+    assert f"{run_dir} holds another launch's run; flux-lora never shares or overwrites one: this run is in {run_dir}-2" in second.stdout
+    assert json.loads((run_dir / "run.json").read_text())["run_id"] != json.loads((run_dir.with_name("same-2") / "run.json").read_text())["run_id"]
+    assert "learning_rate: 0.001" in (run_dir / "config.yaml").read_text()  # the first run's record is untouched
