@@ -9,6 +9,7 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
@@ -20,7 +21,7 @@ from omegaconf import DictConfig
 from flux_lora.check import check_run, print_check_report
 from flux_lora.compose import PROJECT_ROOT, describe_config_error, load_run, print_config_tree, register, resolved_container
 from flux_lora.engines import get_engine
-from flux_lora.report import SweepDirRecorder, find_run_dirs, print_summary, read_run
+from flux_lora.report import SweepDirRecorder, find_run_dirs, print_summary, read_run, write_sweep_report
 from flux_lora.resume import Decision, decide, find_runs_with_id
 from flux_lora.rules import memory_advice
 from flux_lora.runner import ExpectedTraining, RunState, evaluate_after_run, launch_command, launch_run, start_run
@@ -63,7 +64,12 @@ def launch_one(cfg: DictConfig) -> None:
         if decision.decision != Decision.start:
             finish_known_run(run, engine, report, run_dir, run_id, decision, expect, hydra_cfg.mode)
             return
-        refuse_changed_cell(run_dir, resolved)
+        changed = changed_cell(run_dir, resolved)
+        if changed:
+            print(f"error: {changed}", file=sys.stderr)
+            if hydra_cfg.mode == RunMode.RUN:
+                sys.exit(1)
+            return  # the sweep's other cells go on
 
     overrides = list(hydra_cfg.overrides.task)
     frozen = freeze_run(run, resolved, report, engine, run_dir, PROJECT_ROOT, launch_command, overrides)
@@ -73,14 +79,15 @@ def launch_one(cfg: DictConfig) -> None:
     end_run(frozen.run_id, status, run_dir, hydra_cfg.mode, run)
 
 
-def refuse_changed_cell(cell_dir: Path, resolved: dict) -> None:
-    """A sweep run again into its own folder whose cell's config changed since: say what changed, touch nothing."""
-    if (cell_dir / "config.yaml").is_file() and (cell_dir / "run.json").is_file():
-        changed = config_differences(yaml.safe_load((cell_dir / "config.yaml").read_text()), resolved)
-        raise ValueError(
-            f"{cell_dir}: holds a run of another config ({'; '.join(changed[:6]) or 'dataset content'}); "
-            "run the sweep into a new folder (omit hydra.sweep.dir) or restore those values"
-        )
+def changed_cell(cell_dir: Path, resolved: dict) -> Optional[str]:
+    """A sweep run again into its own folder, whose cell's config changed since: what changed (nothing is touched)."""
+    if not ((cell_dir / "config.yaml").is_file() and (cell_dir / "run.json").is_file()):
+        return None
+    changed = config_differences(yaml.safe_load((cell_dir / "config.yaml").read_text()), resolved)
+    return (
+        f"{cell_dir}: holds a run of another config ({'; '.join(changed[:6]) or 'the dataset content changed'}); "
+        "run the sweep into a new folder (omit hydra.sweep.dir) or restore those values"
+    )
 
 
 def finish_known_run(run, engine, report, cell_dir: Path, run_id: str, decision, expect, mode) -> None:
@@ -100,8 +107,12 @@ def finish_known_run(run, engine, report, cell_dir: Path, run_id: str, decision,
     if decision.decision == Decision.busy:
         if home != cell_dir:
             write_pointer(cell_dir, "busy", home, run_id)
-        raise RuntimeError(f"run {run_id} is being trained in {home} ({decision.notes[0]}); wait for it or stop it first")
+        print(f"error: run {run_id} is being trained in {home} ({decision.notes[0]}); wait for it or stop it first", file=sys.stderr)
+        if mode == RunMode.RUN:
+            sys.exit(1)
+        return  # a sweep goes on with its other cells
     state = decision.state
+    print_check_report(report)
     print(f"resuming run {run_id} in {home} from {state.path.name} (step {state.step})")
     resumed = dataclasses.replace(run, launch=dataclasses.replace(run.launch, resume_from=str(state.path)))
     inputs = engine.render(resumed, home, report.not_applied)
@@ -144,6 +155,7 @@ def cli() -> int:
         if SweepDirRecorder.sweep_dir is not None:
             rows = [read_run(d) for d in find_run_dirs(SweepDirRecorder.sweep_dir)]
             print_summary(rows, title=f"sweep {SweepDirRecorder.sweep_dir}")
+            write_sweep_report(SweepDirRecorder.sweep_dir)  # report.html and report.md beside the cells
             if any(r.state in (RunState.failed.value, RunState.interrupted.value) for r in rows):
                 code = max(code, 1)
     return code

@@ -139,3 +139,13 @@ def test_nan_fails_within_steps_and_a_rerun_retries_only_the_failed_cell(tmp_pat
         lr = yaml.safe_load((d / "config.yaml").read_text())["profile"]["learning_rate"]
         attempts[lr] += len(json.loads((d / "status.json").read_text())["attempts"])
     assert attempts == {1e-3: 1, 1e12: 2}  # resumed from its last good state, or started again if it had none
+
+
+def test_a_sweep_run_again_into_its_folder_with_a_changed_cell_is_refused_with_the_keys(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "outputs" / "sweeps" / "fixed"
+    args = ["-m", "ablation=baseline", "launch.resume=auto", "launch.dry_run=true", f"hydra.sweep.dir={sweep_dir}", *SHORT]
+    assert finish(start(args, tmp_path)) and (sweep_dir / "0_tiny-smoke-cpu-native-baseline" / "run.json").is_file()
+    # Dry runs are never resumed, so freeze a real-looking earlier cell: same folder, now another learning rate.
+    output = finish(start([a for a in args if a != "launch.dry_run=true"] + ["profile.learning_rate=5e-4"], tmp_path))
+    assert "holds a run of another config (profile.learning_rate: 0.001 -> 0.0005)" in output, output[-2000:]
+    assert json.loads((sweep_dir / "0_tiny-smoke-cpu-native-baseline" / "status.json").read_text())["state"] == "dry_run"
