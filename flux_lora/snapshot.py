@@ -140,18 +140,19 @@ def semantic_config(resolved: dict[str, Any], dataset_content_hash: str) -> dict
     return tree
 
 
-def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+def config_leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as {"dotted.key": value}."""
     if isinstance(tree, dict):
         out: dict[str, Any] = {}
         for key, value in tree.items():
-            out.update(_leaves(value, f"{prefix}{key}."))
+            out.update(config_leaves(value, f"{prefix}{key}."))
         return out
     return {prefix.rstrip("."): tree}
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """`key: old -> new` for every semantic key that differs between two resolved configs."""
-    a, b = _leaves(semantic_config(old, "")), _leaves(semantic_config(new, ""))
+    a, b = config_leaves(semantic_config(old, "")), config_leaves(semantic_config(new, ""))
     return [f"{key}: {a.get(key)!r} -> {b.get(key)!r}" for key in sorted(a.keys() | b.keys()) if a.get(key) != b.get(key)]
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
+from flux_lora.snapshot import config_leaves
 from flux_lora.compose import CONF_DIR, describe_config_error, resolved_container
 from flux_lora.schema import OWNER_GROUPS
 from tests.conftest import compose_config
@@ -20,13 +21,7 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
-def leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(leaves(v, f"{prefix}{k}."))
-        return out
-    return {prefix.rstrip("."): tree}
+leaves = config_leaves
 
 
 @pytest.mark.parametrize("group", GROUPS)
