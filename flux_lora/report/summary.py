@@ -1,7 +1,7 @@
-"""Report: a summary table of runs, built only from what their run directories hold.
+"""The terminal summary: one row per run, built only from what its run directory holds.
 
 Used at the end of a sweep (Hydra's end-of-sweep callback does not fire after a failure, so
-launch.py calls it itself) and as `python -m flux_lora.report DIR [DIR ...]`.
+launch.py calls it itself) and by `python -m flux_lora.report DIR [DIR ...]`.
 """
 
 from __future__ import annotations
@@ -38,14 +38,14 @@ class RunRow:
     step_basis: str = ""
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
     try:
         return yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError):
@@ -59,7 +59,7 @@ def last_scalar(logging_dir: Path, tag: str) -> Optional[float]:
 
 
 def read_run(run_dir: Path) -> RunRow:
-    pointer = _read_json(run_dir / POINTER_FILE)
+    pointer = read_json(run_dir / POINTER_FILE)
     if pointer and not (run_dir / "run.json").exists():
         # A sweep cell whose run lives elsewhere: skipped as done, or resumed in its own folder.
         home = Path(pointer["run_dir"])
@@ -68,9 +68,9 @@ def read_run(run_dir: Path) -> RunRow:
             return dataclasses.replace(row, run_dir=run_dir, state="skipped: done", note=str(home))
         note = f"{pointer['state']} in {home}" + (f": {row.note}" if row.note else "")
         return dataclasses.replace(row, run_dir=run_dir, note=note)
-    run = _read_json(run_dir / "run.json")
-    status = _read_json(run_dir / "status.json")
-    summary = _read_json(run_dir / "output" / "train_summary.json")
+    run = read_json(run_dir / "run.json")
+    status = read_json(run_dir / "status.json")
+    summary = read_json(run_dir / "output" / "train_summary.json")
     # The moving average at the last step (sd-scripts' loss/average): one step's loss is too noisy to compare.
     final_loss = summary.get("average_loss")
     if final_loss is None:
@@ -79,7 +79,7 @@ def read_run(run_dir: Path) -> RunRow:
     note = status.get("reason") or ""
     if state == "refused":
         note = run.get("refusal") or "; ".join(run.get("errors", [])) or note
-    config = _read_yaml(run_dir / "config.yaml")
+    config = read_yaml(run_dir / "config.yaml")
     profile, gpu, ablation = config.get("profile", {}), config.get("gpu", {}), config.get("ablation", {})
     try:
         images_seen = profile["max_train_steps"] * gpu["batch_size"] * gpu["gradient_accumulation_steps"] * gpu["num_gpus"]
@@ -135,20 +135,3 @@ class SweepDirRecorder(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         SweepDirRecorder.sweep_dir = Path(config.hydra.sweep.dir)
-
-
-def main(argv: list[str]) -> int:
-    if not argv:
-        print("usage: python -m flux_lora.report RUN_OR_SWEEP_DIR [...]", file=sys.stderr)
-        return 2
-    for arg in argv:
-        root = Path(arg)
-        if not root.is_dir():
-            print(f"{root}: no such directory; pass a run or sweep directory under outputs/", file=sys.stderr)
-            return 2
-        print_summary([read_run(d) for d in find_run_dirs(root)], title=str(root))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,219 @@
+"""One record per run, read from its directory (and its eval/eval.json when evaluated), grouped into cells.
+
+A cell is what the sweep varied apart from the seed: the ablation when there is one, otherwise the run's
+overrides without `profile.seed`. Its runs are the seeds. Nothing here trains or generates: a run without
+eval.json simply has no evaluation numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from flux_lora.report.summary import RunRow, find_run_dirs, read_json, read_run, read_yaml
+from flux_lora.snapshot import POINTER_FILE
+
+# States whose numbers count in a cell's statistics (a pointer "skipped: done" stands for a run that succeeded).
+COUNTED_STATES = ("succeeded", "skipped: done")
+BASELINE = "baseline"
+# Overrides that never define a cell: the seed is the replicate, paths say where things land.
+_NOT_A_CELL = re.compile(r"^(profile\.seed|paths\.|hydra\.|launch\.|eval\.)")
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    spec: str  # format spec for one value
+    lower_is_better: Optional[bool]  # None: shown, never compared
+
+
+# The order of the report's columns. Validation loss is the plain MSE on a fixed set (same scale in every
+# cell); training loss is compared only between cells whose loss has the same definition (see loss_scale).
+METRICS: tuple[Metric, ...] = (
+    Metric("wall_s", "wall time s", ".1f", True),
+    Metric("s_per_step", "s/step", ".3f", True),
+    Metric("peak_gb", "peak memory GB", ".2f", True),
+    Metric("train_loss", "final train loss", ".4f", True),
+    Metric("val_final", "val loss final", ".4f", True),
+    Metric("val_best", "val loss best", ".4f", True),
+    Metric("identity", "identity cos", ".3f", False),
+    Metric("face_share", "face found", ".2f", False),
+    Metric("diversity", "diversity bits", ".1f", False),
+    Metric("rating", "rating 1-5", ".2f", False),
+)
+METRIC_BY_KEY = {m.key: m for m in METRICS}
+PRIMARY_METRIC = "val_final"  # the mark in the cells table: the one metric every evaluated cell shares
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    row: RunRow  # the terminal summary's row: state, note, run id, times (row.run_dir is the sweep's folder)
+    home: Path  # where the run's files live (a pointer cell's run lives elsewhere)
+    cell: str
+    seed: Optional[int]
+    order: int  # Hydra's job number, so cells keep the sweep's order
+    config: dict[str, Any]
+    changes: dict[str, Any]  # the ablation's declared keys -> their values in this run
+    loss_scale: str  # "" for the plain loss; otherwise what reweights it (min-SNR)
+    steps: Optional[int]
+    metrics: dict[str, Optional[float]]
+    evaluation: Optional[dict[str, Any]]  # eval/eval.json, None when not evaluated
+    load_check: Optional[bool]
+    best_step: Optional[int]
+
+    @property
+    def counted(self) -> bool:
+        return self.row.state in COUNTED_STATES
+
+
+@dataclass
+class Cell:
+    name: str
+    runs: list[RunRecord] = field(default_factory=list)
+
+    @property
+    def changes(self) -> dict[str, Any]:
+        return self.runs[0].changes if self.runs else {}
+
+    def values(self, key: str) -> list[float]:
+        """The metric over this cell's counted runs (seeds), missing values left out."""
+        return [v for r in self.runs if r.counted and (v := r.metrics.get(key)) is not None]
+
+    def state_line(self) -> str:
+        """`succeeded` or `2 succeeded, 1 failed: NaN loss at step 3`: every state shown, none dropped."""
+        counts = Counter(r.row.state for r in self.runs)
+        parts = []
+        for state, count in counts.items():
+            reason = next((r.row.note for r in self.runs if r.row.state == state and r.row.note and state != "skipped: done"), "")
+            label = state if len(self.runs) == 1 else f"{count} {state}"
+            parts.append(label + (f": {reason}" if reason else ""))
+        return "; ".join(parts)
+
+
+def _leaf(config: dict[str, Any], dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def run_home(cell_dir: Path) -> Path:
+    """The folder that holds the run's files: the cell itself, or where its run_pointer.json points."""
+    pointer = read_json(cell_dir / POINTER_FILE)
+    if pointer and not (cell_dir / "run.json").exists() and pointer.get("run_dir"):
+        return Path(pointer["run_dir"])
+    return cell_dir
+
+
+def _job_number(cell_dir: Path) -> int:
+    head = cell_dir.name.split("_", 1)[0]
+    return int(head) if head.isdigit() else 1_000_000
+
+
+def _strength_key(by_strength: dict[str, Any]) -> Optional[str]:
+    """The strength the tables quote: 1.0 when evaluated, else the strongest evaluated."""
+    keys = [k for k in by_strength if k not in ("base", "null")]
+    if not keys:
+        return None
+    return next((k for k in keys if float(k) == 1.0), max(keys, key=float))
+
+
+def eval_metrics(evaluation: dict[str, Any]) -> dict[str, Optional[float]]:
+    validation = evaluation.get("validation") or {}
+    likeness = (evaluation.get("likeness") or {}).get("by_strength") or {}
+    diversity = (evaluation.get("diversity") or {}).get("by_strength") or {}
+    like_key, div_key = _strength_key(likeness), _strength_key(diversity)
+    like = likeness.get(like_key) or {} if like_key else {}
+    div = diversity.get(div_key) or {} if div_key else {}
+    return {
+        "val_final": (validation.get("final") or {}).get("loss"),
+        "val_best": (validation.get("best") or {}).get("loss"),
+        "identity": like.get("mean_cosine"),
+        # A share of 0 from generation that ran is a real number; without generation it stays "-".
+        "face_share": like.get("face_found_share") if like else None,
+        "diversity": div.get("mean_phash_distance"),
+    }
+
+
+def cell_name(run: dict[str, Any], config: dict[str, Any], cell_dir: Path) -> str:
+    ablation = (run.get("ablation") or {}).get("name") or _leaf(config, "ablation.name") or "none"
+    if ablation != "none":
+        return str(ablation)
+    overrides = [o for o in run.get("overrides", []) if not _NOT_A_CELL.match(o.lstrip("+~"))]
+    return " ".join(overrides) or str(run.get("name") or cell_dir.name)
+
+
+def read_record(cell_dir: Path) -> RunRecord:
+    row = read_run(cell_dir)
+    home = run_home(cell_dir)
+    run = read_json(home / "run.json")
+    config = read_yaml(home / "config.yaml")
+    summary = read_json(home / "output" / "train_summary.json")
+    evaluation = read_json(home / "eval" / "eval.json") or None
+    steps = summary.get("steps")
+    seconds = summary.get("seconds")
+    if steps is None and row.state in COUNTED_STATES:
+        steps = _leaf(config, "profile.max_train_steps")  # sd-scripts writes no summary; a success ran them all
+    if seconds is None:
+        seconds = row.duration_s
+    metrics: dict[str, Optional[float]] = {
+        "wall_s": row.duration_s,
+        "s_per_step": seconds / steps if seconds is not None and steps else None,
+        "peak_gb": row.peak_memory_gb,
+        "train_loss": row.final_loss,
+        **{k: None for k in ("val_final", "val_best", "identity", "face_share", "diversity", "rating")},
+    }
+    if evaluation:
+        metrics.update(eval_metrics(evaluation))
+    changes = {key: _leaf(config, key) for key in (run.get("ablation") or {}).get("changes", [])}
+    min_snr = _leaf(config, "profile.min_snr_gamma")
+    best = ((evaluation or {}).get("validation") or {}).get("best") or {}
+    load = (evaluation or {}).get("load_check") or {}
+    return RunRecord(
+        row=row,
+        home=home,
+        cell=cell_name(run, config, cell_dir),
+        seed=_leaf(config, "profile.seed"),
+        order=_job_number(cell_dir),
+        config=config,
+        changes=changes,
+        loss_scale=f"min-SNR gamma {min_snr} weighted" if min_snr is not None else "",
+        steps=steps,
+        metrics=metrics,
+        evaluation=evaluation,
+        load_check=load.get("passed"),
+        best_step=best.get("step"),
+    )
+
+
+def group_cells(records: list[RunRecord]) -> list[Cell]:
+    """Cells in the sweep's order (first job number), each with its runs ordered by seed."""
+    cells: dict[str, Cell] = {}
+    for record in sorted(records, key=lambda r: r.order):
+        cells.setdefault(record.cell, Cell(record.cell)).runs.append(record)
+    for cell in cells.values():
+        cell.runs.sort(key=lambda r: (r.seed is None, r.seed or 0, r.order))
+    return list(cells.values())
+
+
+def collect(root: Path) -> list[Cell]:
+    return group_cells([read_record(d) for d in find_run_dirs(root)])
+
+
+def with_ratings(cells: list[Cell], rating_by_run: dict[str, float]) -> list[Cell]:
+    """Cells whose runs carry their mean blind rating (keyed by the run's folder name in the sweep)."""
+    return [
+        Cell(cell.name, [dataclasses.replace(r, metrics={**r.metrics, "rating": rating_by_run.get(r.row.run_dir.name)}) for r in cell.runs])
+        for cell in cells
+    ]
+
+
+def find_baseline(cells: list[Cell]) -> Optional[Cell]:
+    return next((c for c in cells if c.name == BASELINE), None)
