@@ -295,6 +295,9 @@ def render_sd_scripts_args(run: RunConfig, run_dir: Path, unapplied: dict[str, s
     if p.save_every_n_steps > 0:
         a.value("--save_every_n_steps", p.save_every_n_steps)
     a.switch("--save_state", True)
+    if run.launch.keep_last_states > 0 and p.save_every_n_steps > 0:
+        # sd-scripts counts in steps, not states: a state older than this many steps before the newest is removed.
+        a.value("--save_last_n_steps_state", (run.launch.keep_last_states - 1) * p.save_every_n_steps)
     a.value("--log_with", "tensorboard")
     a.value("--logging_dir", run_dir / "logs")
 

@@ -282,3 +282,13 @@ def _no_ambient_checkout(monkeypatch):
     # Tests pick their checkout explicitly; an SD_SCRIPTS_DIR of the developer's shell must not leak into compose.
     if "SD_SCRIPTS_DIR" in os.environ and not os.environ.get("SD_SCRIPTS_PYTHON"):
         monkeypatch.delenv("SD_SCRIPTS_DIR")
+
+
+def test_keep_last_states_is_passed_in_sd_scripts_units():
+    engine = SdScriptsEngine()
+    argv = flags(engine.render(compose_run("profile=fast", "gpu=h100", "launch.keep_last_states=3"), Path("/r"), {}).script_argv[1:])
+    # save_every_n_steps=500: keep the states of the newest 1000 steps before the latest, i.e. 3 states.
+    assert argv["--save_last_n_steps_state"] == ["1000"]
+    assert "--save_last_n_steps_state" not in flags(
+        engine.render(compose_run("profile=fast", "gpu=h100", "launch.keep_last_states=0"), Path("/r"), {}).script_argv[1:]
+    )
