@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flux_lora.dataset.buckets import bucket_sizes, nearest_bucket, upscale_factor
 from flux_lora.dataset.cache import MeasurementCache
@@ -17,6 +15,9 @@ from flux_lora.dataset.discover import DatasetFiles, caption_path_for, discover_
 from flux_lora.dataset.duplicates import near_duplicate_groups
 from flux_lora.dataset.fingerprint import fingerprint_files, hash_file
 from flux_lora.dataset.report import DatasetReport, ImageRecord
+
+if TYPE_CHECKING:
+    import multiprocessing.context
 
 # Upscaling by less than this is invisible after resampling, so it is not flagged.
 UPSCALE_TOLERANCE = 1.05
@@ -58,11 +59,16 @@ def _init_worker() -> None:
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:
+    import multiprocessing
+
     # Plain fork deadlocks once the parent has used OpenCV's thread pool; a fork server that has imported the
-    # measuring code (but run none of it) starts workers almost as fast and safely.
+    # measuring code (but run none of it) starts workers almost as fast and safely. image_analysis imports its
+    # libraries on first use, so they are named here for the fork server to load once for every worker.
     if sys.platform == "linux":
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["flux_lora.dataset.image_analysis"])
+        context.set_forkserver_preload(
+            ["numpy", "cv2", "PIL.Image", "imagehash", "flux_lora.dataset.decode", "flux_lora.dataset.image_analysis"]
+        )
         return context
     return multiprocessing.get_context("spawn")
 
@@ -70,6 +76,9 @@ def _worker_context() -> multiprocessing.context.BaseContext:
 def _measure_all(paths: list[Path], detect_faces: bool, workers: int) -> list[tuple[dict, bytes | None]]:
     tasks = [(str(path), detect_faces) for path in paths]
     if workers > 1 and len(tasks) >= MIN_IMAGES_FOR_WORKERS:
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
+
         context = _worker_context()
         chunksize = max(1, min(16, len(tasks) // (workers * 4)))
         try:

@@ -7,8 +7,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from flux_lora.dataset.decode import decode_image
-from flux_lora.dataset.image_analysis import THUMBNAIL_SIDE, thumbnail_jpeg
+from flux_lora.dataset.image_analysis import THUMBNAIL_SIDE
 from flux_lora.dataset.report import DatasetReport, ImageRecord
 
 COLUMNS = 8
@@ -28,6 +27,9 @@ def _font(size: int = 11) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 def _thumbnail(report: DatasetReport, image: ImageRecord, dataset_path: Path) -> Image.Image | None:
     data = report.thumbnail(image)
     if data is None:  # a report read back from JSON or made without a cache: decode again
+        from flux_lora.dataset.decode import decode_image
+        from flux_lora.dataset.image_analysis import thumbnail_jpeg
+
         decoded = decode_image(dataset_path / image.path, min_side=THUMBNAIL_SIDE)
         data = thumbnail_jpeg(decoded.rgb) if decoded.rgb is not None else None
     if not data:

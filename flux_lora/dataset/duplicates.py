@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING
 
 from flux_lora.dataset.grouping import connected_groups
 
+if TYPE_CHECKING:
+    import numpy as np
+
 
 def _hash_bits(hex_hashes: list[str]) -> np.ndarray:
+    import numpy as np
+
     as_ints = np.array([int(h, 16) for h in hex_hashes], dtype=np.uint64)
     return np.unpackbits(as_ints.view(np.uint8).reshape(-1, 8), axis=1)
 
@@ -16,6 +21,8 @@ def near_duplicate_groups(phashes: list[str], mirrored: list[str], max_distance:
     """Index groups whose pHash (or the pHash of the mirrored image) differs in at most max_distance bits."""
     if len(phashes) < 2:
         return []
+    import numpy as np  # loaded only when there is something to compare
+
     direct = _hash_bits(phashes)
     flipped = _hash_bits(mirrored)
     pairs = []

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-import cv2
-import numpy as np
+if TYPE_CHECKING:
+    import cv2
+    import numpy as np
 
 # The detector dominates analysis time, and its cost grows with the number of scales and small windows it scans.
 # At 256 px with faces from 28 px (11% of the long side: portrait to half-body framing) and 1.25 steps between
@@ -19,6 +21,8 @@ _CASCADE_FILE = "haarcascade_frontalface_default.xml"
 
 @lru_cache(maxsize=1)
 def _cascade() -> cv2.CascadeClassifier:
+    import cv2
+
     cascade = cv2.CascadeClassifier(cv2.data.haarcascades + _CASCADE_FILE)
     if cascade.empty():
         raise RuntimeError(f"OpenCV's {_CASCADE_FILE} is missing: install opencv-python-headless < 5")
@@ -27,6 +31,8 @@ def _cascade() -> cv2.CascadeClassifier:
 
 def detect_faces(gray: np.ndarray) -> list[dict]:
     """Faces in a greyscale image as boxes in fractions of width and height, largest first."""
+    import cv2  # loads with the measuring code, not with the cache key that reads the constants above
+
     height, width = gray.shape
     scale = FACE_WORKING_SIDE / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))

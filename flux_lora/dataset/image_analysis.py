@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import cv2
-import imagehash
-import numpy as np
-from PIL import Image
+if TYPE_CHECKING:
+    import numpy as np
 
-from flux_lora.dataset.decode import decode_image
+# cv2, imagehash, numpy, PIL and the decoder load inside the functions that measure: the cache key and the
+# contact sheet read only the constants below, and a launch whose every image is a cache hit measures nothing.
 
 # Blur and hashes run at this long side (or smaller originals at their own size), so one threshold fits every image.
 WORKING_SIDE = 512
@@ -20,6 +20,8 @@ GREYSCALE_CHANNEL_SPREAD = 2.0
 
 
 def resize_long_side(pixels: np.ndarray, side: int) -> np.ndarray:
+    import cv2
+
     height, width = pixels.shape[:2]
     scale = side / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
@@ -29,6 +31,8 @@ def resize_long_side(pixels: np.ndarray, side: int) -> np.ndarray:
 
 def blur_score(gray_working: np.ndarray) -> float:
     """Variance of the Laplacian over the sharpest quarter of tiles: a sharp face on a soft background is not blurry."""
+    import cv2
+
     laplacian = cv2.Laplacian(gray_working, cv2.CV_32F)
     height, width = laplacian.shape
     variances = sorted(
@@ -46,6 +50,11 @@ def blur_score(gray_working: np.ndarray) -> float:
 
 def perceptual_hashes(gray_working: np.ndarray) -> tuple[str, str]:
     """pHash of the image and of its mirror image, so a flipped copy is recognised as a duplicate."""
+    import cv2
+    import imagehash
+    import numpy as np
+    from PIL import Image
+
     small = cv2.resize(gray_working, (32, 32), interpolation=cv2.INTER_AREA)
     direct = imagehash.phash(Image.fromarray(small))
     mirrored = imagehash.phash(Image.fromarray(np.ascontiguousarray(small[:, ::-1])))
@@ -53,6 +62,8 @@ def perceptual_hashes(gray_working: np.ndarray) -> tuple[str, str]:
 
 
 def thumbnail_jpeg(rgb: np.ndarray) -> bytes:
+    import cv2
+
     small = resize_long_side(rgb, THUMBNAIL_SIDE)
     ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(small, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
     return encoded.tobytes() if ok else b""
@@ -60,6 +71,10 @@ def thumbnail_jpeg(rgb: np.ndarray) -> bytes:
 
 def measure_image(path: Path, detect_faces: bool) -> tuple[dict, bytes | None]:
     """JSON-able measurements of one file plus a JPEG thumbnail; never raises for a bad file."""
+    import cv2
+
+    from flux_lora.dataset.decode import decode_image
+
     decoded = decode_image(Path(path), min_side=WORKING_SIDE)
     measurements: dict = {
         "format": decoded.format,
@@ -92,5 +107,7 @@ def measure_image(path: Path, detect_faces: bool) -> tuple[dict, bytes | None]:
 
 
 def _channel_spread(rgb: np.ndarray) -> float:
+    import numpy as np
+
     sample = rgb[::8, ::8].astype(np.int16)
     return float(np.abs(sample[..., 0] - sample[..., 1]).mean() + np.abs(sample[..., 1] - sample[..., 2]).mean())
