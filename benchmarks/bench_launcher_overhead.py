@@ -1,10 +1,13 @@
 """Launcher overhead: a dry run of the embedded default against a trivial `@hydra.main` app.
 
     python benchmarks/bench_launcher_overhead.py [--runs 5] [--out benchmarks/results/launcher_overhead.md]
+    python benchmarks/bench_launcher_overhead.py --baseline /tmp/before   # also an older checkout, same rounds
 
 Both are started as fresh processes, in pairs (trivial, then launcher), after one unmeasured run of
 each; the launcher's dataset-analysis cache is warm, as it is on every launch after the first. The
 difference is what compose-check-freeze costs over Hydra itself. Target: within 0.5 s.
+On shared cores the absolute figures move with the load; --baseline measures another checkout
+(e.g. `git worktree add /tmp/before HEAD~1`) in the same rounds, so a before/after is compared under one load.
 """
 
 from __future__ import annotations
@@ -64,18 +67,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--out", type=Path, help="also write the printed lines to this file")
+    parser.add_argument("--baseline", type=Path, help="another checkout whose launch.py is measured in the same rounds")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="bench-launcher-"))
     try:
         (workdir / "trivial_app.py").write_text(TRIVIAL_APP)
         trivial = [sys.executable, str(workdir / "trivial_app.py")]
-        launcher = [sys.executable, str(PROJECT_ROOT / "launch.py"), "launch.dry_run=true",
-                    f"paths.outputs={workdir / 'outputs'}", f"paths.cache={workdir / 'cache'}"]  # fmt: skip
-        seconds(trivial, workdir), seconds(launcher, workdir)  # warm the page cache and the analysis cache
-        pairs = [(seconds(trivial, workdir), seconds(launcher, workdir)) for _ in range(args.runs)]
-        trivial_s = statistics.median(t for t, _ in pairs)
-        launcher_s = statistics.median(t for _, t in pairs)
-        paired_s = statistics.median(t - s for s, t in pairs)
+        def dry_run(root: Path, tag: str) -> list[str]:
+            return [sys.executable, str(root / "launch.py"), "launch.dry_run=true",
+                    f"paths.outputs={workdir / f'outputs-{tag}'}", f"paths.cache={workdir / f'cache-{tag}'}"]  # fmt: skip
+
+        launcher = dry_run(PROJECT_ROOT, "this")
+        baseline = dry_run(args.baseline.resolve(), "baseline") if args.baseline else None
+        commands = [trivial, launcher] + ([baseline] if baseline else [])
+        for command in commands:
+            seconds(command, workdir)  # warm the page cache and the analysis cache
+        rounds = [[seconds(command, workdir) for command in commands] for _ in range(args.runs)]
+        trivial_s = statistics.median(r[0] for r in rounds)
+        launcher_s = statistics.median(r[1] for r in rounds)
+        paired_s = statistics.median(r[1] - r[0] for r in rounds)
         verdict = "within" if launcher_s - trivial_s <= TARGET_S else "OVER"
         lines = [
             f"machine: {machine()}",
@@ -85,6 +95,12 @@ def main() -> None:
             f"difference:                        {launcher_s - trivial_s:6.2f} s  (median of paired differences {paired_s:.2f} s)",
             f"target {TARGET_S} s: {verdict}",
         ]
+        if baseline:
+            baseline_s = statistics.median(r[2] for r in rounds)
+            lines.append(
+                f"baseline {args.baseline}: {baseline_s:.2f} s, difference {baseline_s - trivial_s:.2f} s "
+                f"(median of paired differences {statistics.median(r[2] - r[0] for r in rounds):.2f} s), same rounds"
+            )
         text = "\n".join(lines)
         print(text)
         if args.out:
