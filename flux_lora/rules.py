@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Callable, Collection, Optional
 
-import numpy as np
-
 from flux_lora.schema import (
     Accelerator,
     EngineName,
@@ -28,7 +26,6 @@ from flux_lora.schema import (
     ModelPredictionType,
     RunConfig,
 )
-from flux_lora.noise_levels import min_snr_weight_np, sample_sigmas_np, weighted_median
 
 
 class Severity(str, Enum):
@@ -318,6 +315,11 @@ def min_snr_line(run: RunConfig) -> Optional[str]:
     p = run.profile
     if not p.min_snr_gamma:
         return None
+    # numpy only when there is something to sample: a launch without min-SNR does not pay for the import.
+    import numpy as np
+
+    from flux_lora.noise_levels import min_snr_weight_np, sample_sigmas_np, weighted_median
+
     latent = p.resolution // 8
     sigmas = sample_sigmas_np(
         p.timestep_sampling.value, SIGMA_DRAWS, latent, latent, sigmoid_scale=p.sigmoid_scale,

@@ -17,11 +17,29 @@ def _hash_bits(hex_hashes: list[str]) -> np.ndarray:
     return np.unpackbits(as_ints.view(np.uint8).reshape(-1, 8), axis=1)
 
 
+# Below this many images plain integers are fast enough (an identity set is 10-50 photos) and the launcher
+# skips importing numpy; above it the comparison of every pair is vectorised.
+PURE_PYTHON_MAX = 256
+
+
+def _pairs_by_integers(phashes: list[str], mirrored: list[str], max_distance: int) -> list[tuple[int, int]]:
+    direct = [int(h, 16) for h in phashes]
+    flipped = [int(h, 16) for h in mirrored]
+    return [
+        (i, j)
+        for i in range(len(direct) - 1)
+        for j in range(i + 1, len(direct))
+        if min((direct[i] ^ direct[j]).bit_count(), (direct[i] ^ flipped[j]).bit_count()) <= max_distance
+    ]
+
+
 def near_duplicate_groups(phashes: list[str], mirrored: list[str], max_distance: int) -> list[list[int]]:
     """Index groups whose pHash (or the pHash of the mirrored image) differs in at most max_distance bits."""
     if len(phashes) < 2:
         return []
-    import numpy as np  # loaded only when there is something to compare
+    if len(phashes) <= PURE_PYTHON_MAX:
+        return connected_groups(len(phashes), _pairs_by_integers(phashes, mirrored, max_distance))
+    import numpy as np
 
     direct = _hash_bits(phashes)
     flipped = _hash_bits(mirrored)
