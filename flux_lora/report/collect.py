@@ -130,8 +130,8 @@ def eval_metrics(evaluation: dict[str, Any]) -> dict[str, Optional[float]]:
     likeness = (evaluation.get("likeness") or {}).get("by_strength") or {}
     diversity = (evaluation.get("diversity") or {}).get("by_strength") or {}
     like_key, div_key = _strength_key(likeness), _strength_key(diversity)
-    like = likeness.get(like_key) or {} if like_key else {}
-    div = diversity.get(div_key) or {} if div_key else {}
+    like = (likeness.get(like_key) or {}) if like_key else {}
+    div = (diversity.get(div_key) or {}) if div_key else {}
     return {
         "val_final": (validation.get("final") or {}).get("loss"),
         "val_best": (validation.get("best") or {}).get("loss"),

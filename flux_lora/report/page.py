@@ -20,6 +20,7 @@ from flux_lora.report.collect import METRICS, PRIMARY_METRIC, Cell, Metric, RunR
 from flux_lora.report.ratings import RatingSummary, summarize_ratings
 from flux_lora.report.samples import eval_base_image, run_samples, thumbnail
 from flux_lora.report.stats import ALPHA, Comparison, Estimate, Verdict, compare_to_baseline, mean_interval
+from flux_lora.report.summary import find_run_dirs
 from flux_lora.snapshot import config_differences
 
 FILES_DIR = "report_files"
@@ -103,7 +104,10 @@ def _comparable(metric: Metric, cell: Cell, baseline: Cell) -> bool:
 
 
 def _changes_text(cell: Cell) -> str:
-    return ", ".join(f"{k}={v}" for k, v in cell.changes.items()) or ("(reference)" if cell.name == "baseline" else "-")
+    def value(v: Any) -> Any:
+        return v["name"] if isinstance(v, dict) and "name" in v else v  # a whole group (optimizer): its option name
+
+    return ", ".join(f"{k}={value(v)}" for k, v in cell.changes.items()) or ("(reference)" if cell.name == "baseline" else "-")
 
 
 def _state_css(cell: Cell) -> str:
@@ -129,6 +133,8 @@ def build_cells_table(cells: list[Cell], stats: dict, baseline: Optional[Cell]) 
         for metric in metrics:
             estimate, comparison = stats[metric.key][cell.name]
             text, title = _estimate_text(estimate, metric.spec)
+            if metric.key == "train_loss" and baseline is not None and estimate is not None and not _comparable(metric, cell, baseline):
+                text, title = f"{text} (other scale)", f"{title}; {cell.runs[0].loss_scale}: not compared with baseline"
             if comparison is not None and comparison.p_holm is not None:
                 title += f"; vs baseline: {comparison.verdict.value} (Holm p={comparison.p_holm:.3g})"
             row.append(Cellout(text, _verdict_css(comparison), title))
@@ -150,7 +156,7 @@ def _primary_mark(cell: Cell, stats: dict, baseline: Optional[Cell]) -> Cellout:
     if comparison is None or comparison.verdict == Verdict.untested:
         return Cellout("-", title="needs 2+ evaluated seeds in this cell and in baseline")
     mark = {Verdict.better: "better", Verdict.worse: "worse", Verdict.same: "≈ no detectable difference"}[comparison.verdict]
-    return Cellout(f"{mark} (p={comparison.p_holm:.2g})", _verdict_css(comparison), f"Welch p={comparison.p:.3g}, Holm-adjusted p={comparison.p_holm:.3g}")
+    return Cellout(f"{mark} (p={comparison.p_holm:.2g})", _verdict_css(comparison) + " mark", f"Welch p={comparison.p:.3g}, Holm-adjusted p={comparison.p_holm:.3g}")
 
 
 def build_stats_table(cells: list[Cell], stats: dict) -> TableData:
@@ -200,7 +206,7 @@ def build_rating_tables(cells: list[Cell], stats: dict, ratings: RatingSummary) 
 
 
 def build_grid(cells: list[Cell], root: Path, files: Path, prompt: int, seed: Optional[int]) -> tuple[Optional[TableData], str]:
-    """Rows: cells (one seed's run each); columns: every sampled step; plus the no-LoRA image on top."""
+    """Columns: the no-LoRA image, then one per cell (one seed's run each); rows: every sampled step."""
     chosen: list[tuple[Cell, RunRecord]] = []
     for cell in cells:
         runs = [r for r in cell.runs if seed is None or r.seed == seed] or cell.runs[:1]
@@ -210,15 +216,15 @@ def build_grid(cells: list[Cell], root: Path, files: Path, prompt: int, seed: Op
     steps = sorted({step for by_step in samples.values() for step in by_step})
     if not steps:
         return None, ""
-    table = TableData(["cell", *[f"step {s}" for s in steps]])
     base = next((p for _, r in chosen if (p := eval_base_image(r.home, prompt, r.evaluation))), None)
-    if base is not None:
-        row = [Cellout("no LoRA (evaluator, seed 0)", "name"), Cellout(_rel(thumbnail(base, files / "samples" / "no_lora.png"), root), "img")]
-        table.rows.append(row + [Cellout("")] * (len(steps) - 1))
+    headers = ["step"] + (["no LoRA (evaluator, seed 0)"] if base is not None else [])
+    table = TableData(headers + [f"{cell.name} (seed {run.seed})" if run.seed is not None else cell.name for cell, run in chosen])
     prompt_seed = None
-    for cell, run in chosen:
-        row = [Cellout(f"{cell.name} (seed {run.seed})" if run.seed is not None else cell.name, "name")]
-        for step in steps:
+    for row_index, step in enumerate(steps):
+        row = [Cellout(f"step {step}", "name")]
+        if base is not None:  # the same image for every step: shown once, at the top
+            row.append(Cellout(_rel(thumbnail(base, files / "samples" / "no_lora.png"), root), "img") if row_index == 0 else Cellout(""))
+        for _, run in chosen:
             sample = samples[run.row.run_dir.name].get(step)
             if sample is None:
                 row.append(Cellout("-"))
@@ -229,8 +235,8 @@ def build_grid(cells: list[Cell], root: Path, files: Path, prompt: int, seed: Op
         table.rows.append(row)
     texts = [p.get("text", "") for p in ((chosen[0][1].config.get("dataset") or {}).get("sample_prompts") or [])]
     text = texts[prompt] if prompt < len(texts) else f"prompt {prompt}"
-    which = f"run seed {seed}" if seed is not None else "first run of each cell"
-    return table, f"Prompt {prompt}: \u201c{text}\u201d (sampling seed {prompt_seed}), {which}; one column per sampled step."
+    which = f"the seed-{seed} run of each cell" if seed is not None else "the first run of each cell"
+    return table, f"Prompt {prompt}: \u201c{text}\u201d (sampling seed {prompt_seed}), {which}; one row per sampled step (--prompt N, --seed S choose others)."
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -393,6 +399,8 @@ def write_report(root: Path, prompt: int = 0, seed: Optional[int] = None) -> tup
 
 def write_report_quietly(sweep_dir: Any) -> Optional[Path]:
     """End of a sweep: write the report, and never let a report problem change the sweep's outcome."""
+    if not find_run_dirs(Path(sweep_dir)):
+        return None  # nothing ran (refused before any cell started): no page to show
     try:
         html, md = write_report(Path(sweep_dir))
     except Exception as exc:  # noqa: BLE001 - the training already happened; say what broke and how to retry

@@ -20,7 +20,7 @@ def cell_colour(index: int) -> str:
 
 
 def _figure() -> tuple[Figure, object]:
-    figure = Figure(figsize=(7.5, 4.0), dpi=100, layout="constrained")
+    figure = Figure(figsize=(6.4, 3.6), dpi=100, layout="constrained")
     return figure, figure.add_subplot()
 
 

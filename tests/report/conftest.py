@@ -81,3 +81,18 @@ def copy_sweep(sweep_dir: Path, target: Path) -> Path:
 @pytest.fixture
 def sweep_copy(evaluated_sweep: Path, tmp_path: Path) -> Iterator[Path]:
     yield copy_sweep(evaluated_sweep, tmp_path / "sweep")
+
+
+def md_row(md: str, first_cell: str) -> list[str]:
+    """The cells of the first Markdown table row whose first cell is first_cell."""
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no row {first_cell!r} in:\n{md}")
+
+
+def md_column(md: str, header: str, first_cell: str) -> str:
+    """One value of the cells table (the first table, whose header starts with `cell`)."""
+    headers = md_row(md, "cell")
+    return md_row(md, first_cell)[headers.index(header)]

@@ -19,8 +19,7 @@ from scipy.stats import spearmanr
 
 from flux_lora.compose import PROJECT_ROOT
 from tests.report.cdp import Chromium, chromium_binary
-from tests.report.conftest import ONE_THREAD_ENV, copy_sweep, run_cli
-from tests.report.test_report_page import md_row
+from tests.report.conftest import ONE_THREAD_ENV, copy_sweep, md_row, run_cli
 
 
 class RateServer:

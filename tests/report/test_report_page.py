@@ -14,22 +14,7 @@ from PIL import Image, ImageStat
 from flux_lora.report.collect import collect, find_baseline
 from flux_lora.report.stats import mean_interval
 from tests.report.cdp import Chromium, chromium_binary
-from tests.report.conftest import Sweep, copy_sweep, run_cli
-
-
-def md_row(md: str, first_cell: str) -> list[str]:
-    """The cells of the first Markdown table row whose first cell is first_cell."""
-    for line in md.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and cells[0] == first_cell:
-            return cells
-    raise AssertionError(f"no row {first_cell!r} in:\n{md}")
-
-
-def md_column(md: str, header: str, first_cell: str) -> str:
-    """One value of the cells table (the first table, whose header starts with `cell`)."""
-    headers = md_row(md, "cell")
-    return md_row(md, first_cell)[headers.index(header)]
+from tests.report.conftest import Sweep, copy_sweep, md_column, md_row, run_cli
 
 
 @pytest.mark.slow
@@ -61,7 +46,9 @@ def test_three_seeds_mark_a1_alpha_better_on_validation_loss(evaluated_sweep: Pa
     assert [c.name for c in cells] == ["baseline", "a1_alpha"] and find_baseline(cells) is cells[0]
     files = evaluated_sweep / "report_files"
     assert (files / "validation_loss.png").is_file() and (files / "training_loss.png").is_file()
-    assert "| no LoRA (evaluator, seed 0) |" in md and "| step 1 | step 2 | step 3 |" in md
+    # The sample grid: one column per cell (seed 1), the no-LoRA image beside them, one row per sampled step.
+    assert "| step | no LoRA (evaluator, seed 0) | baseline (seed 1) | a1_alpha (seed 1) |" in md
+    assert [md_row(md, f"step {n}")[3].startswith("![](report_files/samples/") for n in (1, 2, 3)] == [True] * 3
 
 
 class _References(HTMLParser):
