@@ -41,7 +41,7 @@ def make_source_run(work: Path) -> Path:
                    cwd=work, check=True, stdout=subprocess.DEVNULL)  # fmt: skip
     (run_dir,) = [p.parent for p in (work / "outputs").rglob("run.json")]
     if not (run_dir / "eval" / "eval.json").is_file():
-        subprocess.run([sys.executable, "-m", "flux_lora.evaluate", str(run_dir), "--strengths", "0.5,1.0", "--seeds", "0,1", "--max-prompts", "1"],
+        subprocess.run([sys.executable, "-m", "flux_lora.eval", str(run_dir), "--strengths", "0.5,1.0", "--seeds", "0,1", "--max-prompts", "1"],
                        cwd=PROJECT_ROOT, check=True, stdout=subprocess.DEVNULL)  # fmt: skip
     return run_dir
 

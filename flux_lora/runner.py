@@ -284,7 +284,7 @@ def launch_run(
 
 def evaluation_argv(run: RunConfig, run_dir: Path) -> list[str]:
     e = run.eval
-    argv = [sys.executable, "-m", "flux_lora.evaluate", str(run_dir), "--lora", e.lora,
+    argv = [sys.executable, "-m", "flux_lora.eval", str(run_dir), "--lora", e.lora,
             "--strengths", ",".join(repr(float(s)) for s in e.strengths), "--seeds", ",".join(str(s) for s in e.seeds)]  # fmt: skip
     if e.max_prompts is not None:
         argv += ["--max-prompts", str(e.max_prompts)]

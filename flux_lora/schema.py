@@ -287,7 +287,7 @@ class LaunchConfig:
 
 @dataclass
 class EvalConfig:
-    """`python -m flux_lora.evaluate` at the end of a run that succeeded (flux_lora/evaluate, README "Evaluate a run")."""
+    """`python -m flux_lora.eval` at the end of a run that succeeded (flux_lora/eval, README "Evaluate a run")."""
 
     enabled: bool = False
     likeness: bool = True  # generate images for likeness, diversity and grids (the slow part)

@@ -69,7 +69,7 @@ def test_embedded_default_trains_end_to_end(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (run_dir,) = run_dirs(tmp_path)
     assert run_dir.parent.name == "runs" and run_dir.name.endswith("_tiny-smoke-cpu-native")
-    # Evaluated at the end of the run, from its run directory alone (flux_lora/evaluate).
+    # Evaluated at the end of the run, from its run directory alone (flux_lora/eval).
     evaluation_record = json.loads((run_dir / "eval" / "eval.json").read_text())
     assert evaluation_record["schema_version"] == 1 and evaluation_record["load_check"]["passed"] is True
     assert_complete_snapshot(run_dir, ["native_config.json", "train.log"])

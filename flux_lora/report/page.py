@@ -268,7 +268,7 @@ def _notes(cells: list[Cell], seeds_per_cell: int, baseline: Optional[Cell]) -> 
     missing = [r for r in runs if r.counted and not r.evaluation]
     if missing:
         notes.append(f"{len(missing)} of {len(runs)} runs have no eval/eval.json: their evaluation columns show '-' "
-                     "(evaluate with python -m flux_lora.evaluate RUN_DIR, or train with eval.enabled=true).")  # fmt: skip
+                     "(evaluate with python -m flux_lora.eval RUN_DIR, or train with eval.enabled=true).")  # fmt: skip
     uncounted = [r for r in runs if not r.counted]
     if uncounted:
         notes.append(f"{len(uncounted)} run(s) have not succeeded (dry run, refused, failed, interrupted or still running) and are "

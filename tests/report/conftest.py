@@ -58,7 +58,7 @@ def evaluated_sweep(seed_sweep: Sweep) -> Path:
     """The sweep with every run evaluated (eval/eval.json) and the report written again by the CLI."""
     import torch
 
-    from flux_lora.evaluate import EvalSettings, evaluate_run
+    from flux_lora.eval import EvalSettings, evaluate_run
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

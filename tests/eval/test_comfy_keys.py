@@ -11,8 +11,8 @@ from safetensors import safe_open
 
 from flux_lora.engines.native.lora import lora_module_names
 from flux_lora.engines.native.models import MODEL_CONFIGS, build_tiny_flux
-from flux_lora.evaluate.comfy_keys import FluxShape, check_keys, comfy_module_table
-from flux_lora.evaluate.run_record import read_run
+from flux_lora.eval.comfy_keys import FluxShape, check_keys, comfy_module_table
+from flux_lora.eval.run_record import read_run
 
 
 def _shapes(path: Path) -> dict[str, tuple[int, ...]]:

@@ -8,9 +8,9 @@ import numpy as np
 from PIL import Image
 
 from flux_lora.compose import PROJECT_ROOT
-from flux_lora.evaluate.diversity import image_hash, nearest_training_image, seed_diversity
-from flux_lora.evaluate.grids import HEADER_HEIGHT, LABEL_WIDTH, write_prompt_grid
-from flux_lora.evaluate.likeness import read_rgb
+from flux_lora.eval.diversity import image_hash, nearest_training_image, seed_diversity
+from flux_lora.eval.grids import HEADER_HEIGHT, LABEL_WIDTH, write_prompt_grid
+from flux_lora.eval.likeness import read_rgb
 
 SAMPLE = PROJECT_ROOT / "data" / "sample"
 

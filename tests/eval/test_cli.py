@@ -1,4 +1,4 @@
-"""End to end: `python -m flux_lora.evaluate RUN_DIR` on a real tiny run, and its cache."""
+"""End to end: `python -m flux_lora.eval RUN_DIR` on a real tiny run, and its cache."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import json
 
 from PIL import Image
 
-from flux_lora.evaluate import EvalSettings, evaluate_run
-from flux_lora.evaluate.grids import grid_size
-from tests.evaluate.tiny_eval import SMALL_EVAL
+from flux_lora.eval import EvalSettings, evaluate_run
+from flux_lora.eval.grids import grid_size
+from tests.eval.tiny_eval import SMALL_EVAL
 
 
 def test_cli_writes_eval_json_with_every_section(evaluated_run) -> None:

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flux_lora.engines.native.models import build_tiny_flux
-from flux_lora.evaluate.load_check import check_lora_loads, probe_output
-from flux_lora.evaluate.run_record import read_run
+from flux_lora.eval.load_check import check_lora_loads, probe_output
+from flux_lora.eval.run_record import read_run
 
 MIN_CHANGE = 1e-4
 

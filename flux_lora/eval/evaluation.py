@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from flux_lora.evaluate import comfy_keys, diversity, likeness
-from flux_lora.evaluate.base_model import (
+from flux_lora.eval import comfy_keys, diversity, likeness
+from flux_lora.eval.base_model import (
     TextEmbedding,
     attach_lora,
     compute_dtype,
@@ -34,19 +34,19 @@ from flux_lora.evaluate.base_model import (
     place,
     tiny_model_threads,
 )
-from flux_lora.evaluate.face_embedding import EMBEDDER_NAME, SAME_PERSON_DISTANCE, FaceEmbedder
-from flux_lora.evaluate.generation import (
+from flux_lora.eval.face_embedding import EMBEDDER_NAME, SAME_PERSON_DISTANCE, FaceEmbedder
+from flux_lora.eval.generation import (
     EvalPrompt,
     GeneratedImage,
     eval_prompts,
     generate_images,
     row_label,
 )
-from flux_lora.evaluate.grids import CELL_MAX, write_prompt_grid
-from flux_lora.evaluate.load_check import check_lora_loads
-from flux_lora.evaluate.run_record import LoraCheckpoint, RunRecord, file_hash, read_run
-from flux_lora.evaluate.settings import EvalSettings
-from flux_lora.evaluate.validation import (
+from flux_lora.eval.grids import CELL_MAX, write_prompt_grid
+from flux_lora.eval.load_check import check_lora_loads
+from flux_lora.eval.run_record import LoraCheckpoint, RunRecord, file_hash, read_run
+from flux_lora.eval.settings import EvalSettings
+from flux_lora.eval.validation import (
     build_validation_set,
     summarize_curve,
     validation_examples,

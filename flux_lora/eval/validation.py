@@ -19,8 +19,8 @@ from flux_lora.buckets import bucket_sizes, nearest_bucket
 from flux_lora.engines.native import flow
 from flux_lora.engines.native.data import ImageCaption, image_size, load_pixels
 from flux_lora.engines.native.models import FluxParts
-from flux_lora.evaluate.base_model import TextEmbedding
-from flux_lora.evaluate.run_record import RunRecord, folder_examples
+from flux_lora.eval.base_model import TextEmbedding
+from flux_lora.eval.run_record import RunRecord, folder_examples
 
 TRAINING_SET = "training-set"  # label of a validation set that is the training images (no held-out split yet)
 VALIDATION_FOLDER = "validation-folder"

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from flux_lora.compose import PROJECT_ROOT
-from tests.evaluate.tiny_eval import SMALL_EVAL_ARGS, TRAIN_4_STEPS
+from tests.eval.tiny_eval import SMALL_EVAL_ARGS, TRAIN_4_STEPS
 
 # The tiny model's ops take microseconds: a second OpenMP thread only adds barrier waits, which on a
 # shared 2-core machine cost milliseconds per op (measured 3.2 ms vs 24 us for one 80x32 linear).
@@ -46,7 +46,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def evaluated_run(tiny_run: Path) -> tuple[Path, subprocess.CompletedProcess[str]]:
     """The CLI run once on the tiny run: (run dir, the finished process)."""
     done = subprocess.run(
-        [sys.executable, "-m", "flux_lora.evaluate", str(tiny_run), *SMALL_EVAL_ARGS],
+        [sys.executable, "-m", "flux_lora.eval", str(tiny_run), *SMALL_EVAL_ARGS],
         cwd=PROJECT_ROOT, env=ONE_THREAD_ENV, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     return tiny_run, done

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from flux_lora.evaluate import EvalSettings, evaluate_run
-from flux_lora.evaluate.run_record import read_run
-from tests.evaluate.tiny_eval import copy_run
+from flux_lora.eval import EvalSettings, evaluate_run
+from flux_lora.eval.run_record import read_run
+from tests.eval.tiny_eval import copy_run
 
 CHECKS_ONLY = EvalSettings(validation=False, likeness=False)
 

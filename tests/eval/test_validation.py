@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from flux_lora.evaluate.base_model import attach_lora, encode_texts, load_base_parts
-from flux_lora.evaluate.run_record import read_run
-from flux_lora.evaluate.settings import VALIDATION_SIGMAS
-from flux_lora.evaluate.validation import (
+from flux_lora.eval.base_model import attach_lora, encode_texts, load_base_parts
+from flux_lora.eval.run_record import read_run
+from flux_lora.eval.settings import VALIDATION_SIGMAS
+from flux_lora.eval.validation import (
     TRAINING_SET,
     VALIDATION_FOLDER,
     build_validation_set,

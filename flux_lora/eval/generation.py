@@ -15,7 +15,7 @@ from PIL import Image
 
 from flux_lora.engines.native.models import FluxParts, decode_latents
 from flux_lora.engines.native.train import sample_latents
-from flux_lora.evaluate.base_model import TextEmbedding, lora_strength
+from flux_lora.eval.base_model import TextEmbedding, lora_strength
 
 # Held out from every caption and sample prompt: new settings, clothes and angles for the same person.
 HELDOUT_PROMPTS: tuple[str, ...] = (

@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageOps
 
-from flux_lora.evaluate.face_embedding import SAME_PERSON_DISTANCE, FaceEmbedder, cosine, distance
+from flux_lora.eval.face_embedding import SAME_PERSON_DISTANCE, FaceEmbedder, cosine, distance
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from flux_lora.dataset.image_analysis import WORKING_SIDE, perceptual_hashes, resize_long_side
-from flux_lora.evaluate.face_embedding import distance
+from flux_lora.eval.face_embedding import distance
 
 # Seeds whose pHashes differ by at most this many of 64 bits on average show the same picture.
 COLLAPSE_MAX_MEAN_BITS = 4.0

@@ -1,4 +1,4 @@
-"""`python -m flux_lora.evaluate RUN_DIR [options]`: evaluate a run, print a summary, write RUN_DIR/eval/eval.json.
+"""`python -m flux_lora.eval RUN_DIR [options]`: evaluate a run, print a summary, write RUN_DIR/eval/eval.json.
 
 Exit status: 0 evaluated, 1 evaluated but the LoRA fails the load or ComfyUI key check, 2 could not evaluate.
 """
@@ -13,8 +13,8 @@ from typing import Optional
 from rich.console import Console
 from rich.table import Table
 
-from flux_lora.evaluate.evaluation import evaluate_run
-from flux_lora.evaluate.settings import EvalSettings
+from flux_lora.eval.evaluation import evaluate_run
+from flux_lora.eval.settings import EvalSettings
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -27,7 +27,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def parse_args(argv: list[str]) -> tuple[Path, EvalSettings, bool]:
     defaults = EvalSettings()
-    parser = argparse.ArgumentParser(prog="python -m flux_lora.evaluate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m flux_lora.eval", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--validation-path", help="folder of validation images (+ captions); default: the training images")
     parser.add_argument("--lora", choices=["final", "best"], default=defaults.lora,

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from flux_lora.compose import PROJECT_ROOT
-from flux_lora.evaluate.face_embedding import SAME_PERSON_DISTANCE, FaceEmbedder, cosine, distance
-from flux_lora.evaluate.likeness import ceiling, read_rgb, reference_faces, score_face, summarize
+from flux_lora.eval.face_embedding import SAME_PERSON_DISTANCE, FaceEmbedder, cosine, distance
+from flux_lora.eval.likeness import ceiling, read_rgb, reference_faces, score_face, summarize
 
 SAMPLE = PROJECT_ROOT / "data" / "sample"
 

@@ -1,7 +1,0 @@
-"""Evaluate a finished (or failed) run from its directory: validation loss over checkpoints, identity
-likeness, diversity, load and key checks, grids. `python -m flux_lora.evaluate RUN_DIR` or `evaluate_run`."""
-
-from flux_lora.evaluate.evaluation import EVAL_DIR, EVAL_FILE, SCHEMA_VERSION, evaluate_run
-from flux_lora.evaluate.settings import EvalSettings
-
-__all__ = ["EVAL_DIR", "EVAL_FILE", "SCHEMA_VERSION", "EvalSettings", "evaluate_run"]
