@@ -5,13 +5,9 @@
     python launch.py sweep=ablation                   # the nine-cell ablation matrix
 """
 
-import dataclasses
 import os
 import sys
 from pathlib import Path
-from typing import Optional
-
-import yaml
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -22,11 +18,11 @@ from flux_lora.check import check_run, print_check_report
 from flux_lora.compose import PROJECT_ROOT, describe_config_error, load_run, print_config_tree, register, resolved_container
 from flux_lora.engines import get_engine
 from flux_lora.report import SweepDirRecorder, find_run_dirs, print_summary, read_run, write_sweep_report
-from flux_lora.resume import Decision, decide, find_runs_with_id
+from flux_lora.resume import RunNotStartable, continue_known_run
 from flux_lora.rules import memory_advice
-from flux_lora.runner import ExpectedTraining, RunState, evaluate_after_run, launch_command, launch_run, start_run
+from flux_lora.runner import ExpectedTraining, RunState, evaluate_after_run, launch_command, start_run
 from flux_lora.schema import ResumeMode
-from flux_lora.snapshot import config_differences, dataset_fingerprint, freeze_run, run_identity, write_pointer
+from flux_lora.snapshot import dataset_fingerprint, freeze_run, run_identity
 
 register()
 
@@ -59,17 +55,22 @@ def launch_one(cfg: DictConfig) -> None:
     resolved = resolved_container(cfg)
     expect = ExpectedTraining(run.profile.max_train_steps, run.launch.output_name, memory_advice=memory_advice(run))
     if run.launch.resume == ResumeMode.auto and not (run.launch.dry_run or run.launch.resume_from or report.errors or report.refusal):
+        # A run id seen before is skipped (done), resumed where it lives, or refused (live elsewhere).
         run_id = run_identity(resolved, report, dataset_fingerprint(run, report))
-        decision = decide(find_runs_with_id(Path(run.paths.outputs), run_id), run.launch.output_name)
-        if decision.decision != Decision.start:
-            finish_known_run(run, engine, report, run_dir, run_id, decision, expect, hydra_cfg.mode)
-            return
-        changed = changed_cell(run_dir, resolved)
-        if changed:
-            print(f"error: {changed}", file=sys.stderr)
+        try:
+            known = continue_known_run(run, engine, report, run_dir, run_id, resolved, expect)
+        except RunNotStartable as refusal:
+            print(f"error: {refusal}", file=sys.stderr)
             if hydra_cfg.mode == RunMode.RUN:
                 sys.exit(1)
-            return  # the sweep's other cells go on
+            return  # a sweep goes on with its other cells
+        if known is not None:
+            home, status = known
+            if status is not None:
+                end_run(run_id, status, home, hydra_cfg.mode, run)
+            elif run.eval.enabled:  # done before: evaluate it now (cached if it was)
+                evaluate_and_warn(run, home)
+            return
 
     overrides = list(hydra_cfg.overrides.task)
     frozen = freeze_run(run, resolved, report, engine, run_dir, PROJECT_ROOT, launch_command, overrides)
@@ -79,59 +80,16 @@ def launch_one(cfg: DictConfig) -> None:
     end_run(frozen.run_id, status, run_dir, hydra_cfg.mode, run)
 
 
-def changed_cell(cell_dir: Path, resolved: dict) -> Optional[str]:
-    """A sweep run again into its own folder, whose cell's config changed since: what changed (nothing is touched)."""
-    if not ((cell_dir / "config.yaml").is_file() and (cell_dir / "run.json").is_file()):
-        return None
-    changed = config_differences(yaml.safe_load((cell_dir / "config.yaml").read_text()), resolved)
-    return (
-        f"{cell_dir}: holds a run of another config ({'; '.join(changed[:6]) or 'the dataset content changed'}); "
-        "run the sweep into a new folder (omit hydra.sweep.dir) or restore those values"
-    )
+def evaluate_and_warn(run, run_dir: Path) -> None:
+    problem = evaluate_after_run(run, run_dir)
+    if problem:
+        print(f"warning: {problem}", file=sys.stderr)
 
 
-def finish_known_run(run, engine, report, cell_dir: Path, run_id: str, decision, expect, mode) -> None:
-    """Skip a run that already succeeded, refuse one that is live elsewhere, or resume it where it lives."""
-    home = decision.run_dir
-    for note in decision.notes:
-        print(f"info: {note}")
-    if decision.decision == Decision.skip:
-        print(f"skipped: done: run {run_id} succeeded in {home}")
-        if home != cell_dir:
-            write_pointer(cell_dir, "skipped: done", home, run_id)
-        if run.eval.enabled:  # a re-run with evaluation switched on evaluates what is done (cached if it was)
-            problem = evaluate_after_run(run, home)
-            if problem:
-                print(f"warning: {problem}", file=sys.stderr)
-        return
-    if decision.decision == Decision.busy:
-        if home != cell_dir:
-            write_pointer(cell_dir, "busy", home, run_id)
-        print(f"error: run {run_id} is being trained in {home} ({decision.notes[0]}); wait for it or stop it first", file=sys.stderr)
-        if mode == RunMode.RUN:
-            sys.exit(1)
-        return  # a sweep goes on with its other cells
-    state = decision.state
-    print_check_report(report)
-    print(f"resuming run {run_id} in {home} from {state.path.name} (step {state.step})")
-    resumed = dataclasses.replace(run, launch=dataclasses.replace(run.launch, resume_from=str(state.path)))
-    inputs = engine.render(resumed, home, report.not_applied)
-    problems = engine.check_inputs(resumed, inputs)
-    if problems:
-        raise ValueError(f"cannot resume {home}: {problems[0]}")
-    if home != cell_dir:
-        write_pointer(cell_dir, "resumed", home, run_id)
-    expect = dataclasses.replace(expect, from_step=state.step or 0)
-    status = launch_run(home, launch_command(resumed, inputs), expect, finish=lambda: engine.finish_attempt(resumed, home))
-    end_run(run_id, status, home, mode, run)
-
-
-def end_run(run_id: str, status, run_dir: Path, mode, run=None) -> None:
+def end_run(run_id: str, status, run_dir: Path, mode, run) -> None:
     print(f"run {run_id} {status.state.value}: {run_dir}" + (f" ({status.reason})" if status.reason else ""))
-    if run is not None and run.eval.enabled and status.state == RunState.succeeded:
-        problem = evaluate_after_run(run, run_dir)
-        if problem:
-            print(f"warning: {problem}", file=sys.stderr)
+    if run.eval.enabled and status.state == RunState.succeeded:
+        evaluate_and_warn(run, run_dir)
     if status.state == RunState.interrupted:
         sys.exit(130)  # Ctrl-C or a scheduler's stop ends a sweep too, not just its current cell
     # A single run that did not happen is a failed command; a sweep goes on to its next cell.

@@ -7,6 +7,7 @@ the same run again finds it under the outputs root, whichever sweep or run folde
   - interrupted, failed, or left `running` by a dead launcher, with a usable saved state
                                    -> resume it in its own folder from its newest usable state;
   - anything else                  -> start a new run.
+`continue_known_run` carries the decision out for `launch.resume=auto`.
 A state is usable when its manifest (sizes and hashes, written last) matches its files; states that
 sd-scripts wrote (no manifest) need train_state.json and accelerate's files, non-empty. A corrupt or
 half-written newest state is passed over for the one before, and the choice says so.
@@ -14,12 +15,15 @@ half-written newest state is passed over for the one before, and the choice says
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Optional
+
+import yaml
 
 from flux_lora.checkpoint_files import MANIFEST, state_problem
 from flux_lora.runner import RunState, RunStatus, owner_alive, read_status
@@ -146,3 +150,60 @@ def decide(earlier: list[Path], output_name: str) -> ResumeDecision:
     if best is None:
         return ResumeDecision(Decision.start, notes=notes)
     return ResumeDecision(Decision.resume, best[0], best[1].state, notes)
+
+
+class RunNotStartable(RuntimeError):
+    """This launch cannot go on (a live run holds the id, or the sweep cell's folder holds another config)."""
+
+
+def changed_cell(cell_dir: Path, resolved: dict) -> Optional[str]:
+    """A sweep run again into its own folder whose cell's config changed since: what changed (nothing is touched)."""
+    from flux_lora.snapshot import config_differences
+
+    if not ((cell_dir / "config.yaml").is_file() and (cell_dir / "run.json").is_file()):
+        return None
+    changed = config_differences(yaml.safe_load((cell_dir / "config.yaml").read_text()), resolved)
+    return (
+        f"{cell_dir}: holds a run of another config ({'; '.join(changed[:6]) or 'the dataset content changed'}); "
+        "run the sweep into a new folder (omit hydra.sweep.dir) or restore those values"
+    )
+
+
+def continue_known_run(run, engine, report, cell_dir: Path, run_id: str, resolved: dict, expect):
+    """For launch.resume=auto: None when the run id is new here (start it); else (its folder, status) where status is
+    None for a run skipped as done and the resumed attempt's status otherwise. Raises RunNotStartable."""
+    from flux_lora.check import print_check_report
+    from flux_lora.runner import launch_command, launch_run
+    from flux_lora.snapshot import write_pointer
+
+    decision = decide(find_runs_with_id(Path(run.paths.outputs), run_id), run.launch.output_name)
+    for note in decision.notes:
+        print(f"info: {note}")
+    home = decision.run_dir
+    if decision.decision == Decision.start:
+        changed = changed_cell(cell_dir, resolved)
+        if changed:
+            raise RunNotStartable(changed)
+        return None
+    if decision.decision == Decision.skip:
+        print(f"skipped: done: run {run_id} succeeded in {home}")
+        if home != cell_dir:
+            write_pointer(cell_dir, "skipped: done", home, run_id)
+        return home, None
+    if decision.decision == Decision.busy:
+        if home != cell_dir:
+            write_pointer(cell_dir, "busy", home, run_id)
+        raise RunNotStartable(f"run {run_id} is being trained in {home} ({decision.notes[0]}); wait for it or stop it first")
+    state = decision.state
+    print_check_report(report)
+    print(f"resuming run {run_id} in {home} from {state.path.name} (step {state.step})")
+    resumed = dataclasses.replace(run, launch=dataclasses.replace(run.launch, resume_from=str(state.path)))
+    inputs = engine.render(resumed, home, report.not_applied)
+    problems = engine.check_inputs(resumed, inputs)
+    if problems:
+        raise RunNotStartable(f"cannot resume {home}: {problems[0]}")
+    if home != cell_dir:
+        write_pointer(cell_dir, "resumed", home, run_id)
+    expect = dataclasses.replace(expect, from_step=state.step or 0)
+    status = launch_run(home, launch_command(resumed, inputs), expect, finish=lambda: engine.finish_attempt(resumed, home))
+    return home, status
