@@ -244,7 +244,8 @@ def launch_run(
             write_status(run_dir, status)
 
     previous_handlers = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
-    threading.Thread(target=heartbeat, daemon=True).start()
+    beat = threading.Thread(target=heartbeat, daemon=True)
+    beat.start()
     watch = JobWatch()
     try:
         with open(run_dir / LOG_FILE, "a", encoding="utf-8") as log:
@@ -261,6 +262,7 @@ def launch_run(
         exit_code = child.wait()
     finally:
         beating.set()
+        beat.join()  # no heartbeat may land after the final status
         for s, handler in previous_handlers.items():
             signal.signal(s, handler)
 
