@@ -35,7 +35,7 @@ from rich.console import Console
 from flux_lora.compose import describe_config_error, raise_on_keys_outside_schema
 from flux_lora.engines.base import Engine
 from flux_lora.gpu_probe import GpuProbe, probe_gpus
-from flux_lora.rules import apply_rules, lora_scale_line, plain_stem_problem, recipe_effect_lines
+from flux_lora.rules import apply_rules, held_out_leaves_too_few, lora_scale_line, plain_stem_problem, recipe_effect_lines
 from flux_lora.schema import Accelerator, RunConfig
 
 
@@ -101,12 +101,32 @@ def check_dataset(run: RunConfig, report: CheckReport) -> None:
         report.errors.extend(f"dataset: {p}{fix}" for p in gate.problems)
     else:
         report.warnings.extend(f"dataset: {p}" for p in gate.problems)
-    report.training_set = training_set_from_report(report.dataset_report, d.caption_extension, d.class_tokens, d.num_repeats)
+    try:
+        report.training_set = training_set_from_report(report.dataset_report, d.caption_extension, d.class_tokens, d.num_repeats,
+                                                       d.validation_split, d.validation_path)  # fmt: skip
+    except DatasetError as exc:  # only the validation folder is read here; dataset.path was analysed above
+        report.errors.append(f"dataset.validation_path: {exc}")
+        return
+    check_held_out(run, report.training_set, report)
     for example in report.training_set.examples:
         if example.caption_source.startswith("file read as"):
             report.warnings.append(f"dataset: {example.image}: caption {example.caption_source}; save it as UTF-8")
     if not report.training_set.examples:
         report.errors.append(f"dataset.path: no image in {d.path} would train (all unusable or excluded); see dataset_report.json")
+
+
+def check_held_out(run: RunConfig, training_set: TrainingSet, report: CheckReport) -> None:
+    """Say which images are held out for validation, and refuse a hold-out that leaves too little to train."""
+    if not training_set.validation:
+        return
+    trained = len({e.content_hash for e in training_set.examples})
+    problem = held_out_leaves_too_few(run, trained, len(training_set.validation))
+    if problem:
+        report.errors.append(problem)
+        return
+    names = ", ".join(Path(e.image).name for e in training_set.validation[:5]) + (", ..." if len(training_set.validation) > 5 else "")
+    report.infos.append(f"dataset: {len(training_set.validation)} image(s) held out for validation, never trained "
+                        f"({trained} train): {names}")  # fmt: skip
 
 
 def gpu_visibility_problem(run: RunConfig, probe: GpuProbe) -> Optional[str]:

@@ -213,6 +213,43 @@ def _cpu_offload_needs_checkpointing(run: RunConfig) -> Optional[str]:
     return None
 
 
+MAX_VALIDATION_SPLIT = 0.5  # holding out more than half leaves a LoRA trained on the minority of the photos
+MIN_TRAINING_IMAGES_AFTER_HOLD_OUT = 2
+
+
+def _validation_split_in_range(run: RunConfig) -> Optional[str]:
+    s = run.dataset.validation_split
+    if not 0.0 <= s <= MAX_VALIDATION_SPLIT:
+        return (
+            f"dataset.validation_split={s:g}: must be in [0, {MAX_VALIDATION_SPLIT:g}] (the share of images held out "
+            "from training); set e.g. dataset.validation_split=0.2, or 0 to validate on the training images"
+        )
+    return None
+
+
+def _one_validation_source(run: RunConfig) -> Optional[str]:
+    d = run.dataset
+    if d.validation_split and d.validation_path:
+        return (
+            f"dataset.validation_split={d.validation_split:g} and dataset.validation_path={d.validation_path}: choose one; "
+            "set dataset.validation_split=0 to validate on the folder"
+        )
+    return None
+
+
+def held_out_leaves_too_few(run: RunConfig, training_images: int, held_out_images: int) -> Optional[str]:
+    """The one rule that needs the dataset (check.py calls it with the training set's counts): a held-out set must
+    leave at least two images to train, or the LoRA learns one photo and the validation loss measures nothing."""
+    if not held_out_images or training_images >= MIN_TRAINING_IMAGES_AFTER_HOLD_OUT:
+        return None
+    d = run.dataset
+    source = f"dataset.validation_split={d.validation_split:g}" if d.validation_split else f"dataset.validation_path={d.validation_path}"
+    return (
+        f"{source}: holds out {held_out_images} image(s) and leaves {training_images} to train (at least "
+        f"{MIN_TRAINING_IMAGES_AFTER_HOLD_OUT} needed); lower dataset.validation_split or add images to dataset.path"
+    )
+
+
 # A file stem and nothing more: no separator, no "..", no leading dot (hidden files), no spaces or shell characters.
 PLAIN_STEM = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -258,6 +295,8 @@ RULES: tuple[Rule, ...] = (
     Rule("alpha_shrinks_updates", Severity.warning, "alpha=1 at rank 32 silently shrank every update 32x in the old scripts", _alpha_shrinks_updates),
     Rule("cpu_offload_needs_checkpointing", Severity.warning, "sd-scripts reads it only inside the checkpointing branch", _cpu_offload_needs_checkpointing),
     Rule("output_name_is_plain_stem", Severity.error, "the LoRA files are <run dir>/output/<output_name>*: a path there writes outside the run", _output_name_is_plain_stem),
+    Rule("validation_split_in_range", Severity.error, "a share outside [0, 0.5] holds out nothing sensible or most of the photos", _validation_split_in_range),
+    Rule("one_validation_source", Severity.error, "a held-out share and a held-out folder at once would mix two validation sets", _one_validation_source),
     Rule("run_name_is_plain_stem", Severity.error, "the run directory is named after it: a path there lands outside paths.outputs", _run_name_is_plain_stem),
 )
 

@@ -256,6 +256,10 @@ class DatasetConfig:
     max_bucket_reso: int = 1024
     bucket_reso_steps: int = 64
     sample_prompts: list[SamplePrompt] = field(default_factory=list)
+    # Held out from training for the evaluator's validation loss (flux_lora/dataset/training_set.py): a share of
+    # the images, the same ones for every run of this dataset (chosen by content hash), or a folder of its own.
+    validation_split: float = 0.0
+    validation_path: Optional[str] = None
     analysis: DatasetAnalysisConfig = field(default_factory=DatasetAnalysisConfig)
     gate: DatasetGateConfig = field(default_factory=DatasetGateConfig)
 

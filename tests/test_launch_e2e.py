@@ -19,6 +19,8 @@ import pytest
 
 from flux_lora.compose import PROJECT_ROOT
 from tests.engines.sd_scripts_checkout import standin_checkout
+from tests.engines.sd_scripts_standin import STANDIN_LORA_ENV
+from tests.eval.tiny_eval import EVAL_SECTIONS, SMALL_EVAL_ARGS
 
 SECRET = "hf_e2e-secret-never-recorded"
 FAST_NATIVE = [
@@ -121,7 +123,8 @@ def test_sd_scripts_engine_runs_through_accelerate_with_standin(tmp_path: Path) 
             "profile.resolution=256", "profile.max_train_steps=4", "profile.lr_warmup_steps=1", "profile.save_every_n_steps=2",
             "dataset.bucket_reso_steps=64"]  # fmt: skip
     checkout = standin_checkout(tmp_path / "sd-scripts")
-    done = launch(args, tmp_path, {"SD_SCRIPTS_DIR": str(checkout)})
+    # The stand-in writes real kohya LoRA files for the tiny model, so the evaluator can judge this run below.
+    done = launch(args, tmp_path, {"SD_SCRIPTS_DIR": str(checkout), STANDIN_LORA_ENV: "tiny"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (run_dir,) = run_dirs(tmp_path)
     run = assert_complete_snapshot(run_dir, ["dataset.toml", "sample_prompts.txt", "train.log"])
@@ -135,6 +138,20 @@ def test_sd_scripts_engine_runs_through_accelerate_with_standin(tmp_path: Path) 
 
     row = read_run(run_dir)
     assert row.state == "succeeded" and row.final_loss is not None and row.run_id == run["run_id"]
+
+    # The evaluator judges it with the same code and the same kinds of numbers as a native run (tests/eval);
+    # the tiny model stands in for the FLUX.1-dev weights this machine lacks.
+    evaluated = subprocess.run([sys.executable, "-m", "flux_lora.eval", str(run_dir), "--base-model", "tiny", *SMALL_EVAL_ARGS],
+                               cwd=PROJECT_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                               timeout=600)  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
+    result = json.loads((run_dir / "eval" / "eval.json").read_text())
+    assert set(result) == EVAL_SECTIONS
+    assert result["run"]["engine"] == "sd_scripts" and result["run"]["model"] == "flux_dev" and result["run"]["base_model_stand_in"]
+    assert [(p["step"], p.get("final")) for p in result["validation"]["curve"]] == [(0, False), (2, False), (4, False), (4, True)]
+    assert result["validation"]["images"] == "training-set" and result["validation"]["final"]["loss"] != result["validation"]["base_loss"]
+    assert result["load_check"]["passed"] and result["comfy_keys"]["passed"]
+    assert len(result["samples"]) == 2 * 3 * 2 and result["likeness"]["ceiling"]["faces_found"] == 8
 
 
 def test_config_errors_are_one_line(tmp_path: Path) -> None:

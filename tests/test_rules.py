@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Callable
 
 import pytest
+
+from flux_lora.compose import PROJECT_ROOT
 
 from flux_lora.rules import RULES, apply_rules, lora_scale_line
 from flux_lora.schema import RunConfig
@@ -48,6 +52,8 @@ def test_shipped_combinations_pass(compose_run: ComposeRun, overrides: list[str]
         (["profile.network_dropout=1.5"], "profile.network_dropout=1.5"),
         (["profile.lr_warmup_steps=100"], "profile.lr_warmup_steps=100"),
         (["gpu.num_gpus=2"], "gpu.num_gpus=2: the cpu tier runs one process"),
+        (["dataset.validation_split=0.6"], "dataset.validation_split=0.6: must be in [0, 0.5]"),
+        (["dataset.validation_split=0.2", "dataset.validation_path=/data/holdout"], "dataset.validation_split=0.2 and dataset.validation_path"),
     ],
 )
 def test_rule_errors_name_the_key(compose_run: ComposeRun, overrides: list[str], key: str) -> None:
@@ -66,3 +72,21 @@ def test_alpha_one_is_flagged_as_shrinking_updates(compose_run: ComposeRun) -> N
 def test_every_rule_has_a_reason() -> None:
     assert len({r.name for r in RULES}) == len(RULES)
     assert all(r.reason and "\n" not in r.reason for r in RULES)
+
+
+def test_check_holds_out_a_split_and_refuses_one_that_leaves_a_single_image(compose_run: ComposeRun, tmp_path: Path) -> None:
+    from flux_lora.check import check_run
+    from flux_lora.engines import get_engine
+
+    report = check_run(compose_run("dataset.validation_split=0.25", f"paths.cache={tmp_path}"), get_engine("native"), dry_run=True)
+    assert report.errors == [] and len(report.training_set.validation) == 2 and len(report.training_set.examples) == 6
+    assert any(line.startswith("dataset: 2 image(s) held out for validation, never trained (6 train)") for line in report.infos)
+
+    two = tmp_path / "two"
+    two.mkdir()
+    for photo in sorted((PROJECT_ROOT / "data" / "sample").glob("*.jpg"))[:2]:
+        shutil.copy(photo, two / photo.name)
+    run = compose_run("dataset.validation_split=0.5", f"dataset.path={two}", f"paths.cache={tmp_path}", "dataset.gate.enforce=false")
+    errors = check_run(run, get_engine("native"), dry_run=True).errors
+    assert "dataset.validation_split=0.5: holds out 1 image(s) and leaves 1 to train (at least 2 needed); lower " \
+           "dataset.validation_split or add images to dataset.path" in errors  # fmt: skip

@@ -7,14 +7,16 @@ read this list, so what was checked is what trains. Rules:
   - hidden files, unsupported formats and images the analysis found unusable never train;
   - the caption is the caption file's text; a caption that is not UTF-8 is read as latin-1 (what
     Windows editors usually wrote) and said so; a missing or empty caption trains as the class tokens,
-    as sd-scripts does.
+    as sd-scripts does;
+  - images held out for validation (dataset.validation_split or dataset.validation_path) never train,
+    under any file name: they are listed apart, in `validation`, for the evaluator.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -45,13 +47,19 @@ class TrainingSet:
     root: str  # absolute dataset folder
     examples: list[TrainingExample]
     excluded: list[dict] = field(default_factory=list)  # {"path", "reason"} for images that do not train
+    # Held out for validation, never trained. From dataset.validation_split: paths relative to root, like
+    # `examples`; from dataset.validation_path: absolute paths (image_path serves both).
+    validation: list[TrainingExample] = field(default_factory=list)
 
     @property
     def content_hash(self) -> str:
-        """What the run id uses: every trained image by content, its caption text and its repeats."""
+        """What the run id uses: every trained image by content, its caption text and its repeats, and the held-out
+        images (a run holding out other images is another run; without any the hash is what it always was)."""
         hasher = blake3.blake3()
         for e in sorted(self.examples, key=lambda e: e.image):
             hasher.update(json.dumps([e.image, e.content_hash, e.caption, e.repeats], ensure_ascii=False).encode() + b"\n")
+        for e in sorted(self.validation, key=lambda e: e.image):
+            hasher.update(json.dumps(["validation", e.image, e.content_hash, e.caption], ensure_ascii=False).encode() + b"\n")
         return hasher.hexdigest()
 
     def subsets(self) -> dict[str, list[TrainingExample]]:
@@ -71,6 +79,8 @@ class TrainingSet:
             "n_images_per_epoch": sum(e.repeats for e in self.examples),
             "examples": [asdict(e) for e in self.examples],
             "excluded": self.excluded,
+            "n_validation": len(self.validation),
+            "validation": [asdict(e) for e in self.validation],
         }
 
     def write_json(self, path: Path) -> None:
@@ -78,7 +88,8 @@ class TrainingSet:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainingSet":
-        return cls(root=data["root"], examples=[TrainingExample(**e) for e in data["examples"]], excluded=data.get("excluded", []))
+        return cls(root=data["root"], examples=[TrainingExample(**e) for e in data["examples"]], excluded=data.get("excluded", []),
+                   validation=[TrainingExample(**e) for e in data.get("validation", [])])  # fmt: skip
 
     @classmethod
     def read_json(cls, path: Path) -> "TrainingSet":
@@ -130,28 +141,64 @@ def _select(
     return TrainingSet(root=str(root.resolve()), examples=examples, excluded=excluded)
 
 
+def held_out_count(distinct_images: int, validation_split: float) -> int:
+    """How many images a validation split holds out: the share rounded down, at least one when the share is > 0."""
+    return max(1, int(distinct_images * validation_split)) if validation_split > 0 else 0
+
+
+def split_by_content(examples: list[TrainingExample], validation_split: float) -> list[TrainingExample]:
+    """The held-out examples: the images with the lowest content hashes, so every run of the same images holds out the
+    same ones whatever their names or order, and a larger split holds out a superset of a smaller one."""
+    hashes = sorted({e.content_hash for e in examples})
+    chosen = set(hashes[: held_out_count(len(hashes), validation_split)])
+    first = {}
+    for example in examples:  # one example per image: a copy in a second subset would be validated twice
+        if example.content_hash in chosen:
+            first.setdefault(example.content_hash, example)
+    return list(first.values())
+
+
+def hold_out(
+    training_set: TrainingSet, caption_extension: str, class_tokens: str, validation_split: float,
+    validation_path: Optional[str | Path],
+) -> TrainingSet:  # fmt: skip
+    """The training set with its validation images moved to `validation`: a folder's images when validation_path
+    is given, else the validation_split share of its own. An example whose image content is held out never trains."""
+    if validation_path:
+        folder = training_set_from_folder(Path(validation_path), caption_extension, class_tokens)
+        validation = [replace(e, image=folder.image_path(e).as_posix()) for e in folder.examples]
+    else:
+        validation = split_by_content(training_set.examples, validation_split)
+    held = {e.content_hash for e in validation}
+    return replace(training_set, examples=[e for e in training_set.examples if e.content_hash not in held], validation=validation)
+
+
 def training_set_from_report(
-    report: DatasetReport, caption_extension: str, class_tokens: str, default_repeats: int
-) -> TrainingSet:
-    """The training set of an analysed dataset: the report's images minus those it found unusable."""
+    report: DatasetReport, caption_extension: str, class_tokens: str, default_repeats: int,
+    validation_split: float = 0.0, validation_path: Optional[str | Path] = None,
+) -> TrainingSet:  # fmt: skip
+    """The training set of an analysed dataset: the report's images minus those it found unusable and those held out."""
     root = Path(report.dataset_path)
     unusable = {r.path: ", ".join(f for f in r.flags if severity_of(f) == "error") for r in report.images if r.unusable}
     hashes = {r.path: r.content_hash for r in report.images}
     selected = _select(root, [r.path for r in report.images], hashes, unusable, caption_extension, class_tokens, default_repeats)
     nested = [{"path": p, "reason": "more than one folder deep"} for p in report.nested_images]
-    return TrainingSet(root=selected.root, examples=selected.examples, excluded=selected.excluded + nested)
+    selected = TrainingSet(root=selected.root, examples=selected.examples, excluded=selected.excluded + nested)
+    return hold_out(selected, caption_extension, class_tokens, validation_split, validation_path)
 
 
 def training_set_from_folder(
-    root: Path, caption_extension: str, class_tokens: str, default_repeats: int = 1
-) -> TrainingSet:
+    root: Path, caption_extension: str, class_tokens: str, default_repeats: int = 1,
+    validation_split: float = 0.0, validation_path: Optional[str | Path] = None,
+) -> TrainingSet:  # fmt: skip
     """The same selection without the analysis (no decoding): for tools and tests that train a folder directly."""
     files = discover_dataset(Path(root), caption_extension)
     relatives = [files.relative(p) for p in files.images]
     hashes = {files.relative(p): hash_file(p)[0] for p in files.images}
     selected = _select(files.root, relatives, hashes, {}, caption_extension, class_tokens, default_repeats)
     nested = [{"path": files.relative(p), "reason": "more than one folder deep"} for p in files.nested_images]
-    return TrainingSet(root=selected.root, examples=selected.examples, excluded=selected.excluded + nested)
+    selected = TrainingSet(root=selected.root, examples=selected.examples, excluded=selected.excluded + nested)
+    return hold_out(selected, caption_extension, class_tokens, validation_split, validation_path)
 
 
 def load_training_set(path: Optional[str | Path]) -> Optional[TrainingSet]:

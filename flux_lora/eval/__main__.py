@@ -43,6 +43,9 @@ def parse_args(argv: list[str]) -> tuple[Path, EvalSettings, bool]:
     parser.add_argument("--no-likeness", action="store_true", help="skip generation, likeness, diversity and grids")
     parser.add_argument("--no-load-check", action="store_true")
     parser.add_argument("--device", default=defaults.device)
+    parser.add_argument("--base-model", choices=["tiny"], default=None,
+                        help="judge the LoRA on the tiny model instead of the run's (a stand-in where FLUX.1-dev weights cannot "
+                             "be loaded, e.g. CPU tests of an sd-scripts run; the LoRA must have the tiny model's shapes)")  # fmt: skip
     parser.add_argument("--force", action="store_true", help="evaluate again even if eval.json matches")
     args = parser.parse_args(argv)
     settings = EvalSettings(
@@ -50,6 +53,7 @@ def parse_args(argv: list[str]) -> tuple[Path, EvalSettings, bool]:
         lora=args.lora, strengths=args.strengths, seeds=args.seeds, heldout_prompts=not args.no_heldout,
         max_prompts_per_set=args.max_prompts, sample_steps=args.steps, resolution=args.resolution,
         load_check=not args.no_load_check, min_output_change=args.min_output_change, device=args.device,
+        base_model=args.base_model,
     )  # fmt: skip
     return args.run_dir, settings, args.force
 
@@ -61,6 +65,9 @@ def _num(value: Optional[float], spec: str = ".4f") -> str:
 def print_summary(result: dict, console: Console) -> None:
     run = result["run"]
     console.print(f"[bold]{run['name']}[/bold]: {run['label']}")
+    if run["base_model_stand_in"]:
+        console.print(f"base model: {run['base_model']} stand-in for the run's {run['model']} (--base-model): "
+                      "the numbers test the pipeline, not this LoRA on its model")  # fmt: skip
     if "validation" in result:
         validation = result["validation"]
         sizes = f"{validation['count']} images x {len(validation['sigmas'])} sigmas"

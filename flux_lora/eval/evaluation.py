@@ -60,6 +60,8 @@ EVAL_DIR = "eval"
 EVAL_FILE = "eval.json"
 CONTACT_SHEET = "dataset_contact_sheet.png"
 SIDE_MULTIPLE = 16
+# conf/model/tiny.yaml's values: the tiny model every tiny run trains on, rebuilt for --base-model tiny.
+TINY_STAND_IN = {"kind": "tiny", "init_seed": 0, "t5xxl_max_token_length": 64}
 
 
 def _print(message: str) -> None:
@@ -123,7 +125,12 @@ def write_json(path: Path, data: dict) -> None:
 # ------------------------------------------------------------------------------------------ sections
 
 
-def run_section(run: RunRecord) -> dict:
+def base_model_config(run: RunRecord, settings: EvalSettings) -> dict:
+    """The model section the evaluator builds: the run's own, or the tiny model standing in for it."""
+    return dict(TINY_STAND_IN) if settings.base_model == "tiny" else run.section("model")
+
+
+def run_section(run: RunRecord, settings: EvalSettings) -> dict:
     label = "succeeded" if run.succeeded else f"evaluated a run that did not succeed (state {run.state}" + (
         f": {run.reason})" if run.reason else ")"
     )
@@ -131,6 +138,8 @@ def run_section(run: RunRecord) -> dict:
         "name": run.config.get("name"),
         "engine": run.section("engine").get("name"),
         "model": run.section("model").get("kind"),
+        "base_model": base_model_config(run, settings).get("kind"),
+        "base_model_stand_in": settings.base_model is not None,
         "state": run.state,
         "reason": run.reason,
         "succeeded": run.succeeded,
@@ -325,7 +334,7 @@ def compute_sections(run: RunRecord, settings: EvalSettings, key: str, val_examp
                      device: torch.device, dtype: torch.dtype, log: Callable[[str], None]) -> dict:  # fmt: skip
     """Every section of eval.json, in the order the base transformer allows: the diffusers load check needs it
     without a LoRA, so it runs before the peft LoRA is attached for validation and generation."""
-    dataset, profile, model = run.section("dataset"), run.section("profile"), run.section("model")
+    dataset, profile, model = run.section("dataset"), run.section("profile"), base_model_config(run, settings)
     resolution, steps = eval_resolution(settings, profile), eval_steps(settings, profile)
     parts = place(load_base_parts(model, dtype), device, dtype)
     prompts = eval_prompts(dataset, settings.heldout_prompts, settings.max_prompts_per_set) if settings.likeness else []
@@ -339,7 +348,7 @@ def compute_sections(run: RunRecord, settings: EvalSettings, key: str, val_examp
         "run_dir": str(run.run_dir),
         "settings": settings.to_record(),
         "device": device.type,
-        "run": run_section(run),
+        "run": run_section(run, settings),
         "loras": [_lora_entry(run, c) for c in run.checkpoints],
         "comfy_keys": {"file": run.final.relative_to(run.run_dir), **comfy_section(run.final.path, parts.transformer)},
     }
@@ -365,7 +374,7 @@ def evaluate_run(run_dir: Path, settings: Optional[EvalSettings] = None, *, forc
         raise ValueError("EvalSettings: lora='best' picks by validation loss; enable validation or use lora='final'")
     began = time.perf_counter()
     run = read_run(Path(run_dir))
-    model = run.section("model")
+    model = base_model_config(run, settings)
     device = pick_device(settings.device)
     dtype = compute_dtype(device)
     val_label, val_folder, val_examples = (validation_examples(run, settings.validation_path)
@@ -378,7 +387,7 @@ def evaluate_run(run_dir: Path, settings: Optional[EvalSettings] = None, *, forc
         log(f"eval: cached, nothing to do (same LoRA files and settings): {eval_file}")
         return {**cached, "cached": True}
 
-    log(f"eval: {run.run_dir.name} ({run_section(run)['label']}), model {model.get('kind')}, {device.type}")
+    log(f"eval: {run.run_dir.name} ({run_section(run, settings)['label']}), model {model.get('kind')}, {device.type}")
     with tiny_model_threads(model, device):
         result = compute_sections(run, settings, key, val_examples, (val_label, val_folder), device, dtype, log)
     result["seconds"] = round(time.perf_counter() - began, 2)

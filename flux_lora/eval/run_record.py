@@ -53,27 +53,40 @@ class RunRecord:
     def section(self, name: str) -> dict[str, Any]:
         return self.config.get(name) or {}
 
-    def training_examples(self) -> list[ImageCaption]:
-        """The pairs that trained: the run's frozen training_set.json, else the same selection from dataset.path."""
+    def training_set(self) -> TrainingSet:
+        """The run's frozen training_set.json, else the same selection (and hold-out) from dataset.path."""
         frozen = self.run_dir / TRAINING_SET_FILE
         if frozen.is_file():
-            training_set = TrainingSet.read_json(frozen)
-        else:
-            training_set = folder_examples_set(Path(self.section("dataset").get("path") or ""), self.section("dataset"))
-        examples = [ImageCaption(training_set.image_path(e), e.caption, e.repeats) for e in training_set.examples]
-        missing = [str(e.image) for e in examples if not e.image.is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"{missing[0]}: a training image of this run is gone ({len(missing)} missing); restore it to evaluate"
-            )
-        return examples
+            return TrainingSet.read_json(frozen)
+        dataset = self.section("dataset")
+        return folder_examples_set(Path(dataset.get("path") or ""), dataset, dataset.get("validation_split") or 0.0,
+                                   dataset.get("validation_path"))  # fmt: skip
+
+    def training_examples(self) -> list[ImageCaption]:
+        """The pairs that trained."""
+        training_set = self.training_set()
+        return _on_disk([ImageCaption(training_set.image_path(e), e.caption, e.repeats) for e in training_set.examples], "training")
+
+    def held_out_examples(self) -> list[ImageCaption]:
+        """The pairs held out from training (dataset.validation_split or dataset.validation_path); empty without."""
+        training_set = self.training_set()
+        return _on_disk([ImageCaption(training_set.image_path(e), e.caption) for e in training_set.validation], "held-out")
 
 
-def folder_examples_set(folder: Path, dataset: dict[str, Any]) -> TrainingSet:
+def _on_disk(examples: list[ImageCaption], kind: str) -> list[ImageCaption]:
+    missing = [str(e.image) for e in examples if not e.image.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]}: a {kind} image of this run is gone ({len(missing)} missing); restore it to evaluate")
+    return examples
+
+
+def folder_examples_set(folder: Path, dataset: dict[str, Any], validation_split: float = 0.0,
+                        validation_path: Optional[str] = None) -> TrainingSet:  # fmt: skip
     """A folder's (image, caption) pairs selected as training selects them (captions beside the images)."""
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: image folder not found; check dataset.path in config.yaml or --validation-path")
-    return training_set_from_folder(folder, dataset.get("caption_extension") or ".txt", dataset.get("class_tokens") or "")
+    return training_set_from_folder(folder, dataset.get("caption_extension") or ".txt", dataset.get("class_tokens") or "",
+                                    validation_split=validation_split, validation_path=validation_path)  # fmt: skip
 
 
 def folder_examples(folder: Path, dataset: dict[str, Any]) -> list[ImageCaption]:

@@ -32,12 +32,17 @@ class EvalSettings:
     min_output_change: float = 1e-4  # mean |LoRA - base| / mean |base| of the transformer output
 
     device: str = "auto"  # "auto": cuda when available, else cpu
+    # "tiny": judge the LoRA files on the tiny model instead of the run's base model (FLUX.1-dev weights cannot be
+    # loaded on a CPU test machine); the numbers then test the pipeline, not the LoRA. None: the run's model.
+    base_model: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.lora not in ("final", "best"):
             raise ValueError(f"EvalSettings.lora={self.lora!r}: use 'final' or 'best'")
         if not self.seeds or not self.strengths:
             raise ValueError("EvalSettings: seeds and strengths need at least one value each")
+        if self.base_model not in (None, "tiny"):
+            raise ValueError(f"EvalSettings.base_model={self.base_model!r}: use 'tiny' or None (the run's own model)")
         if any(not 0.0 < s < 1.0 for s in self.validation_sigmas):
             raise ValueError(f"EvalSettings.validation_sigmas={self.validation_sigmas}: each must lie in (0, 1)")
 

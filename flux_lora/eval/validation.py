@@ -22,8 +22,9 @@ from flux_lora.engines.native.models import FluxParts
 from flux_lora.eval.base_model import TextEmbedding
 from flux_lora.eval.run_record import RunRecord, folder_examples
 
-TRAINING_SET = "training-set"  # label of a validation set that is the training images (no held-out split yet)
-VALIDATION_FOLDER = "validation-folder"
+HELD_OUT = "held-out"  # training_set.json's `validation`: images the run never trained on
+TRAINING_SET = "training-set"  # the run held nothing out: the training images, which reward overfitting
+VALIDATION_FOLDER = "validation-folder"  # --validation-path, chosen at evaluation time
 SIDE_MULTIPLE = 16  # FLUX packs 2x2 patches of 8x-downsampled latents
 
 
@@ -40,11 +41,15 @@ def image_seed(data: bytes) -> int:
 
 
 def validation_examples(run: RunRecord, validation_path: Optional[str]) -> tuple[str, str, list[ImageCaption]]:
-    """(label, where, images with captions): the given folder, else the run's training images."""
+    """(label, where, images with captions): the given folder, else the run's held-out images, else its training images."""
+    dataset = run.section("dataset")
     if validation_path:
         folder = Path(validation_path)
-        return VALIDATION_FOLDER, str(folder.resolve()), folder_examples(folder, run.section("dataset"))
-    return TRAINING_SET, str(run.section("dataset").get("path")), run.training_examples()
+        return VALIDATION_FOLDER, str(folder.resolve()), folder_examples(folder, dataset)
+    held_out = run.held_out_examples()
+    if held_out:
+        return HELD_OUT, str(dataset.get("validation_path") or dataset.get("path")), held_out
+    return TRAINING_SET, str(dataset.get("path")), run.training_examples()
 
 
 def eval_bucket(width: int, height: int, resolution: int, dataset: dict) -> tuple[int, int]:

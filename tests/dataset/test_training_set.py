@@ -3,14 +3,16 @@ and both engines (issue "Engine fidelity" item 13): real image files in tmp_path
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from flux_lora.dataset import AnalysisSettings, analyze_dataset
-from flux_lora.dataset.training_set import training_set_from_folder, training_set_from_report
+from flux_lora.dataset.training_set import TrainingSet, training_set_from_folder, training_set_from_report
 from flux_lora.engines.native.data import find_examples
+from flux_lora.engines.sd_scripts_dataset import build_dataset_view
 from tests.engines.native.native_tiny_run import tiny_config
 
 
@@ -79,3 +81,61 @@ def test_unusable_image_does_not_train(tmp_path):
     selected = training_set_from_report(report, ".txt", "woman", 1)
     assert "broken.jpg" not in {e.image for e in selected.examples}
     assert any(x["path"] == "broken.jpg" for x in selected.excluded)
+
+
+def _photos(root: Path, count: int) -> Path:
+    for index in range(count):
+        _photo(root / f"p{index}.png", 10 + index, f"TOK woman, photo {index}".encode())
+    return root
+
+
+def test_validation_split_holds_out_the_same_images_by_content_whatever_their_names(tmp_path):
+    root = _photos(tmp_path / "ds", 8)
+    quarter = training_set_from_folder(root, ".txt", "woman", validation_split=0.25)
+    assert len(quarter.validation) == 2 and len(quarter.examples) == 6
+    assert not {e.image for e in quarter.validation} & {e.image for e in quarter.examples}
+    held = {e.content_hash for e in quarter.validation}
+    assert held == set(sorted(e.content_hash for e in training_set_from_folder(root, ".txt", "woman").examples)[:2])
+    # Renamed and reordered: the same photos are held out.
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for number, image in enumerate(sorted(root.glob("*.png"), reverse=True)):
+        shutil.copy(image, renamed / f"z{number}.png")
+        shutil.copy(image.with_suffix(".txt"), renamed / f"z{number}.txt")
+    assert {e.content_hash for e in training_set_from_folder(renamed, ".txt", "woman", validation_split=0.25).validation} == held
+    # A larger share holds out a superset; any share above 0 holds out at least one image.
+    assert held < {e.content_hash for e in training_set_from_folder(root, ".txt", "woman", validation_split=0.5).validation}
+    assert len(training_set_from_folder(root, ".txt", "woman", validation_split=0.01).validation) == 1
+
+
+def test_the_held_out_choice_is_part_of_the_record_and_its_hash(tmp_path):
+    root = _photos(tmp_path / "ds", 4)
+    plain = training_set_from_folder(root, ".txt", "woman")
+    split = training_set_from_folder(root, ".txt", "woman", validation_split=0.25)
+    assert plain.content_hash != split.content_hash
+    assert TrainingSet.from_dict(split.to_dict()) == split and split.to_dict()["n_validation"] == 1
+    assert TrainingSet.from_dict({k: v for k, v in plain.to_dict().items() if "validation" not in k}) == plain  # older records
+
+
+def test_neither_engine_reads_a_held_out_image(tmp_path):
+    root = _photos(tmp_path / "ds", 4)
+    split = training_set_from_folder(root, ".txt", "woman", validation_split=0.25)
+    (held,) = [Path(e.image).name for e in split.validation]
+    path = tmp_path / "training_set.json"
+    split.write_json(path)
+    native = find_examples(tiny_config(tmp_path, root, training_set_file=str(path)))
+    view = build_dataset_view(split, tmp_path / "cache", ".txt")
+    assert held not in {e.image.name for e in native} and len(native) == 3
+    assert held not in {p.name for p in view.rglob("*.png")} and len(list(view.rglob("*.png"))) == 3
+
+
+def test_a_validation_folder_is_held_out_and_its_images_never_train(tmp_path):
+    root = _photos(tmp_path / "ds", 4)
+    folder = tmp_path / "holdout"
+    folder.mkdir()
+    shutil.copy(root / "p0.png", folder / "same_photo.png")  # also in the training folder, under another name
+    _photo(folder / "new.png", 99, b"TOK woman, a new photo")
+    selected = training_set_from_folder(root, ".txt", "woman", validation_path=folder)
+    assert sorted(Path(e.image).name for e in selected.validation) == ["new.png", "same_photo.png"]
+    assert all(Path(e.image).is_absolute() and selected.image_path(e).is_file() for e in selected.validation)
+    assert [e.image for e in selected.examples] == ["p1.png", "p2.png", "p3.png"]

@@ -6,13 +6,19 @@ recursion), counts epochs, optimizer steps and resumed steps with sd-scripts' ow
 (including its --skip_until_initial_step bug), and writes what sd-scripts would write, under its
 names: step and final LoRA files (kohya keys, ss_* metadata), state folders with train_state.json,
 and a TensorBoard run. Nothing is trained: the loss is made up.
+
+The LoRA files hold zeros of made-up shapes, unless FLUX_LORA_STANDIN_LORA=tiny: then they are real kohya
+LoRAs for the tiny model (flux_lora model=tiny: its module names and shapes, non-zero up weights that differ per
+step), so the evaluator can judge the run with `--base-model tiny`.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -69,16 +75,53 @@ def batches_per_epoch(args: argparse.Namespace) -> int:
     return math.ceil(images / args.train_batch_size)
 
 
-def save_lora(path: Path, args: argparse.Namespace, step: int) -> None:
-    import torch
-    from safetensors.torch import save_file
+STANDIN_LORA_ENV = "FLUX_LORA_STANDIN_LORA"
 
-    rank = args.network_dim or 4
+
+@functools.cache
+def _tiny_transformer_with_lora(rank: int, alpha: float):
+    from flux_lora.engines.native.lora import add_flux_lora
+    from flux_lora.engines.native.models import build_tiny_flux
+
+    transformer = build_tiny_flux().transformer
+    add_flux_lora(transformer, rank, alpha, dropout=None)
+    return transformer
+
+
+def tiny_lora_tensors(rank: int, alpha: float, step: int) -> dict:
+    """A real kohya LoRA of the tiny model: peft's down init, up weights drawn from the step (zero up does nothing)."""
+    import torch
+
+    from flux_lora.engines.native.lora import kohya_state_dict
+
+    transformer = _tiny_transformer_with_lora(rank, alpha)
+    generator = torch.Generator().manual_seed(step)
+    with torch.no_grad():
+        for name, parameter in transformer.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    return kohya_state_dict(transformer)
+
+
+def placeholder_lora_tensors(rank: int, alpha: float) -> dict:
+    import torch
+
     tensors = {}
     for module in ("lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1"):
         tensors[f"{module}.lora_down.weight"] = torch.zeros(rank, 16)
         tensors[f"{module}.lora_up.weight"] = torch.zeros(48, rank)
-        tensors[f"{module}.alpha"] = torch.tensor(float(args.network_alpha))
+        tensors[f"{module}.alpha"] = torch.tensor(float(alpha))
+    return tensors
+
+
+def save_lora(path: Path, args: argparse.Namespace, step: int) -> None:
+    from safetensors.torch import save_file
+
+    rank = args.network_dim or 4
+    if os.environ.get(STANDIN_LORA_ENV) == "tiny":
+        tensors = tiny_lora_tensors(rank, float(args.network_alpha or rank), step)
+    else:
+        tensors = placeholder_lora_tensors(rank, args.network_alpha)
     metadata = {
         "ss_network_module": str(args.network_module),
         "ss_network_dim": str(rank),

@@ -8,26 +8,27 @@ from PIL import Image
 
 from flux_lora.eval import EvalSettings, evaluate_run
 from flux_lora.eval.grids import grid_size
-from tests.eval.tiny_eval import SMALL_EVAL
+from tests.eval.tiny_eval import EVAL_SECTIONS, SMALL_EVAL
 
 
 def test_cli_writes_eval_json_with_every_section(evaluated_run) -> None:
     run_dir, done = evaluated_run
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((run_dir / "eval" / "eval.json").read_text())
-    assert result["schema_version"] == 1
+    assert set(result) == EVAL_SECTIONS and result["schema_version"] == 1
     assert result["run"]["state"] == "succeeded" and result["run"]["succeeded"] is True
+    assert result["run"]["base_model"] == "tiny" and result["run"]["base_model_stand_in"] is False
     assert [(e["step"], e["final"]) for e in result["loras"]] == [(2, False), (4, True)]
 
     validation = result["validation"]
-    assert validation["images"] == "training-set" and validation["count"] == 8
+    assert validation["images"] == "held-out" and validation["count"] == 2
     assert [p["step"] for p in validation["curve"]] == [0, 2, 4]
     assert set(validation["curve"][1]["per_sigma"]) == {f"0.{i}" for i in range(1, 10)}
     assert validation["final"]["step"] == 4 and validation["best"]["step"] in (2, 4)
 
     # The tiny random model draws no faces: likeness is null, never a made-up number.
     likeness = result["likeness"]
-    assert likeness["ceiling"]["faces_found"] == 8 and likeness["ceiling"]["mean_distance"] < 0.6
+    assert likeness["ceiling"]["faces_found"] == 6 and likeness["ceiling"]["mean_distance"] < 0.6  # the trained faces
     assert likeness["floor"]["face_found_share"] == 0 and likeness["floor"]["mean_distance"] is None
     assert set(likeness["by_strength"]) == {"0.5", "1"}
     assert all(block["same_person_share"] is None for block in likeness["by_strength"].values())

@@ -22,7 +22,8 @@ def test_checkpoints_are_ordered_by_step_with_the_final_last(tiny_run: Path) -> 
         ("flux-lora.safetensors", 4, True),
     ]
     assert run.succeeded and run.final.final
-    assert len(run.training_examples()) == 8
+    trained, held_out = run.training_examples(), run.held_out_examples()
+    assert len(trained) == 6 and len(held_out) == 2 and not {e.image for e in trained} & {e.image for e in held_out}
 
 
 def test_a_failed_run_is_evaluated_and_labelled(tiny_run: Path, tmp_path: Path) -> None:

@@ -7,26 +7,27 @@ from pathlib import Path
 
 import torch
 
+from flux_lora.dataset.training_set import TRAINING_SET_FILE
 from flux_lora.eval.base_model import attach_lora, encode_texts, load_base_parts
 from flux_lora.eval.run_record import read_run
 from flux_lora.eval.settings import VALIDATION_SIGMAS
 from flux_lora.eval.validation import (
-    TRAINING_SET,
+    HELD_OUT,
     VALIDATION_FOLDER,
     build_validation_set,
     summarize_curve,
     validation_examples,
     validation_point,
 )
+from tests.eval.tiny_eval import copy_run
 
 CPU = dict(guidance=1.0, prediction_type="raw", batch_size=3, device=torch.device("cpu"), dtype=torch.float32)
 
 
-def test_validation_loss_is_deterministic_and_differs_between_base_and_lora(tiny_run: Path) -> None:
+def test_the_trained_lora_beats_the_base_model_on_its_training_images_and_repeats_exactly(tiny_run: Path) -> None:
     run = read_run(tiny_run)
     parts = load_base_parts(run.section("model"), torch.float32)
-    label, _, examples = validation_examples(run, None)
-    examples = examples[:2]
+    examples = run.training_examples()[:2]
     embeddings = encode_texts(parts, [e.caption for e in examples])
     images = build_validation_set(parts, examples, 64, run.section("dataset"), VALIDATION_SIGMAS)
 
@@ -36,10 +37,20 @@ def test_validation_loss_is_deterministic_and_differs_between_base_and_lora(tiny
     trained = validation_point(parts.transformer, images, embeddings, VALIDATION_SIGMAS, **CPU)
     assert validation_point(parts.transformer, images, embeddings, VALIDATION_SIGMAS, **CPU) == trained
 
-    assert label == TRAINING_SET
-    assert abs(trained["loss"] - base["loss"]) > 1e-5
+    assert trained["loss"] < base["loss"]  # the base model is the zero LoRA
     assert list(base["per_sigma"]) == ["0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "0.9"]
     assert set(base["per_image"]) == {e.image.name for e in examples}
+
+
+def test_the_runs_held_out_images_are_the_validation_set(tiny_run: Path, tmp_path: Path) -> None:
+    run = read_run(tiny_run)
+    label, where, examples = validation_examples(run, None)
+    assert label == HELD_OUT and where == run.section("dataset")["path"] and len(examples) == 2
+    assert not {e.image for e in examples} & {e.image for e in run.training_examples()}
+    # Without training_set.json the same images are held out, from dataset.path and dataset.validation_split.
+    copy = copy_run(tiny_run, tmp_path / "run")
+    (copy / TRAINING_SET_FILE).unlink()
+    assert [e.image for e in read_run(copy).held_out_examples()] == [e.image for e in examples]
 
 
 def test_the_set_depends_on_the_image_bytes_only(tiny_run: Path, tmp_path: Path) -> None:
