@@ -14,14 +14,13 @@ from safetensors import safe_open
 
 from flux_lora.engines.native.lora import ADAPTER, add_flux_lora, load_kohya_lora
 from flux_lora.engines.native.models import FluxParts, build_tiny_flux, encode_prompts, load_flux_dev
+from flux_lora.eval.settings import device_type
 
 TextEmbedding = tuple[torch.Tensor, torch.Tensor]  # (pooled [D_clip], T5 sequence [L, D_t5])
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return torch.device(device_type(name) if name == "auto" else name)
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:

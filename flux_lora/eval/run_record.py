@@ -1,6 +1,8 @@
-"""What the evaluator reads from a run directory: the frozen config.yaml, status.json and the saved LoRA files.
+"""What the evaluator reads from a run directory: the frozen config.yaml, status.json, training_set.json and the
+saved LoRA files, and which images the validation loss uses.
 
 Nothing engine-specific: sd-scripts and the native engine write the same layout, so one reader serves both.
+Nothing heavy either (no torch): a cached evaluation is decided from this alone.
 """
 
 from __future__ import annotations
@@ -16,10 +18,26 @@ import yaml
 from safetensors import safe_open
 
 from flux_lora.dataset.training_set import TRAINING_SET_FILE, TrainingSet, training_set_from_folder
-from flux_lora.engines.native.data import ImageCaption
 
 SUCCEEDED = "succeeded"
+EVAL_DIR = "eval"  # RUN_DIR/eval/: eval.json, images/, grids/
 _STEP_IN_NAME = re.compile(r"-step(\d+)$")
+HELD_OUT = "held-out"  # training_set.json's `validation`: images the run never trained on
+TRAINING_SET = "training-set"  # the run held nothing out: the training images, which reward overfitting
+VALIDATION_FOLDER = "validation-folder"  # --validation-path, chosen at evaluation time
+
+
+@dataclass(frozen=True)
+class EvalImage:
+    image: Path
+    caption: str  # the caption it trained with (or would train with, for a held-out image)
+
+
+@dataclass(frozen=True)
+class ValidationSource:
+    label: str  # HELD_OUT, TRAINING_SET or VALIDATION_FOLDER
+    where: str  # the folder they come from
+    images: list[EvalImage]
 
 
 @dataclass(frozen=True)
@@ -62,18 +80,18 @@ class RunRecord:
         return folder_examples_set(Path(dataset.get("path") or ""), dataset, dataset.get("validation_split") or 0.0,
                                    dataset.get("validation_path"))  # fmt: skip
 
-    def training_examples(self) -> list[ImageCaption]:
+    def training_examples(self) -> list[EvalImage]:
         """The pairs that trained."""
         training_set = self.training_set()
-        return _on_disk([ImageCaption(training_set.image_path(e), e.caption, e.repeats) for e in training_set.examples], "training")
+        return _on_disk([EvalImage(training_set.image_path(e), e.caption) for e in training_set.examples], "training")
 
-    def held_out_examples(self) -> list[ImageCaption]:
+    def held_out_examples(self) -> list[EvalImage]:
         """The pairs held out from training (dataset.validation_split or dataset.validation_path); empty without."""
         training_set = self.training_set()
-        return _on_disk([ImageCaption(training_set.image_path(e), e.caption) for e in training_set.validation], "held-out")
+        return _on_disk([EvalImage(training_set.image_path(e), e.caption) for e in training_set.validation], "held-out")
 
 
-def _on_disk(examples: list[ImageCaption], kind: str) -> list[ImageCaption]:
+def _on_disk(examples: list[EvalImage], kind: str) -> list[EvalImage]:
     missing = [str(e.image) for e in examples if not e.image.is_file()]
     if missing:
         raise FileNotFoundError(f"{missing[0]}: a {kind} image of this run is gone ({len(missing)} missing); restore it to evaluate")
@@ -89,11 +107,23 @@ def folder_examples_set(folder: Path, dataset: dict[str, Any], validation_split:
                                     validation_split=validation_split, validation_path=validation_path)  # fmt: skip
 
 
-def folder_examples(folder: Path, dataset: dict[str, Any]) -> list[ImageCaption]:
+def folder_examples(folder: Path, dataset: dict[str, Any]) -> list[EvalImage]:
     training_set = folder_examples_set(folder, dataset)
     if not training_set.examples:
         raise FileNotFoundError(f"{folder}: no images to evaluate on")
-    return [ImageCaption(training_set.image_path(e), e.caption) for e in training_set.examples]
+    return [EvalImage(training_set.image_path(e), e.caption) for e in training_set.examples]
+
+
+def validation_examples(run: RunRecord, validation_path: Optional[str]) -> ValidationSource:
+    """The validation images: the given folder, else the run's held-out images, else its training images."""
+    dataset = run.section("dataset")
+    if validation_path:
+        folder = Path(validation_path)
+        return ValidationSource(VALIDATION_FOLDER, str(folder.resolve()), folder_examples(folder, dataset))
+    held_out = run.held_out_examples()
+    if held_out:
+        return ValidationSource(HELD_OUT, str(dataset.get("validation_path") or dataset.get("path")), held_out)
+    return ValidationSource(TRAINING_SET, str(dataset.get("path")), run.training_examples())
 
 
 def file_hash(path: Path) -> str:
@@ -105,7 +135,7 @@ def file_hash(path: Path) -> str:
 
 
 def _saved_step(path: Path) -> Optional[int]:
-    with safe_open(str(path), framework="pt") as handle:
+    with safe_open(str(path), framework="numpy") as handle:  # "pt" would import torch (1.6 s) to read a string
         steps = (handle.metadata() or {}).get("ss_steps")
     if steps is not None and steps.isdigit():
         return int(steps)

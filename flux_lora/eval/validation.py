@@ -9,22 +9,17 @@ seed derived from the image bytes, so every run on the same dataset (and base mo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Optional
 
 import blake3
 import torch
 
 from flux_lora.buckets import bucket_sizes, nearest_bucket
 from flux_lora.engines.native import flow
-from flux_lora.engines.native.data import ImageCaption, image_size, load_pixels
+from flux_lora.engines.native.data import image_size, load_pixels
 from flux_lora.engines.native.models import FluxParts
 from flux_lora.eval.base_model import TextEmbedding
-from flux_lora.eval.run_record import RunRecord, folder_examples
+from flux_lora.eval.run_record import EvalImage
 
-HELD_OUT = "held-out"  # training_set.json's `validation`: images the run never trained on
-TRAINING_SET = "training-set"  # the run held nothing out: the training images, which reward overfitting
-VALIDATION_FOLDER = "validation-folder"  # --validation-path, chosen at evaluation time
 SIDE_MULTIPLE = 16  # FLUX packs 2x2 patches of 8x-downsampled latents
 
 
@@ -38,18 +33,6 @@ class ValidationImage:
 
 def image_seed(data: bytes) -> int:
     return int(blake3.blake3(data).hexdigest()[:15], 16)
-
-
-def validation_examples(run: RunRecord, validation_path: Optional[str]) -> tuple[str, str, list[ImageCaption]]:
-    """(label, where, images with captions): the given folder, else the run's held-out images, else its training images."""
-    dataset = run.section("dataset")
-    if validation_path:
-        folder = Path(validation_path)
-        return VALIDATION_FOLDER, str(folder.resolve()), folder_examples(folder, dataset)
-    held_out = run.held_out_examples()
-    if held_out:
-        return HELD_OUT, str(dataset.get("validation_path") or dataset.get("path")), held_out
-    return TRAINING_SET, str(dataset.get("path")), run.training_examples()
 
 
 def eval_bucket(width: int, height: int, resolution: int, dataset: dict) -> tuple[int, int]:
@@ -72,7 +55,7 @@ def posterior_mean_latents(parts: FluxParts, pixels: torch.Tensor) -> torch.Tens
 
 
 def build_validation_set(
-    parts: FluxParts, examples: list[ImageCaption], resolution: int, dataset: dict, sigmas: tuple[float, ...]
+    parts: FluxParts, examples: list[EvalImage], resolution: int, dataset: dict, sigmas: tuple[float, ...]
 ) -> list[ValidationImage]:
     images = []
     for example in examples:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 from PIL import Image
 
+from flux_lora.compose import PROJECT_ROOT
 from flux_lora.eval import EvalSettings, evaluate_run
 from flux_lora.eval.grids import grid_size
-from tests.eval.tiny_eval import EVAL_SECTIONS, SMALL_EVAL
+from tests.eval.tiny_eval import EVAL_SECTIONS, SMALL_EVAL, SMALL_EVAL_ARGS
 
 
 def test_cli_writes_eval_json_with_every_section(evaluated_run) -> None:
@@ -59,3 +62,14 @@ def test_rerun_with_the_same_settings_is_a_cache_hit(evaluated_run) -> None:
     assert result["cached"] is True
     assert eval_file.stat().st_mtime_ns == before
     assert messages == [f"eval: cached, nothing to do (same LoRA files and settings): {eval_file}"]
+
+
+def test_a_cache_hit_loads_no_model_code(evaluated_run) -> None:
+    """The cached path never imports torch, diffusers or dlib: an unchanged run answers in a fraction of a second."""
+    run_dir, _ = evaluated_run
+    code = ("import sys; from flux_lora.eval.__main__ import main; status = main(sys.argv[1:]); "
+            "print(sorted({'torch', 'diffusers', 'dlib'} & set(sys.modules))); sys.exit(status)")
+    done = subprocess.run([sys.executable, "-c", code, str(run_dir), *SMALL_EVAL_ARGS], cwd=PROJECT_ROOT, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "eval: cached, nothing to do" in done.stdout and done.stdout.rstrip().endswith("[]")

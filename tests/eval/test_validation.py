@@ -9,16 +9,9 @@ import torch
 
 from flux_lora.dataset.training_set import TRAINING_SET_FILE
 from flux_lora.eval.base_model import attach_lora, encode_texts, load_base_parts
-from flux_lora.eval.run_record import read_run
+from flux_lora.eval.run_record import HELD_OUT, VALIDATION_FOLDER, read_run, validation_examples
 from flux_lora.eval.settings import VALIDATION_SIGMAS
-from flux_lora.eval.validation import (
-    HELD_OUT,
-    VALIDATION_FOLDER,
-    build_validation_set,
-    summarize_curve,
-    validation_examples,
-    validation_point,
-)
+from flux_lora.eval.validation import build_validation_set, summarize_curve, validation_point
 from tests.eval.tiny_eval import copy_run
 
 CPU = dict(guidance=1.0, prediction_type="raw", batch_size=3, device=torch.device("cpu"), dtype=torch.float32)
@@ -44,26 +37,25 @@ def test_the_trained_lora_beats_the_base_model_on_its_training_images_and_repeat
 
 def test_the_runs_held_out_images_are_the_validation_set(tiny_run: Path, tmp_path: Path) -> None:
     run = read_run(tiny_run)
-    label, where, examples = validation_examples(run, None)
-    assert label == HELD_OUT and where == run.section("dataset")["path"] and len(examples) == 2
-    assert not {e.image for e in examples} & {e.image for e in run.training_examples()}
+    source = validation_examples(run, None)
+    assert source.label == HELD_OUT and source.where == run.section("dataset")["path"] and len(source.images) == 2
+    assert not {e.image for e in source.images} & {e.image for e in run.training_examples()}
     # Without training_set.json the same images are held out, from dataset.path and dataset.validation_split.
     copy = copy_run(tiny_run, tmp_path / "run")
     (copy / TRAINING_SET_FILE).unlink()
-    assert [e.image for e in read_run(copy).held_out_examples()] == [e.image for e in examples]
+    assert read_run(copy).held_out_examples() == source.images
 
 
 def test_the_set_depends_on_the_image_bytes_only(tiny_run: Path, tmp_path: Path) -> None:
     """The same photo in another folder, under another name, gets the same latents and noise."""
     run = read_run(tiny_run)
     parts = load_base_parts(run.section("model"), torch.float32)
-    source = run.training_examples()[0].image
     folder = tmp_path / "validation"
     folder.mkdir()
-    shutil.copy(source, folder / "renamed.jpg")
-    label, where, examples = validation_examples(run, str(folder))
-    assert label == VALIDATION_FOLDER and where == str(folder.resolve())
-    copied = build_validation_set(parts, examples, 64, run.section("dataset"), VALIDATION_SIGMAS)[0]
+    shutil.copy(run.training_examples()[0].image, folder / "renamed.jpg")
+    source = validation_examples(run, str(folder))
+    assert source.label == VALIDATION_FOLDER and source.where == str(folder.resolve())
+    copied = build_validation_set(parts, source.images, 64, run.section("dataset"), VALIDATION_SIGMAS)[0]
     original = build_validation_set(parts, run.training_examples()[:1], 64, run.section("dataset"), VALIDATION_SIGMAS)[0]
     assert torch.equal(copied.noise, original.noise) and torch.equal(copied.latents, original.latents)
     assert copied.noise.shape == (9, 16, 8, 8)  # 64 px / 8
