@@ -17,7 +17,11 @@ from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 STANDIN = HERE / "sd_scripts_standin.py"
-STANDIN_LIBRARY = HERE / "sd_scripts_standin_library" / "library"
+# Stand-ins of the sd-scripts `library` modules the pre-training checks import, stored under names of their own
+# (they are not sd-scripts code) and copied into a fake checkout under the names sd-scripts uses.
+STANDIN_LIBRARY = HERE / "sd_scripts_standin_library"
+STANDIN_MODULES = {"standin_train_util.py": "train_util.py", "standin_config_util.py": "config_util.py",
+                   "standin_strategy_base.py": "strategy_base.py", "standin_library_init.py": "__init__.py"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,9 @@ class Checkout:
 def standin_checkout(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     shutil.copy(STANDIN, root / "flux_train_network.py")
-    shutil.copytree(STANDIN_LIBRARY, root / "library", dirs_exist_ok=True)
+    (root / "library").mkdir(exist_ok=True)
+    for ours, theirs in STANDIN_MODULES.items():
+        shutil.copy(STANDIN_LIBRARY / ours, root / "library" / theirs)
     return root
 
 
