@@ -27,6 +27,7 @@ import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Optional
 
 import torch
 import yaml
@@ -285,32 +286,45 @@ def append_run(path: Path, run: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_common_arguments(parser: argparse.ArgumentParser, *, resolutions_help: str, steps_help: str, out_name: str) -> None:
+    """The options every GPU benchmark here shares (device, tiny check, resolutions, timing, seed, results file)."""
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (cpu needs --tiny)")
     parser.add_argument("--tiny", action="store_true", help="tiny FLUX config at 64/128 px: checks the script, measures nothing useful")
-    parser.add_argument("--tiers", nargs="+", default=list(TIERS), choices=TIERS)
-    parser.add_argument("--resolutions", nargs="+", type=int, default=None, help="default 512 768 1024 (tiny: 64 128)")
-    parser.add_argument("--profile", default="fast", help="conf/profile file for rank, alpha, dropout, noise offset")
-    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per setting")
+    parser.add_argument("--resolutions", nargs="+", type=int, default=None, help=f"default {resolutions_help} (tiny: 64 128)")
+    parser.add_argument("--steps", type=int, default=5, help=steps_help)
     parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps before them")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None,
-                        help="results file (default benchmarks/results/<gpu-name>.json; with --tiny, none unless given)")
-    args = parser.parse_args()
+                        help=f"results file (default benchmarks/results/{out_name}; with --tiny, none unless given)")  # fmt: skip
 
+
+def benchmark_device(args: argparse.Namespace) -> Optional[torch.device]:
+    """The device to measure on, made current; None (after saying why on stderr) when the options cannot run here."""
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print(NO_CUDA, file=sys.stderr)
-        return 2
+        return None
     if device.type != "cuda" and not args.tiny:
         print("the full-size model only runs on CUDA: pass --tiny with --device cpu", file=sys.stderr)
-        return 2
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-
+        return None
+    if device.type == "cuda":
+        device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+        torch.cuda.set_device(device)  # accelerate places the native engine's model on the current device
     if args.tiny and device.type == "cpu":
         torch.set_num_threads(1)  # tiny matrices: OpenMP barriers cost more than a second thread gives (20x on a busy 2-core box)
+    return device
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_arguments(parser, resolutions_help="512 768 1024", steps_help="timed optimizer steps per setting",
+                         out_name="<gpu-name>.json")  # fmt: skip
+    parser.add_argument("--tiers", nargs="+", default=list(TIERS), choices=TIERS)
+    parser.add_argument("--profile", default="fast", help="conf/profile file for rank, alpha, dropout, noise offset")
+    args = parser.parse_args()
+    device = benchmark_device(args)
+    if device is None:
+        return 2
     resolutions = args.resolutions or list(TINY_RESOLUTIONS if args.tiny else GPU_RESOLUTIONS)
     settings = settings_to_measure(args.tiers, resolutions, args.profile, args.tiny, device)
     env = environment(device, args.tiny)

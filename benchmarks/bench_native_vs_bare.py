@@ -44,10 +44,11 @@ import torch.nn.functional as F
 
 from bench_native_gpu import (
     CONF,
-    NO_CUDA,
     RESULTS,
     TINY_RESOLUTIONS,
+    add_common_arguments,
     append_run,
+    benchmark_device,
     build_random_transformer,
     read_yaml,
     reset_peak,
@@ -325,31 +326,16 @@ def print_table(rows: list[dict]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (cpu needs --tiny)")
-    parser.add_argument("--tiny", action="store_true", help="tiny FLUX config at 64/128 px: checks the script, measures nothing useful")
-    parser.add_argument("--resolutions", nargs="+", type=int, default=None, help="default 512 1024 (tiny: 64 128)")
+    add_common_arguments(parser, resolutions_help="512 1024",
+                         steps_help="timed optimizer steps per loop and configuration (median reported)",
+                         out_name="<gpu-name>-native-vs-bare.json")  # fmt: skip
     parser.add_argument("--checkpointing", nargs="+", choices=("on", "off"), default=["on", "off"])
     parser.add_argument("--bases", nargs="+", choices=("bf16", "fp8"), default=["bf16", "fp8"])
     parser.add_argument("--rank", type=int, default=32, help="LoRA rank (alpha = rank)")
-    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per loop and configuration (median reported)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps before them")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None,
-                        help="results file (default benchmarks/results/<gpu-name>-native-vs-bare.json; with --tiny, none unless given)")
     args = parser.parse_args()
-
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print(NO_CUDA, file=sys.stderr)
+    device = benchmark_device(args)
+    if device is None:
         return 2
-    if device.type != "cuda" and not args.tiny:
-        print("the full-size model only runs on CUDA: pass --tiny with --device cpu", file=sys.stderr)
-        return 2
-    if device.type == "cuda":
-        device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
-        torch.cuda.set_device(device)  # accelerate places the native loop on the current device
-    if args.tiny and device.type == "cpu":
-        torch.set_num_threads(1)  # tiny matrices: OpenMP barriers cost more than a second thread gives on a busy box
 
     from diffusers.utils import logging as diffusers_logging
 
