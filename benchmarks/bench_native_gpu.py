@@ -286,6 +286,16 @@ def append_run(path: Path, run: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def save_results(args: argparse.Namespace, env: dict, rows: list[dict], suffix: str) -> None:
+    """Append this run to --out, or to benchmarks/results/<gpu-name><suffix>.json (a tiny check saves nothing unless asked)."""
+    out = args.out or (None if args.tiny else RESULTS / f"{slug(env['gpu_name'])}{suffix}.json")
+    if out is None:
+        return
+    append_run(out, {"environment": env, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                     "rows": rows})  # fmt: skip
+    print(f"results appended to {out}")
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, *, resolutions_help: str, steps_help: str, out_name: str) -> None:
     """The options every GPU benchmark here shares (device, tiny check, resolutions, timing, seed, results file)."""
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (cpu needs --tiny)")
@@ -339,11 +349,7 @@ def main() -> int:
     print_table(rows, f"\n{env['model']} on {on}; profile {args.profile} (rank {recipe.network_dim}, alpha "
                       f"{recipe.network_alpha:g}), {recipe.optimizer}, gradient checkpointing; mean of {args.steps} "
                       f"optimizer steps after {args.warmup} warm-up; peak GB: {memory}")
-    out = args.out or (None if args.tiny else RESULTS / f"{slug(env['gpu_name'])}.json")
-    if out is not None:
-        append_run(out, {"environment": env, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                         "rows": rows})
-        print(f"results appended to {out}")
+    save_results(args, env, rows, suffix="")
     return 0
 
 

@@ -44,15 +44,13 @@ import torch.nn.functional as F
 
 from bench_native_gpu import (
     CONF,
-    RESULTS,
     TINY_RESOLUTIONS,
     add_common_arguments,
-    append_run,
     benchmark_device,
     build_random_transformer,
     read_yaml,
     reset_peak,
-    slug,
+    save_results,
     synchronize,
     transformer_config,
 )
@@ -377,11 +375,7 @@ def main() -> int:
           + (f"; measured bf16 GEMM 8192^3 here: {gemm:.0f} TFLOP/s" if gemm else ""))
     print_table(rows)
     print(BELOW_PEAK)
-    out = args.out or (None if args.tiny else RESULTS / f"{slug(env['gpu_name'])}-native-vs-bare.json")
-    if out is not None:
-        append_run(out, {"environment": env, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                         "rows": rows})
-        print(f"results appended to {out}")
+    save_results(args, env, rows, suffix="-native-vs-bare")
     return 0
 
 
