@@ -17,10 +17,12 @@ from omegaconf import DictConfig
 from flux_lora.check import check_run, print_check_report
 from flux_lora.compose import PROJECT_ROOT, describe_config_error, load_run, print_config_tree, register, resolved_container
 from flux_lora.engines import get_engine
-from flux_lora.report import SweepDirRecorder, find_run_dirs, print_summary, read_run, write_sweep_report
-from flux_lora.resume import RunNotStartable, continue_known_run
+from flux_lora.report import SKIPPED_DONE, SweepDirRecorder, find_run_dirs, print_summary, read_run, write_sweep_report
+from flux_lora.lifecycle.decision import RunNotStartable, continue_known_run
+from flux_lora.lifecycle.job import ExpectedTraining, evaluate_after_run, launch_command, start_run
+from flux_lora.lifecycle.lease import Lease, LeaseHeld
+from flux_lora.lifecycle.records import RunState, write_pointer
 from flux_lora.rules import memory_advice
-from flux_lora.runner import ExpectedTraining, RunState, evaluate_after_run, launch_command, start_run
 from flux_lora.schema import ResumeMode
 from flux_lora.snapshot import dataset_fingerprint, freeze_run, run_identity
 
@@ -47,37 +49,63 @@ def main(cfg: DictConfig) -> None:
 def launch_one(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    if cfg.launch.resume is None:  # a sweep run again finishes what it started; a single run starts anew
+        cfg.launch.resume = ResumeMode.auto.value if hydra_cfg.mode == RunMode.MULTIRUN else ResumeMode.never.value
     run = load_run(cfg)  # first: a key outside the schema stops here, before anything is printed
     print_config_tree(cfg)
 
     engine = get_engine(run.engine.name.value)
     report = check_run(run, engine, dry_run=run.launch.dry_run)
     resolved = resolved_container(cfg)
-    expect = ExpectedTraining(run.profile.max_train_steps, run.launch.output_name, memory_advice=memory_advice(run))
-    if run.launch.resume == ResumeMode.auto and not (run.launch.dry_run or run.launch.resume_from or report.errors or report.refusal):
-        # A run id seen before is skipped (done), resumed where it lives, or refused (live elsewhere).
-        run_id = run_identity(resolved, report, dataset_fingerprint(run, report))
-        try:
-            known = continue_known_run(run, engine, report, run_dir, run_id, resolved, expect)
-        except RunNotStartable as refusal:
-            print(f"error: {refusal}", file=sys.stderr)
-            if hydra_cfg.mode == RunMode.RUN:
-                sys.exit(1)
-            return  # a sweep goes on with its other cells
-        if known is not None:
-            home, status = known
-            if status is not None:
-                end_run(run_id, status, home, hydra_cfg.mode, run)
-            elif run.eval.enabled:  # done before: evaluate it now (cached if it was)
-                evaluate_and_warn(run, home)
-            return
+    run_id = run_identity(resolved, report, dataset_fingerprint(run, report))
+    from_step = (report.resume_source or {}).get("step", 0)
+    expect = ExpectedTraining(run.profile.max_train_steps, run.launch.output_name, from_step=from_step, memory_advice=memory_advice(run))
+    try:
+        # One owner per run id, from before the skip/resume/start decision until the final status is written.
+        lease = Lease.acquire(Path(run.paths.outputs), run_id, run_dir)
+    except LeaseHeld as held:
+        print(f"error: {held}; wait for it, or stop that process first", file=sys.stderr)
+        leave_note(run_dir, hydra_cfg.mode, "busy", Path(held.holder.run_dir or run_dir), run_id, held.holder.describe())
+        refused_exit(hydra_cfg.mode)
+        return
+    with lease:
+        if lease.took_over:
+            print(f"info: run {run_id}: took over the lease of {lease.took_over.describe()}: that owner is gone")
+        if run.launch.resume == ResumeMode.auto and not (run.launch.dry_run or run.launch.resume_from or report.errors or report.refusal):
+            try:
+                known = continue_known_run(run, engine, report, run_dir, run_id, resolved, expect, lease)
+            except RunNotStartable as refusal:
+                print(f"error: {refusal}", file=sys.stderr)
+                leave_note(run_dir, hydra_cfg.mode, "refused", run_dir, run_id, str(refusal))
+                refused_exit(hydra_cfg.mode)
+                return
+            if known is not None:
+                home, status = known
+                if status is not None:
+                    end_run(run_id, status, home, hydra_cfg.mode, run)
+                elif run.eval.enabled:  # done before: evaluate it now (cached if it was)
+                    evaluate_and_warn(run, home)
+                return
 
-    overrides = list(hydra_cfg.overrides.task)
-    frozen = freeze_run(run, resolved, report, engine, run_dir, PROJECT_ROOT, launch_command, overrides)
-    print_check_report(report)
-    run_dir = frozen.run_dir
-    status = start_run(frozen, report, dry_run=run.launch.dry_run, expect=expect, finish=lambda: engine.finish_attempt(run, run_dir))
+        overrides = list(hydra_cfg.overrides.task)
+        frozen = freeze_run(run, resolved, report, engine, run_dir, PROJECT_ROOT, launch_command, overrides)
+        print_check_report(report)
+        run_dir = frozen.run_dir
+        status = start_run(frozen, report, dry_run=run.launch.dry_run, expect=expect, lease=lease,
+                           finish=lambda: engine.finish_attempt(run, run_dir), engine_record=engine.version_record(run))  # fmt: skip
     end_run(frozen.run_id, status, run_dir, hydra_cfg.mode, run)
+
+
+def leave_note(cell_dir: Path, mode, state: str, home: Path, run_id: str, note: str) -> None:
+    """A sweep cell that did not run says why in its folder, so the sweep's summary shows it (never over a run)."""
+    if mode == RunMode.MULTIRUN and not (cell_dir / "run.json").exists():
+        write_pointer(cell_dir, state, home, run_id, note=note)
+
+
+def refused_exit(mode) -> None:
+    # A single run that cannot start is a failed command; a sweep goes on with its other cells (and exits 1 at the end).
+    if mode == RunMode.RUN:
+        sys.exit(1)
 
 
 def evaluate_and_warn(run, run_dir: Path) -> None:
@@ -97,6 +125,9 @@ def end_run(run_id: str, status, run_dir: Path, mode, run) -> None:
         sys.exit(1)
 
 
+FINISHED_STATES = (RunState.succeeded.value, RunState.dry_run.value, SKIPPED_DONE)
+
+
 def cli() -> int:
     # Let composition errors reach us whole, so each is printed as one line, not Hydra's page.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
@@ -114,7 +145,8 @@ def cli() -> int:
             rows = [read_run(d) for d in find_run_dirs(SweepDirRecorder.sweep_dir)]
             print_summary(rows, title=f"sweep {SweepDirRecorder.sweep_dir}")
             write_sweep_report(SweepDirRecorder.sweep_dir)  # report.html and report.md beside the cells
-            if any(r.state in (RunState.failed.value, RunState.interrupted.value) for r in rows):
+            # Refused, failed, busy elsewhere or left unfinished: the sweep is not done, whatever Hydra thinks.
+            if any(r.state not in FINISHED_STATES for r in rows):
                 code = max(code, 1)
     return code
 

@@ -35,6 +35,8 @@ from rich.console import Console
 from flux_lora.compose import describe_config_error, raise_on_keys_outside_schema
 from flux_lora.engines.base import Engine
 from flux_lora.gpu_probe import GpuProbe, probe_gpus
+from flux_lora.identity import config_differences
+from flux_lora.lifecycle.states import state_step, state_usability
 from flux_lora.rules import apply_rules, held_out_leaves_too_few, lora_scale_line, plain_stem_problem, recipe_effect_lines
 from flux_lora.schema import Accelerator, RunConfig
 
@@ -232,15 +234,12 @@ _STATE_SHAPE_KEYS = ("model.", "profile.network_dim", "profile.network_train_une
 
 def check_resume_source(run: RunConfig, report: CheckReport) -> None:
     """launch.resume_from, before any model loads: a usable state, not finished, of the same network and recipe."""
-    from flux_lora.resume import state_usability  # imports the runner, which imports this module
-    from flux_lora.snapshot import config_differences
-
     state = Path(run.launch.resume_from).expanduser()
     problem = state_usability(state) if state.is_dir() else f"{state}: no such folder"
     if problem:
         report.errors.append(f"launch.resume_from={state}: {problem}; choose another *-state folder")
         return
-    step = int(json.loads((state / "train_state.json").read_text())["current_step"])
+    step = state_step(state) or 0
     if step >= run.profile.max_train_steps:
         report.errors.append(
             f"launch.resume_from={state}: already at step {step} of profile.max_train_steps={run.profile.max_train_steps}; "
@@ -248,7 +247,12 @@ def check_resume_source(run: RunConfig, report: CheckReport) -> None:
         )
         return
     source = state.parent.parent / "config.yaml"  # <run dir>/output/<state>
-    record: dict = {"state": str(state), "step": step, "run_dir": str(state.parent.parent), "recipe_changes": []}
+    try:
+        source_id = json.loads((state.parent.parent / "run.json").read_text()).get("run_id")
+    except (OSError, ValueError):
+        source_id = None  # a state from elsewhere: its folder name and step still tell it apart
+    record: dict = {"state": str(state.resolve()), "step": step, "run_dir": str(state.parent.parent.resolve()), "run_id": source_id,
+                    "recipe_changes": []}  # fmt: skip
     report.resume_source = record
     if not source.is_file():
         report.warnings.append(f"launch.resume_from={state}: no config.yaml of the run that saved it; recipe changes cannot be checked")

@@ -283,8 +283,9 @@ class LaunchConfig:
     # Step states (`*-stepNNNNNNNN-state`) kept on disk: the newest N; 0 keeps all.
     keep_last_states: int = 2
     # A launch whose run id ran before: `auto` skips it if it succeeded and resumes it (in its own folder) if it
-    # was interrupted, failed after a checkpoint, or its launcher died; `never` always starts a new run.
-    resume: ResumeMode = ResumeMode.never
+    # was interrupted, failed after a checkpoint, or its owner died; `never` always starts a new run.
+    # null: `auto` in a multirun (a sweep run again finishes what it started), `never` for a single run.
+    resume: Optional[ResumeMode] = None
     # With launch.resume_from: allow recipe keys to differ from the run that saved the state (recorded per key).
     allow_recipe_change: bool = False
 

@@ -33,7 +33,9 @@ from flux_lora.dataset import DatasetError, fingerprint_dataset, write_contact_s
 from flux_lora.dataset.training_set import TRAINING_SET_FILE
 from flux_lora.engines.base import Engine, EngineInputs
 from flux_lora.gpu_probe import probe_gpus, torch_cuda_build
-from flux_lora.schema import NON_SEMANTIC_KEYS, RunConfig
+from flux_lora.lifecycle.records import POINTER_FILE
+from flux_lora.identity import compute_run_id
+from flux_lora.schema import RunConfig
 
 SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "CREDENTIAL")
 # Environment worth recording for reproduction (after secrets are dropped).
@@ -54,7 +56,6 @@ LaunchCommandBuilder = Callable[[RunConfig, EngineInputs], LaunchCommand]
 
 
 CLAIM_FILE = ".flux-lora-claim"
-POINTER_FILE = "run_pointer.json"  # a sweep cell whose run lives elsewhere (skipped as done, or resumed there)
 
 
 def claim_run_dir(run_dir: Path) -> Path:
@@ -81,12 +82,6 @@ def claim_run_dir(run_dir: Path) -> Path:
                 continue
 
 
-def write_pointer(cell_dir: Path, state: str, run_dir: Path, run_id: str) -> None:
-    """Leave a note in a sweep cell's folder that its run lives in run_dir (the summary follows it)."""
-    cell_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(cell_dir / POINTER_FILE, {"state": state, "run_dir": str(run_dir), "run_id": run_id})
-
-
 def dataset_fingerprint(run: RunConfig, report: CheckReport) -> Optional[dict]:
     if report.dataset_report is not None:
         return report.dataset_report.fingerprint  # the preflight already hashed every byte
@@ -96,11 +91,23 @@ def dataset_fingerprint(run: RunConfig, report: CheckReport) -> Optional[dict]:
         return None  # missing or empty: the check has already refused the run with that reason
 
 
+def run_lineage(report: CheckReport) -> Optional[dict[str, Any]]:
+    """Where the run's weights come from when not all from its own recipe: the run and step it resumes from and the
+    recipe keys changed there. Part of the run id, so such a run is never taken for a clean run of its recipe."""
+    source = report.resume_source
+    if not source:
+        return None
+    return {"from_run": source.get("run_id"), "from_run_dir": source.get("run_dir"), "from_step": source.get("step"),
+            "state": source.get("state"), "recipe_changes": list(source.get("recipe_changes", []))}  # fmt: skip
+
+
 def run_identity(resolved: dict[str, Any], report: CheckReport, fingerprint: Optional[dict]) -> str:
     # The dataset as it trains (images, captions, repeats), else the folder's bytes.
-    if report.training_set is not None:
-        return compute_run_id(resolved, report.training_set.content_hash)
-    return compute_run_id(resolved, fingerprint["content_hash"] if fingerprint else "missing")
+    content = report.training_set.content_hash if report.training_set is not None else (fingerprint["content_hash"] if fingerprint else "missing")
+    lineage = run_lineage(report)
+    # A run without lineage keeps the id it always had; one with lineage is told apart by where it came from.
+    identity = {k: v for k, v in (lineage or {}).items() if k != "from_run_dir"} or None
+    return compute_run_id(resolved, content, identity)
 
 
 def is_secret_name(name: str) -> bool:
@@ -118,47 +125,6 @@ def redact(text: str, secrets: list[str]) -> str:
     for value in secrets:
         text = text.replace(value, "***")
     return text
-
-
-def _drop_key(tree: dict[str, Any], dotted: str) -> None:
-    *parents, leaf = dotted.split(".")
-    node: Any = tree
-    for part in parents:
-        node = node.get(part) if isinstance(node, dict) else None
-        if node is None:
-            return
-    if isinstance(node, dict):
-        node.pop(leaf, None)
-
-
-def semantic_config(resolved: dict[str, Any], dataset_content_hash: str) -> dict[str, Any]:
-    """What defines a run: the resolved config without log paths and the like, with the dataset by content."""
-    tree = json.loads(json.dumps(resolved))
-    for key in NON_SEMANTIC_KEYS:
-        _drop_key(tree, key)
-    tree.setdefault("dataset", {})["content_hash"] = dataset_content_hash
-    return tree
-
-
-def config_leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested config as {"dotted.key": value}."""
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(config_leaves(value, f"{prefix}{key}."))
-        return out
-    return {prefix.rstrip("."): tree}
-
-
-def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """`key: old -> new` for every semantic key that differs between two resolved configs."""
-    a, b = config_leaves(semantic_config(old, "")), config_leaves(semantic_config(new, ""))
-    return [f"{key}: {a.get(key)!r} -> {b.get(key)!r}" for key in sorted(a.keys() | b.keys()) if a.get(key) != b.get(key)]
-
-
-def compute_run_id(resolved: dict[str, Any], dataset_content_hash: str) -> str:
-    canonical = json.dumps(semantic_config(resolved, dataset_content_hash), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
 def earlier_runs_with_id(outputs: Path, run_id: str, exclude: Path) -> list[Path]:
@@ -323,6 +289,8 @@ def freeze_run(
             "dataset_gate_passed": report.gate.passed if report.gate else None,
             "engine_preflight": report.engine_preflight,
             "resume_source": report.resume_source,
+            # Not null: the weights do not all come from this recipe (resumed from another run, recipe changed).
+            "lineage": run_lineage(report),
         },
     )
     return FrozenRun(run_dir=run_dir, run_id=run_id, command=command)

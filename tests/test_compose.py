@@ -10,7 +10,7 @@ import yaml
 
 from flux_lora.compose import CONF_DIR, describe_config_error, resolved_container
 from flux_lora.schema import OWNER_GROUPS
-from flux_lora.snapshot import config_leaves
+from flux_lora.identity import config_leaves
 from tests.conftest import compose_config
 
 GROUPS = ("profile", "gpu", "optimizer", "engine", "model", "dataset", "ablation", "sweep")

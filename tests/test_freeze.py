@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from flux_lora.compose import PROJECT_ROOT, resolved_container
+from flux_lora.identity import compute_run_id
 from flux_lora.snapshot import (
-    compute_run_id,
     git_state,
     is_secret_name,
     package_versions,

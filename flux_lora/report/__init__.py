@@ -13,7 +13,7 @@ ratings.py   ratings.jsonl read back per cell; rate_server.py the blind rating p
 from pathlib import Path
 from typing import Optional
 
-from flux_lora.report.summary import RunRow, SweepDirRecorder, find_run_dirs, last_scalar, print_summary, read_run
+from flux_lora.report.summary import SKIPPED_DONE, RunRow, SweepDirRecorder, find_run_dirs, last_scalar, print_summary, read_run
 
 
 def write_sweep_report(sweep_dir: Path) -> Optional[Path]:
@@ -24,4 +24,4 @@ def write_sweep_report(sweep_dir: Path) -> Optional[Path]:
     return write_report_quietly(sweep_dir)
 
 
-__all__ = ["RunRow", "SweepDirRecorder", "find_run_dirs", "last_scalar", "print_summary", "read_run", "write_sweep_report"]
+__all__ = ["SKIPPED_DONE", "RunRow", "SweepDirRecorder", "find_run_dirs", "last_scalar", "print_summary", "read_run", "write_sweep_report"]

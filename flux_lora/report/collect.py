@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from flux_lora.report.summary import RunRow, find_run_dirs, read_json, read_run, read_yaml
-from flux_lora.snapshot import POINTER_FILE
+from flux_lora.lifecycle.records import POINTER_FILE
 
 # States whose numbers count in a cell's statistics (a pointer "skipped: done" stands for a run that succeeded).
 COUNTED_STATES = ("succeeded", "skipped: done")
@@ -150,6 +150,15 @@ def cell_name(run: dict[str, Any], config: dict[str, Any], cell_dir: Path) -> st
     return " ".join(overrides) or str(run.get("name") or cell_dir.name)
 
 
+def seconds_per_step(attempts: list[dict], wall_s: Optional[float], steps: Optional[int]) -> Optional[float]:
+    """Training seconds over the steps trained, summed over every attempt (a resumed run is not faster than it was);
+    the wall time over the steps when an attempt did not record its own (sd-scripts)."""
+    ran = [a for a in attempts if a.get("duration_s") is not None]
+    if ran and all(a.get("train_seconds") is not None and a.get("steps_trained") for a in ran):
+        return sum(a["train_seconds"] for a in ran) / sum(a["steps_trained"] for a in ran)
+    return wall_s / steps if wall_s is not None and steps else None
+
+
 def read_record(cell_dir: Path) -> RunRecord:
     row = read_run(cell_dir)
     home = run_home(cell_dir)
@@ -158,14 +167,11 @@ def read_record(cell_dir: Path) -> RunRecord:
     summary = read_json(home / "output" / "train_summary.json")
     evaluation = read_json(home / "eval" / "eval.json") or None
     steps = summary.get("steps")
-    seconds = summary.get("seconds")
     if steps is None and row.state in COUNTED_STATES:
         steps = _leaf(config, "profile.max_train_steps")  # sd-scripts writes no summary; a success ran them all
-    if seconds is None:
-        seconds = row.duration_s
     metrics: dict[str, Optional[float]] = {
-        "wall_s": row.duration_s,
-        "s_per_step": seconds / steps if seconds is not None and steps else None,
+        "wall_s": row.duration_s,  # over all attempts
+        "s_per_step": seconds_per_step(read_json(home / "status.json").get("attempts") or [], row.duration_s, steps),
         "peak_gb": row.peak_memory_gb,
         "train_loss": row.final_loss,
         **{k: None for k in ("val_final", "val_best", "identity", "face_share", "diversity", "rating")},

@@ -21,7 +21,7 @@ from flux_lora.report.ratings import RatingSummary, summarize_ratings
 from flux_lora.report.samples import eval_base_image, run_samples, thumbnail
 from flux_lora.report.stats import ALPHA, Comparison, Estimate, Verdict, compare_to_baseline, mean_interval
 from flux_lora.report.summary import find_run_dirs
-from flux_lora.snapshot import config_differences
+from flux_lora.identity import config_differences
 
 FILES_DIR = "report_files"
 # Keys that differ between cells by construction, not by recipe.

@@ -8,7 +8,7 @@ from typing import Optional
 
 from matplotlib.figure import Figure
 
-from flux_lora.outcome import LOSS_TAG, scalar_series
+from flux_lora.lifecycle.outcome import LOSS_TAG, scalar_series
 from flux_lora.report.collect import Cell
 
 SMOOTHING = 0.8  # EMA weight of the previous value (TensorBoard's slider default is 0.6; ablations are noisier)

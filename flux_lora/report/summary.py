@@ -19,8 +19,9 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from flux_lora.outcome import scalar_series
-from flux_lora.snapshot import POINTER_FILE
+from flux_lora.lifecycle.outcome import scalar_series
+from flux_lora.lifecycle.lease import lease_path, read_holder
+from flux_lora.lifecycle.records import POINTER_FILE, total_duration
 
 
 @dataclass(frozen=True)
@@ -62,14 +63,30 @@ def last_scalar(logging_dir: Path, tag: str) -> Optional[float]:
     return series[-1][1] if series else None
 
 
+SKIPPED_DONE = "skipped: done"
+OWNER_GONE = "owner gone"  # left `running` by a launcher (and job) that no longer exist: unfinished
+
+
+def _owner_gone(config: dict[str, Any], run_id: str) -> bool:
+    outputs = (config.get("paths") or {}).get("outputs")
+    if not outputs or not run_id:
+        return False
+    holder = read_holder(lease_path(Path(outputs), run_id))
+    return holder is None or holder.gone()
+
+
 def read_run(run_dir: Path) -> RunRow:
     pointer = read_json(run_dir / POINTER_FILE)
     if pointer and not (run_dir / "run.json").exists():
+        home = Path(pointer.get("run_dir", run_dir))
+        if pointer.get("state") in ("busy", "refused") or home == run_dir:
+            # A sweep cell that did not run: another launch holds its run id, or it could not be resumed.
+            return RunRow(run_dir=run_dir, name=run_dir.name, ablation="", run_id=pointer.get("run_id", ""), state=pointer.get("state", "?"),
+                          duration_s=None, final_loss=None, peak_memory_gb=None, note=pointer.get("note", ""))  # fmt: skip
         # A sweep cell whose run lives elsewhere: skipped as done, or resumed in its own folder.
-        home = Path(pointer["run_dir"])
         row = read_run(home)
-        if pointer["state"] == "skipped: done":
-            return dataclasses.replace(row, run_dir=run_dir, state="skipped: done", note=str(home))
+        if pointer["state"] == SKIPPED_DONE:
+            return dataclasses.replace(row, run_dir=run_dir, state=SKIPPED_DONE, note=str(home))
         note = f"{pointer['state']} in {home}" + (f": {row.note}" if row.note else "")
         return dataclasses.replace(row, run_dir=run_dir, note=note)
     run = read_json(run_dir / "run.json")
@@ -84,6 +101,14 @@ def read_run(run_dir: Path) -> RunRow:
     if state == "refused":
         note = run.get("refusal") or "; ".join(run.get("errors", [])) or note
     config = read_yaml(run_dir / "config.yaml")
+    if state == "running" and _owner_gone(config, run.get("run_id", "")):
+        state, note = OWNER_GONE, "its launcher and job are gone; run the same command again to resume it"
+    lineage = run.get("lineage")
+    if lineage:
+        note = f"lineage: from run {lineage.get('from_run')} step {lineage.get('from_step')}" + "".join(
+            f"; {c}" for c in lineage.get("recipe_changes", [])) + (f"; {note}" if note else "")
+    attempts = status.get("attempts") or []
+    peaks = [a["peak_memory_gb"] for a in attempts if a.get("peak_memory_gb") is not None]
     profile, gpu, ablation = config.get("profile", {}), config.get("gpu", {}), config.get("ablation", {})
     try:
         images_seen = profile["max_train_steps"] * gpu["batch_size"] * gpu["gradient_accumulation_steps"] * gpu["num_gpus"]
@@ -97,9 +122,10 @@ def read_run(run_dir: Path) -> RunRow:
         ablation=run.get("ablation", {}).get("name", ""),
         run_id=run.get("run_id", ""),
         state=state,
-        duration_s=status.get("duration_s"),
+        # Over all attempts: a resumed run is not faster than it was.
+        duration_s=total_duration(attempts) if attempts else status.get("duration_s"),
         final_loss=final_loss,
-        peak_memory_gb=summary.get("peak_memory_gb"),
+        peak_memory_gb=max(peaks) if peaks else summary.get("peak_memory_gb"),
         note=note,
     )
 

@@ -24,7 +24,7 @@ from flux_lora.dataset.training_set import TRAINING_SET_FILE, training_set_from_
 from flux_lora.engines.sd_scripts import SdScriptsEngine, engine_preflight, split_flags
 from flux_lora.engines.sd_scripts_dataset import VIEWS_FOLDER, build_dataset_view
 from flux_lora.engines.sd_scripts_resume import adopt_resumed_outputs
-from flux_lora.outcome import gather_evidence, scalar_series, training_shortfall
+from flux_lora.lifecycle.outcome import gather_evidence, scalar_series, training_shortfall
 from flux_lora.rules import apply_rules
 from flux_lora.schema import RunConfig
 from tests.engines.native.native_tiny_run import make_dataset

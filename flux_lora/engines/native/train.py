@@ -510,6 +510,40 @@ def prepare_lora_training(transformer: nn.Module, config: NativeTrainConfig, acc
     return LoraTraining(transformer, optimizer, scheduler, params, fp8_linears, block_swap)
 
 
+def optimizer_recipe(training: LoraTraining) -> dict:
+    """The hyperparameters this run's config gives the optimizer and scheduler (before a state overwrites them)."""
+    groups = [{k: v for k, v in group.items() if k != "params"} for group in training.optimizer.param_groups]
+    scheduler = getattr(training.scheduler, "scheduler", training.scheduler)
+    return {"groups": groups, "base_lrs": list(getattr(scheduler, "base_lrs", []))}
+
+
+def reapply_recipe(training: LoraTraining, recipe: dict) -> list[str]:
+    """After load_state: keep the restored moments, step count and schedule position, but use this run's
+    hyperparameters (a resume with an allowed recipe change must train with the new values from this step on;
+    the restored optimizer and scheduler would bring back the old ones). Returns what changed."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    changed: list[str] = []
+    scheduler = getattr(training.scheduler, "scheduler", training.scheduler)
+    if isinstance(scheduler, LambdaLR) and recipe["base_lrs"] and list(scheduler.base_lrs) != recipe["base_lrs"]:
+        changed.append(f"base lr {scheduler.base_lrs[0]:g} -> {recipe['base_lrs'][0]:g}")
+        scheduler.base_lrs = list(recipe["base_lrs"])
+    for group, fresh in zip(training.optimizer.param_groups, recipe["groups"]):
+        for key, value in fresh.items():
+            if key in ("lr", "initial_lr"):
+                continue  # set from the schedule below
+            if group.get(key) != value:
+                changed.append(f"{key} {group.get(key)} -> {value}")
+                group[key] = value
+    if isinstance(scheduler, LambdaLR):
+        # The lr at the restored position of the schedule, from this run's base lr and schedule.
+        lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, base, lr in zip(training.optimizer.param_groups, scheduler.base_lrs, lrs):
+            group["initial_lr"], group["lr"] = base, lr
+        scheduler._last_lr = lrs
+    return changed
+
+
 def train_micro_step(training: LoraTraining, config: NativeTrainConfig, accelerator, batch: dict[str, torch.Tensor],
                      batch_index: int, weight_dtype: torch.dtype) -> float:
     """One micro-batch under gradient accumulation; the optimizer steps when accelerate syncs gradients."""
@@ -630,9 +664,13 @@ def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
     global_step = 0
     last_state: Optional[str] = None
     if config.resume_from:
+        recipe = optimizer_recipe(training)
         accelerator.load_state(config.resume_from)
         global_step = json.loads((Path(config.resume_from) / TRAIN_STATE_FILE).read_text())["current_step"]
         last_state = str(config.resume_from)
+        reapplied = reapply_recipe(training, recipe)
+        if reapplied and accelerator.is_main_process:
+            print(f"resumed at step {global_step} with this run's recipe: {'; '.join(reapplied)}", flush=True)
     first_step = global_step + 1
 
     started_at = time.time()

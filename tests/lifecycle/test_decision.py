@@ -8,8 +8,9 @@ import socket
 from pathlib import Path
 
 from flux_lora.checkpoint_files import write_manifest
-from flux_lora.resume import Decision, choose_state, decide, find_runs_with_id
-from flux_lora.runner import RunState, RunStatus, write_status
+from flux_lora.lifecycle.decision import Decision, decide, find_runs_with_id
+from flux_lora.lifecycle.records import RunState, RunStatus, write_status
+from flux_lora.lifecycle.states import choose_state
 
 
 def make_state(output: Path, step: int, name: str = "flux-lora", manifest: bool = True) -> Path:
@@ -59,19 +60,10 @@ def test_decisions_for_an_earlier_run_of_the_same_id(tmp_path: Path) -> None:
     done = make_run(tmp_path / "done", "id1", RunState.succeeded)
     assert decide([done], "flux-lora").decision == Decision.skip
 
-    # Left `running` by a launcher that no longer exists (kill -9): resumed from its newest state.
+    # Left `running` (the caller holds the lease, so its owner is gone): resumed from its newest state.
     dead = make_run(tmp_path / "dead", "id2", RunState.running, (2, 4), host=here, pid=2**22 + 7)
     decision = decide([dead], "flux-lora")
     assert decision.decision == Decision.resume and decision.run_dir == dead and decision.state.step == 4
-
-    # Running and its launcher alive (this very process): never taken over.
-    live = make_run(tmp_path / "live", "id3", RunState.running, (2,), host=here, pid=os.getpid())
-    assert decide([live], "flux-lora").decision == Decision.busy
-    # On another node: alive while its heartbeat is fresh.
-    from flux_lora.runner import _now
-
-    remote = make_run(tmp_path / "remote", "id4", RunState.running, (2,), host="other-node", pid=1, heartbeat=_now())
-    assert decide([remote], "flux-lora").decision == Decision.busy
 
     # Failed before any checkpoint: a new start. Failed after one: resumed.
     assert decide([make_run(tmp_path / "early", "id5", RunState.failed)], "flux-lora").decision == Decision.start
@@ -82,3 +74,20 @@ def test_runs_are_found_by_id_anywhere_under_the_outputs_root(tmp_path: Path) ->
     a = make_run(tmp_path / "sweeps" / "20260101-000000_ablation" / "0_baseline", "abc", RunState.interrupted)
     make_run(tmp_path / "runs" / "other", "xyz", RunState.succeeded)
     assert find_runs_with_id(tmp_path, "abc") == [a]
+
+
+def test_a_cell_outside_the_outputs_root_is_found_in_its_own_folder(tmp_path: Path) -> None:
+    cell = make_run(tmp_path / "elsewhere" / "0_baseline", "abc", RunState.interrupted)
+    assert find_runs_with_id(tmp_path / "outputs", "abc") == []
+    assert find_runs_with_id(tmp_path / "outputs", "abc", also=[cell]) == [cell]
+
+
+def test_a_final_state_without_its_lora_is_passed_over_for_the_step_before(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", "id7", RunState.interrupted, (2, 4))
+    final = run / "output" / "flux-lora-state"
+    final.mkdir()
+    (final / "train_state.json").write_text(json.dumps({"current_step": 6}))
+    write_manifest(final, 6)
+    decision = decide([run], "flux-lora", max_train_steps=6)
+    assert decision.decision == Decision.resume and decision.state.step == 4
+    assert "final LoRA is missing" in " ".join(decision.notes)

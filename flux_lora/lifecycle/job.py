@@ -1,14 +1,16 @@
 """Launch: start the frozen run as an `accelerate launch` job and record how it ended.
 
-The job gets an argument list (never a shell string) and runs under flux_lora.job_guard, so it dies
+The job gets an argument list (never a shell string) and runs under flux_lora.lifecycle.job_guard, so it dies
 with the launcher (after a chance to save) and leaves no orphan. Its output is streamed to the
 console and to `train.log` with secret values redacted and watched for a non-finite loss (the job
 is stopped within a step of it) and out-of-memory crashes. `status.json` says what happened: the
 state comes from what the job did (its exit status, the steps it logged, the LoRA and states it
 saved), not from which signal the launcher saw. SIGINT and SIGTERM (Ctrl-C, SLURM's cancel or time
 limit) and SIGUSR2 (submitit's warning before the time limit) are forwarded, all as SIGTERM.
-While a job runs, status.json carries the launcher's host, pid and a heartbeat, so another launch can
-tell a live run from one whose launcher died; every attempt is appended to its `attempts`.
+Only the holder of the run id's lease (lifecycle.lease) starts a job; the lease names the job's guard
+too and both keep its heartbeat fresh. Every attempt is appended to status.json's `attempts` with the
+exact command, the interpreter, the engine's code version, the SLURM job, the step it started from
+and how long it took.
 """
 
 from __future__ import annotations
@@ -21,97 +23,28 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime, timezone
-from enum import Enum
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Callable, Optional
 
 from flux_lora.check import CheckReport
 from flux_lora.engines.base import EngineInputs
-from flux_lora.outcome import KILLED_EXIT_CODE, STOPPED_EXIT_CODES, JobWatch, gather_evidence, training_shortfall
+from flux_lora.lifecycle.lease import HEARTBEAT_S, Lease
+from flux_lora.lifecycle.outcome import KILLED_EXIT_CODE, STOPPED_EXIT_CODES, JobWatch, gather_evidence, training_shortfall
+from flux_lora.lifecycle.records import (
+    LOG_FILE,
+    RunState,
+    RunStatus,
+    now_iso,
+    process_start_time,
+    read_status,
+    total_duration,
+    write_status,
+)
+from flux_lora.lifecycle.states import latest_good_state
 from flux_lora.schema import Accelerator, RunConfig
 from flux_lora.snapshot import FrozenRun, LaunchCommand, redact, secret_values
-
-STATUS_FILE = "status.json"
-LOG_FILE = "train.log"
-
-
-class RunState(str, Enum):
-    running = "running"
-    succeeded = "succeeded"
-    failed = "failed"
-    interrupted = "interrupted"
-    refused = "refused"
-    dry_run = "dry_run"
-
-
-@dataclass
-class RunStatus:
-    state: RunState
-    exit_code: Optional[int] = None
-    started: Optional[str] = None
-    ended: Optional[str] = None
-    duration_s: Optional[float] = None
-    reason: Optional[str] = None
-    host: Optional[str] = None
-    pid: Optional[int] = None  # the launcher's, while it runs the job
-    heartbeat: Optional[str] = None
-    # One entry per start of the job: started, ended, state, exit_code, from_step, host, pid, reason.
-    attempts: list[dict] = field(default_factory=list)
-
-
-HEARTBEAT_S = 30.0
-# A running run whose launcher is on another host and silent this long is taken for dead.
-STALE_HEARTBEAT_S = 600.0
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def write_status(run_dir: Path, status: RunStatus) -> None:
-    data = asdict(status)
-    data["state"] = status.state.value
-    # Replaced in one step: another launch deciding whether this run is alive never reads half a file.
-    temporary = run_dir / f".{STATUS_FILE}.{os.getpid()}.tmp"
-    temporary.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(temporary, run_dir / STATUS_FILE)
-
-
-def read_status(run_dir: Path) -> Optional[RunStatus]:
-    path = run_dir / STATUS_FILE
-    if not path.exists():
-        return None
-    data = json.loads(path.read_text())
-    known = {f.name for f in fields(RunStatus)}
-    data = {k: v for k, v in data.items() if k in known}
-    data["state"] = RunState(data["state"])
-    return RunStatus(**data)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def owner_alive(status: RunStatus, now: Optional[float] = None) -> bool:
-    """Whether the launcher that marked this run `running` still runs it (this host: its pid; else: its heartbeat)."""
-    if status.state != RunState.running:
-        return False
-    if status.host == socket.gethostname() and status.pid is not None:
-        return _pid_alive(status.pid)
-    if status.heartbeat is None:
-        return False
-    age = (now or time.time()) - datetime.fromisoformat(status.heartbeat).timestamp()
-    return age < STALE_HEARTBEAT_S
-
 
 def accelerate_argv(run: RunConfig, inputs: EngineInputs) -> list[str]:
     """`accelerate launch` with the tier's process count, precision and device flags, then the job."""
@@ -136,13 +69,13 @@ def launch_command(run: RunConfig, inputs: EngineInputs) -> LaunchCommand:
 
 
 def refuse_run(run_dir: Path, reason: str) -> RunStatus:
-    status = RunStatus(state=RunState.refused, reason=reason, ended=_now())
+    status = RunStatus(state=RunState.refused, reason=reason, ended=now_iso())
     write_status(run_dir, status)
     return status
 
 
 def mark_dry_run(run_dir: Path) -> RunStatus:
-    status = RunStatus(state=RunState.dry_run, reason="launch.dry_run=true: frozen, not started", ended=_now())
+    status = RunStatus(state=RunState.dry_run, reason="launch.dry_run=true: frozen, not started", ended=now_iso())
     write_status(run_dir, status)
     return status
 
@@ -172,11 +105,10 @@ def judge_attempt(
     run_dir: Path, exit_code: int, expect: Optional[ExpectedTraining], watch: JobWatch, signalled: bool, began: float
 ) -> tuple[RunState, Optional[str]]:
     """The attempt's state and reason, from what the job did and left behind."""
-    from flux_lora.resume import latest_good_state  # resume.py reads statuses written here
-
     summary = _read_summary(run_dir, began)
     log = run_dir / LOG_FILE
-    if watch.out_of_memory:
+    # Out-of-memory text decides only for a job that failed: a line that merely mentions it proves nothing.
+    if watch.out_of_memory and exit_code != 0:
         advice = f"; to use less memory: {expect.memory_advice}" if expect and expect.memory_advice else ""
         return RunState.failed, f"out of memory ({watch.out_of_memory}){advice}"
     nonfinite = summary.get("nonfinite_step") if summary.get("stop_reason") == "nonfinite_loss" else watch.nonfinite_step
@@ -197,30 +129,56 @@ def judge_attempt(
     return RunState.failed, f"exit code {exit_code}: {watch.last_error or 'see ' + str(log)}"
 
 
+def slurm_record() -> Optional[dict]:
+    """Which SLURM job (and array task, and restart) this attempt is; None outside SLURM."""
+    env = os.environ
+    if "SLURM_JOB_ID" not in env:
+        return None
+    return {"job_id": env["SLURM_JOB_ID"], "array_job_id": env.get("SLURM_ARRAY_JOB_ID"),
+            "array_task_id": env.get("SLURM_ARRAY_TASK_ID"), "restart_count": int(env.get("SLURM_RESTART_COUNT", "0"))}  # fmt: skip
+
+
+def _summary_facts(run_dir: Path, since: float) -> dict:
+    summary = _read_summary(run_dir, since)
+    facts = {"train_seconds": summary.get("seconds"), "peak_memory_gb": summary.get("peak_memory_gb")}
+    if summary.get("steps") is not None and summary.get("first_step") is not None:
+        facts["steps_trained"] = max(0, int(summary["steps"]) - int(summary["first_step"]) + 1)
+    return {k: v for k, v in facts.items() if v is not None}
+
+
 def launch_run(
     run_dir: Path,
     command: LaunchCommand,
     expect: Optional[ExpectedTraining] = None,
     finish: Optional[Callable[[], list[str]]] = None,
+    lease: Optional[Lease] = None,
+    engine_record: Optional[dict] = None,
 ) -> RunStatus:
+    """Run one attempt of the job and record it; the caller holds the run id's lease (None only in unit tests)."""
     started_at, began = time.monotonic(), time.time()
     previous = read_status(run_dir)
     attempts = list(previous.attempts) if previous else []
     host, pid = socket.gethostname(), os.getpid()
-    attempt = {"started": _now(), "ended": None, "state": RunState.running.value, "exit_code": None,
-               "from_step": expect.from_step if expect else 0, "host": host, "pid": pid, "reason": None}  # fmt: skip
-    status = RunStatus(state=RunState.running, started=attempt["started"], host=host, pid=pid, heartbeat=_now(),
-                       attempts=[*attempts, attempt])  # fmt: skip
+    attempt = {"started": now_iso(), "ended": None, "duration_s": None, "state": RunState.running.value, "exit_code": None,
+               "from_step": expect.from_step if expect else 0, "host": host, "pid": pid,
+               "command": command.argv, "python": command.argv[0], "engine": engine_record, "slurm": slurm_record(),
+               "reason": None}  # fmt: skip
+    status = RunStatus(state=RunState.running, started=(previous.started if previous and attempts else None) or attempt["started"],
+                       host=host, pid=pid, heartbeat=now_iso(), attempts=[*attempts, attempt])  # fmt: skip
     write_status(run_dir, status)
     secrets = secret_values()
     env = {**os.environ, **command.env}
+    guard = [sys.executable, "-m", "flux_lora.lifecycle.job_guard"] + (["--heartbeat", str(lease.path)] if lease else [])
 
     # A session of its own, so a terminal's Ctrl-C reaches only us and we decide how the job stops; the guard
     # takes the job down with it if this process dies.
     child = subprocess.Popen(
-        [sys.executable, "-m", "flux_lora.job_guard", *command.argv], cwd=command.cwd, env=env,
+        [*guard, *command.argv], cwd=command.cwd, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1, start_new_session=True,
     )  # fmt: skip
+    if lease is not None:
+        # The guard outlives a killed launcher while the job saves: the lease names it, so nobody resumes meanwhile.
+        lease.update(guard_pid=child.pid, guard_start=process_start_time(child.pid), run_dir=str(run_dir))
     signalled = False
 
     def stop_job(signum: int) -> None:
@@ -240,8 +198,10 @@ def launch_run(
 
     def heartbeat() -> None:
         while not beating.wait(HEARTBEAT_S):
-            status.heartbeat = _now()
+            status.heartbeat = now_iso()
             write_status(run_dir, status)
+            if lease is not None:
+                lease.beat()
 
     previous_handlers = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
     beat = threading.Thread(target=heartbeat, daemon=True)
@@ -269,13 +229,14 @@ def launch_run(
     if finish is not None:
         finish()  # e.g. a resumed sd-scripts attempt's files renumbered before they are judged
     state, reason = judge_attempt(run_dir, exit_code, expect, watch, signalled, began)
-    attempt.update(ended=_now(), state=state.value, exit_code=exit_code, reason=reason)
+    attempt.update(ended=now_iso(), duration_s=round(time.monotonic() - started_at, 2), state=state.value, exit_code=exit_code,
+                   reason=reason, **_summary_facts(run_dir, began))  # fmt: skip
     status = RunStatus(
         state=state,
         exit_code=exit_code,
         started=status.started,
         ended=attempt["ended"],
-        duration_s=round(time.monotonic() - started_at, 2),
+        duration_s=total_duration(status.attempts),
         reason=reason,
         host=host,
         attempts=status.attempts,
@@ -319,6 +280,8 @@ def start_run(
     dry_run: bool,
     expect: Optional[ExpectedTraining] = None,
     finish: Optional[Callable[[], list[str]]] = None,
+    lease: Optional[Lease] = None,
+    engine_record: Optional[dict] = None,
 ) -> RunStatus:
     """Refuse, stop after freezing (dry run), or launch: the one place that decides."""
     if report.errors:
@@ -328,4 +291,4 @@ def start_run(
     if dry_run:
         return mark_dry_run(frozen.run_dir)
     assert frozen.command is not None
-    return launch_run(frozen.run_dir, frozen.command, expect, finish)
+    return launch_run(frozen.run_dir, frozen.command, expect, finish, lease, engine_record)

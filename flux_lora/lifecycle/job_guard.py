@@ -1,6 +1,6 @@
 """The training job's guard: it dies with the launcher, and the job goes with it, after a chance to save.
 
-    python -m flux_lora.job_guard <argv of the job...>
+    python -m flux_lora.lifecycle.job_guard [--heartbeat LEASE_FILE] <argv of the job...>
 
 The runner starts this (standard library only, so it never slows the start) as a session leader; it
 starts the job in its own process group and:
@@ -12,6 +12,8 @@ starts the job in its own process group and:
     GRACE_S seconds. So `kill -9` of the launcher leaves no orphan holding a GPU;
   - relays the job's output, and keeps draining it once the launcher is gone (a write into a closed pipe
     would kill the job before it saves);
+  - touches the run's lease file (--heartbeat) while the job runs, so a run whose launcher died but whose
+    job is still saving reads as held, also from another host;
   - gives the job default SIGINT and SIGTERM handling, even when the launcher was started in the
     background by a shell (which makes it ignore SIGINT): a stop always reaches the job.
 It exits with the job's exit status (a signal as 128 + its number).
@@ -30,6 +32,7 @@ from types import FrameType
 from typing import Optional
 
 GRACE_S = 120.0  # long enough for a FLUX LoRA state to be written; then the job is killed
+HEARTBEAT_S = 30.0  # as the launcher's (lifecycle.lease.HEARTBEAT_S); this module imports nothing of ours
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -77,9 +80,21 @@ def _relay_output(source: int) -> None:
             sink = None
 
 
+def _beat(path: str, job: subprocess.Popen) -> None:
+    while job.poll() is None:
+        try:
+            os.utime(path)
+        except OSError:
+            pass  # released or taken over: nothing of ours to refresh
+        time.sleep(HEARTBEAT_S)
+
+
 def main(argv: list[str]) -> int:
+    heartbeat_file: Optional[str] = None
+    if argv[:1] == ["--heartbeat"] and len(argv) >= 2:
+        heartbeat_file, argv = argv[1], argv[2:]
     if not argv:
-        print("usage: python -m flux_lora.job_guard <job argv...>", file=sys.stderr)
+        print("usage: python -m flux_lora.lifecycle.job_guard [--heartbeat LEASE_FILE] <job argv...>", file=sys.stderr)
         return 2
     launcher = os.getppid()
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
@@ -113,6 +128,8 @@ def main(argv: list[str]) -> int:
             time.sleep(1.0)
 
     threading.Thread(target=watch_parent, daemon=True).start()
+    if heartbeat_file:
+        threading.Thread(target=_beat, args=(heartbeat_file, job), daemon=True).start()
     code = job.wait()
     # Wait for every adopted descendant too: the job is over only when all of its processes are.
     while True:

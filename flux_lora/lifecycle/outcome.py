@@ -4,7 +4,9 @@ An exit code of 0 proves nothing (sd-scripts returns 0 after "No data found", af
 skipped every step, and with a NaN loss). A run succeeded only when the job exited 0, the final
 LoRA file exists, the last recorded optimizer step is max_train_steps, and no recorded loss is
 NaN or infinite. Steps come from the TensorBoard events both engines write (a resumed sd-scripts
-attempt logs under a `from-stepNNNNNNNN-` folder, counted from that step).
+attempt logs under a `from-stepNNNNNNNN-` folder, counted from that step), and only the steps the
+final weights descend from count: what an abandoned attempt logged after the state the next one
+resumed from is history, not evidence.
 """
 
 from __future__ import annotations
@@ -42,7 +44,18 @@ def scalar_series(logging_dir: Path, tag: str) -> list[tuple[int, float, float]]
         accumulator.Reload()
         if tag in accumulator.Tags().get("scalars", []):
             points += [(e.step + offset, float(e.value), e.wall_time) for e in accumulator.Scalars(tag)]
-    return sorted(points, key=lambda point: (point[0], point[2]))
+    return descended_points(points)
+
+
+def descended_points(points: list[tuple[int, float, float]]) -> list[tuple[int, float, float]]:
+    """The points the final weights descend from, by step: a later attempt that logs step s resumed from a state
+    before s, so what earlier attempts logged at s and after was abandoned (a NaN there is history)."""
+    kept: list[tuple[int, float, float]] = []
+    for point in sorted(points, key=lambda p: p[2]):
+        while kept and kept[-1][0] >= point[0]:
+            kept.pop()
+        kept.append(point)
+    return sorted(kept, key=lambda point: (point[0], point[2]))
 
 
 def gather_evidence(run_dir: Path, output_name: str) -> TrainingEvidence:

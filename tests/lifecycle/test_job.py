@@ -14,7 +14,8 @@ from typing import Callable
 import pytest
 
 from flux_lora.engines.base import EngineInputs
-from flux_lora.runner import ExpectedTraining, RunState, accelerate_argv, launch_run, read_status
+from flux_lora.lifecycle.job import ExpectedTraining, accelerate_argv, launch_run
+from flux_lora.lifecycle.records import RunState, read_status
 from flux_lora.snapshot import LaunchCommand
 from flux_lora.schema import RunConfig
 
@@ -80,7 +81,7 @@ def test_failing_job_is_recorded_as_failed(tmp_path: Path, job_script: Path) -> 
 def test_stop_signals_are_forwarded_and_run_marked_interrupted(tmp_path: Path, job_script: Path, signum: int) -> None:
     # The launcher itself runs in a subprocess so that the test can signal it as SLURM would.
     code = (
-        "from pathlib import Path; from flux_lora.runner import launch_run; from flux_lora.snapshot import LaunchCommand; "
+        "from pathlib import Path; from flux_lora.lifecycle.job import launch_run; from flux_lora.snapshot import LaunchCommand; "
         f"launch_run(Path({str(tmp_path)!r}), LaunchCommand({_cpu_argv(job_script, 'sleep')!r}, cwd={str(tmp_path)!r}, env={{}}))"
     )
     launcher = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

@@ -1,0 +1,11 @@
+"""A run's lifecycle, in layers that depend one way (each imports only those above it):
+
+  records.py    the run folder's records: status.json and its attempts, pointers, which process is whose
+  lease.py      one owner per run id: an exclusively created file under paths.outputs/.leases
+  states.py     saved training states: which one a run can continue from
+  outcome.py    what a finished job's artefacts say (steps trained, LoRA written, loss finite)
+  job.py        the `accelerate launch` job under its guard: start, stream, signals, judge the attempt
+  job_guard.py  the guard process itself (standard library only)
+  decision.py   a known run id: skip it, resume it where it lives, or start it
+launch.py calls decision and job; nothing here imports launch.py or Hydra.
+"""

@@ -1,0 +1,163 @@
+"""Decision: what a launch holding its run id's lease does with the runs of that id seen before.
+
+A run's identity is its run id (a hash of the semantic config, the training set and its lineage), so
+asking for the same run again finds it under the outputs root, whichever sweep or run folder holds it,
+and in the cell's own folder wherever that is:
+  - succeeded                      -> skip it (it is done);
+  - interrupted, failed, or left `running` by an owner that is gone (we hold the lease, so nobody
+    else runs it), with a usable saved state -> resume it in its own folder from its newest usable state;
+  - anything else                  -> start a new run.
+A dead owner's open attempt is closed in status.json first, and what it left past the resumed state is
+set aside. A resume renders the engine's inputs again and refuses when they differ from the frozen ones
+(or the engine's code changed): the run would not train what its record says.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Iterable, Optional
+
+import yaml
+
+from flux_lora.check import print_check_report
+from flux_lora.lifecycle.job import ExpectedTraining, launch_command, launch_run
+from flux_lora.lifecycle.lease import Lease
+from flux_lora.lifecycle.records import RunState, RunStatus, close_dead_attempt, read_status, write_pointer
+from flux_lora.lifecycle.states import SavedState, StateChoice, choose_state, set_aside_strays
+from flux_lora.identity import config_differences
+from flux_lora.snapshot import redact, secret_values
+
+
+class Decision(str, Enum):
+    start = "start"
+    skip = "skip"
+    resume = "resume"
+
+
+@dataclass(frozen=True)
+class ResumeDecision:
+    decision: Decision
+    run_dir: Optional[Path] = None
+    state: Optional[SavedState] = None
+    notes: list[str] = field(default_factory=list)
+
+
+class RunNotStartable(RuntimeError):
+    """This launch cannot go on (its run cannot be resumed as recorded, or the cell's folder holds another config)."""
+
+
+def _run_id_of(folder: Path) -> Optional[str]:
+    try:
+        return json.loads((folder / "run.json").read_text()).get("run_id")
+    except (OSError, ValueError):
+        return None
+
+
+def find_runs_with_id(outputs: Path, run_id: str, also: Iterable[Path] = ()) -> list[Path]:
+    """Run folders under the outputs root, and any of `also` (a sweep cell outside it), whose run.json holds this id."""
+    found = {record.parent for record in outputs.rglob("run.json")} if outputs.is_dir() else set()
+    found |= {Path(folder) for folder in also if (Path(folder) / "run.json").is_file()}
+    return sorted(folder for folder in found if _run_id_of(folder) == run_id)
+
+
+def close_dead_attempts(folders: list[Path], why: str) -> list[str]:
+    """With the lease held, a folder of this id still `running` was left by an owner that is gone: close it."""
+    return [f"{folder}: closed the attempt left running ({why})" for folder in folders if close_dead_attempt(folder, why)]
+
+
+def decide(earlier: list[Path], output_name: str, max_train_steps: Optional[int] = None) -> ResumeDecision:
+    """What a launch of an already-known run id does, given the folders that froze it (their owners are gone)."""
+    statuses: list[tuple[Path, RunStatus]] = [(d, s) for d in earlier if (s := read_status(d)) is not None]
+    done = [d for d, s in statuses if s.state == RunState.succeeded]
+    if done:
+        return ResumeDecision(Decision.skip, done[0])
+    resumable = (RunState.interrupted, RunState.failed, RunState.running)
+    best: Optional[tuple[Path, StateChoice]] = None
+    notes: list[str] = []
+    for d, s in statuses:
+        if s.state not in resumable:
+            continue
+        choice = choose_state(d / "output", output_name, max_train_steps)
+        notes += [f"{d.name}: {n}" for n in choice.notes()]
+        if choice.state and (best is None or (choice.state.step or 0) > (best[1].state.step or 0)):
+            best = (d, choice)
+    if best is None:
+        return ResumeDecision(Decision.start, notes=notes)
+    return ResumeDecision(Decision.resume, best[0], best[1].state, notes)
+
+
+def changed_cell(cell_dir: Path, resolved: dict, run_id: str) -> Optional[str]:
+    """A sweep run again into its own folder whose cell's config changed since: what changed (nothing is touched)."""
+    if not ((cell_dir / "config.yaml").is_file() and (cell_dir / "run.json").is_file()) or _run_id_of(cell_dir) == run_id:
+        return None
+    changed = config_differences(yaml.safe_load((cell_dir / "config.yaml").read_text()), resolved)
+    what = "; ".join(changed[:6]) or "the same config, another training set (the dataset's content or a held-out image changed)"
+    return (
+        f"{cell_dir}: holds a run of another config ({what}); "
+        "launch into a new folder (omit hydra.run.dir / hydra.sweep.dir) or restore those values"
+    )
+
+
+def inputs_drift(run, engine, home: Path, inputs) -> Optional[str]:
+    """Why this attempt would not train what the run's record says (its frozen inputs, its engine's code); None if it would."""
+    secrets = secret_values()
+    for name, text in inputs.files.items():
+        frozen = home / name
+        if frozen.is_file() and frozen.read_text() != redact(text, secrets):
+            return f"{name} would differ from the one frozen in {home} (a path, engine.python or another setting outside the recipe changed)"
+    try:
+        recorded = json.loads((home / "repro.json").read_text()).get("engine") or {}
+    except (OSError, ValueError):
+        return None
+    current = engine.version_record(run)
+    ignore = ("sd_scripts_dir", "matches_pin", "pinned_commit")  # where the checkout lies is not what it trains
+    changed = [f"{k}: {recorded.get(k)!r} -> {current.get(k)!r}" for k in sorted(current) if k not in ignore and recorded.get(k) != current.get(k)]
+    return f"the engine's code changed since the run started ({'; '.join(changed)})" if changed else None
+
+
+def continue_known_run(run, engine, report, cell_dir: Path, run_id: str, resolved: dict, expect: ExpectedTraining, lease: Lease):
+    """For launch.resume=auto: None when the run id is new here (start it); else (its folder, status) where status is
+    None for a run skipped as done and the resumed attempt's status otherwise. Raises RunNotStartable."""
+    earlier = find_runs_with_id(Path(run.paths.outputs), run_id, also=[cell_dir])
+    owner = f"its owner {lease.took_over.describe()} is gone" if lease.took_over else "its owner is gone"
+    for note in close_dead_attempts(earlier, owner):
+        print(f"info: {note}")
+    decision = decide(earlier, run.launch.output_name, run.profile.max_train_steps)
+    for note in decision.notes:
+        print(f"info: {note}")
+    home = decision.run_dir
+    if decision.decision == Decision.start:
+        changed = changed_cell(cell_dir, resolved, run_id)
+        if changed:
+            raise RunNotStartable(changed)
+        return None
+    if decision.decision == Decision.skip:
+        print(f"skipped: done: run {run_id} succeeded in {home}")
+        if home != cell_dir:
+            write_pointer(cell_dir, "skipped: done", home, run_id)
+        return home, None
+    state = decision.state
+    assert home is not None and state is not None
+    resumed = dataclasses.replace(run, launch=dataclasses.replace(run.launch, resume_from=str(state.path)))
+    inputs = engine.render(resumed, home, report.not_applied)
+    problems = engine.check_inputs(resumed, inputs)
+    drift = inputs_drift(resumed, engine, home, inputs)
+    if problems or drift:
+        raise RunNotStartable(f"cannot resume {home}: {problems[0] if problems else drift}")
+    print_check_report(report)
+    previous = read_status(home)
+    attempt = len(previous.attempts) if previous else 0
+    aside = set_aside_strays(home / "output", run.launch.output_name, state.step or 0, attempt)
+    if aside:
+        print(f"info: set aside what attempt {attempt} left past step {state.step}: {', '.join(aside)} (output/set-aside/attempt-{attempt})")
+    print(f"resuming run {run_id} in {home} from {state.path.name} (step {state.step})")
+    if home != cell_dir:
+        write_pointer(cell_dir, "resumed", home, run_id)
+    expect = dataclasses.replace(expect, from_step=state.step or 0)
+    status = launch_run(home, launch_command(resumed, inputs), expect, finish=lambda: engine.finish_attempt(resumed, home),
+                        lease=lease, engine_record=engine.version_record(resumed))  # fmt: skip
+    return home, status

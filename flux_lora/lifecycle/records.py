@@ -1,0 +1,153 @@
+"""The run folder's records: status.json (the run's state and one entry per attempt), the pointer a sweep
+cell leaves when its run lives elsewhere, and how a process is named so that a reused pid is not taken
+for its predecessor (pid + start time + boot id).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+STATUS_FILE = "status.json"
+LOG_FILE = "train.log"
+POINTER_FILE = "run_pointer.json"  # a sweep cell whose run lives elsewhere (skipped as done, resumed there, busy)
+ASIDE_FOLDER = "set-aside"  # output/set-aside/attempt-N: files a dead attempt left that the next one must not mix in
+
+
+class RunState(str, Enum):
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    interrupted = "interrupted"
+    refused = "refused"
+    dry_run = "dry_run"
+
+
+@dataclass
+class RunStatus:
+    state: RunState
+    exit_code: Optional[int] = None
+    started: Optional[str] = None
+    ended: Optional[str] = None
+    duration_s: Optional[float] = None  # over all attempts
+    reason: Optional[str] = None
+    host: Optional[str] = None
+    pid: Optional[int] = None  # the launcher's, while it runs the job
+    heartbeat: Optional[str] = None
+    # One entry per start of the job: started, ended, duration_s, state, exit_code, from_step, steps_trained,
+    # host, pid, command, python, engine, slurm, reason.
+    attempts: list[dict] = field(default_factory=list)
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    # Replaced in one step: a reader deciding whether a run is alive never reads half a file.
+    temporary = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(temporary, path)
+
+
+def write_status(run_dir: Path, status: RunStatus) -> None:
+    data = asdict(status)
+    data["state"] = status.state.value
+    write_json_atomic(run_dir / STATUS_FILE, data)
+
+
+def read_status(run_dir: Path) -> Optional[RunStatus]:
+    """The run's status; None when there is none or it cannot be read (a corrupt file is not a state)."""
+    try:
+        data = json.loads((run_dir / STATUS_FILE).read_text())
+        known = {f.name for f in fields(RunStatus)}
+        data = {k: v for k, v in data.items() if k in known}
+        data["state"] = RunState(data["state"])
+        return RunStatus(**data)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def total_duration(attempts: list[dict]) -> Optional[float]:
+    durations = [a["duration_s"] for a in attempts if a.get("duration_s") is not None]
+    return round(sum(durations), 2) if durations else None
+
+
+def close_dead_attempt(run_dir: Path, why: str) -> Optional[RunStatus]:
+    """A `running` status whose owner is gone: end its open attempt as interrupted, saying why. None if not running."""
+    status = read_status(run_dir)
+    if status is None or status.state != RunState.running:
+        return None
+    ended = now_iso()
+    for attempt in status.attempts:
+        if attempt.get("ended") is None:
+            attempt.update(ended=ended, state=RunState.interrupted.value, reason=why)
+            try:
+                began = datetime.fromisoformat(attempt["started"]).timestamp()
+                attempt["duration_s"] = round(datetime.fromisoformat(ended).timestamp() - began, 2)
+            except (KeyError, TypeError, ValueError):
+                pass
+    closed = RunStatus(state=RunState.interrupted, started=status.started, ended=ended, reason=why, host=status.host,
+                       duration_s=total_duration(status.attempts), attempts=status.attempts)  # fmt: skip
+    write_status(run_dir, closed)
+    return closed
+
+
+def write_pointer(cell_dir: Path, state: str, run_dir: Path, run_id: str, note: str = "") -> None:
+    """Leave a note in a sweep cell's folder that its run lives in run_dir (the summary follows it)."""
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(cell_dir / POINTER_FILE, {"state": state, "run_dir": str(run_dir), "run_id": run_id, "note": note})
+
+
+# ------------------------------------------------------------------------------------ which process is whose
+
+
+def boot_id() -> str:
+    """Changes at every boot: a pid recorded before a reboot names nobody after it."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def process_start_time(pid: int) -> Optional[int]:
+    """When the process started (clock ticks since boot, /proc/<pid>/stat field 22); None when it does not exist.
+
+    A pid with a different start time is another process that reused the number.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None if not _pid_exists(pid) else -1
+    try:
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (IndexError, ValueError):
+        return -1
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def same_process_alive(pid: Optional[int], start_time: Optional[int]) -> bool:
+    """Whether the process recorded as (pid, start time) on this host still runs; -1 means "not readable here"."""
+    if pid is None:
+        return False
+    now = process_start_time(pid)
+    if now is None:
+        return False
+    if start_time in (None, -1) or now == -1:
+        return True  # cannot tell a reused pid apart without /proc: assume alive rather than train twice
+    return now == start_time
