@@ -115,7 +115,11 @@ def _ours_or_absent() -> bool:
 
 def render_conf(host: str, node_line: str) -> str:
     """slurm.conf for a one-node cluster on ``host``; ``node_line`` is ``slurmd -C``'s NodeName line."""
-    fields = dict(item.split("=", 1) for item in node_line.split() if "=" in item)
+    fields: dict[str, str] = {}
+    for item in node_line.split():
+        key, sep, value = item.partition("=")
+        if sep:
+            fields[key] = value
     fields["NodeName"] = host
     cpus = max(1, int(fields.get("CPUs", "1")))
     machine_mb = int(fields.get("RealMemory", "1024"))

@@ -102,8 +102,11 @@ TRAINING_JOB = textwrap.dedent(
     from torch.utils.tensorboard import SummaryWriter
 
     run_dir, steps, nan_at, write_lora = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "lora"
+    first = int(sys.argv[5]) if len(sys.argv) > 5 else 1
+    if "oom-line" in sys.argv:
+        print("warning: CUDA out of memory on the first try, retried with a smaller chunk", flush=True)
     writer = SummaryWriter(str(run_dir / "logs"))
-    for step in range(1, steps + 1):
+    for step in range(first, steps + 1):
         writer.add_scalar("loss/current", math.nan if step == nan_at else 1.0 / step, step)
     writer.close()
     if write_lora:
@@ -133,6 +136,31 @@ def test_exit_0_is_success_only_when_the_artefacts_show_every_step_trained(
     status = launch_run(tmp_path, command, ExpectedTraining(max_train_steps=4, output_name="flux-lora"))
     assert status.exit_code == 0
     assert (status.state, status.reason) == ((RunState.succeeded, None) if reason is None else (RunState.failed, reason))
+
+
+def _training(tmp_path: Path, *args: str, from_step: int = 0):
+    job = tmp_path / "training_job.py"
+    job.write_text(TRAINING_JOB)
+    command = LaunchCommand([sys.executable, str(job), str(tmp_path), *args], cwd=str(tmp_path), env={})
+    return launch_run(tmp_path, command, ExpectedTraining(max_train_steps=8, output_name="flux-lora", from_step=from_step))
+
+
+def test_a_nan_in_an_abandoned_attempt_does_not_fail_the_clean_retry(tmp_path: Path) -> None:
+    first = _training(tmp_path, "5", "5", "none")  # steps 1-5, NaN at 5, no LoRA
+    assert first.state == RunState.failed and "NaN/inf at step 5" in first.reason
+    time.sleep(1.1)  # TensorBoard wall times order the attempts
+    second = _training(tmp_path, "8", "0", "lora", "5", from_step=4)  # resumed from step 4: steps 5-8, finite
+    assert (second.state, second.reason) == (RunState.succeeded, None)
+    assert [a["state"] for a in second.attempts] == ["failed", "succeeded"]
+    assert [a["from_step"] for a in second.attempts] == [0, 4]
+    # Time adds up over attempts, and each attempt records the command it ran.
+    assert second.duration_s == pytest.approx(sum(a["duration_s"] for a in second.attempts), abs=0.02)
+    assert all(a["command"][0] == sys.executable and a["command"][-1] in ("none", "5") for a in second.attempts)
+
+
+def test_out_of_memory_text_does_not_fail_a_job_that_exited_0_with_its_artefacts(tmp_path: Path) -> None:
+    status = _training(tmp_path, "8", "0", "lora", "1", "oom-line")
+    assert (status.state, status.reason) == (RunState.succeeded, None)
 
 
 SCRIPTED_JOB = textwrap.dedent(
