@@ -19,6 +19,8 @@ import pytest
 import yaml
 
 from flux_lora.compose import PROJECT_ROOT
+from flux_lora.lifecycle.outcome import LOSS_TAG, scalar_series
+from flux_lora.report import read_run
 from tests.test_launch_e2e import run_dirs
 
 SHORT = ["ablation.baseline_steps=6", "profile.lr_warmup_steps=1", "profile.save_every_n_steps=2",
@@ -84,7 +86,9 @@ def test_kill_9_of_the_tree_then_the_same_sweep_finishes_it_and_then_skips_it(tm
     assert f"resuming run" in output and str(cell) in output, output[-3000:]
     status = json.loads((cell / "status.json").read_text())
     assert status["state"] == "succeeded", status
-    assert [a["state"] for a in status["attempts"]] == ["running", "succeeded"]
+    # The dead launcher's attempt was closed (not left `running`) when the second launch took the lease over.
+    assert [a["state"] for a in status["attempts"]] == ["interrupted", "succeeded"]
+    assert "owner" in status["attempts"][0]["reason"] and status["attempts"][0]["ended"]
     assert status["attempts"][1]["from_step"] >= 2
     assert (cell / "output" / "flux-lora.safetensors").is_file()
     # The killed cell's frozen snapshot was not rewritten, and both cells now succeeded.
@@ -99,22 +103,61 @@ def test_kill_9_of_the_tree_then_the_same_sweep_finishes_it_and_then_skips_it(tm
 
 
 @pytest.mark.slow
-def test_kill_9_of_the_launcher_leaves_no_orphan_and_the_job_saves_first(tmp_path: Path) -> None:
-    launcher = start([*SHORT, "ablation=baseline", "ablation.baseline_steps=400"], tmp_path)
+def test_kill_9_of_the_launcher_then_an_immediate_relaunch_resumes_from_what_the_job_saved(tmp_path: Path) -> None:
+    """The guard holds the lease while the orphaned job saves; the relaunch waits for it (refused, then again) and
+    resumes from that very state. Then an allowed recipe change from one of its states trains with the new lr."""
+    args = [*SHORT, "ablation=baseline", "ablation.baseline_steps=10", "launch.resume=auto"]
+    launcher = start(args, tmp_path)
     wait_for_state(tmp_path, "step00000002", launcher)
     job = descendants(launcher.pid)
     assert job, "no training job under the launcher"
     os.kill(launcher.pid, signal.SIGKILL)
     launcher.wait(timeout=30)
+    relaunch = start(args, tmp_path)  # at once, while the orphaned job is still saving
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in job):
-        time.sleep(0.5)
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text() for pid in job):
+        time.sleep(0.2)
     assert not [pid for pid in job if Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()]
     (run_dir,) = run_dirs(tmp_path)
-    summary = json.loads((run_dir / "output" / "train_summary.json").read_text())
-    assert summary["stop_reason"] == "signal"  # the guard stopped it gracefully: state saved at the step it reached
-    saved = sorted((run_dir / "output").glob("flux-lora-step*-state/manifest.json"))
-    assert saved and summary["steps"] >= 2
+    dead = json.loads((run_dir / "output" / "train_summary.json").read_text())
+    assert dead["stop_reason"] == "signal"  # the guard stopped it gracefully: state saved at the step it reached
+
+    outputs = [finish(relaunch)]
+    while "is held by" in outputs[-1] and len(outputs) < 4:  # it refused while the save went on: ask again
+        time.sleep(1.0)
+        outputs.append(finish(start(args, tmp_path)))
+    output = outputs[-1]
+    assert f"from flux-lora-step{dead['steps']:08d}-state (step {dead['steps']})" in output, output[-3000:]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "succeeded", status
+    assert [a["state"] for a in status["attempts"]] == ["interrupted", "succeeded"]
+    assert "owner" in status["attempts"][0]["reason"] and status["attempts"][1]["from_step"] == dead["steps"]
+    assert status["attempts"][1]["command"][-2:] == ["--resume", str(run_dir / "output" / f"flux-lora-step{dead['steps']:08d}-state")]
+    # Every step trained once: TensorBoard's steps 1-10 descend from one line of attempts, none set aside.
+    losses = scalar_series(run_dir / "logs", LOSS_TAG)
+    assert [step for step, _, _ in losses] == list(range(1, 11))
+    # The summary's time is over both attempts.
+    assert read_run(run_dir).duration_s == pytest.approx(sum(a["duration_s"] for a in status["attempts"]), abs=0.05)
+
+    # An allowed recipe change from step 8 of that run: steps 9-10 train with the new learning rate (read back from
+    # TensorBoard), and the run is labelled with its lineage under an id of its own (never the clean recipe's).
+    state = run_dir / "output" / "flux-lora-step00000008-state"
+    changed = finish(start([*SHORT, "ablation=baseline", "ablation.baseline_steps=10", f"launch.resume_from={state}",
+                            "launch.allow_recipe_change=true", "profile.learning_rate=5e-4"], tmp_path))  # fmt: skip
+    assert "with this run's recipe: base lr 0.001 -> 0.0005" in changed, changed[-3000:]
+    (lineage_dir,) = [d for d in run_dirs(tmp_path) if d != run_dir]
+    record = json.loads((lineage_dir / "run.json").read_text())
+    assert record["lineage"]["from_run"] == json.loads((run_dir / "run.json").read_text())["run_id"]
+    assert record["lineage"]["from_step"] == 8 and record["lineage"]["recipe_changes"]
+    source_lr = {step: value for step, value, _ in scalar_series(run_dir / "logs", "lr/unet")}
+    trained_lr = {step: value for step, value, _ in scalar_series(lineage_dir / "logs", "lr/unet")}
+    assert sorted(trained_lr) == [9, 10]
+    assert all(trained_lr[s] == pytest.approx(source_lr[s] / 2) for s in (9, 10)), (trained_lr, source_lr)
+    lineage_status = json.loads((lineage_dir / "status.json").read_text())
+    assert lineage_status["state"] == "succeeded" and lineage_status["attempts"][0]["from_step"] == 8
+    clean = finish(start([*SHORT, "ablation=baseline", "ablation.baseline_steps=10", "profile.learning_rate=5e-4",
+                          "launch.dry_run=true"], tmp_path))  # fmt: skip
+    assert record["run_id"] not in clean and "lineage: from run" in read_run(lineage_dir).note
 
 
 @pytest.mark.slow
@@ -149,3 +192,24 @@ def test_a_sweep_run_again_into_its_folder_with_a_changed_cell_is_refused_with_t
     output = finish(start([a for a in args if a != "launch.dry_run=true"] + ["profile.learning_rate=5e-4"], tmp_path))
     assert "holds a run of another config (profile.learning_rate: 0.001 -> 0.0005)" in output, output[-2000:]
     assert json.loads((sweep_dir / "0_tiny-smoke-cpu-native-baseline" / "status.json").read_text())["state"] == "dry_run"
+
+
+@pytest.mark.slow
+def test_a_sweep_submitted_twice_at_once_trains_each_cell_once_and_reruns_skip_in_fixed_folders(tmp_path: Path) -> None:
+    """Two submissions of one sweep race for its cells: the lease gives each cell one owner. Run again into their
+    fixed folders (one outside paths.outputs), every cell is skipped as done, never refused."""
+    outside, inside = tmp_path / "elsewhere" / "sweep", tmp_path / "outputs" / "sweeps" / "fixed"
+    sweep = ["-m", "ablation=baseline,a1_alpha", *SHORT, "ablation.baseline_steps=4"]  # no launch.resume: a multirun means auto
+    first, second = start([*sweep, f"hydra.sweep.dir={outside}"], tmp_path), start([*sweep, f"hydra.sweep.dir={inside}"], tmp_path)
+    outputs = [finish(first), finish(second)]
+    assert any("is held by pid" in output for output in outputs), outputs[0][-2000:] + outputs[1][-2000:]
+    trained = sorted((json.loads((d / "run.json").read_text())["ablation"]["name"], len(json.loads((d / "status.json").read_text())["attempts"]))
+                     for d in {p.parent for p in tmp_path.rglob("status.json")} if (d / "run.json").is_file())  # fmt: skip
+    assert trained == [("a1_alpha", 1), ("baseline", 1)], trained  # each cell trained once, by one of the two
+    assert {first.returncode, second.returncode} & {1}  # a sweep whose cell was busy elsewhere is not done
+
+    for folder in (outside, inside):
+        rerun = start([*sweep, f"hydra.sweep.dir={folder}"], tmp_path)
+        output = finish(rerun)
+        assert output.count("skipped: done: run") == 2 and "holds a run of another config" not in output, output[-3000:]
+        assert rerun.returncode == 0, output[-2000:]
