@@ -33,7 +33,7 @@ from flux_lora.dataset import DatasetError, fingerprint_dataset, write_contact_s
 from flux_lora.dataset.training_set import TRAINING_SET_FILE
 from flux_lora.engines.base import Engine, EngineInputs
 from flux_lora.gpu_probe import probe_gpus, torch_cuda_build
-from flux_lora.lifecycle.records import POINTER_FILE
+from flux_lora.lifecycle.records import POINTER_FILE, register_run_dir
 from flux_lora.identity import compute_run_id
 from flux_lora.schema import RunConfig
 
@@ -293,4 +293,5 @@ def freeze_run(
             "lineage": run_lineage(report),
         },
     )
+    register_run_dir(Path(run.paths.outputs), run_id, run_dir)
     return FrozenRun(run_dir=run_dir, run_id=run_id, command=command)

@@ -26,7 +26,7 @@ import yaml
 from flux_lora.check import print_check_report
 from flux_lora.lifecycle.job import ExpectedTraining, launch_command, launch_run
 from flux_lora.lifecycle.lease import Lease
-from flux_lora.lifecycle.records import RunState, RunStatus, close_dead_attempt, read_status, write_pointer
+from flux_lora.lifecycle.records import RunState, RunStatus, close_dead_attempt, read_status, registered_run_dirs, write_pointer
 from flux_lora.lifecycle.states import SavedState, StateChoice, choose_state, set_aside_strays
 from flux_lora.identity import config_differences
 from flux_lora.snapshot import redact, secret_values
@@ -58,9 +58,10 @@ def _run_id_of(folder: Path) -> Optional[str]:
 
 
 def find_runs_with_id(outputs: Path, run_id: str, also: Iterable[Path] = ()) -> list[Path]:
-    """Run folders under the outputs root, and any of `also` (a sweep cell outside it), whose run.json holds this id."""
+    """Run folders whose run.json holds this id: under the outputs root, in its index of run folders (a sweep
+    outside it), and any of `also` (the cell's own folder)."""
     found = {record.parent for record in outputs.rglob("run.json")} if outputs.is_dir() else set()
-    found |= {Path(folder) for folder in also if (Path(folder) / "run.json").is_file()}
+    found |= {Path(folder) for folder in [*registered_run_dirs(outputs, run_id), *also] if (Path(folder) / "run.json").is_file()}
     return sorted(folder for folder in found if _run_id_of(folder) == run_id)
 
 

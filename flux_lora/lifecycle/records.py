@@ -105,6 +105,25 @@ def write_pointer(cell_dir: Path, state: str, run_dir: Path, run_id: str, note: 
     write_json_atomic(cell_dir / POINTER_FILE, {"state": state, "run_dir": str(run_dir), "run_id": run_id, "note": note})
 
 
+RUN_INDEX_DIR = ".runs"  # paths.outputs/.runs/<run id>.txt: every folder that froze that run id, wherever it lies
+
+
+def register_run_dir(outputs: Path, run_id: str, run_dir: Path) -> None:
+    """Note where a run of this id lives, so a launch into any other folder (a sweep outside paths.outputs) finds it."""
+    index = Path(outputs) / RUN_INDEX_DIR / f"{run_id}.txt"
+    index.parent.mkdir(parents=True, exist_ok=True)
+    with open(index, "a", encoding="utf-8") as handle:  # one short appended line: whole or absent
+        handle.write(f"{Path(run_dir).absolute()}\n")
+
+
+def registered_run_dirs(outputs: Path, run_id: str) -> list[Path]:
+    try:
+        lines = (Path(outputs) / RUN_INDEX_DIR / f"{run_id}.txt").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    return [Path(line) for line in dict.fromkeys(lines) if line]
+
+
 # ------------------------------------------------------------------------------------ which process is whose
 
 
