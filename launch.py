@@ -22,6 +22,7 @@ from flux_lora.lifecycle.decision import RunNotStartable, continue_known_run
 from flux_lora.lifecycle.job import ExpectedTraining, evaluate_after_run, launch_command, start_run
 from flux_lora.lifecycle.lease import Lease, LeaseHeld
 from flux_lora.lifecycle.records import RunState, write_pointer
+from flux_lora.lifecycle.slurm import restart_count, sweep_cells_expected
 from flux_lora.rules import memory_advice
 from flux_lora.schema import ResumeMode
 from flux_lora.snapshot import dataset_fingerprint, freeze_run, run_identity
@@ -49,7 +50,9 @@ def main(cfg: DictConfig) -> None:
 def launch_one(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    if cfg.launch.resume is None:  # a sweep run again finishes what it started; a single run starts anew
+    if restart_count() > 0:  # SLURM requeued this job (time limit, preemption): go on where it stopped
+        cfg.launch.resume = ResumeMode.auto.value
+    elif cfg.launch.resume is None:  # a sweep run again finishes what it started; a single run starts anew
         cfg.launch.resume = ResumeMode.auto.value if hydra_cfg.mode == RunMode.MULTIRUN else ResumeMode.never.value
     run = load_run(cfg)  # first: a key outside the schema stops here, before anything is printed
     print_config_tree(cfg)
@@ -102,6 +105,16 @@ def leave_note(cell_dir: Path, mode, state: str, home: Path, run_id: str, note: 
         write_pointer(cell_dir, state, home, run_id, note=note)
 
 
+def report_if_last_cell(sweep_dir: Path) -> None:
+    """On a cluster nobody may wait for the sweep (launch.detach): the last cell to end writes its report."""
+    expected = sweep_cells_expected(sweep_dir)
+    if expected is None:
+        return  # not a SLURM sweep: the launching process writes the report when the sweep ends
+    rows = [read_run(d) for d in find_run_dirs(sweep_dir)]
+    if len(rows) >= expected and all(r.state in FINISHED_STATES or r.state in ENDED_STATES for r in rows):
+        write_sweep_report(sweep_dir)
+
+
 def refused_exit(mode) -> None:
     # A single run that cannot start is a failed command; a sweep goes on with its other cells (and exits 1 at the end).
     if mode == RunMode.RUN:
@@ -118,6 +131,8 @@ def end_run(run_id: str, status, run_dir: Path, mode, run) -> None:
     print(f"run {run_id} {status.state.value}: {run_dir}" + (f" ({status.reason})" if status.reason else ""))
     if run.eval.enabled and status.state == RunState.succeeded:
         evaluate_and_warn(run, run_dir)
+    if mode == RunMode.MULTIRUN:
+        report_if_last_cell(Path(HydraConfig.get().sweep.dir))
     if status.state == RunState.interrupted:
         sys.exit(130)  # Ctrl-C or a scheduler's stop ends a sweep too, not just its current cell
     # A single run that did not happen is a failed command; a sweep goes on to its next cell.
@@ -126,6 +141,7 @@ def end_run(run_id: str, status, run_dir: Path, mode, run) -> None:
 
 
 FINISHED_STATES = (RunState.succeeded.value, RunState.dry_run.value, SKIPPED_DONE)
+ENDED_STATES = (RunState.failed.value, RunState.refused.value, "busy")  # ended, not finished: the sweep exits 1
 
 
 def cli() -> int:
@@ -140,8 +156,11 @@ def cli() -> int:
         print(error_line(exc), file=sys.stderr)
         code = 2
     finally:
+        cluster = sys.modules.get("flux_lora.cluster")  # imported only by hydra/launcher=slurm
+        if cluster is not None and cluster.SlurmLauncher.detached:
+            print("\n".join(cluster.follow_lines(cluster.SlurmLauncher.detached)))
         # Also after an interrupted sweep: the table shows what ran, what stopped and what never started.
-        if SweepDirRecorder.sweep_dir is not None:
+        elif SweepDirRecorder.sweep_dir is not None:
             rows = [read_run(d) for d in find_run_dirs(SweepDirRecorder.sweep_dir)]
             print_summary(rows, title=f"sweep {SweepDirRecorder.sweep_dir}")
             write_sweep_report(SweepDirRecorder.sweep_dir)  # report.html and report.md beside the cells

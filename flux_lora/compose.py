@@ -40,6 +40,8 @@ def register() -> None:
     OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
     OmegaConf.register_new_resolver("run_name", _run_name, replace=True)
     OmegaConf.register_new_resolver("ablation_steps", _ablation_steps, replace=True)
+    # A cluster option for GPUs only when there are some: `--gpus-per-node=0` is an error on GPU clusters.
+    OmegaConf.register_new_resolver("gpus_or_none", lambda accelerator, count: int(count) if accelerator == "cuda" else None, replace=True)
 
 
 def resolved_container(cfg: DictConfig) -> dict:

@@ -275,6 +275,8 @@ class PathsConfig:
 @dataclass
 class LaunchConfig:
     dry_run: bool = False
+    # hydra/launcher=slurm: return as soon as the jobs are queued (the last cell to finish writes the report).
+    detach: bool = False
     # Run an ablation cell even if every change it declares is a no-op for the chosen engine.
     allow_noop_ablation: bool = False
     # Resume from a saved training state folder (an engine's `*-state` directory).

@@ -27,6 +27,7 @@ from flux_lora.check import print_check_report
 from flux_lora.lifecycle.job import ExpectedTraining, launch_command, launch_run
 from flux_lora.lifecycle.lease import Lease
 from flux_lora.lifecycle.records import RunState, RunStatus, close_dead_attempt, read_status, registered_run_dirs, write_pointer
+from flux_lora.lifecycle.slurm import queued_elsewhere
 from flux_lora.lifecycle.states import SavedState, StateChoice, choose_state, set_aside_strays
 from flux_lora.identity import config_differences
 from flux_lora.snapshot import redact, secret_values
@@ -127,6 +128,13 @@ def continue_known_run(run, engine, report, cell_dir: Path, run_id: str, resolve
     owner = f"its owner {lease.took_over.describe()} is gone" if lease.took_over else "its owner is gone"
     for note in close_dead_attempts(earlier, owner):
         print(f"info: {note}")
+    for folder in earlier:
+        status = read_status(folder)
+        queued = queued_elsewhere(status.attempts[-1]) if status and status.state == RunState.interrupted and status.attempts else None
+        if queued:  # requeued by SLURM and waiting to start again: it resumes itself
+            if folder != cell_dir:
+                write_pointer(cell_dir, "busy", folder, run_id, note=f"queued as SLURM job {queued}")
+            raise RunNotStartable(f"run {run_id} in {folder} is queued as SLURM job {queued} to resume; it will go on by itself")
     decision = decide(earlier, run.launch.output_name, run.profile.max_train_steps)
     for note in decision.notes:
         print(f"info: {note}")

@@ -42,6 +42,7 @@ from flux_lora.lifecycle.records import (
     total_duration,
     write_status,
 )
+from flux_lora.lifecycle.slurm import slurm_record
 from flux_lora.lifecycle.states import latest_good_state
 from flux_lora.schema import Accelerator, RunConfig
 from flux_lora.snapshot import FrozenRun, LaunchCommand, redact, secret_values
@@ -129,15 +130,6 @@ def judge_attempt(
     return RunState.failed, f"exit code {exit_code}: {watch.last_error or 'see ' + str(log)}"
 
 
-def slurm_record() -> Optional[dict]:
-    """Which SLURM job (and array task, and restart) this attempt is; None outside SLURM."""
-    env = os.environ
-    if "SLURM_JOB_ID" not in env:
-        return None
-    return {"job_id": env["SLURM_JOB_ID"], "array_job_id": env.get("SLURM_ARRAY_JOB_ID"),
-            "array_task_id": env.get("SLURM_ARRAY_TASK_ID"), "restart_count": int(env.get("SLURM_RESTART_COUNT", "0"))}  # fmt: skip
-
-
 def _summary_facts(run_dir: Path, since: float) -> dict:
     summary = _read_summary(run_dir, since)
     facts = {"train_seconds": summary.get("seconds"), "peak_memory_gb": summary.get("peak_memory_gb")}
@@ -180,6 +172,7 @@ def launch_run(
         # The guard outlives a killed launcher while the job saves: the lease names it, so nobody resumes meanwhile.
         lease.update(guard_pid=child.pid, guard_start=process_start_time(child.pid), run_dir=str(run_dir))
     signalled = False
+    warned = False  # SLURM's SIGUSR2 before the time limit (submitit's signal_delay_s), or a preemption warning
 
     def stop_job(signum: int) -> None:
         try:
@@ -188,10 +181,16 @@ def launch_run(
             pass
 
     def forward(signum: int, _frame: Optional[FrameType]) -> None:
-        nonlocal signalled
+        nonlocal signalled, warned
         signalled = True
-        # Always SIGTERM: the trainer saves and stops on it like on Ctrl-C, and accelerate's launcher process
-        # exits quietly instead of printing a KeyboardInterrupt traceback.
+        if signum == signal.SIGUSR2:
+            # Passed on as it is: the trainer saves and stops on it, and SLURM may have sent it to every process
+            # already (a copy within seconds is one stop to the trainer). Requeued below once the job has ended.
+            warned = True
+            stop_job(signal.SIGUSR2)
+            return
+        # SIGTERM for Ctrl-C too: the trainer saves and stops on it, and accelerate's launcher process exits
+        # quietly instead of printing a KeyboardInterrupt traceback.
         stop_job(signal.SIGTERM)
 
     beating = threading.Event()
@@ -229,6 +228,12 @@ def launch_run(
     if finish is not None:
         finish()  # e.g. a resumed sd-scripts attempt's files renumbered before they are judged
     state, reason = judge_attempt(run_dir, exit_code, expect, watch, signalled, began)
+    requeue = previous_handlers[signal.SIGUSR2] if warned and state == RunState.interrupted else None
+    if not callable(requeue):
+        requeue = None
+    if requeue is not None:
+        reason = f"{reason}; SLURM's warning before the time limit or a preemption: requeued to resume"
+        attempt["requeued"] = True
     attempt.update(ended=now_iso(), duration_s=round(time.monotonic() - started_at, 2), state=state.value, exit_code=exit_code,
                    reason=reason, **_summary_facts(run_dir, began))  # fmt: skip
     status = RunStatus(
@@ -242,6 +247,10 @@ def launch_run(
         attempts=status.attempts,
     )
     write_status(run_dir, status)
+    if requeue is not None:
+        # submitit's own handler (hydra-submitit-launcher's checkpoint: the same cell again) requeues the job with
+        # `scontrol requeue`, counting time-outs against max_num_timeout, and exits; the restarted job resumes.
+        requeue(signal.SIGUSR2, None)
     return status
 
 

@@ -45,7 +45,7 @@ def _prctl(option: int, value: int) -> bool:
 
 
 def _restore_default_stop_signals() -> None:
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_DFL)
 
 
@@ -97,6 +97,9 @@ def main(argv: list[str]) -> int:
         print("usage: python -m flux_lora.lifecycle.job_guard [--heartbeat LEASE_FILE] <job argv...>", file=sys.stderr)
         return 2
     launcher = os.getppid()
+    # SLURM's warning before the time limit reaches every process of the job: it is for the trainer (which saves
+    # and stops), never a reason for the guard to die and orphan the job.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
     job = subprocess.Popen(argv, process_group=0, preexec_fn=_restore_default_stop_signals,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip

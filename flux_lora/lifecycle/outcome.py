@@ -84,8 +84,8 @@ def training_shortfall(evidence: TrainingEvidence, max_train_steps: int) -> Opti
     return f"exited 0 but {' and '.join(gaps)}" if gaps else None
 
 
-# The job's exit status when a stop signal ended it (128 + SIGINT / SIGTERM), and when SIGKILL did.
-STOPPED_EXIT_CODES = (130, 143)
+# The job's exit status when a stop signal ended it (128 + SIGINT / SIGUSR2 / SIGTERM), and when SIGKILL did.
+STOPPED_EXIT_CODES = (130, 140, 143)
 KILLED_EXIT_CODE = 137
 # Progress lines that carry the optimizer step and the loss: sd-scripts' tqdm bar ("... 150/1500 [..., avr_loss=0.12]"),
 # its stand-in and the native engine ("steps: 3/4 loss=0.5", "step 3/4 loss 0.5").

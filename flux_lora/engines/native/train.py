@@ -7,7 +7,8 @@ flow.py, logging, samples, checkpoints, state) -> final LoRA and train_summary.j
 
 Every LoRA file and state folder is written under a temporary name and renamed when complete; each state
 gets a manifest (checkpoint_files.py). The job stops early, with a train_summary.json saying why, on
-SIGTERM/SIGINT (after the current optimizer step, with a state to resume from; exit 128 + signal number)
+SIGTERM/SIGINT and SLURM's SIGUSR2 warning before the time limit (after the current optimizer step, with a
+state to resume from; exit 128 + signal number)
 and on a non-finite loss (nothing saved from the broken weights; exit 3).
 """
 
@@ -57,7 +58,10 @@ LORA_STATE_FILE = "lora_weights.safetensors"
 TRAIN_STATE_FILE = "train_state.json"
 SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "float": torch.float32, "fp32": torch.float32}
 SUMMARY_FILE = "train_summary.json"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
+# SLURM signals every process of a job at once and the launcher forwards the same stop: copies that arrive
+# within this window are one stop. A second stop after it (a second Ctrl-C) ends the process at once.
+SAME_STOP_S = 5.0
 EXIT_NONFINITE = 3
 
 
@@ -383,10 +387,12 @@ class Progress:
 
 
 class StopRequest:
-    """SIGTERM/SIGINT ask the loop to stop after the current optimizer step; a second signal ends the process at once."""
+    """SIGTERM/SIGINT/SIGUSR2 ask the loop to stop after the current optimizer step; a second stop, later than
+    SAME_STOP_S, ends the process at once (SIGUSR2, a warning, never does)."""
 
     def __init__(self) -> None:
         self.signum: Optional[int] = None
+        self.first_at = 0.0
         self.previous: dict[int, object] = {}
 
     def install(self) -> None:
@@ -396,11 +402,13 @@ class StopRequest:
             self.previous[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum: int, _frame) -> None:
+        if self.signum is not None and (signum == signal.SIGUSR2 or time.monotonic() - self.first_at < SAME_STOP_S):
+            return  # the same stop, delivered by SLURM and by the launcher
         if self.signum is not None:
             self.restore()
             os.kill(os.getpid(), signum)  # the default action now: whoever sends it twice means it
             return
-        self.signum = signum  # only this: the handler may run in the middle of a print, so it must not print
+        self.signum, self.first_at = signum, time.monotonic()  # only this: the handler may run in the middle of a print
 
     def restore(self) -> None:
         for signum, handler in self.previous.items():

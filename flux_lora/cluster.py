@@ -1,0 +1,157 @@
+"""Sweeps on SLURM: hydra-submitit-launcher's launcher, with what a real cluster asks of it.
+
+`hydra/launcher=slurm` selects `SlurmLauncher` below (through hydra_plugins/flux_lora_launcher, since Hydra
+loads launchers only from its plugin namespace). Over the plugin's own it:
+  - reads job states from `squeue` when the cluster has no accounting daemon (submitit asks `sacct`, warns
+    on every poll and never sees a job that died without its result file), saying so in one line;
+  - turns a setting sbatch rejects into one line naming the `hydra.launcher.*` key;
+  - refuses `nodes > 1` (accelerate's multi-node rendezvous is not set up here);
+  - saves the rendered sbatch script and the job ids in the sweep folder (`slurm_jobs.json`, `sbatch.sh`);
+  - with `launch.detach=true`, returns once the jobs are queued; the last cell to finish writes the report.
+The time limit is handled in the job (lifecycle.job): the trainer saves on SLURM's SIGUSR2, then
+submitit's own handler requeues the job and the restarted cell resumes from that state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, ClassVar, Optional, Sequence
+
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, filter_overrides
+from hydra_plugins.hydra_submitit_launcher import submitit_launcher
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+from omegaconf import OmegaConf
+
+from flux_lora.lifecycle.slurm import JOBS_FILE
+
+SCRIPT_FILE = "sbatch.sh"
+
+# What sbatch says about a setting -> the launcher key that holds it.
+_REJECTED_KEYS = (
+    (re.compile(r"partition", re.I), "partition"),
+    (re.compile(r"account", re.I), "account"),
+    (re.compile(r"qos", re.I), "qos"),
+    (re.compile(r"generic resource|gres", re.I), "gres / gpus_per_node"),
+    (re.compile(r"feature|constraint", re.I), "constraint"),
+    (re.compile(r"time limit", re.I), "timeout_min"),
+    (re.compile(r"memory", re.I), "mem_gb"),
+    (re.compile(r"cpu|processor", re.I), "cpus_per_task"),
+    (re.compile(r"node", re.I), "nodes"),
+)
+
+
+class ClusterRefusal(RuntimeError):
+    """A sweep the cluster (or this launcher) will not run, in one line naming the setting."""
+
+
+def rejected_setting(stderr: str, params: dict[str, Any]) -> str:
+    """One line from sbatch's complaint, naming the hydra.launcher key it is about."""
+    lines = [line.removeprefix("sbatch: error:").strip() for line in stderr.strip().splitlines() if line.strip()]
+    why = next((line for line in reversed(lines) if "Batch job submission failed" in line), lines[-1] if lines else "sbatch failed")
+    why = why.replace("Batch job submission failed:", "").strip()
+    for pattern, key in _REJECTED_KEYS:
+        if pattern.search(why):
+            first = key.split(" ")[0]
+            value = params.get(first)
+            return (f"hydra.launcher.{key}{'=' + str(value) if value is not None else ''}: the cluster rejected it ({why}); "
+                    "set it on the command line or in conf/local/ (see `sinfo`, `sacctmgr show assoc`)")  # fmt: skip
+    return f"hydra.launcher: sbatch rejected the sweep ({why}); check the launcher settings in conf/local/ or on the command line"
+
+
+_accounting_checked = False
+
+
+def use_squeue_without_accounting() -> None:
+    """Where `sacct` does not work, let submitit read job states from `squeue` (once per process, one line)."""
+    global _accounting_checked
+    if _accounting_checked:
+        return
+    _accounting_checked = True
+    if shutil.which("sacct") is None:
+        reason = "no sacct"
+    else:
+        done = subprocess.run(["sacct", "-n", "-X", "-j", "1"], capture_output=True, text=True, timeout=30, check=False)
+        if done.returncode == 0:
+            return
+        reason = (done.stderr.strip().splitlines() or ["sacct failed"])[-1]
+    from submitit.slurm.slurm import SlurmJob
+
+    SlurmJob.watcher = squeue_watcher()
+    print(f"info: SLURM accounting is off here ({reason}): job states come from squeue and the jobs' own files")
+
+
+def squeue_watcher():
+    """submitit's SLURM state watcher, asking squeue (which keeps ended jobs for MinJobAge) instead of sacct.
+    Built on first use: Hydra imports every launcher plugin at each start, and submitit is not cheap."""
+    from submitit.slurm.slurm import SlurmInfoWatcher
+
+    class SqueueWatcher(SlurmInfoWatcher):
+        def _make_command(self) -> Optional[list[str]]:
+            to_check = sorted({x.split("_")[0] for x in self._registered - self._finished})
+            if not to_check:
+                return None
+            return ["squeue", "--states=all", "-r", "-h", "-o", "%i|%T|%N", "-j", ",".join(to_check)]
+
+        def read_info(self, string: bytes | str) -> dict[str, dict[str, str]]:
+            text = string.decode() if isinstance(string, bytes) else string
+            return super().read_info("JobID|State|NodeList\n" + text)
+
+    return SqueueWatcher(delay_s=600)
+
+
+class SlurmLauncher(submitit_launcher.SlurmLauncher):
+    detached: ClassVar[Optional[dict]] = None  # what a detached launch queued (launch.py prints how to follow it)
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from submitit import AutoExecutor
+        from submitit.core.utils import FailedJobError
+
+        assert self.config is not None
+        params = dict(self.params)
+        if (params.get("nodes") or 1) > 1:
+            raise ClusterRefusal(
+                f"hydra.launcher.nodes={params['nodes']}: one node per cell only (accelerate's multi-node rendezvous is not "
+                "set up); use gpu.num_gpus for the GPUs of one node"
+            )
+        use_squeue_without_accounting()
+        executor = AutoExecutor(cluster="slurm", folder=params.pop("submitit_folder"),
+                                         slurm_max_num_timeout=params.pop("max_num_timeout"))  # fmt: skip
+        shared = set(OmegaConf.structured(BaseQueueConf).keys())
+        executor.update_parameters(**{k if k in shared else f"slurm_{k}": v for k, v in params.items()})
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        numbers = range(initial_job_idx, initial_job_idx + len(job_overrides))
+        cells = [(list(overrides), "hydra.sweep.dir", n, f"job_id_for_{n}", Singleton.get_state()) for n, overrides in zip(numbers, job_overrides)]
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):  # submitit prints sbatch's complaint; we say it in one line
+                jobs = executor.map_array(self, *zip(*cells))
+        except FailedJobError as refused:
+            raise ClusterRefusal(rejected_setting(str(refused), self.params)) from None
+        record = {"jobs": [job.job_id for job in jobs], "cells": [" ".join(filter_overrides(o)) for o in job_overrides],
+                  "detached": bool(OmegaConf.select(self.config, "launch.detach", default=False))}  # fmt: skip
+        script = jobs[0].paths.submission_file
+        if script.is_file():
+            shutil.copyfile(script, sweep_dir / SCRIPT_FILE)
+        (sweep_dir / JOBS_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        print(f"submitted {len(jobs)} cell(s) to SLURM: {', '.join(record['jobs'])} (script: {sweep_dir / SCRIPT_FILE})")
+        if record["detached"]:
+            SlurmLauncher.detached = {**record, "sweep_dir": str(sweep_dir)}
+            return []
+        return [job.results()[0] for job in jobs]
+
+
+def follow_lines(detached: dict) -> list[str]:
+    """How to follow a detached sweep."""
+    array = detached["jobs"][0].split("_")[0] if detached["jobs"] else "?"
+    return [
+        f"queued {len(detached['jobs'])} cell(s) as SLURM job {array}; this command returns now (launch.detach=true)",
+        f"  follow:  squeue -j {array}    tail -f {detached['sweep_dir']}/*/train.log",
+        f"  report:  written by the last cell to finish, or now: python -m flux_lora.report {detached['sweep_dir']}",
+    ]
