@@ -6,6 +6,8 @@ and in the cell's own folder wherever that is:
   - succeeded                      -> skip it (it is done);
   - interrupted, failed, or left `running` by an owner that is gone (we hold the lease, so nobody
     else runs it), with a usable saved state -> resume it in its own folder from its newest usable state;
+  - interrupted or left `running` before it saved anything -> train it again from step 0 in its own folder
+    (a SLURM requeue comes back to the same folder, whenever the signal came);
   - anything else                  -> start a new run.
 A dead owner's open attempt is closed in status.json first, and what it left past the resumed state is
 set aside. A resume renders the engine's inputs again and refuses when they differ from the frozen ones
@@ -79,6 +81,7 @@ def decide(earlier: list[Path], output_name: str, max_train_steps: Optional[int]
         return ResumeDecision(Decision.skip, done[0])
     resumable = (RunState.interrupted, RunState.failed, RunState.running)
     best: Optional[tuple[Path, StateChoice]] = None
+    unsaved: Optional[Path] = None  # stopped before its first state: trained again in its own folder
     notes: list[str] = []
     for d, s in statuses:
         if s.state not in resumable:
@@ -87,6 +90,10 @@ def decide(earlier: list[Path], output_name: str, max_train_steps: Optional[int]
         notes += [f"{d.name}: {n}" for n in choice.notes()]
         if choice.state and (best is None or (choice.state.step or 0) > (best[1].state.step or 0)):
             best = (d, choice)
+        elif choice.state is None and s.state != RunState.failed and unsaved is None:
+            unsaved = d
+    if best is None and unsaved is not None:
+        return ResumeDecision(Decision.resume, unsaved, None, notes)
     if best is None:
         return ResumeDecision(Decision.start, notes=notes)
     return ResumeDecision(Decision.resume, best[0], best[1].state, notes)
@@ -150,8 +157,9 @@ def continue_known_run(run, engine, report, cell_dir: Path, run_id: str, resolve
             write_pointer(cell_dir, "skipped: done", home, run_id)
         return home, None
     state = decision.state
-    assert home is not None and state is not None
-    resumed = dataclasses.replace(run, launch=dataclasses.replace(run.launch, resume_from=str(state.path)))
+    assert home is not None
+    from_step = (state.step or 0) if state else 0
+    resumed = dataclasses.replace(run, launch=dataclasses.replace(run.launch, resume_from=str(state.path) if state else None))
     inputs = engine.render(resumed, home, report.not_applied)
     problems = engine.check_inputs(resumed, inputs)
     drift = inputs_drift(resumed, engine, home, inputs)
@@ -160,13 +168,16 @@ def continue_known_run(run, engine, report, cell_dir: Path, run_id: str, resolve
     print_check_report(report)
     previous = read_status(home)
     attempt = len(previous.attempts) if previous else 0
-    aside = set_aside_strays(home / "output", run.launch.output_name, state.step or 0, attempt)
+    aside = set_aside_strays(home / "output", run.launch.output_name, from_step, attempt)
     if aside:
-        print(f"info: set aside what attempt {attempt} left past step {state.step}: {', '.join(aside)} (output/set-aside/attempt-{attempt})")
-    print(f"resuming run {run_id} in {home} from {state.path.name} (step {state.step})")
+        print(f"info: set aside what attempt {attempt} left past step {from_step}: {', '.join(aside)} (output/set-aside/attempt-{attempt})")
+    if state:
+        print(f"resuming run {run_id} in {home} from {state.path.name} (step {state.step})")
+    else:
+        print(f"restarting run {run_id} in {home} from step 0: it stopped before saving a state")
     if home != cell_dir:
         write_pointer(cell_dir, "resumed", home, run_id)
-    expect = dataclasses.replace(expect, from_step=state.step or 0)
+    expect = dataclasses.replace(expect, from_step=from_step)
     status = launch_run(home, launch_command(resumed, inputs), expect, finish=lambda: engine.finish_attempt(resumed, home),
                         lease=lease, engine_record=engine.version_record(resumed))  # fmt: skip
     return home, status

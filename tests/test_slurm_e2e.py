@@ -1,0 +1,139 @@
+"""Sweeps on a real one-node SLURM (tests/slurm_cluster.py starts one where it is installed; `.ci/run` installs it):
+`python launch.py -m ... hydra/launcher=slurm` submits real jobs with sbatch, on the CPU tier, training the tiny model.
+
+A requeued job waits about two minutes (BeginTime) before SLURM starts it again; the tests start it at once with
+`scontrol update starttime=now`, as an idle cluster would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flux_lora.compose import PROJECT_ROOT
+from flux_lora.lifecycle.outcome import LOSS_TAG, scalar_series
+from tests.slurm_cluster import job_reasons, job_states, slurm, start_pending_now  # noqa: F401 - slurm is a fixture
+
+CELL = ["profile.lr_warmup_steps=1", "profile.sample_every_n_steps=1000", "profile.sample_steps=2"]
+ON_SLURM = ["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=4"]
+
+
+def launch(args: list[str], tmp_path: Path) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if k != "SD_SCRIPTS_DIR"}
+    return subprocess.Popen([sys.executable, str(PROJECT_ROOT / "launch.py"), *args, f"paths.outputs={tmp_path / 'outputs'}",
+                             f"paths.cache={tmp_path / 'cache'}"], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def finish(process: subprocess.Popen[str], timeout_s: float = 600) -> str:
+    return process.communicate(timeout=timeout_s)[0]
+
+
+def status_of(cell: Path) -> dict:
+    try:
+        return json.loads((cell / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def keep_requeued_jobs_moving(jobs: list[str], held_since: dict[str, float]) -> None:
+    """Start any of these jobs that SLURM holds back after a requeue (Reason=BeginTime), a few seconds after it was
+    requeued: at once, the node may still be cleaning up the job's last run and refuses the start."""
+    for job in jobs:
+        for task, reason in job_reasons(job).items():
+            if reason != "BeginTime":
+                held_since.pop(task, None)
+            elif time.monotonic() - held_since.setdefault(task, time.monotonic()) > 5:
+                start_pending_now(task)
+                held_since.pop(task)
+
+
+@pytest.mark.slow
+def test_a_cell_that_hits_the_time_limit_or_is_requeued_resumes_in_its_folder_and_trains_every_step(slurm, tmp_path: Path) -> None:
+    """Two-minute limit with the warning 30 s before it (SLURM sends it up to ~30 s earlier still): the trainer saves at the step reached, submitit requeues the
+    job, and the restarted job resumes from that state in the same folder. Then `scontrol requeue` from outside
+    (a preemption) mid-training does the same."""
+    sweep_dir = tmp_path / "sweep"
+    steps = 40
+    sweep = launch(["-m", "ablation=baseline", f"ablation.baseline_steps={steps}", "profile.save_every_n_steps=20", *CELL,
+                    *ON_SLURM, "hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=30", f"hydra.sweep.dir={sweep_dir}"], tmp_path)  # fmt: skip
+    deadline = time.monotonic() + 900
+    jobs: list[str] = []
+    held_since: dict[str, float] = {}
+    preempted = False
+    cell = sweep_dir / "0_tiny-smoke-cpu-native-baseline"
+    while sweep.poll() is None and time.monotonic() < deadline:
+        if not jobs and (sweep_dir / "slurm_jobs.json").is_file():
+            jobs = json.loads((sweep_dir / "slurm_jobs.json").read_text())["jobs"]
+        keep_requeued_jobs_moving(jobs, held_since)
+        attempts = status_of(cell).get("attempts", [])
+        # Once it came back from the time limit and trains again: requeue it from outside, as a preemption would.
+        if not preempted and len(attempts) == 2 and attempts[-1]["state"] == "running" and list((cell / "output").glob("*-step*-state")):
+            live = scalar_series(cell / "logs", LOSS_TAG)
+            if live and live[-1][0] > attempts[-1]["from_step"] + 2:
+                subprocess.run(["scontrol", "requeue", jobs[0]], check=True, timeout=30)
+                preempted = True
+        time.sleep(2)
+    output = finish(sweep, timeout_s=60)
+    status = status_of(cell)
+    assert status.get("state") == "succeeded", output[-4000:] + json.dumps(status, indent=1)[-3000:]
+    attempts = status["attempts"]
+    assert preempted and len(attempts) >= 3, json.dumps(attempts, indent=1)
+    assert attempts[0]["state"] == "interrupted" and attempts[0].get("requeued"), attempts[0]
+    assert "SLURM's warning" in attempts[0]["reason"]
+    # Every attempt in one folder, each with its SLURM job, array task and restart count; each resumed where the last saved.
+    assert [a["slurm"]["restart_count"] for a in attempts] == list(range(len(attempts)))
+    assert {a["slurm"]["job_id"] for a in attempts} == {jobs[0]}  # one cell: a plain job, requeued under its id
+    for before, after in zip(attempts, attempts[1:]):
+        assert after["from_step"] >= before["from_step"]
+    assert attempts[1]["from_step"] > 0  # the time limit lost at most the steps since the signal: a state was saved on it
+    losses = scalar_series(cell / "logs", LOSS_TAG)
+    assert [step for step, _, _ in losses] == list(range(1, steps + 1))  # every step, once, in the final lineage
+    assert (cell / "output" / "flux-lora.safetensors").is_file()
+    assert len(list(sweep_dir.glob("0_*"))) == 1  # one run folder: never a second one for the same cell
+
+
+@pytest.mark.slow
+def test_a_sweep_submitted_twice_trains_each_cell_once_and_detach_returns_while_it_runs(slurm, tmp_path: Path) -> None:
+    """The first submission is detached and runs one cell at a time; a second submission of the same sweep meets
+    its running cell (busy, with its job) and trains the other; the first one's pending cell then finds it done.
+    The report of the detached sweep is written by its last cell."""
+    cells = ["-m", "ablation=baseline,a1_alpha", "ablation.baseline_steps=6", "profile.save_every_n_steps=3", *CELL, *ON_SLURM]
+    first_dir, second_dir = tmp_path / "first", tmp_path / "second"
+    began = time.monotonic()
+    first = finish(launch([*cells, "launch.detach=true", "hydra.launcher.array_parallelism=1", f"hydra.sweep.dir={first_dir}"], tmp_path))
+    assert "this command returns now (launch.detach=true)" in first and f"python -m flux_lora.report {first_dir}" in first, first[-3000:]
+    assert time.monotonic() - began < 60  # returned while the jobs are queued or running
+    jobs = json.loads((first_dir / "slurm_jobs.json").read_text())["jobs"]
+    assert (first_dir / "sbatch.sh").is_file() and "--cpus-per-task=1" in (first_dir / "sbatch.sh").read_text()
+    assert "--gpus-per-node" not in (first_dir / "sbatch.sh").read_text()  # the CPU tier asks for no GPU
+
+    # Wait until the first submission's first cell trains, then submit the same sweep again (waiting for it).
+    deadline = time.monotonic() + 300
+    while not list(first_dir.glob("0_*/logs/*")) and time.monotonic() < deadline:
+        time.sleep(1)
+    second = finish(launch([*cells, f"hydra.sweep.dir={second_dir}"], tmp_path), timeout_s=900)
+    assert "is held by" in second and "SLURM job" in second, second[-4000:]
+
+    deadline = time.monotonic() + 600
+    while any(state not in ("COMPLETED", "FAILED", "CANCELLED") for state in job_states(jobs[0].split("_")[0]).values()):
+        assert time.monotonic() < deadline, job_states(jobs[0])
+        time.sleep(2)
+    trained = sorted(json.loads((d / "run.json").read_text())["ablation"]["name"] for d in {p.parent for p in tmp_path.rglob("status.json")}
+                     if (d / "run.json").is_file() and status_of(d).get("state") == "succeeded")  # fmt: skip
+    assert trained == ["a1_alpha", "baseline"], trained  # each cell trained once, by one of the two submissions
+    assert all(len(status_of(d)["attempts"]) == 1 for d in {p.parent for p in tmp_path.rglob("run.json")})
+    assert (first_dir / "report.html").is_file()  # written by the detached sweep's last cell
+
+
+def test_a_setting_the_cluster_rejects_is_one_line_naming_the_key(slurm, tmp_path: Path) -> None:
+    output = finish(launch(["-m", "ablation=baseline", "launch.dry_run=true", *ON_SLURM, "hydra.launcher.partition=nosuchpartition",
+                            f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path))  # fmt: skip
+    errors = [line for line in output.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("error: hydra.launcher.partition=nosuchpartition: the cluster rejected it"), output[-2000:]
