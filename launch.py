@@ -45,6 +45,9 @@ def main(cfg: DictConfig) -> None:
         # Raised through Hydra, the error would come after a line of Hydra's own ("Error executing job ...").
         print(error_line(exc), file=sys.stderr)
         sys.exit(2)
+    finally:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:  # however the cell ended: trained, skipped, refused
+            report_if_last_cell(Path(HydraConfig.get().sweep.dir))
 
 
 def launch_one(cfg: DictConfig) -> None:
@@ -131,8 +134,6 @@ def end_run(run_id: str, status, run_dir: Path, mode, run) -> None:
     print(f"run {run_id} {status.state.value}: {run_dir}" + (f" ({status.reason})" if status.reason else ""))
     if run.eval.enabled and status.state == RunState.succeeded:
         evaluate_and_warn(run, run_dir)
-    if mode == RunMode.MULTIRUN:
-        report_if_last_cell(Path(HydraConfig.get().sweep.dir))
     if status.state == RunState.interrupted:
         sys.exit(130)  # Ctrl-C or a scheduler's stop ends a sweep too, not just its current cell
     # A single run that did not happen is a failed command; a sweep goes on to its next cell.

@@ -118,8 +118,12 @@ def test_a_sweep_submitted_twice_trains_each_cell_once_and_detach_returns_while_
     deadline = time.monotonic() + 300
     while not list(first_dir.glob("0_*/logs/*")) and time.monotonic() < deadline:
         time.sleep(1)
-    second = finish(launch([*cells, f"hydra.sweep.dir={second_dir}"], tmp_path), timeout_s=900)
-    assert "is held by" in second and "SLURM job" in second, second[-4000:]
+    resubmitted = launch([*cells, f"hydra.sweep.dir={second_dir}"], tmp_path)
+    second = finish(resubmitted, timeout_s=900)
+    # Its summary reports the cell the first submission is training as busy, with that job; the sweep is not done.
+    busy = [line for line in second.splitlines() if "│ busy" in line]
+    assert busy and "SLURM job " in " ".join(second.splitlines()[second.splitlines().index(busy[0]):][:2]), second[-4000:]
+    assert resubmitted.returncode == 1
 
     deadline = time.monotonic() + 600
     while any(state not in ("COMPLETED", "FAILED", "CANCELLED") for state in job_states(jobs[0].split("_")[0]).values()):
