@@ -11,8 +11,8 @@ What the launcher passes instead: `--initial_step 0` (the state's step is ignore
 skipped, global_step starts at 0) and `--max_train_steps M-N`, so the attempt trains exactly the
 remaining M-N optimizer steps. The attempt writes into `output/resumed-from-stepNNNNNNNN/` and logs
 with the prefix `from-stepNNNNNNNN-`; when it ends the launcher moves its files into `output/` with
-the step numbers offset by N (and train_state.json rewritten to the true step), so names and the
-next resume continue the count. The learning-rate schedule is rebuilt from --max_train_steps, so only
+the step numbers offset by N (train_state.json and each LoRA's `ss_steps` rewritten to the true step),
+so names, the evaluator's checkpoint steps and the next resume continue the count. The learning-rate schedule is rebuilt from --max_train_steps, so only
 schedules that do not depend on the total length (constant, constant_with_warmup) can be resumed.
 """
 
@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -91,6 +93,28 @@ def _offset_name(name: str, output_name: str, offset: int) -> str:
     return name
 
 
+def offset_saved_steps(lora: Path, offset: int) -> bool:
+    """Rewrite a LoRA file's `ss_steps` metadata (the attempt's count) to the true global step, in place and whole:
+    the evaluator reads a checkpoint's step from it. Only the JSON header changes; returns whether it did."""
+    with open(lora, "rb") as handle:
+        size = struct.unpack("<Q", handle.read(8))[0]
+        header = json.loads(handle.read(size))
+        metadata = header.get("__metadata__") or {}
+        if "ss_steps" not in metadata or "ss_attempt_steps" in metadata:
+            return False
+        metadata["ss_attempt_steps"] = metadata["ss_steps"]
+        metadata["ss_steps"] = str(int(metadata["ss_steps"]) + offset)
+        header["__metadata__"] = metadata
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # safetensors keeps the data 8-byte aligned
+        partial = lora.with_name(f".tmp-{lora.name}")
+        with open(partial, "wb") as out:
+            out.write(struct.pack("<Q", len(encoded)) + encoded)
+            shutil.copyfileobj(handle, out)
+    os.replace(partial, lora)
+    return True
+
+
 def _move(source: Path, target: Path) -> None:
     if target.exists():
         # Never overwrite what an earlier attempt saved: keep both, the newer one named apart.
@@ -131,6 +155,8 @@ def adopt_resumed_outputs(output_dir: Path, output_name: str) -> list[str]:
                     state["current_step"] = int(state["current_step"]) + offset
                     state_file.write_text(json.dumps(state))
             name = _offset_name(item.name, output_name, offset)
+            if item.suffix == ".safetensors" and item.is_file():
+                offset_saved_steps(item, offset)
             _move(item, output_dir / name)
             moved.append(name)
         if not any(attempt.iterdir()):

@@ -143,6 +143,14 @@ def eval_metrics(evaluation: dict[str, Any]) -> dict[str, Optional[float]]:
 
 
 def cell_name(run: dict[str, Any], config: dict[str, Any], cell_dir: Path) -> str:
+    name = _clean_cell_name(run, config, cell_dir)
+    lineage = run.get("lineage")
+    if lineage:  # not a seed of the clean recipe: its weights partly come from another run
+        return f"{name} (from run {lineage.get('from_run')} step {lineage.get('from_step')})"
+    return name
+
+
+def _clean_cell_name(run: dict[str, Any], config: dict[str, Any], cell_dir: Path) -> str:
     ablation = (run.get("ablation") or {}).get("name") or _leaf(config, "ablation.name") or "none"
     if ablation != "none":
         return str(ablation)

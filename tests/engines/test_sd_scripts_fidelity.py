@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from safetensors import safe_open
 
 from flux_lora.compose import CONF_DIR, load_run, register
 from flux_lora.dataset.training_set import TRAINING_SET_FILE, training_set_from_folder
@@ -148,6 +149,10 @@ def test_resume_trains_the_remaining_steps_exactly_once_and_continues_the_count(
     # the final LoRA descends from the second attempt's, so only those count (each step once).
     assert steps == [5, 6, 7, 8, 9, 10, 11, 12]
     assert training_shortfall(gather_evidence(resumed, "flux-lora"), 12) is None
+    # Checkpoints of the resumed attempts carry their true global step, as the evaluator reads it.
+    with safe_open(str(resumed / "output" / "flux-lora-step00000012.safetensors"), "pt") as lora:
+        assert (lora.metadata()["ss_steps"], lora.metadata()["ss_attempt_steps"]) == ("12", "4")
+        assert lora.keys()  # the tensors read back after the header was rewritten
 
 
 def test_resume_is_refused_when_sd_scripts_cannot_continue(tmp_path):
