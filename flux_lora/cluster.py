@@ -20,6 +20,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any, ClassVar, Optional, Sequence
 
@@ -155,3 +156,55 @@ def follow_lines(detached: dict) -> list[str]:
         f"  follow:  squeue -j {array}    tail -f {detached['sweep_dir']}/*/train.log",
         f"  report:  written by the last cell to finish, or now: python -m flux_lora.report {detached['sweep_dir']}",
     ]
+
+
+class LocalGpuPoolLauncher(submitit_launcher.LocalLauncher):
+    """`hydra/launcher=local_gpus`: a sweep's cells side by side on one machine, each pinned to its own GPU(s)
+    through CUDA_VISIBLE_DEVICES (submitit's local executor); the next cell starts when one ends, and two cells
+    never share a GPU. `hydra.launcher.devices` lists the device ids (default: every GPU NVML sees); a cell takes
+    `gpu.num_gpus` of them. What each cell got is in the sweep's gpu_pool.json and in its repro.json."""
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from submitit import LocalExecutor
+
+        assert self.config is not None
+        per_cell = int(self.params.get("gpus_per_node") or 1)
+        devices = [int(d) for d in (self.params.get("devices") or _visible_gpu_ids())]
+        if not devices:
+            raise ClusterRefusal("hydra.launcher.devices: no GPU visible on this machine; list the device ids (hydra.launcher.devices=[0,1])")
+        slots = [tuple(devices[i : i + per_cell]) for i in range(0, len(devices) - per_cell + 1, per_cell)]
+        if not slots:
+            raise ClusterRefusal(f"gpu.num_gpus={per_cell}: a cell needs more GPUs than hydra.launcher.devices={devices} holds")
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        waiting = list(zip(range(initial_job_idx, initial_job_idx + len(job_overrides)), job_overrides))
+        free, running, finished = list(slots), [], {}
+        record: list[dict] = []
+        try:
+            while waiting or running:
+                while waiting and free:
+                    number, overrides = waiting.pop(0)
+                    slot = free.pop(0)
+                    executor = LocalExecutor(folder=self.params["submitit_folder"])
+                    executor.update_parameters(timeout_min=self.params["timeout_min"], gpus_per_node=len(slot), visible_gpus=slot)
+                    job = executor.submit(self, list(overrides), "hydra.sweep.dir", number, f"job_id_for_{number}", Singleton.get_state())
+                    running.append((job, slot, number, time.time()))
+                    print(f"cell #{number} on GPU(s) {','.join(map(str, slot))}: {' '.join(filter_overrides(overrides))}")
+                time.sleep(0.5)
+                for item in [r for r in running if r[0].done()]:
+                    job, slot, number, began = item
+                    running.remove(item)
+                    free.append(slot)
+                    finished[number] = job
+                    record.append({"cell": number, "devices": list(slot), "started": began, "ended": time.time()})
+        finally:
+            for job, *_ in running:
+                job.cancel(check=False)
+            (sweep_dir / "gpu_pool.json").write_text(json.dumps({"slots": [list(s) for s in slots], "cells": record}, indent=2) + "\n")
+        return [finished[number].results()[0] for number in sorted(finished)]
+
+
+def _visible_gpu_ids() -> list[int]:
+    from flux_lora.gpu_probe import probe_gpus
+
+    return list(range(len(probe_gpus().gpus)))
