@@ -96,7 +96,7 @@ def test_sd_scripts_ablation_sweep_dry_run(tmp_path: Path) -> None:
     args = ["sweep=ablation", "engine=sd_scripts", "model=flux_dev", "launch.dry_run=true", f"dataset.class_tokens={SECRET}",
             "dataset.bucket_reso_steps=64"]  # fmt: skip
     done = launch(args, tmp_path)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]  # a2 and a6 are refused: not a finished sweep
     dirs = run_dirs(tmp_path)
     assert len(dirs) == 9
     states = {}
@@ -188,7 +188,7 @@ def test_sweep_through_submitit_launcher(tmp_path: Path) -> None:
     args = ["-m", "hydra/launcher=submitit_local", "ablation=baseline,a6_min_snr", "engine=sd_scripts", "model=flux_dev",
             "launch.dry_run=true", "dataset.bucket_reso_steps=64"]  # fmt: skip
     done = launch(args, tmp_path)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]  # a refused cell: the sweep is not done
     states = {d.name.split("-")[-1]: json.loads((d / "status.json").read_text())["state"] for d in run_dirs(tmp_path)}
     assert states == {"baseline": "dry_run", "a6_min_snr": "refused"}
 

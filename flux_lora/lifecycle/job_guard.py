@@ -14,8 +14,9 @@ starts the job in its own process group and:
     would kill the job before it saves);
   - touches the run's lease file (--heartbeat) while the job runs, so a run whose launcher died but whose
     job is still saving reads as held, also from another host;
-  - gives the job default SIGINT and SIGTERM handling, even when the launcher was started in the
-    background by a shell (which makes it ignore SIGINT): a stop always reaches the job.
+  - gives the job default SIGINT, SIGTERM and SIGUSR2 handling, even when the launcher was started in the
+    background by a shell (which makes it ignore SIGINT), and forwards those signals to the job's group:
+    a stop always reaches the job, and SLURM's SIGUSR2 never kills the guard itself.
 It exits with the job's exit status (a signal as 128 + its number).
 """
 
@@ -98,7 +99,7 @@ def main(argv: list[str]) -> int:
         return 2
     launcher = os.getppid()
     # SLURM's warning before the time limit reaches every process of the job: it is for the trainer (which saves
-    # and stops), never a reason for the guard to die and orphan the job.
+    # and stops; forwarded below), never a reason for the guard to die and orphan the job.
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
     job = subprocess.Popen(argv, process_group=0, preexec_fn=_restore_default_stop_signals,
@@ -120,7 +121,7 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGHUP, launcher_gone)
     _prctl(_PR_SET_PDEATHSIG, signal.SIGHUP)
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
         signal.signal(signum, forward)
 
     def watch_parent() -> None:

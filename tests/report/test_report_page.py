@@ -9,8 +9,10 @@ from io import BytesIO
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image, ImageStat
 
+from flux_lora.lifecycle.lease import Lease
 from flux_lora.report.collect import collect, find_baseline
 from flux_lora.report.stats import mean_interval
 from tests.report.cdp import Chromium, chromium_binary
@@ -104,7 +106,13 @@ def test_partial_sweep_shows_failed_and_running_cells(sweep_copy: Path) -> None:
     running = next(sweep_copy.glob("*baseline-seed3"))
     status = json.loads((running / "status.json").read_text())
     (running / "status.json").write_text(json.dumps({**status, "state": "running", "reason": None}))
-    done = run_cli("-m", "flux_lora.report", str(sweep_copy))
+    # Running means its owner lives: this test process holds the run id's lease while the report is made.
+    outputs = Path(yaml.safe_load((running / "config.yaml").read_text())["paths"]["outputs"])
+    lease = Lease.acquire(outputs, json.loads((running / "run.json").read_text())["run_id"])
+    try:
+        done = run_cli("-m", "flux_lora.report", str(sweep_copy))
+    finally:
+        lease.release()
     assert done.returncode == 0, done.stderr
     md = (sweep_copy / "report.md").read_text()
     assert md_column(md, "state", "a1_alpha") == "2 succeeded; 1 failed: non-finite loss at step 2"
