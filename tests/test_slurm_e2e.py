@@ -141,3 +141,6 @@ def test_a_setting_the_cluster_rejects_is_one_line_naming_the_key(slurm, tmp_pat
                             f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path))  # fmt: skip
     errors = [line for line in output.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and errors[0].startswith("error: hydra.launcher.partition=nosuchpartition: the cluster rejected it"), output[-2000:]
+    nodes = finish(launch(["-m", "ablation=baseline", "launch.dry_run=true", *ON_SLURM, "hydra.launcher.nodes=2",
+                           f"hydra.sweep.dir={tmp_path / 'sweep2'}"], tmp_path))  # fmt: skip
+    assert "error: hydra.launcher.nodes=2: one node per cell only" in nodes, nodes[-2000:]

@@ -43,7 +43,7 @@ from flux_lora.lifecycle.records import (
     write_status,
 )
 from flux_lora.lifecycle.slurm import slurm_record
-from flux_lora.lifecycle.states import latest_good_state
+from flux_lora.lifecycle.states import latest_good_state, state_step
 from flux_lora.schema import Accelerator, RunConfig
 from flux_lora.snapshot import FrozenRun, LaunchCommand, redact, secret_values
 
@@ -102,6 +102,15 @@ def _read_summary(run_dir: Path, since: float) -> dict:
     return {}
 
 
+def lost_steps(run_dir: Path, expect: Optional[ExpectedTraining], saved: Optional[str]) -> str:
+    """What a stop cost: the steps trained past the state a resume will start from (sd-scripts cannot save on a signal)."""
+    if expect is None:
+        return ""
+    reached = gather_evidence(run_dir, expect.output_name).last_step
+    kept = (state_step(Path(saved)) if saved else None) or 0
+    return f"; {reached - kept} step(s) trained after it (up to step {reached}) are lost" if reached and reached > kept else ""
+
+
 def judge_attempt(
     run_dir: Path, exit_code: int, expect: Optional[ExpectedTraining], watch: JobWatch, signalled: bool, began: float
 ) -> tuple[RunState, Optional[str]]:
@@ -124,7 +133,7 @@ def judge_attempt(
     stopped = summary.get("stop_reason") == "signal" or exit_code in STOPPED_EXIT_CODES or signalled
     if stopped:
         saved = latest_good_state(run_dir, expect.output_name) if expect else None
-        return RunState.interrupted, f"stopped by a signal; resume from: {saved or 'nothing saved yet'}"
+        return RunState.interrupted, f"stopped by a signal; resume from: {saved or 'nothing saved yet'}" + lost_steps(run_dir, expect, saved)
     if exit_code == KILLED_EXIT_CODE or watch.killed:
         return RunState.failed, "out of memory (killed by SIGKILL, as the kernel's OOM killer does; see dmesg)"
     return RunState.failed, f"exit code {exit_code}: {watch.last_error or 'see ' + str(log)}"

@@ -202,3 +202,46 @@ def test_out_of_memory_is_named_with_the_settings_that_would_help(tmp_path: Path
 def test_a_failure_names_its_last_error_line(tmp_path: Path) -> None:
     status = _scripted(tmp_path, "1", "steps: 1/10 loss=0.5", "ValueError: image 07.jpg could not be decoded")
     assert status.state == RunState.failed and status.reason == "exit code 1: ValueError: image 07.jpg could not be decoded"
+
+
+UNSAVING_JOB = textwrap.dedent(
+    """
+    import json, sys, time
+    from pathlib import Path
+    from torch.utils.tensorboard import SummaryWriter
+
+    run_dir = Path(sys.argv[1])
+    state = run_dir / "output" / "flux-lora-step00000004-state"  # as sd-scripts saves one: no manifest
+    state.mkdir(parents=True)
+    (state / "train_state.json").write_text(json.dumps({"current_step": 4}))
+    for name in ("optimizer.bin", "random_states_0.pkl"):
+        (state / name).write_bytes(b"x" * 64)
+    writer = SummaryWriter(str(run_dir / "logs"))
+    for step in range(1, 7):
+        writer.add_scalar("loss/current", 1.0 / step, step)
+    writer.close()
+    print("ready", flush=True)
+    time.sleep(60)  # dies of the stop signal: it cannot save, like sd-scripts
+    """
+)
+
+
+def test_a_job_that_cannot_save_on_a_signal_says_how_many_steps_were_lost(tmp_path: Path) -> None:
+    job = tmp_path / "unsaving_job.py"
+    job.write_text(UNSAVING_JOB)
+    code = (
+        "from pathlib import Path; from flux_lora.lifecycle.job import ExpectedTraining, launch_run; "
+        "from flux_lora.snapshot import LaunchCommand; "
+        f"launch_run(Path({str(tmp_path)!r}), LaunchCommand([{sys.executable!r}, {str(job)!r}, {str(tmp_path)!r}], cwd={str(tmp_path)!r}, env={{}}), "
+        "ExpectedTraining(max_train_steps=10, output_name='flux-lora'))"
+    )
+    launcher = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert launcher.stdout is not None
+    for line in launcher.stdout:
+        if "ready" in line:
+            break
+    launcher.send_signal(signal.SIGTERM)
+    launcher.wait(timeout=60)
+    status = read_status(tmp_path)
+    assert status is not None and status.state == RunState.interrupted
+    assert status.reason.endswith("flux-lora-step00000004-state; 2 step(s) trained after it (up to step 6) are lost"), status.reason
