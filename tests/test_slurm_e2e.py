@@ -60,8 +60,10 @@ def test_a_cell_that_hits_the_time_limit_or_is_requeued_resumes_in_its_folder_an
     job, and the restarted job resumes from that state in the same folder. Then `scontrol requeue` from outside
     (a preemption) mid-training does the same."""
     sweep_dir = tmp_path / "sweep"
-    steps = 40
-    sweep = launch(["-m", "ablation=baseline", f"ablation.baseline_steps={steps}", "profile.save_every_n_steps=20", *CELL,
+    # Accumulating 4 micro-batches makes a step slow enough (~2 s) that the warning always comes mid-training.
+    steps = 30
+    sweep = launch(["-m", "ablation=baseline", f"ablation.baseline_steps={steps}", "profile.save_every_n_steps=20",
+                    "gpu.gradient_accumulation_steps=4", *CELL,
                     *ON_SLURM, "hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=30", f"hydra.sweep.dir={sweep_dir}"], tmp_path)  # fmt: skip
     deadline = time.monotonic() + 900
     jobs: list[str] = []
@@ -74,7 +76,7 @@ def test_a_cell_that_hits_the_time_limit_or_is_requeued_resumes_in_its_folder_an
         keep_requeued_jobs_moving(jobs, held_since)
         attempts = status_of(cell).get("attempts", [])
         # Once it came back from the time limit and trains again: requeue it from outside, as a preemption would.
-        if not preempted and len(attempts) == 2 and attempts[-1]["state"] == "running" and list((cell / "output").glob("*-step*-state")):
+        if not preempted and len(attempts) >= 2 and attempts[-1]["state"] == "running" and attempts[-1]["from_step"] > 0:
             live = scalar_series(cell / "logs", LOSS_TAG)
             if live and live[-1][0] > attempts[-1]["from_step"] + 2:
                 subprocess.run(["scontrol", "requeue", jobs[0]], check=True, timeout=30)

@@ -136,7 +136,8 @@ def boot_id() -> str:
 
 
 def process_start_time(pid: int) -> Optional[int]:
-    """When the process started (clock ticks since boot, /proc/<pid>/stat field 22); None when it does not exist.
+    """When the process started (clock ticks since boot, /proc/<pid>/stat field 22); None when it does not exist
+    or has exited and waits to be reaped (a zombie holds nothing).
 
     A pid with a different start time is another process that reused the number.
     """
@@ -145,7 +146,8 @@ def process_start_time(pid: int) -> Optional[int]:
     except OSError:
         return None if not _pid_exists(pid) else -1
     try:
-        return int(stat.rsplit(")", 1)[1].split()[19])
+        fields = stat.rsplit(")", 1)[1].split()
+        return None if fields[0] in ("Z", "X") else int(fields[19])
     except (IndexError, ValueError):
         return -1
 

@@ -118,3 +118,18 @@ def test_exactly_one_of_many_simultaneous_takers_wins(tmp_path: Path, dead_holde
         worker.join(timeout=60)
     outcomes = [results.get(timeout=5)[0] for _ in workers]
     assert outcomes.count("won") == 1, outcomes
+
+
+def test_an_exited_owner_not_yet_reaped_holds_nothing(tmp_path: Path) -> None:
+    owner = subprocess.Popen(["sleep", "60"])
+    started = process_start_time(owner.pid)
+    _write_lease(tmp_path, pid=owner.pid, pid_start=started)
+    owner.kill()
+    deadline = time.monotonic() + 10
+    while "zombie" not in Path(f"/proc/{owner.pid}/status").read_text().lower() and time.monotonic() < deadline:
+        time.sleep(0.05)  # killed, not waited for: a zombie with its pid and start time still in /proc
+    try:
+        with Lease.acquire(tmp_path, "run1") as lease:
+            assert lease.took_over is not None and lease.took_over.pid == owner.pid
+    finally:
+        owner.wait()
