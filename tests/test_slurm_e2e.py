@@ -56,15 +56,16 @@ def keep_requeued_jobs_moving(jobs: list[str], held_since: dict[str, float]) -> 
 
 @pytest.mark.slow
 def test_a_cell_that_hits_the_time_limit_or_is_requeued_resumes_in_its_folder_and_trains_every_step(slurm, tmp_path: Path) -> None:
-    """Two-minute limit with the warning 30 s before it (SLURM sends it up to ~30 s earlier still): the trainer saves at the step reached, submitit requeues the
+    """Two-minute limit with the warning 60 s before it: the trainer saves at the step reached, submitit requeues the
     job, and the restarted job resumes from that state in the same folder. Then `scontrol requeue` from outside
     (a preemption) mid-training does the same."""
     sweep_dir = tmp_path / "sweep"
-    # Accumulating 4 micro-batches makes a step slow enough (~2 s) that the warning always comes mid-training.
-    steps = 30
+    # SLURM sends the warning 0-30 s before `signal_delay_s` (its limits are checked every 30 s): with 60 s it comes
+    # 30-60 s after the start. Accumulating 4 micro-batches (~1.2 s a step) keeps 50 steps training past that.
+    steps = 50
     sweep = launch(["-m", "ablation=baseline", f"ablation.baseline_steps={steps}", "profile.save_every_n_steps=20",
                     "gpu.gradient_accumulation_steps=4", *CELL,
-                    *ON_SLURM, "hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=30", f"hydra.sweep.dir={sweep_dir}"], tmp_path)  # fmt: skip
+                    *ON_SLURM, "hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=60", f"hydra.sweep.dir={sweep_dir}"], tmp_path)  # fmt: skip
     deadline = time.monotonic() + 900
     jobs: list[str] = []
     held_since: dict[str, float] = {}
