@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -187,3 +188,42 @@ def atomic_dir(final_dir: Path, step: int) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     commit_dir(staging, final_dir, step)
+
+
+def read_safetensors_metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's `__metadata__` (header only, no tensors read). Raises ValueError on a file that is not one."""
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) != 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than its header length)")
+        size = struct.unpack("<Q", head)[0]
+        if size > 100 * 2**20:
+            raise ValueError(f"{path}: not a safetensors file (header length {size})")
+        try:
+            header = json.loads(handle.read(size))
+        except ValueError as exc:
+            raise ValueError(f"{path}: not a safetensors file (unreadable header)") from exc
+    return dict(header.get("__metadata__") or {})
+
+
+def update_safetensors_metadata(path: Path, update: Callable[[dict[str, str]], Optional[dict[str, str]]]) -> bool:
+    """Rewrite a safetensors file's metadata in place and whole (a new file renamed over it; tensors copied as bytes).
+    `update` gets the metadata and returns the new one, or None to leave the file as it is. Returns whether it changed."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        size = struct.unpack("<Q", handle.read(8))[0]
+        header = json.loads(handle.read(size))
+        metadata = update(dict(header.get("__metadata__") or {}))
+        if metadata is None:
+            return False
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # safetensors keeps the data 8-byte aligned
+        atomic_write_file(path, lambda staging: _write_with_header(staging, encoded, handle))
+    return True
+
+
+def _write_with_header(target: Path, header: bytes, source) -> None:
+    with open(target, "wb") as out:
+        out.write(struct.pack("<Q", len(header)) + header)
+        shutil.copyfileobj(source, out)

@@ -6,6 +6,7 @@ The job reads only these files, so what is recorded is what ran:
   <engine files>            e.g. native_config.json, or dataset.toml + sample_prompts.txt for sd-scripts
   command.json              argv, working directory, environment additions
   repro.json                git state and diff, host, Python, packages, torch/CUDA/GPU, seed, engine code
+  lora_record.json          the record every LoRA of the run carries in its metadata (provenance.py)
   dataset_fingerprint.json  content hash plus per-file manifest
   training_set.json         the (image, caption, repeats) pairs that train; both engines read it
   dataset_report.json, dataset_contact_sheet.png   the preflight analysis
@@ -34,6 +35,7 @@ from flux_lora.dataset.training_set import TRAINING_SET_FILE
 from flux_lora.engines.base import Engine, EngineInputs
 from flux_lora.gpu_probe import probe_gpus, torch_cuda_build
 from flux_lora.lifecycle.records import POINTER_FILE, register_run_dir
+from flux_lora.provenance import RECORD_FILE, build_record
 from flux_lora.identity import compute_run_id
 from flux_lora.schema import RunConfig
 
@@ -174,7 +176,7 @@ def package_versions() -> dict[str, str]:
     return dict(sorted(versions.items(), key=lambda kv: kv[0].lower()))
 
 
-def _installed_version(package: str) -> Optional[str]:
+def installed_version(package: str) -> Optional[str]:
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
@@ -184,7 +186,7 @@ def _installed_version(package: str) -> Optional[str]:
 def accelerator_state() -> dict[str, Any]:
     # From package metadata and NVML/nvidia-smi: importing torch here cost the launcher 2 s; the job
     # itself records what torch sees on the device it trains on.
-    return {"torch": _installed_version("torch"), "cuda_build": torch_cuda_build(), **probe_gpus().as_record()}
+    return {"torch": installed_version("torch"), "cuda_build": torch_cuda_build(), **probe_gpus().as_record()}
 
 
 def recorded_environment() -> dict[str, str]:
@@ -270,7 +272,10 @@ def freeze_run(
         command = launch_command(run, inputs)
         _write_json(run_dir / "command.json", {"argv": command.argv, "cwd": command.cwd, "env": _safe_env(command.env)})
 
-    _write_json(run_dir / "repro.json", repro_record(run, engine, project_root))
+    repro = repro_record(run, engine, project_root)
+    _write_json(run_dir / "repro.json", repro)
+    # What every LoRA of this run carries in its metadata, so the file alone can be replayed or diffed.
+    _write_json(run_dir / RECORD_FILE, build_record(run_id, run_lineage(report), resolved, repro, fingerprint))
     _write_json(
         run_dir / "run.json",
         {

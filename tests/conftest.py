@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from flux_lora.compose import CONF_DIR, load_run, register
 from flux_lora.schema import RunConfig
+from tests.seed_sweep import Sweep, make_seed_sweep
 
 register()
 
@@ -25,3 +26,9 @@ def compose_run() -> Callable[..., RunConfig]:
         return load_run(compose_config(list(overrides)))
 
     return _compose
+
+
+@pytest.fixture(scope="session")
+def seed_sweep(tmp_path_factory: pytest.TempPathFactory) -> Sweep:
+    """A real 3-seed, 2-cell sweep on the tiny model, trained once per test session (tests/seed_sweep.py)."""
+    return make_seed_sweep(tmp_path_factory)

@@ -21,11 +21,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+from flux_lora.checkpoint_files import update_safetensors_metadata
 
 TRAIN_STATE_FILE = "train_state.json"
 RESUMED_FOLDER = "resumed-from-step{step:08d}"
@@ -95,24 +95,14 @@ def _offset_name(name: str, output_name: str, offset: int) -> str:
 
 def offset_saved_steps(lora: Path, offset: int) -> bool:
     """Rewrite a LoRA file's `ss_steps` metadata (the attempt's count) to the true global step, in place and whole:
-    the evaluator reads a checkpoint's step from it. Only the JSON header changes; returns whether it did."""
-    with open(lora, "rb") as handle:
-        size = struct.unpack("<Q", handle.read(8))[0]
-        header = json.loads(handle.read(size))
-        metadata = header.get("__metadata__") or {}
+    the evaluator reads a checkpoint's step from it. Only the header changes; returns whether it did."""
+
+    def offset_steps(metadata: dict[str, str]) -> Optional[dict[str, str]]:
         if "ss_steps" not in metadata or "ss_attempt_steps" in metadata:
-            return False
-        metadata["ss_attempt_steps"] = metadata["ss_steps"]
-        metadata["ss_steps"] = str(int(metadata["ss_steps"]) + offset)
-        header["__metadata__"] = metadata
-        encoded = json.dumps(header, separators=(",", ":")).encode()
-        encoded += b" " * (-len(encoded) % 8)  # safetensors keeps the data 8-byte aligned
-        partial = lora.with_name(f".tmp-{lora.name}")
-        with open(partial, "wb") as out:
-            out.write(struct.pack("<Q", len(encoded)) + encoded)
-            shutil.copyfileobj(handle, out)
-    os.replace(partial, lora)
-    return True
+            return None
+        return {**metadata, "ss_attempt_steps": metadata["ss_steps"], "ss_steps": str(int(metadata["ss_steps"]) + offset)}
+
+    return update_safetensors_metadata(lora, offset_steps)
 
 
 def _move(source: Path, target: Path) -> None:

@@ -44,6 +44,7 @@ from flux_lora.lifecycle.records import (
 )
 from flux_lora.lifecycle.slurm import slurm_record
 from flux_lora.lifecycle.states import latest_good_state, state_step
+from flux_lora.provenance import embed_in_outputs
 from flux_lora.schema import Accelerator, RunConfig
 from flux_lora.snapshot import FrozenRun, LaunchCommand, redact, secret_values
 
@@ -236,6 +237,7 @@ def launch_run(
 
     if finish is not None:
         finish()  # e.g. a resumed sd-scripts attempt's files renumbered before they are judged
+    embed_in_outputs(run_dir)  # LoRAs the engine saved without the run's record (sd-scripts) get it
     state, reason = judge_attempt(run_dir, exit_code, expect, watch, signalled, began)
     requeue = previous_handlers[signal.SIGUSR2] if warned and state == RunState.interrupted else None
     if not callable(requeue):

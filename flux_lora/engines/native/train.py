@@ -52,6 +52,7 @@ from flux_lora.engines.native.data import (
     collate,
     epoch_batches,
 )
+from flux_lora.provenance import METADATA_KEY, RECORD_FILE, compact
 
 SAMPLE_GUIDANCE = 3.5  # sd-scripts' default embedded guidance for sample prompts (--g)
 LORA_STATE_FILE = "lora_weights.safetensors"
@@ -684,6 +685,9 @@ def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
     started_at = time.time()
     metadata = lora_metadata(config, items=items, batches_per_epoch=batches_per_epoch, started_at=started_at,
                              fp8_linears=training.fp8_linears, block_swap_applied=training.block_swap, num_processes=accelerator.num_processes)
+    record = Path(config.run_dir) / RECORD_FILE if config.run_dir else None
+    if record is not None and record.is_file():  # the run's whole record travels with every LoRA it saves
+        metadata[METADATA_KEY] = compact(json.loads(record.read_text()))
     writer = SummaryWriter(str(logging_dir)) if accelerator.is_main_process else None
     sample_paths: list[str] = []
 

@@ -1,0 +1,95 @@
+"""Provenance: every LoRA carries its run's record; a LoRA alone replays into the same run; diff shows only what
+differs. On the shared tiny sweep (tests/seed_sweep.py: baseline and a1_alpha, seeds 1-3, trained for real)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from flux_lora.checkpoint_files import read_safetensors_metadata
+from flux_lora.compose import PROJECT_ROOT
+from flux_lora.provenance import METADATA_KEY
+from tests.seed_sweep import ONE_THREAD_ENV, Sweep
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=ONE_THREAD_ENV, capture_output=True, text=True, timeout=300)
+
+
+def cell(sweep: Sweep, name: str) -> Path:
+    (found,) = sweep.path.glob(f"*{name}-seed1")
+    return found
+
+
+def without_launch(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in ("launch", "paths")}
+
+
+def test_every_lora_of_a_run_carries_its_whole_record(seed_sweep: Sweep) -> None:
+    run_dir = cell(seed_sweep, "baseline")
+    loras = [p for p in (run_dir / "output").glob("*.safetensors")]
+    assert len(loras) >= 2  # the step checkpoints and the final LoRA
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    run = json.loads((run_dir / "run.json").read_text())
+    for lora in loras:
+        metadata = read_safetensors_metadata(lora)
+        record = json.loads(metadata[METADATA_KEY])
+        assert record["config"] == config and record["run_id"] == run["run_id"]
+        assert record["dataset"]["content_hash"] == json.loads((run_dir / "dataset_fingerprint.json").read_text())["content_hash"]
+        assert record["code"]["commit"] and record["packages"]["torch"]
+        assert metadata["ss_network_alpha"] and metadata["ss_steps"]  # kohya's keys stay as they were
+
+
+def test_a_lora_alone_replays_into_the_same_run_and_a_changed_dataset_is_refused(seed_sweep: Sweep, tmp_path: Path) -> None:
+    run_dir = cell(seed_sweep, "a1_alpha")
+    alone = tmp_path / "alone" / "my-lora.safetensors"
+    alone.parent.mkdir()
+    shutil.copyfile(run_dir / "output" / "flux-lora.safetensors", alone)  # nothing else travels with it
+
+    done = cli("-m", "flux_lora.replay", str(alone), "--dry-run", "--outputs", str(tmp_path / "replayed"), cwd=tmp_path / "alone")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (replayed,) = (tmp_path / "replayed" / "runs").iterdir()
+    original, again = (yaml.safe_load((d / "config.yaml").read_text()) for d in (run_dir, replayed))
+    assert without_launch(again) == without_launch(original)  # every recorded value, none left to today's defaults
+    assert json.loads((replayed / "run.json").read_text())["run_id"] == json.loads((run_dir / "run.json").read_text())["run_id"]
+
+    # The same images with one caption changed: refused in one line, unless told.
+    changed = tmp_path / "changed"
+    shutil.copytree(original["dataset"]["path"], changed)
+    caption = sorted(changed.rglob("*.txt"))[0]
+    caption.write_text(caption.read_text() + ", smiling")
+    refused = cli("-m", "flux_lora.replay", str(alone), "--dry-run", "--outputs", str(tmp_path / "again"), "--dataset", str(changed), cwd=tmp_path)
+    assert refused.returncode == 2 and not (tmp_path / "again" / "runs").exists()
+    (line,) = refused.stderr.strip().splitlines()
+    assert line.startswith(f"error: dataset.path={changed}: its content changed since the run"), line
+    allowed = cli("-m", "flux_lora.replay", str(alone), "--dry-run", "--outputs", str(tmp_path / "again"), "--dataset", str(changed),
+                  "--allow-changed-dataset", cwd=tmp_path)  # fmt: skip
+    assert allowed.returncode == 0 and "replaying anyway" in allowed.stdout, allowed.stdout[-2000:] + allowed.stderr[-2000:]
+
+
+def test_diff_of_two_ablation_cells_shows_exactly_their_declared_change(seed_sweep: Sweep) -> None:
+    baseline, alpha = cell(seed_sweep, "baseline"), cell(seed_sweep, "a1_alpha")
+    declared = json.loads((alpha / "run.json").read_text())["ablation"]["changes"]
+    assert declared == ["profile.network_alpha"]
+    folders = cli("-m", "flux_lora.diff", str(baseline), str(alpha), cwd=PROJECT_ROOT)
+    assert folders.returncode == 1
+    assert folders.stdout.splitlines() == ["recipe:", "  profile.network_alpha: 1.0 -> 8.0",
+                                           "engine inputs:", "  native_config.json network_alpha: 1.0 -> 8.0"]  # fmt: skip
+    files = cli("-m", "flux_lora.diff", str(baseline / "output" / "flux-lora.safetensors"), str(alpha / "output" / "flux-lora.safetensors"), cwd=PROJECT_ROOT)
+    assert files.stdout.splitlines() == ["recipe:", "  profile.network_alpha: 1.0 -> 8.0"]
+    same = cli("-m", "flux_lora.diff", str(baseline), str(baseline / "output" / "flux-lora.safetensors"), cwd=PROJECT_ROOT)
+    assert same.returncode == 0 and same.stdout.startswith("no differences")
+
+
+def test_a_file_without_a_record_is_one_line(tmp_path: Path) -> None:
+    foreign = tmp_path / "foreign.safetensors"
+    header = json.dumps({"__metadata__": {"ss_network_dim": "4"}}).encode()
+    foreign.write_bytes(len(header).to_bytes(8, "little") + header)
+    done = cli("-m", "flux_lora.replay", str(foreign), cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"error: {foreign}: a LoRA without a flux-lora record (saved by kohya sd-scripts); only LoRAs saved by flux-lora can be replayed"
