@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from flux_lora.checkpoint_files import read_safetensors_metadata
 from flux_lora.compose import PROJECT_ROOT
+from flux_lora.provenance import METADATA_KEY
 from tests.engines.sd_scripts_checkout import standin_checkout
 from tests.engines.sd_scripts_standin import STANDIN_LORA_ENV
 from tests.eval.tiny_eval import EVAL_SECTIONS, SMALL_EVAL_ARGS
@@ -132,6 +134,10 @@ def test_sd_scripts_engine_runs_through_accelerate_with_standin(tmp_path: Path) 
     assert run["engine_preflight"]["state"] == "passed"  # the stand-in's checks (tests/engines/sd_scripts_checkout.py)
     assert json.loads((run_dir / "status.json").read_text())["state"] == "succeeded"
     assert (run_dir / "output" / "flux-lora.safetensors").is_file()
+    # sd-scripts writes its own LoRA files; the launcher adds the run's record to each after the attempt.
+    for lora in (run_dir / "output").glob("*.safetensors"):
+        metadata = read_safetensors_metadata(lora)
+        assert json.loads(metadata[METADATA_KEY])["run_id"] == run["run_id"] and metadata["ss_steps"]
     assert done.stdout.count("has no effect with engine=sd_scripts") == 2
     # The report reads sd-scripts' TensorBoard events (no train_summary.json from that engine).
     from flux_lora.report import read_run
