@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from flux_lora.check import check_run, print_check_report
 from flux_lora.compose import PROJECT_ROOT, describe_config_error, load_run, print_config_tree, register, resolved_container
+from flux_lora.cost import estimate_cost, estimated_and_took
 from flux_lora.engines import get_engine
 from flux_lora.report import SKIPPED_DONE, SweepDirRecorder, find_run_dirs, print_summary, read_run, write_sweep_report
 from flux_lora.lifecycle.decision import RunNotStartable, continue_known_run
@@ -61,6 +62,8 @@ def launch_one(cfg: DictConfig) -> None:
     print_config_tree(cfg)
 
     engine = get_engine(run.engine.name.value)
+    cost = estimate_cost(run)
+    print(cost.line())
     report = check_run(run, engine, dry_run=run.launch.dry_run)
     resolved = resolved_container(cfg)
     run_id = run_identity(resolved, report, dataset_fingerprint(run, report))
@@ -94,7 +97,7 @@ def launch_one(cfg: DictConfig) -> None:
                 return
 
         overrides = list(hydra_cfg.overrides.task)
-        frozen = freeze_run(run, resolved, report, engine, run_dir, PROJECT_ROOT, launch_command, overrides)
+        frozen = freeze_run(run, resolved, report, engine, run_dir, PROJECT_ROOT, launch_command, overrides, cost.as_record())
         print_check_report(report)
         run_dir = frozen.run_dir
         status = start_run(frozen, report, dry_run=run.launch.dry_run, expect=expect, lease=lease,
@@ -164,6 +167,9 @@ def cli() -> int:
         elif SweepDirRecorder.sweep_dir is not None:
             rows = [read_run(d) for d in find_run_dirs(SweepDirRecorder.sweep_dir)]
             print_summary(rows, title=f"sweep {SweepDirRecorder.sweep_dir}")
+            took = estimated_and_took([r.run_dir for r in rows])
+            if took:
+                print(took)
             write_sweep_report(SweepDirRecorder.sweep_dir)  # report.html and report.md beside the cells
             # Refused, failed, busy elsewhere or left unfinished: the sweep is not done, whatever Hydra thinks.
             if any(r.state not in FINISHED_STATES for r in rows):

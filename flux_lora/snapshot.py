@@ -238,6 +238,7 @@ def freeze_run(
     project_root: Path,
     launch_command: LaunchCommandBuilder,
     overrides: list[str],
+    cost_estimate: Optional[dict[str, Any]] = None,
 ) -> FrozenRun:
     """Write the run's record; render the engine's inputs unless config errors make that meaningless."""
     asked, run_dir = run_dir, claim_run_dir(run_dir)
@@ -294,6 +295,7 @@ def freeze_run(
             "dataset_gate_passed": report.gate.passed if report.gate else None,
             "engine_preflight": report.engine_preflight,
             "resume_source": report.resume_source,
+            "cost_estimate": cost_estimate,  # said before the run started (cost.py); the summary sets it beside what it took
             # Not null: the weights do not all come from this recipe (resumed from another run, recipe changed).
             "lineage": run_lineage(report),
         },

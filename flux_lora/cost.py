@@ -1,0 +1,166 @@
+"""Cost: how long a run will take and how many GPU-hours it costs, said before it starts.
+
+Seconds per optimizer step come from this machine's finished runs of the same model, GPU tier and resolution
+(the run index under paths.outputs/.runs: training seconds over the steps each attempt trained), else from a
+stated per-tier estimate marked as such. A sweep's total sums its cells; cells run side by side (SLURM array
+jobs, a GPU pool) shorten the wall time, never the GPU-hours. Each run records its estimate in run.json, and the
+sweep's summary sets the estimate beside what the cells took.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from flux_lora.lifecycle.records import RUN_INDEX_DIR
+from flux_lora.schema import Accelerator, RunConfig
+
+# Rough seconds per optimizer step of FLUX.1-dev LoRA training at each tier's own settings (batch, accumulation,
+# resolution, fp8, block swap), from public reports of kohya/ai-toolkit runs: an estimate, not a measurement.
+TIER_ESTIMATE_S_PER_STEP = {"rtx4090": 8.0, "a6000": 7.0, "h100": 5.0, "h200": 4.0, "cpu": 1.0}
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    steps: int
+    s_per_step: float
+    basis: str  # where s_per_step comes from, said with the figure
+    measured: bool
+    gpus: int  # GPUs the run holds; 0 on the CPU tier
+
+    @property
+    def seconds(self) -> float:
+        return self.steps * self.s_per_step
+
+    @property
+    def gpu_hours(self) -> float:
+        return self.seconds * self.gpus / 3600
+
+    def line(self) -> str:
+        hours = f"{self.gpu_hours:.2f} GPU-hours" if self.gpus else "no GPU (CPU tier)"
+        return f"cost: {self.steps} steps x {self.s_per_step:.2f} s/step = {duration(self.seconds)}, {hours} ({self.basis})"
+
+    def as_record(self) -> dict[str, Any]:
+        return {**asdict(self), "seconds": round(self.seconds, 1), "gpu_hours": round(self.gpu_hours, 3)}
+
+
+def duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _read(path: Path) -> Any:
+    try:
+        return yaml.load(path.read_text(), Loader=_SAFE_LOADER) if path.suffix == ".yaml" else json.loads(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+
+
+def run_seconds_per_step(run_dir: Path) -> Optional[float]:
+    """A finished run's training seconds per optimizer step over all its attempts; None when it did not succeed."""
+    status = _read(run_dir / "status.json") or {}
+    if status.get("state") != "succeeded":
+        return None
+    attempts = [a for a in status.get("attempts", []) if a.get("steps_trained")]
+    if attempts and all(a.get("train_seconds") is not None for a in attempts):
+        return sum(a["train_seconds"] for a in attempts) / sum(a["steps_trained"] for a in attempts)
+    steps = ((_read(run_dir / "config.yaml") or {}).get("profile") or {}).get("max_train_steps")
+    return status["duration_s"] / steps if status.get("duration_s") and steps else None
+
+
+def measured_runs(outputs: Path, model: str, tier: str, resolution: int) -> list[float]:
+    """Seconds per step of this machine's finished runs with the same model, tier and resolution."""
+    found: list[float] = []
+    for index in sorted((Path(outputs) / RUN_INDEX_DIR).glob("*.txt")):
+        for line in dict.fromkeys(index.read_text().splitlines()):
+            config = _read(Path(line) / "config.yaml") or {}
+            same = ((config.get("model") or {}).get("name"), (config.get("gpu") or {}).get("name"), (config.get("profile") or {}).get("resolution"))
+            if same == (model, tier, resolution) and (rate := run_seconds_per_step(Path(line))) is not None:
+                found.append(rate)
+    return found
+
+
+def estimate_cost(run: RunConfig) -> CostEstimate:
+    gpus = run.gpu.num_gpus if run.gpu.accelerator == Accelerator.cuda else 0
+    rates = measured_runs(Path(run.paths.outputs), run.model.name, run.gpu.name, run.profile.resolution)
+    if rates:
+        where = f"median of {len(rates)} finished run(s) here: {run.model.name}, gpu={run.gpu.name}, {run.profile.resolution} px"
+        return CostEstimate(run.profile.max_train_steps, statistics.median(rates), where, True, gpus)
+    rate = TIER_ESTIMATE_S_PER_STEP.get(run.gpu.name, max(TIER_ESTIMATE_S_PER_STEP.values()))
+    where = f"per-tier estimate for gpu={run.gpu.name}, not measured here: no finished run of this model, tier and resolution yet"
+    return CostEstimate(run.profile.max_train_steps, rate, where, False, gpus)
+
+
+def sweep_cost_line(estimates: list[CostEstimate], parallel: int) -> str:
+    total = sum(e.seconds for e in estimates)
+    wall = total / max(1, min(parallel, len(estimates)))
+    side = f"; {min(parallel, len(estimates))} side by side: about {duration(wall)} of wall time" if parallel > 1 else ""
+    gpu_hours = sum(e.gpu_hours for e in estimates)
+    measured = sum(e.measured for e in estimates)
+    return (f"sweep cost: {len(estimates)} cells, {duration(total)} in all{side}, {gpu_hours:.2f} GPU-hours "
+            f"({measured} of {len(estimates)} from measured runs, the rest per-tier estimates)")  # fmt: skip
+
+
+def estimated_and_took(rows_dirs: list[Path]) -> Optional[str]:
+    """After a sweep: the estimate beside what its cells took (cells that recorded an estimate and ran)."""
+    estimated = took = 0.0
+    counted = 0
+    for run_dir in rows_dirs:
+        record = (_read(run_dir / "run.json") or {}).get("cost_estimate")
+        status = _read(run_dir / "status.json") or {}
+        if record and status.get("duration_s") is not None:
+            estimated, took, counted = estimated + record["seconds"], took + status["duration_s"], counted + 1
+    if not counted:
+        return None
+    return f"cost: estimated {duration(estimated)} for the {counted} cell(s) that ran, took {duration(took)} ({took / max(estimated, 1e-9):.2f}x)"
+
+
+def sweep_cells(config: Any) -> list[list[str]]:
+    """The override list of each cell of the multirun about to start (its sweeper params, then the command line)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = config.hydra.sweeper.get("params") or {}
+    arguments = [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)
+    batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(arguments), None)
+    return [list(cell) for batch in batches for cell in batch]
+
+
+def parallel_slots(config: Any) -> int:
+    """How many cells the chosen launcher runs side by side (1 for Hydra's basic launcher)."""
+    launcher = config.hydra.get("launcher") or {}
+    target = str(launcher.get("_target_", ""))
+    if "Slurm" in target:
+        return int(launcher.get("array_parallelism") or 1)
+    if "LocalGpuPool" in target:
+        devices = launcher.get("devices")
+        return max(1, len(devices) // max(1, int(launcher.get("gpus_per_node") or 1))) if devices else 1
+    return 1
+
+
+class SweepCostPreview(Callback):
+    """Before a multirun starts its cells: each cell's cost and the sweep's total (composed as each cell will be)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra import compose
+
+        from flux_lora.compose import load_run
+
+        try:
+            cells = sweep_cells(config)
+            estimates = [estimate_cost(load_run(compose(config_name=str(config.hydra.job.config_name), overrides=cell))) for cell in cells]
+        except Exception as exc:  # noqa: BLE001 - a preview must never stop the sweep; each cell still says its own cost
+            print(f"warning: no sweep cost preview ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+            return
+        print(sweep_cost_line(estimates, parallel_slots(config)))

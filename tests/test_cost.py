@@ -1,0 +1,43 @@
+"""Cost before a run starts: from this machine's finished runs when there are some, else a stated per-tier estimate."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from pathlib import Path
+
+import yaml
+
+from flux_lora.compose import PROJECT_ROOT
+from flux_lora.cost import CostEstimate, sweep_cost_line
+from tests.seed_sweep import SWEEP_ARGS, Sweep, run_cli
+
+
+def dry_run(sweep: Sweep, *overrides: str) -> str:
+    outputs = Path(yaml.safe_load(next(sweep.path.glob("*/config.yaml")).read_text())["paths"]["outputs"])
+    done = run_cli(str(PROJECT_ROOT / "launch.py"), "launch.dry_run=true", f"paths.outputs={outputs}", *overrides, cwd=outputs.parent)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done.stdout
+
+
+def test_a_dry_run_prices_itself_from_the_machines_finished_runs(seed_sweep: Sweep) -> None:
+    rates = []
+    for status in seed_sweep.path.glob("*/status.json"):
+        attempts = json.loads(status.read_text())["attempts"]
+        rates.append(sum(a["train_seconds"] for a in attempts) / sum(a["steps_trained"] for a in attempts))
+    same = [a for a in SWEEP_ARGS if a.startswith(("profile.resolution", "dataset.min_bucket_reso"))]
+    line = next(l for l in dry_run(seed_sweep, *same, "profile.max_train_steps=200").splitlines() if l.startswith("cost:"))
+    figure = float(re.search(r"x ([\d.]+) s/step", line).group(1))
+    assert abs(figure - statistics.median(rates)) <= 0.006 and "median of 6 finished run(s) here: tiny, gpu=cpu, 64 px" in line, line
+    assert line.startswith("cost: 200 steps x ")
+    # Another resolution has no history here: a per-tier estimate, said as such.
+    other = next(l for l in dry_run(seed_sweep).splitlines() if l.startswith("cost:"))
+    assert "per-tier estimate for gpu=cpu, not measured here" in other
+
+
+def test_side_by_side_cells_shorten_the_wall_time_not_the_gpu_hours() -> None:
+    cells = [CostEstimate(1000, 3.6, "estimate", False, 2) for _ in range(4)]
+    assert sweep_cost_line(cells, 1) == ("sweep cost: 4 cells, 4.0 h in all, 8.00 GPU-hours "
+                                         "(0 of 4 from measured runs, the rest per-tier estimates)")  # fmt: skip
+    assert "2 side by side: about 2.0 h of wall time, 8.00 GPU-hours" in sweep_cost_line(cells, 2)
