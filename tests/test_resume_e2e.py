@@ -8,11 +8,17 @@ once: each cell trained once; reruns into fixed folders skip.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
+import re
 import signal
+import struct
 import subprocess
 import sys
+import termios
+import threading
 import time
 from pathlib import Path
 
@@ -163,10 +169,23 @@ def test_kill_9_of_the_launcher_then_an_immediate_relaunch_resumes_from_what_the
 @pytest.mark.slow
 def test_nan_fails_within_steps_and_a_rerun_retries_only_the_failed_cell(tmp_path: Path) -> None:
     """Two cells, one with an absurd learning rate: it fails with the NaN step named, the other succeeds;
-    the same command again skips the good cell and retries only the failed one."""
+    the same command again skips the good cell and retries only the failed one. `python -m flux_lora.watch`, in a
+    real pseudo-terminal, shows both cells moving while the sweep runs and exits by itself when they have ended."""
+    sweep_dir = tmp_path / "outputs" / "sweeps" / "nan"
     args = ["-m", "ablation=baseline", "profile.learning_rate=1e-3,1e12", "launch.resume=auto", *SHORT,
-            "ablation.baseline_steps=8"]  # fmt: skip
-    output = finish(start(args, tmp_path))
+            "ablation.baseline_steps=8", f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
+    sweep = start(args, tmp_path)
+    while not (sweep_dir / "multirun.yaml").is_file():
+        assert sweep.poll() is None
+        time.sleep(0.1)
+    watcher, screen = watch_in_a_terminal(sweep_dir)
+    output = finish(sweep)
+    watcher.wait(timeout=60)  # by itself: every cell has ended
+    frames = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", "".join(screen))
+    assert watcher.returncode == 0, frames[-3000:]
+    for cell in ("0_tiny-smoke-cpu-native-baseline", "1_tiny-smoke-cpu-native-baseline"):
+        steps = {int(m) for m in re.findall(rf"{cell}\s+│[^│]*│[^│]*│\s*(\d+)/8", frames)}
+        assert len(steps) >= 2, (cell, steps, frames[-3000:])  # the cell moved while it was watched
     by_lr = {yaml.safe_load((d / "config.yaml").read_text())["profile"]["learning_rate"]: d for d in run_dirs(tmp_path)}
     bad = json.loads((by_lr[1e12] / "status.json").read_text())
     assert bad["state"] == "failed" and bad["reason"].startswith("loss became NaN at step "), bad
@@ -182,6 +201,30 @@ def test_nan_fails_within_steps_and_a_rerun_retries_only_the_failed_cell(tmp_pat
         lr = yaml.safe_load((d / "config.yaml").read_text())["profile"]["learning_rate"]
         attempts[lr] += len(json.loads((d / "status.json").read_text())["attempts"])
     assert attempts == {1e-3: 1, 1e12: 2}  # resumed from its last good state, or started again if it had none
+
+
+def watch_in_a_terminal(sweep_dir: Path) -> tuple[subprocess.Popen[bytes], list[str]]:
+    """`python -m flux_lora.watch` on a 220x50 pseudo-terminal; what it draws is collected as it comes."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 220, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}  # the terminal's own size, not pytest's
+    watcher = subprocess.Popen([sys.executable, "-m", "flux_lora.watch", str(sweep_dir), "--interval", "0.5"],
+                               stdin=slave, stdout=slave, stderr=slave, close_fds=True, env=env)  # fmt: skip
+    os.close(slave)
+    screen: list[str] = []
+
+    def read() -> None:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the terminal closed with the watcher
+                return
+            if not chunk:
+                return
+            screen.append(chunk.decode("utf-8", errors="replace"))
+
+    threading.Thread(target=read, daemon=True).start()
+    return watcher, screen
 
 
 def test_a_sweep_run_again_into_its_folder_with_a_changed_cell_is_refused_with_the_keys(tmp_path: Path) -> None:

@@ -1,0 +1,194 @@
+"""Watch a sweep (or one run) while it runs: one line per cell, refreshed, from the run folders alone.
+
+    python -m flux_lora.watch SWEEP_OR_RUN_DIR [--once] [--interval S]
+
+Per cell: state, a progress bar of steps, the loss (smoothed) and its trend, it/s, ETA and attempts; below the
+table, GPU utilisation, memory and temperature per GPU where NVML answers (nvidia-ml-py, the `gpu` extra), and
+the newest sample image of the first running cell as a path. It only reads files (status.json, train.log's
+progress lines, the sweep's multirun.yaml or slurm_jobs.json for how many cells to expect), so it works on a
+login node over a shared filesystem and never blocks a run. It exits by itself once every cell has ended;
+`--once` prints a single frame for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from flux_lora.lifecycle.records import LOG_FILE
+from flux_lora.lifecycle.slurm import sweep_cells_expected
+from flux_lora.report.summary import find_run_dirs, read_json, read_run
+
+# Progress lines of both engines: the native job's "step 12/100 loss 0.41 avg 0.43 1.9 it/s ETA 0:46" and
+# sd-scripts' tqdm bar "steps:  12%|...| 12/100 [00:06<00:46, 1.9it/s, avr_loss=0.43]".
+_NATIVE = re.compile(r"step (?P<step>\d+)/(?P<total>\d+) loss (?P<loss>[-+\w.]+) avg (?P<avg>[-+\w.]+) (?P<rate>[\d.]+) it/s")
+_TQDM = re.compile(r"(?P<step>\d+)/(?P<total>\d+) \[[^,\]]*(?:<[^,\]]*)?,\s*(?P<rate>[\d.]+)(?:it/s|s/it)[^\]]*avr_loss=(?P<avg>[-+\w.]+)")
+ENDED = ("succeeded", "failed", "interrupted", "refused", "dry_run", "skipped: done", "busy", "owner gone")
+TAIL_BYTES = 64 * 1024
+
+
+@dataclass
+class CellView:
+    run_dir: Path
+    name: str = ""
+    state: str = "not started"
+    step: int = 0
+    total: int = 0
+    loss: Optional[float] = None  # the moving average the job reports
+    rate: Optional[float] = None  # optimizer steps per second
+    attempts: int = 0
+    history: list[float] = field(default_factory=list)  # earlier smoothed losses, for the trend
+
+    @property
+    def trend(self) -> str:
+        if len(self.history) < 2 or self.loss is None:
+            return ""
+        before = self.history[max(0, len(self.history) - 6)]
+        return "↓" if self.loss < before * 0.995 else "↑" if self.loss > before * 1.005 else "→"
+
+    @property
+    def eta(self) -> str:
+        if not self.rate or not self.total or self.state != "running":
+            return "-"
+        seconds = int((self.total - self.step) / self.rate)
+        return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def last_progress(log: Path) -> Optional[re.Match]:
+    try:
+        with open(log, "rb") as handle:
+            handle.seek(max(0, log.stat().st_size - TAIL_BYTES))
+            tail = handle.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    found = None
+    for line in re.split(r"[\r\n]", tail):
+        found = _NATIVE.search(line) or _TQDM.search(line) or found
+    return found
+
+
+def refresh(view: CellView) -> None:
+    row = read_run(view.run_dir)
+    home = view.run_dir if (view.run_dir / "run.json").exists() else Path(read_json(view.run_dir / "run_pointer.json").get("run_dir", view.run_dir))
+    view.name, view.state = view.run_dir.name, row.state
+    view.attempts = len(read_json(home / "status.json").get("attempts", []))
+    progress = last_progress(home / LOG_FILE)
+    if progress:
+        view.step, view.total = int(progress["step"]), int(progress["total"])
+        view.rate = float(progress["rate"])
+        try:
+            loss = float(progress["avg"])
+        except ValueError:
+            loss = None
+        if loss is not None and loss != view.loss:
+            if view.loss is not None:
+                view.history.append(view.loss)
+            view.loss = loss
+    if view.state == "succeeded" and view.total:
+        view.step = view.total
+
+
+def expected_cells(root: Path) -> Optional[int]:
+    """How many cells the sweep will have: SLURM's record, else Hydra's multirun.yaml; None for a single run."""
+    slurm = sweep_cells_expected(root)
+    if slurm is not None:
+        return slurm
+    if not (root / "multirun.yaml").is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    from flux_lora.cost import sweep_cells
+
+    try:
+        return len(sweep_cells(OmegaConf.load(root / "multirun.yaml")))
+    except Exception:  # noqa: BLE001 - an unreadable sweep record: count the cells that appear
+        return None
+
+
+def gpu_lines() -> list[str]:
+    try:
+        import pynvml
+    except ImportError:
+        return ["GPUs: no telemetry (nvidia-ml-py is not installed: pip install 'flux-lora[gpu]')"]
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        return [f"GPUs: none visible here (NVML: {exc})"]
+    lines = []
+    for index in range(pynvml.nvmlDeviceGetCount()):
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        use, memory = pynvml.nvmlDeviceGetUtilizationRates(handle), pynvml.nvmlDeviceGetMemoryInfo(handle)
+        temperature = pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)
+        lines.append(f"GPU {index}: {use.gpu}% busy, {memory.used / 2**30:.1f}/{memory.total / 2**30:.1f} GiB, {temperature} C")
+    return lines or ["GPUs: none visible here (NVML reports 0 devices)"]
+
+
+def newest_sample(cells: list[CellView]) -> Optional[Path]:
+    running = [c for c in cells if c.state == "running"] or cells
+    for cell in running:
+        samples = sorted((cell.run_dir / "output" / "sample").glob("*.png"), key=lambda p: p.stat().st_mtime)
+        if samples:
+            return samples[-1]
+    return None
+
+
+def frame(root: Path, cells: list[CellView], expected: Optional[int], gpus: list[str]) -> Group:
+    table = Table(title=f"{root}  ({len(cells)}{'/' + str(expected) if expected else ''} cells)", expand=False)
+    for column in ("cell", "state", "progress", "steps", "loss (avg)", "trend", "it/s", "ETA", "attempts"):
+        table.add_column(column)
+    for c in cells:
+        bar = ProgressBar(total=max(c.total, 1), completed=c.step, width=20)
+        table.add_row(c.name, c.state, bar, f"{c.step}/{c.total or '?'}", "-" if c.loss is None else f"{c.loss:.4f}", c.trend,
+                      "-" if c.rate is None else f"{c.rate:.2f}", c.eta, str(c.attempts))  # fmt: skip
+    sample = newest_sample(cells)
+    notes = [Text(line) for line in gpus] + [Text(f"newest sample: {sample if sample else 'none yet'}")]
+    return Group(table, *notes)
+
+
+def all_ended(cells: list[CellView], expected: Optional[int]) -> bool:
+    return bool(cells) and len(cells) >= (expected or 1) and all(c.state in ENDED for c in cells)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flux_lora.watch", description=__doc__.split("\n\n")[0])
+    parser.add_argument("root", type=Path, help="a sweep folder or a run folder")
+    parser.add_argument("--once", action="store_true", help="print one frame and exit")
+    parser.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
+    args = parser.parse_args(argv)
+    if not args.root.is_dir():
+        print(f"error: {args.root}: no such folder; give a sweep or run folder (outputs/sweeps/<dir>)", file=sys.stderr)
+        return 2
+    console = Console()
+    views: dict[Path, CellView] = {}
+    gpus = gpu_lines()
+
+    def update() -> tuple[list[CellView], Optional[int]]:
+        for run_dir in find_run_dirs(args.root):
+            refresh(views.setdefault(run_dir, CellView(run_dir)))
+        return [views[d] for d in sorted(views, key=lambda d: d.name)], expected_cells(args.root)
+
+    cells, expected = update()
+    if args.once:
+        console.print(frame(args.root, cells, expected, gpus))
+        return 0
+    with Live(frame(args.root, cells, expected, gpus), console=console, refresh_per_second=4, screen=False) as live:
+        while not all_ended(cells, expected):
+            time.sleep(args.interval)
+            cells, expected = update()
+            live.update(frame(args.root, cells, expected, gpus))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
