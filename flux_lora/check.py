@@ -8,6 +8,7 @@ land are checked earlier still, before Hydra creates the run directory (LaunchPr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
@@ -35,6 +36,7 @@ from rich.console import Console
 from flux_lora.compose import describe_config_error, raise_on_keys_outside_schema
 from flux_lora.engines.base import Engine
 from flux_lora.gpu_probe import GpuProbe, probe_gpus
+from flux_lora.checkpoint_files import safetensors_keys
 from flux_lora.identity import config_differences
 from flux_lora.lifecycle.states import state_step, state_usability
 from flux_lora.rules import apply_rules, held_out_leaves_too_few, lora_scale_line, plain_stem_problem, recipe_effect_lines
@@ -58,6 +60,8 @@ class CheckReport:
     engine_preflight: Optional[dict] = None
     # launch.resume_from: the state, its step, the run that saved it and any recipe keys changed from that step.
     resume_source: Optional[dict] = None
+    # launch.init_lora: the LoRA file the run starts from and its sha256.
+    init_lora: Optional[dict] = None
 
 
 def noop_ablation_refusal(run: RunConfig, not_applied: dict[str, str]) -> Optional[str]:
@@ -225,7 +229,31 @@ def check_run(run: RunConfig, engine: Engine, *, dry_run: bool) -> CheckReport:
     check_dataset(run, report)
     if run.launch.resume_from:
         check_resume_source(run, report)
+    if run.launch.init_lora:
+        check_init_lora(run, report)
     return report
+
+
+def check_init_lora(run: RunConfig, report: CheckReport) -> None:
+    """launch.init_lora: a readable LoRA file (weights read by the job); its sha256 becomes part of the run's lineage."""
+    path = Path(run.launch.init_lora).expanduser()
+    if run.launch.resume_from:
+        report.errors.append("launch.init_lora: a resumed state already holds its LoRA; set launch.init_lora or launch.resume_from, not both")
+        return
+    try:
+        keys = [k for k in safetensors_keys(path) if k.endswith(("lora_down.weight", "lora_up.weight"))]
+    except (OSError, ValueError) as exc:
+        report.errors.append(f"launch.init_lora={path}: {exc}; give a LoRA .safetensors file")
+        return
+    if not keys:
+        report.errors.append(f"launch.init_lora={path}: no lora_down/lora_up tensors (not a kohya-format LoRA)")
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(8 * 2**20):
+            digest.update(chunk)
+    report.init_lora = {"path": str(path.resolve()), "sha256": digest.hexdigest()}
+    report.infos.append(f"launch.init_lora: the LoRA starts from {path} (sha256 {digest.hexdigest()[:12]}), recorded as lineage")
 
 
 # Keys a saved LoRA state cannot be loaded across: a different network or base model.

@@ -192,6 +192,15 @@ def atomic_dir(final_dir: Path, step: int) -> Iterator[Path]:
 
 def read_safetensors_metadata(path: Path) -> dict[str, str]:
     """A safetensors file's `__metadata__` (header only, no tensors read). Raises ValueError on a file that is not one."""
+    return dict(_safetensors_header(path).get("__metadata__") or {})
+
+
+def safetensors_keys(path: Path) -> list[str]:
+    """The tensor names of a safetensors file, from its header alone."""
+    return [key for key in _safetensors_header(path) if key != "__metadata__"]
+
+
+def _safetensors_header(path: Path) -> dict:
     with open(path, "rb") as handle:
         head = handle.read(8)
         if len(head) != 8:
@@ -200,10 +209,9 @@ def read_safetensors_metadata(path: Path) -> dict[str, str]:
         if size > 100 * 2**20:
             raise ValueError(f"{path}: not a safetensors file (header length {size})")
         try:
-            header = json.loads(handle.read(size))
+            return json.loads(handle.read(size))
         except ValueError as exc:
             raise ValueError(f"{path}: not a safetensors file (unreadable header)") from exc
-    return dict(header.get("__metadata__") or {})
 
 
 def update_safetensors_metadata(path: Path, update: Callable[[dict[str, str]], Optional[dict[str, str]]]) -> bool:

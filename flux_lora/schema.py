@@ -281,6 +281,9 @@ class LaunchConfig:
     allow_noop_ablation: bool = False
     # Resume from a saved training state folder (an engine's `*-state` directory).
     resume_from: Optional[str] = None
+    # Start from the weights of a LoRA file (kohya FLUX format, the same rank) instead of a fresh LoRA. Recorded with
+    # its sha256 as the run's lineage, so the run id tells such a run apart from a fresh one.
+    init_lora: Optional[str] = None
     output_name: str = "flux-lora"
     # Step states (`*-stepNNNNNNNN-state`) kept on disk: the newest N; 0 keeps all.
     keep_last_states: int = 2

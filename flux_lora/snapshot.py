@@ -96,11 +96,14 @@ def dataset_fingerprint(run: RunConfig, report: CheckReport) -> Optional[dict]:
 def run_lineage(report: CheckReport) -> Optional[dict[str, Any]]:
     """Where the run's weights come from when not all from its own recipe: the run and step it resumes from and the
     recipe keys changed there. Part of the run id, so such a run is never taken for a clean run of its recipe."""
+    lineage: dict[str, Any] = {}
     source = report.resume_source
-    if not source:
-        return None
-    return {"from_run": source.get("run_id"), "from_run_dir": source.get("run_dir"), "from_step": source.get("step"),
-            "state": source.get("state"), "recipe_changes": list(source.get("recipe_changes", []))}  # fmt: skip
+    if source:
+        lineage.update(from_run=source.get("run_id"), from_run_dir=source.get("run_dir"), from_step=source.get("step"),
+                       state=source.get("state"), recipe_changes=list(source.get("recipe_changes", [])))  # fmt: skip
+    if report.init_lora:
+        lineage.update(init_lora=report.init_lora["path"], init_lora_sha256=report.init_lora["sha256"])
+    return lineage or None
 
 
 def run_identity(resolved: dict[str, Any], report: CheckReport, fingerprint: Optional[dict]) -> str:
@@ -108,7 +111,8 @@ def run_identity(resolved: dict[str, Any], report: CheckReport, fingerprint: Opt
     content = report.training_set.content_hash if report.training_set is not None else (fingerprint["content_hash"] if fingerprint else "missing")
     lineage = run_lineage(report)
     # A run without lineage keeps the id it always had; one with lineage is told apart by where it came from.
-    identity = {k: v for k, v in (lineage or {}).items() if k != "from_run_dir"} or None
+    # Where files lie is not what the weights are: the source run's id and step, the LoRA's hash are.
+    identity = {k: v for k, v in (lineage or {}).items() if k not in ("from_run_dir", "state", "init_lora")} or None
     return compute_run_id(resolved, content, identity)
 
 

@@ -14,7 +14,7 @@ import yaml
 from flux_lora.checkpoint_files import read_safetensors_metadata
 from flux_lora.compose import PROJECT_ROOT
 from flux_lora.provenance import METADATA_KEY
-from tests.seed_sweep import ONE_THREAD_ENV, Sweep
+from tests.seed_sweep import ONE_THREAD_ENV, SWEEP_ARGS, Sweep
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -93,3 +93,27 @@ def test_a_file_without_a_record_is_one_line(tmp_path: Path) -> None:
     done = cli("-m", "flux_lora.replay", str(foreign), cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip() == f"error: {foreign}: a LoRA without a flux-lora record (saved by kohya sd-scripts); only LoRAs saved by flux-lora can be replayed"
+
+
+def test_a_lora_as_starting_point_is_loaded_and_recorded_as_lineage(seed_sweep: Sweep, tmp_path: Path) -> None:
+    """launch.init_lora: with a learning rate of 0 the final LoRA is the starting LoRA exactly, so its weights were
+    the ones trained (read back from the output); the run id tells the run apart from a fresh one."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    start = cell(seed_sweep, "a1_alpha") / "output" / "flux-lora.safetensors"
+    same = [a for a in SWEEP_ARGS if a.startswith(("profile.resolution", "dataset.min_bucket_reso"))]
+    args = [*same, "ablation=a1_alpha", "profile.max_train_steps=2", "profile.lr_warmup_steps=0", "profile.learning_rate=0",
+            "profile.sample_every_n_steps=100", "profile.save_every_n_steps=100", f"paths.outputs={tmp_path / 'outputs'}",
+            f"paths.cache={tmp_path / 'cache'}"]  # fmt: skip
+    done = cli(str(PROJECT_ROOT / "launch.py"), *args, f"launch.init_lora={start}", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "starting from the LoRA in" in done.stdout
+    (run_dir,) = [p.parent for p in (tmp_path / "outputs").rglob("run.json")]
+    trained, initial = load_file(str(run_dir / "output" / "flux-lora.safetensors")), load_file(str(start))
+    assert trained.keys() == initial.keys() and all((trained[k] == initial[k]).all() for k in initial)
+    lineage = json.loads((run_dir / "run.json").read_text())["lineage"]
+    assert lineage["init_lora_sha256"] == hashlib.sha256(start.read_bytes()).hexdigest()
+    fresh = cli(str(PROJECT_ROOT / "launch.py"), *args, "launch.dry_run=true", cwd=tmp_path)
+    assert json.loads((run_dir / "run.json").read_text())["run_id"] not in fresh.stdout

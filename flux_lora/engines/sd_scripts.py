@@ -229,6 +229,8 @@ def render_sd_scripts_args(run: RunConfig, run_dir: Path, unapplied: dict[str, s
     # LoRA network.
     a.value("--network_module", p.network_module)
     a.value("--network_dim", p.network_dim)
+    if run.launch.init_lora:
+        a.value("--network_weights", _absolute(run.launch.init_lora))
     a.value("--network_alpha", float(p.network_alpha))
     if p.network_dropout is not None:
         a.value("--network_dropout", float(p.network_dropout), key="profile.network_dropout")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from flux_lora.report.summary import RunRow, find_run_dirs, read_json, read_run, read_yaml
+from flux_lora.report.summary import RunRow, find_run_dirs, lineage_label, read_json, read_run, read_yaml
 from flux_lora.lifecycle.records import POINTER_FILE
 
 # States whose numbers count in a cell's statistics (a pointer "skipped: done" stands for a run that succeeded).
@@ -146,7 +146,7 @@ def cell_name(run: dict[str, Any], config: dict[str, Any], cell_dir: Path) -> st
     name = _clean_cell_name(run, config, cell_dir)
     lineage = run.get("lineage")
     if lineage:  # not a seed of the clean recipe: its weights partly come from another run
-        return f"{name} (from run {lineage.get('from_run')} step {lineage.get('from_step')})"
+        return f"{name} ({lineage_label(lineage)})"
     return name
 
 

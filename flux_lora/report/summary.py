@@ -75,6 +75,16 @@ def _owner_gone(config: dict[str, Any], run_id: str) -> bool:
     return holder is None or holder.gone()
 
 
+def lineage_label(lineage: dict[str, Any]) -> str:
+    """Where a run's weights partly come from, in a few words."""
+    parts = []
+    if lineage.get("from_step") is not None:
+        parts.append(f"from run {lineage.get('from_run')} step {lineage.get('from_step')}")
+    if lineage.get("init_lora_sha256"):
+        parts.append(f"from LoRA {Path(lineage.get('init_lora') or '').name} sha256 {lineage['init_lora_sha256'][:12]}")
+    return ", ".join(parts)
+
+
 def read_run(run_dir: Path) -> RunRow:
     pointer = read_json(run_dir / POINTER_FILE)
     if pointer and not (run_dir / "run.json").exists():
@@ -105,8 +115,7 @@ def read_run(run_dir: Path) -> RunRow:
         state, note = OWNER_GONE, "its launcher and job are gone; run the same command again to resume it"
     lineage = run.get("lineage")
     if lineage:
-        note = f"lineage: from run {lineage.get('from_run')} step {lineage.get('from_step')}" + "".join(
-            f"; {c}" for c in lineage.get("recipe_changes", [])) + (f"; {note}" if note else "")
+        note = f"lineage: {lineage_label(lineage)}" + "".join(f"; {c}" for c in lineage.get("recipe_changes", [])) + (f"; {note}" if note else "")
     attempts = status.get("attempts") or []
     peaks = [a["peak_memory_gb"] for a in attempts if a.get("peak_memory_gb") is not None]
     profile, gpu, ablation = config.get("profile", {}), config.get("gpu", {}), config.get("ablation", {})

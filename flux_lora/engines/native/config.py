@@ -92,6 +92,7 @@ class NativeTrainConfig:
     logging_dir: str = ""
     output_name: str = "flux-lora"
     resume_from: Optional[str] = None
+    init_lora: Optional[str] = None  # a kohya LoRA file the LoRA starts from (launch.init_lora)
     keep_last_states: int = 2  # step states kept on disk, the newest; 0 keeps all
     # Values copied into the LoRA metadata as-is (run name, ablation cell); never read by the loop.
     record: dict = field(default_factory=dict)

@@ -138,6 +138,7 @@ def native_config_from_run(run: RunConfig, run_dir: Path, unapplied: Optional[di
         logging_dir=str(run_dir / "logs"),
         output_name=run.launch.output_name,
         resume_from=_path(run.launch.resume_from),
+        init_lora=_path(run.launch.init_lora),
         keep_last_states=run.launch.keep_last_states,
         record={"run_name": run.name, "ablation": run.ablation.name},
     )

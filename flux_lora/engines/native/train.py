@@ -672,6 +672,12 @@ def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
     batches_per_epoch = len(epoch_batches(items, config.num_repeats, config.batch_size, torch.Generator().manual_seed(0)))
     global_step = 0
     last_state: Optional[str] = None
+    if config.init_lora and not config.resume_from:  # a resumed state already holds the weights it started from
+        from flux_lora.engines.native.lora import load_kohya_lora
+
+        load_kohya_lora(accelerator.unwrap_model(transformer), Path(config.init_lora))
+        if accelerator.is_main_process:
+            print(f"starting from the LoRA in {config.init_lora}", flush=True)
     if config.resume_from:
         recipe = optimizer_recipe(training)
         accelerator.load_state(config.resume_from)
