@@ -26,7 +26,7 @@ import yaml
 
 from flux_lora.compose import PROJECT_ROOT
 from flux_lora.dataset import DatasetError, fingerprint_dataset
-from flux_lora.provenance import TRAINING_PACKAGES, NoRecord, Provenance, load_record
+from flux_lora.provenance import NoRecord, Provenance, load_record
 from flux_lora.snapshot import installed_version, git_state
 
 

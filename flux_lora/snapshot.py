@@ -14,7 +14,6 @@ The job reads only these files, so what is recorded is what ran:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import os
