@@ -27,6 +27,7 @@ import yaml
 
 from flux_lora.compose import PROJECT_ROOT
 from flux_lora.lifecycle.outcome import LOSS_TAG, scalar_series
+from flux_lora.lifecycle.records import process_start_time
 from flux_lora.report import read_run
 from tests.test_launch_e2e import run_dirs
 
@@ -60,6 +61,15 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def wait_until_gone(pids: list[int], timeout_s: float = 30) -> None:
+    """SIGKILL is not instant: a process may still be tearing down its memory. Wait until each one has exited (gone or
+    a zombie), as the next launch would find it after any real crash."""
+    deadline = time.monotonic() + timeout_s
+    while any(process_start_time(pid) is not None for pid in pids):
+        assert time.monotonic() < deadline, f"still alive {timeout_s} s after SIGKILL: {pids}"
+        time.sleep(0.1)
+
+
 def wait_for_state(tmp_path: Path, step_name: str, process: subprocess.Popen[str], timeout_s: float = 240) -> Path:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -91,6 +101,7 @@ def test_kill_9_of_a_sweeps_whole_tree_then_the_same_command_finishes_it(tmp_pat
     for pid in tree:  # all at once, as the OOM killer or a reboot would: nobody gets to clean up
         os.kill(pid, signal.SIGKILL)
     first.wait(timeout=30)
+    wait_until_gone(tree)
     (cell,) = [d for d in (tmp_path / "elsewhere").iterdir() if (d / "run.json").is_file()]
     assert json.loads((cell / "status.json").read_text())["state"] == "running"  # left behind by the dead launcher
     assert read_run(cell).state == "owner gone"  # and shown as what it is

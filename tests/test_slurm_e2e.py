@@ -61,8 +61,9 @@ def test_a_cell_that_hits_the_time_limit_or_is_requeued_resumes_in_its_folder_an
     (a preemption) mid-training does the same."""
     sweep_dir = tmp_path / "sweep"
     # SLURM sends the warning 0-30 s before `signal_delay_s` (its limits are checked every 30 s): with 60 s it comes
-    # 30-60 s after the start. Accumulating 4 micro-batches (~1.2 s a step) keeps 50 steps training past that.
-    steps = 50
+    # 30-60 s after the start. Accumulating 4 micro-batches (0.7-1.2 s a step on 2 cores) keeps 100 steps training
+    # well past that: 50 steps ended before the warning on a faster machine.
+    steps = 100
     sweep = launch(["-m", "ablation=baseline", f"ablation.baseline_steps={steps}", "profile.save_every_n_steps=20",
                     "gpu.gradient_accumulation_steps=4", *CELL,
                     *ON_SLURM, "hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=60", f"hydra.sweep.dir={sweep_dir}"], tmp_path)  # fmt: skip
@@ -87,6 +88,7 @@ def test_a_cell_that_hits_the_time_limit_or_is_requeued_resumes_in_its_folder_an
     status = status_of(cell)
     assert status.get("state") == "succeeded", output[-4000:] + json.dumps(status, indent=1)[-3000:]
     attempts = status["attempts"]
+    assert attempts[0]["state"] == "interrupted", f"trained all {steps} steps before SLURM's warning came: {attempts[0]}"
     assert preempted and len(attempts) >= 3, json.dumps(attempts, indent=1)
     assert attempts[0]["state"] == "interrupted" and attempts[0].get("requeued"), attempts[0]
     assert "SLURM's warning" in attempts[0]["reason"]
