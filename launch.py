@@ -18,6 +18,7 @@ from flux_lora.check import check_run, print_check_report
 from flux_lora.compose import PROJECT_ROOT, describe_config_error, load_run, print_config_tree, register, resolved_container
 from flux_lora.cost import estimate_cost, estimated_and_took
 from flux_lora.engines import get_engine
+from flux_lora.report.collect import run_home
 from flux_lora.report import SKIPPED_DONE, SweepDirRecorder, find_run_dirs, print_summary, read_run, write_sweep_report
 from flux_lora.lifecycle.decision import RunNotStartable, continue_known_run
 from flux_lora.lifecycle.job import ExpectedTraining, evaluate_after_run, launch_command, start_run
@@ -167,7 +168,7 @@ def cli() -> int:
         elif SweepDirRecorder.sweep_dir is not None:
             rows = [read_run(d) for d in find_run_dirs(SweepDirRecorder.sweep_dir)]
             print_summary(rows, title=f"sweep {SweepDirRecorder.sweep_dir}")
-            took = estimated_and_took([r.run_dir for r in rows])
+            took = estimated_and_took([run_home(r.run_dir) for r in rows])
             if took:
                 print(took)
             write_sweep_report(SweepDirRecorder.sweep_dir)  # report.html and report.md beside the cells

@@ -1,24 +1,32 @@
 """Watch a sweep (or one run) while it runs: one line per cell, refreshed, from the run folders alone.
 
-    python -m flux_lora.watch SWEEP_OR_RUN_DIR [--once] [--interval S]
+    python -m flux_lora.watch SWEEP_OR_RUN_DIR [--once] [--interval S] [--open-with PROGRAM]
 
 Per cell: state, a progress bar of steps, the loss (smoothed) and its trend, it/s, ETA and attempts; below the
 table, GPU utilisation, memory and temperature per GPU where NVML answers (nvidia-ml-py, the `gpu` extra), and
-the newest sample image of the first running cell as a path. It only reads files (status.json, train.log's
-progress lines, the sweep's multirun.yaml or slurm_jobs.json for how many cells to expect), so it works on a
-login node over a shared filesystem and never blocks a run. It exits by itself once every cell has ended;
-`--once` prints a single frame for scripts.
+the newest sample image of the selected cell as a path. In a terminal, up/down (or k/j) select a cell, `o` opens
+its newest sample with the desktop's viewer (xdg-open, or `open` on macOS; --open-with another program) and `q`
+quits. It only reads files (status.json, train.log's progress lines, the sweep's multirun.yaml or slurm_jobs.json
+for how many cells to expect), so it works on a login node over a shared filesystem and never blocks a run. It
+exits by itself once every cell has ended; `--once` prints a single frame for scripts.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import select
+import shutil
+import subprocess
 import sys
+import termios
 import time
+import tty
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -41,6 +49,7 @@ TAIL_BYTES = 64 * 1024
 @dataclass
 class CellView:
     run_dir: Path
+    home: Optional[Path] = None  # where the run's files are: the cell, or where its run_pointer.json points
     name: str = ""
     state: str = "not started"
     step: int = 0
@@ -81,7 +90,7 @@ def last_progress(log: Path) -> Optional[re.Match]:
 def refresh(view: CellView) -> None:
     row = read_run(view.run_dir)
     home = view.run_dir if (view.run_dir / "run.json").exists() else Path(read_json(view.run_dir / "run_pointer.json").get("run_dir", view.run_dir))
-    view.name, view.state = view.run_dir.name, row.state
+    view.name, view.state, view.home = view.run_dir.name, row.state, home
     view.attempts = len(read_json(home / "status.json").get("attempts", []))
     progress = last_progress(home / LOG_FILE)
     if progress:
@@ -134,26 +143,89 @@ def gpu_lines() -> list[str]:
     return lines or ["GPUs: none visible here (NVML reports 0 devices)"]
 
 
-def newest_sample(cells: list[CellView]) -> Optional[Path]:
+def newest_sample(cell: Optional[CellView]) -> Optional[Path]:
+    if cell is None:
+        return None
+    samples = sorted(((cell.home or cell.run_dir) / "output" / "sample").glob("*.png"), key=lambda p: p.stat().st_mtime)
+    return samples[-1] if samples else None
+
+
+def default_selection(cells: list[CellView]) -> Optional[Path]:
+    """The first running cell, else the first cell."""
     running = [c for c in cells if c.state == "running"] or cells
-    for cell in running:
-        samples = sorted((cell.run_dir / "output" / "sample").glob("*.png"), key=lambda p: p.stat().st_mtime)
-        if samples:
-            return samples[-1]
-    return None
+    return running[0].run_dir if running else None
 
 
-def frame(root: Path, cells: list[CellView], expected: Optional[int], gpus: list[str]) -> Group:
+def frame(root: Path, cells: list[CellView], expected: Optional[int], gpus: list[str], selected: Optional[Path] = None,
+          keys: bool = False, message: str = "") -> Group:
     table = Table(title=f"{root}  ({len(cells)}{'/' + str(expected) if expected else ''} cells)", expand=False)
-    for column in ("cell", "state", "progress", "steps", "loss (avg)", "trend", "it/s", "ETA", "attempts"):
+    for column in ("", "cell", "state", "progress", "steps", "loss (avg)", "trend", "it/s", "ETA", "attempts"):
         table.add_column(column)
     for c in cells:
         bar = ProgressBar(total=max(c.total, 1), completed=c.step, width=20)
-        table.add_row(c.name, c.state, bar, f"{c.step}/{c.total or '?'}", "-" if c.loss is None else f"{c.loss:.4f}", c.trend,
-                      "-" if c.rate is None else f"{c.rate:.2f}", c.eta, str(c.attempts))  # fmt: skip
-    sample = newest_sample(cells)
-    notes = [Text(line) for line in gpus] + [Text(f"newest sample: {sample if sample else 'none yet'}")]
+        table.add_row("›" if c.run_dir == selected else "", c.name, c.state, bar, f"{c.step}/{c.total or '?'}",
+                      "-" if c.loss is None else f"{c.loss:.4f}", c.trend, "-" if c.rate is None else f"{c.rate:.2f}", c.eta,
+                      str(c.attempts))  # fmt: skip
+    chosen = next((c for c in cells if c.run_dir == selected), None)
+    sample = newest_sample(chosen)
+    notes = [Text(line) for line in gpus]
+    notes.append(Text(f"newest sample of {chosen.name if chosen else '-'}: {sample if sample else 'none yet'}"))
+    if keys:
+        notes.append(Text("keys: ↑/↓ or k/j select a cell · o open its newest sample · q quit" + (f"   {message}" if message else ""), style="dim"))
     return Group(table, *notes)
+
+
+def opener(program: Optional[str]) -> Optional[str]:
+    """The program that shows an image on this desktop, or None when there is none."""
+    if program:
+        return program
+    return shutil.which("open" if sys.platform == "darwin" else "xdg-open")
+
+
+def open_sample(sample: Optional[Path], program: Optional[str]) -> str:
+    """Open the sample in the viewer, detached (the watch keeps refreshing); the line to show about it."""
+    if sample is None:
+        return "no sample yet in this cell"
+    if program is None:
+        return "no image viewer here (xdg-open not found): give one with --open-with"
+    try:
+        subprocess.Popen([program, str(sample)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)  # fmt: skip
+    except OSError as exc:
+        return f"could not start {program}: {exc.strerror}"
+    return f"opened {sample.name} with {Path(program).name}"
+
+
+@contextmanager
+def keystrokes(enabled: bool) -> Iterator[Optional[int]]:
+    """stdin in cbreak mode (keys arrive one by one, unechoed) while watching; restored however the watch ends."""
+    if not enabled:
+        yield None
+        return
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    tty.setcbreak(fd)
+    try:
+        yield fd
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def read_keys(fd: Optional[int], timeout_s: float) -> str:
+    """Keys typed within timeout_s ("" if none); arrow keys come as escape sequences."""
+    if fd is None:
+        time.sleep(timeout_s)
+        return ""
+    ready, _, _ = select.select([fd], [], [], timeout_s)
+    return os.read(fd, 64).decode("utf-8", errors="replace") if ready else ""
+
+
+def move(cells: list[CellView], selected: Optional[Path], by: int) -> Optional[Path]:
+    if not cells:
+        return selected
+    names = [c.run_dir for c in cells]
+    index = names.index(selected) if selected in names else 0
+    return names[max(0, min(len(names) - 1, index + by))]
 
 
 def all_ended(cells: list[CellView], expected: Optional[int]) -> bool:
@@ -165,6 +237,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("root", type=Path, help="a sweep folder or a run folder")
     parser.add_argument("--once", action="store_true", help="print one frame and exit")
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
+    parser.add_argument("--open-with", metavar="PROGRAM", help="the image viewer `o` starts (default: xdg-open, or open on macOS)")
     args = parser.parse_args(argv)
     if not args.root.is_dir():
         print(f"error: {args.root}: no such folder; give a sweep or run folder (outputs/sweeps/<dir>)", file=sys.stderr)
@@ -180,14 +253,31 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     cells, expected = update()
     if args.once:
-        console.print(frame(args.root, cells, expected, gpus))
+        console.print(frame(args.root, cells, expected, gpus, default_selection(cells)))
         return 0
-    with Live(frame(args.root, cells, expected, gpus), console=console, refresh_per_second=4, screen=False) as live:
-        while not all_ended(cells, expected):
-            time.sleep(args.interval)
+    interactive = sys.stdin.isatty()
+    chosen: Optional[Path] = None  # the user's choice; until there is one, the first running cell
+    message = ""
+    with keystrokes(interactive) as fd, Live(console=console, refresh_per_second=4, screen=False) as live:
+        while True:
+            selected = chosen or default_selection(cells)
+            live.update(frame(args.root, cells, expected, gpus, selected, interactive, message))
+            if all_ended(cells, expected):
+                return 0
+            deadline = time.monotonic() + args.interval
+            while (left := deadline - time.monotonic()) > 0:
+                typed = read_keys(fd, left)
+                for key in re.findall(r"\x1b\[[AB]|.", typed, flags=re.DOTALL):
+                    if key in ("q", "Q"):
+                        return 0
+                    if key in ("\x1b[A", "k", "\x1b[B", "j"):
+                        chosen = selected = move(cells, selected, -1 if key in ("\x1b[A", "k") else 1)
+                        message = ""
+                    elif key == "o":
+                        message = open_sample(newest_sample(next((c for c in cells if c.run_dir == selected), None)), opener(args.open_with))
+                if typed:
+                    live.update(frame(args.root, cells, expected, gpus, selected, interactive, message))
             cells, expected = update()
-            live.update(frame(args.root, cells, expected, gpus))
-    return 0
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from flux_lora.compose import PROJECT_ROOT
-from flux_lora.cost import CostEstimate, sweep_cost_line
+from flux_lora.cost import CostEstimate, duration, sweep_cost_line
 from tests.seed_sweep import SWEEP_ARGS, Sweep, run_cli
 
 
@@ -41,3 +41,13 @@ def test_side_by_side_cells_shorten_the_wall_time_not_the_gpu_hours() -> None:
     assert sweep_cost_line(cells, 1) == ("sweep cost: 4 cells, 4.0 h in all, 8.00 GPU-hours "
                                          "(0 of 4 from measured runs, the rest per-tier estimates)")  # fmt: skip
     assert "2 side by side: about 2.0 h of wall time, 8.00 GPU-hours" in sweep_cost_line(cells, 2)
+
+
+def test_after_the_sweep_the_estimate_stands_beside_what_it_took(seed_sweep: Sweep) -> None:
+    estimated = took = 0.0
+    for cell in seed_sweep.path.glob("*/run.json"):
+        estimated += json.loads(cell.read_text())["cost_estimate"]["seconds"]
+        took += json.loads((cell.parent / "status.json").read_text())["duration_s"]
+    line = f"estimated {duration(estimated)} for the 6 cell(s) that ran, took {duration(took)} ({took / estimated:.2f}x)"
+    assert f"cost: {line}" in seed_sweep.launch_output  # the terminal, after the summary table
+    assert f"Cost: {line}" in seed_sweep.report_md_at_sweep_end  # and the report's notes

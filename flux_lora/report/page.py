@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
+from flux_lora.cost import estimated_and_took
 from flux_lora.report import plots
 from flux_lora.report.collect import METRICS, PRIMARY_METRIC, Cell, Metric, RunRecord, collect, find_baseline, with_ratings
 from flux_lora.report.ratings import RatingSummary, summarize_ratings
@@ -273,6 +274,9 @@ def _notes(cells: list[Cell], seeds_per_cell: int, baseline: Optional[Cell]) -> 
     if uncounted:
         notes.append(f"{len(uncounted)} run(s) have not succeeded (dry run, refused, failed, interrupted or still running) and are "
                      "left out of the statistics; the runs table lists them.")  # fmt: skip
+    took = estimated_and_took([r.home for r in runs])
+    if took:
+        notes.append(took[0].upper() + took[1:] + ": the estimate printed before the sweep, beside what it took.")
     return notes
 
 
