@@ -181,19 +181,37 @@ def test_kill_9_of_the_launcher_then_an_immediate_relaunch_resumes_from_what_the
 def test_nan_fails_within_steps_and_a_rerun_retries_only_the_failed_cell(tmp_path: Path) -> None:
     """Two cells, one with an absurd learning rate: it fails with the NaN step named, the other succeeds;
     the same command again skips the good cell and retries only the failed one. `python -m flux_lora.watch`, in a
-    real pseudo-terminal, shows both cells moving while the sweep runs and exits by itself when they have ended."""
+    real pseudo-terminal, shows both cells moving while the sweep runs, moves its selection with the arrow keys, opens
+    the selected cell's newest sample with `o`, and exits by itself when they have ended."""
     sweep_dir = tmp_path / "outputs" / "sweeps" / "nan"
     args = ["-m", "ablation=baseline", "profile.learning_rate=1e-3,1e12", "launch.resume=auto", *SHORT,
-            "ablation.baseline_steps=8", f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
+            "ablation.baseline_steps=8", "profile.sample_every_n_steps=2", f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
     sweep = start(args, tmp_path)
     while not (sweep_dir / "multirun.yaml").is_file():
         assert sweep.poll() is None
         time.sleep(0.1)
-    watcher, screen = watch_in_a_terminal(sweep_dir)
+    viewer = tmp_path / "viewer.sh"  # stands in for xdg-open (no desktop here): it writes down what it was asked to show
+    viewer.write_text('#!/bin/sh\nprintf "%s\\n" "$1" >> "$(dirname "$0")/opened.txt"\n')
+    viewer.chmod(0o755)
+    watcher, screen, keyboard = watch_in_a_terminal(sweep_dir, "--open-with", str(viewer))
+    good_samples = sweep_dir / "0_tiny-smoke-cpu-native-baseline" / "output" / "sample"
+    while "1_tiny-smoke-cpu-native-baseline" not in "".join(screen[-20:]):  # both cells on screen: one to move to
+        assert sweep.poll() is None, finish(sweep)[-3000:]
+        time.sleep(0.1)
+    for key in ("\x1b[B", "\x1b[A", "o"):  # down to the NaN cell, back up to the good one, open its sample
+        os.write(keyboard, key.encode())
+        time.sleep(0.5)
+    deadline = time.monotonic() + 15
+    while not (tmp_path / "opened.txt").is_file():
+        assert time.monotonic() < deadline, "".join(screen)[-3000:]
+        time.sleep(0.1)
+    (opened,) = (tmp_path / "opened.txt").read_text().splitlines()
+    assert Path(opened).parent == good_samples and Path(opened).suffix == ".png"
     output = finish(sweep)
     watcher.wait(timeout=60)  # by itself: every cell has ended
     frames = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", "".join(screen))
     assert watcher.returncode == 0, frames[-3000:]
+    assert re.search(r"›\s*│\s*1_tiny-smoke-cpu-native-baseline", frames) and f"opened {Path(opened).name} with viewer.sh" in frames
     steps = {cell: {int(m) for m in re.findall(rf"{cell}\s+│[^│]*│[^│]*│\s*(\d+)/8", frames)}
              for cell in ("0_tiny-smoke-cpu-native-baseline", "1_tiny-smoke-cpu-native-baseline")}  # fmt: skip
     # The good cell moved while it was watched; the NaN cell (it fails within ~3 steps, a second or two) showed up
@@ -218,12 +236,13 @@ def test_nan_fails_within_steps_and_a_rerun_retries_only_the_failed_cell(tmp_pat
     assert attempts == {1e-3: 1, 1e12: 2}  # resumed from its last good state, or started again if it had none
 
 
-def watch_in_a_terminal(sweep_dir: Path) -> tuple[subprocess.Popen[bytes], list[str]]:
-    """`python -m flux_lora.watch` on a 220x50 pseudo-terminal; what it draws is collected as it comes."""
+def watch_in_a_terminal(sweep_dir: Path, *options: str) -> tuple[subprocess.Popen[bytes], list[str], int]:
+    """`python -m flux_lora.watch` on a 220x50 pseudo-terminal; what it draws is collected as it comes, and what is
+    written to the returned descriptor reaches it as typed keys."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 220, 0, 0))
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}  # the terminal's own size, not pytest's
-    watcher = subprocess.Popen([sys.executable, "-m", "flux_lora.watch", str(sweep_dir), "--interval", "0.2"],
+    watcher = subprocess.Popen([sys.executable, "-m", "flux_lora.watch", str(sweep_dir), "--interval", "0.2", *options],
                                stdin=slave, stdout=slave, stderr=slave, close_fds=True, env=env)  # fmt: skip
     os.close(slave)
     screen: list[str] = []
@@ -239,7 +258,7 @@ def watch_in_a_terminal(sweep_dir: Path) -> tuple[subprocess.Popen[bytes], list[
             screen.append(chunk.decode("utf-8", errors="replace"))
 
     threading.Thread(target=read, daemon=True).start()
-    return watcher, screen
+    return watcher, screen, master
 
 
 def test_a_sweep_run_again_into_its_folder_with_a_changed_cell_is_refused_with_the_keys(tmp_path: Path) -> None:
