@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.syntax import Syntax
 from rich.tree import Tree
 
-from flux_lora.schema import RunConfig, register_configs
+from flux_lora.schema import BUCKET_STEP_MULTIPLE, EngineName, RunConfig, register_configs
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = PROJECT_ROOT / "conf"
@@ -40,6 +40,9 @@ def register() -> None:
     OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
     OmegaConf.register_new_resolver("run_name", _run_name, replace=True)
     OmegaConf.register_new_resolver("ablation_steps", _ablation_steps, replace=True)
+    OmegaConf.register_new_resolver("ablation_warmup", lambda steps, share: round(int(steps) * float(share)), replace=True)
+    # dataset.bucket_reso_steps' default: the step the chosen engine accepts (the fact lives in schema.py).
+    OmegaConf.register_new_resolver("engine_bucket_step", lambda engine: BUCKET_STEP_MULTIPLE[EngineName(engine)], replace=True)
     # A cluster option for GPUs only when there are some: `--gpus-per-node=0` is an error on GPU clusters.
     OmegaConf.register_new_resolver("gpus_or_none", lambda accelerator, count: int(count) if accelerator == "cuda" else None, replace=True)
 

@@ -16,6 +16,7 @@ from enum import Enum
 from typing import Callable, Collection, Optional
 
 from flux_lora.schema import (
+    BUCKET_STEP_MULTIPLE,
     Accelerator,
     EngineName,
     HuberSchedule,
@@ -49,11 +50,6 @@ def _resolution_multiple_of_16(run: RunConfig) -> Optional[str]:
     if r % 16:
         return f"profile.resolution={r}: must be a multiple of 16; set profile.resolution={r // 16 * 16 or 16}"
     return None
-
-
-# sd-scripts' FLUX trainer first runs the base trainer's verify_bucket_reso_steps(64) (train_network.py:175), then
-# its own (32): 64 is what passes. The native engine needs only FLUX's 16 px latent packing; its buckets use 32.
-BUCKET_STEP_MULTIPLE = {EngineName.sd_scripts: 64, EngineName.native: 32}
 
 
 def _bucket_steps_fit_engine(run: RunConfig) -> Optional[str]:
@@ -219,7 +215,7 @@ MIN_TRAINING_IMAGES_AFTER_HOLD_OUT = 2
 
 def _validation_split_in_range(run: RunConfig) -> Optional[str]:
     s = run.dataset.validation_split
-    if not 0.0 <= s <= MAX_VALIDATION_SPLIT:
+    if s is not None and not 0.0 <= s <= MAX_VALIDATION_SPLIT:
         return (
             f"dataset.validation_split={s:g}: must be in [0, {MAX_VALIDATION_SPLIT:g}] (the share of images held out "
             "from training); set e.g. dataset.validation_split=0.2, or 0 to validate on the training images"
@@ -243,7 +239,10 @@ def held_out_leaves_too_few(run: RunConfig, training_images: int, held_out_image
     if not held_out_images or training_images >= MIN_TRAINING_IMAGES_AFTER_HOLD_OUT:
         return None
     d = run.dataset
-    source = f"dataset.validation_split={d.validation_split:g}" if d.validation_split else f"dataset.validation_path={d.validation_path}"
+    if d.validation_path:
+        source = f"dataset.validation_path={d.validation_path}"
+    else:
+        source = "dataset.validation_split=" + ("null (the automatic share)" if d.validation_split is None else f"{d.validation_split:g}")
     return (
         f"{source}: holds out {held_out_images} image(s) and leaves {training_images} to train (at least "
         f"{MIN_TRAINING_IMAGES_AFTER_HOLD_OUT} needed); lower dataset.validation_split or add images to dataset.path"

@@ -13,7 +13,7 @@ from enum import Enum
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import II, MISSING
 
 from flux_lora.dataset import AnalysisSettings, GateSettings
 
@@ -87,6 +87,12 @@ class OptimizerName(str, Enum):
 class EngineName(str, Enum):
     native = "native"
     sd_scripts = "sd_scripts"
+
+
+# The bucket step each engine accepts: sd-scripts' FLUX trainer first runs the base trainer's
+# verify_bucket_reso_steps(64) (train_network.py), then its own (32), so 64 is what passes; the native engine needs
+# only FLUX's 16 px latent packing and its buckets use 32. dataset.bucket_reso_steps defaults to it.
+BUCKET_STEP_MULTIPLE = {EngineName.sd_scripts: 64, EngineName.native: 32}
 
 
 class ResumeMode(str, Enum):
@@ -187,6 +193,9 @@ class AblationConfig:
     # How a cell that accumulates gradients is compared with the baseline: at equal optimizer steps (as the
     # recipe uses accumulation; more images and compute) or at equal images seen (equal compute, fewer updates).
     step_basis: StepBasis = StepBasis.optimizer_steps
+    # The cells' learning-rate warmup as a share of their steps: a profile's own warmup (500 steps in final) does not
+    # fit the ablation's shorter runs.
+    warmup_share: float = 0.1
 
 
 @dataclass
@@ -254,11 +263,12 @@ class DatasetConfig:
     enable_bucket: bool = True
     min_bucket_reso: int = 256
     max_bucket_reso: int = 1024
-    bucket_reso_steps: int = 64
+    bucket_reso_steps: int = II("engine_bucket_step:${engine.name}")  # the engine's own step unless set
     sample_prompts: list[SamplePrompt] = field(default_factory=list)
     # Held out from training for the evaluator's validation loss (flux_lora/dataset/training_set.py): a share of
     # the images, the same ones for every run of this dataset (chosen by content hash), or a folder of its own.
-    validation_split: float = 0.0
+    # null: 10% (at least one image) once the dataset has 8 distinct images, none below that; 0: none.
+    validation_split: Optional[float] = None
     validation_path: Optional[str] = None
     analysis: DatasetAnalysisConfig = field(default_factory=DatasetAnalysisConfig)
     gate: DatasetGateConfig = field(default_factory=DatasetGateConfig)

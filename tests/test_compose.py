@@ -232,6 +232,23 @@ def test_ablation_step_basis_is_declared_and_holds_images_or_updates_equal(profi
             if basis == "optimizer_steps" or accumulation == 1:
                 assert updates == base_updates == 500, cell
                 assert "profile.max_train_steps" not in _diff(base, cfg), cell
-            else:  # equal images seen: a quarter of the updates, and that is the only undeclared difference
-                assert images == base_images and updates == 125, cell
-                assert _covered(_diff(base, cfg) - {"profile.max_train_steps"}, cfg["ablation"]["changes"]), cell
+            else:  # equal images seen: a quarter of the updates (and of the warmup), the only undeclared differences
+                assert images == base_images and updates == 125 and cfg["profile"]["lr_warmup_steps"] == 12, cell
+                assert _covered(_diff(base, cfg) - {"profile.max_train_steps", "profile.lr_warmup_steps"}, cfg["ablation"]["changes"]), cell
+
+
+@pytest.mark.parametrize("profile", ["fast", "final"])
+def test_the_ablation_sweep_composes_into_runnable_cells_on_every_profile_and_tier_that_holds_it(profile: str) -> None:
+    """The cells' warmup is shortened with their steps (ablation.warmup_share): the final profile's 500 warmup steps
+    met the ablation's 500 steps and refused all nine. The sample dataset's buckets take each engine's step."""
+    from flux_lora.compose import load_run
+    from flux_lora.rules import apply_rules
+
+    for gpu in ("a6000", "h200"):  # the smallest and largest tier that hold 768 px (fast and final)
+        for engine in ("native", "sd_scripts"):
+            for ablation in ["baseline", *ABLATION_CELLS, "a8_all"]:
+                run = load_run(compose_config([f"profile={profile}", f"gpu={gpu}", f"engine={engine}", "model=flux_dev", f"ablation={ablation}"]))
+                errors = apply_rules(run).errors
+                assert errors == [], (gpu, engine, ablation, errors)
+                assert run.profile.lr_warmup_steps == round(run.profile.max_train_steps * 0.1) < run.profile.max_train_steps
+                assert run.dataset.bucket_reso_steps == {"native": 32, "sd_scripts": 64}[engine]
