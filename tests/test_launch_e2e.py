@@ -76,6 +76,16 @@ def test_embedded_default_trains_end_to_end(tmp_path: Path) -> None:
     # Evaluated at the end of the run, from its run directory alone (flux_lora/eval).
     evaluation_record = json.loads((run_dir / "eval" / "eval.json").read_text())
     assert evaluation_record["schema_version"] == 1 and evaluation_record["load_check"]["passed"] is True
+    # Held out by default (8 sample photos: one), never trained, and every place that shows the number says so.
+    held_out = json.loads((run_dir / "training_set.json").read_text())["validation"]
+    assert len(held_out) == 1 and held_out[0]["image"] not in {e["image"] for e in json.loads((run_dir / "training_set.json").read_text())["examples"]}
+    assert "1 image(s) held out for validation by default" in done.stdout
+    validation = evaluation_record["validation"]
+    assert validation["images"] == "held-out" and validation["count"] == 1 and evaluation_record["basis"]["images"] == "held-out"
+    assert "validation loss on held-out images (never trained)" in done.stdout  # the evaluator's summary
+    report = subprocess.run([sys.executable, "-m", "flux_lora.report", str(run_dir)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stdout[-2000:] + report.stderr[-2000:]
+    assert "val loss final (held-out images)" in (run_dir / "report.md").read_text()
     assert_complete_snapshot(run_dir, ["native_config.json", "train.log"])
     assert json.loads((run_dir / "status.json").read_text())["state"] == "succeeded"
     command = json.loads((run_dir / "command.json").read_text())
@@ -95,8 +105,8 @@ def test_sd_scripts_ablation_sweep_dry_run(tmp_path: Path) -> None:
     from flux_lora.engines.sd_scripts import check_args_against_reference
 
     # A secret pasted into a config value is redacted from every snapshot file (assert_no_secret).
-    args = ["sweep=ablation", "engine=sd_scripts", "model=flux_dev", "launch.dry_run=true", f"dataset.class_tokens={SECRET}",
-            "dataset.bucket_reso_steps=64"]  # fmt: skip
+    # No dataset.bucket_reso_steps: the sample dataset's buckets take sd-scripts' step (64) by default.
+    args = ["sweep=ablation", "engine=sd_scripts", "model=flux_dev", "launch.dry_run=true", f"dataset.class_tokens={SECRET}"]
     done = launch(args, tmp_path)
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]  # a2 and a6 are refused: not a finished sweep
     dirs = run_dirs(tmp_path)
@@ -104,6 +114,7 @@ def test_sd_scripts_ablation_sweep_dry_run(tmp_path: Path) -> None:
     states = {}
     for run_dir in dirs:
         run = assert_complete_snapshot(run_dir, ["dataset.toml", "sample_prompts.txt"])
+        assert "bucket_reso_steps = 64" in (run_dir / "dataset.toml").read_text()
         states[run["ablation"]["name"]] = json.loads((run_dir / "status.json").read_text())["state"]
         argv = json.loads((run_dir / "command.json").read_text())["argv"]
         script = next(i for i, a in enumerate(argv) if a.endswith("flux_train_network.py"))
@@ -122,8 +133,7 @@ def test_sd_scripts_engine_runs_through_accelerate_with_standin(tmp_path: Path) 
     for name in ("flux1-dev.safetensors", "ae.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors"):
         (models / name).write_bytes(b"")  # placeholders: the stand-in never loads weights
     args = ["engine=sd_scripts", "model=flux_dev", f"paths.models={models}", "profile=final", "gpu=cpu",
-            "profile.resolution=256", "profile.max_train_steps=4", "profile.lr_warmup_steps=1", "profile.save_every_n_steps=2",
-            "dataset.bucket_reso_steps=64"]  # fmt: skip
+            "profile.resolution=256", "profile.max_train_steps=4", "profile.lr_warmup_steps=1", "profile.save_every_n_steps=2"]  # fmt: skip
     checkout = standin_checkout(tmp_path / "sd-scripts")
     # The stand-in writes real kohya LoRA files for the tiny model, so the evaluator can judge this run below.
     done = launch(args, tmp_path, {"SD_SCRIPTS_DIR": str(checkout), STANDIN_LORA_ENV: "tiny"})
@@ -155,9 +165,9 @@ def test_sd_scripts_engine_runs_through_accelerate_with_standin(tmp_path: Path) 
     assert set(result) == EVAL_SECTIONS
     assert result["run"]["engine"] == "sd_scripts" and result["run"]["model"] == "flux_dev" and result["run"]["base_model_stand_in"]
     assert [(p["step"], p.get("final")) for p in result["validation"]["curve"]] == [(0, False), (2, False), (4, False), (4, True)]
-    assert result["validation"]["images"] == "training-set" and result["validation"]["final"]["loss"] != result["validation"]["base_loss"]
+    assert result["validation"]["images"] == "held-out" and result["validation"]["final"]["loss"] != result["validation"]["base_loss"]
     assert result["load_check"]["passed"] and result["comfy_keys"]["passed"]
-    assert len(result["samples"]) == 2 * 3 * 2 and result["likeness"]["ceiling"]["faces_found"] == 8
+    assert len(result["samples"]) == 2 * 3 * 2 and result["likeness"]["ceiling"]["faces_found"] == 7  # one photo held out
 
 
 def test_config_errors_are_one_line(tmp_path: Path) -> None:
@@ -192,7 +202,7 @@ def test_sweep_through_submitit_launcher(tmp_path: Path) -> None:
     # submitit's local executor runs each cell as its own process, the same path SLURM jobs take
     # (the scheduler itself cannot run here).
     args = ["-m", "hydra/launcher=submitit_local", "ablation=baseline,a6_min_snr", "engine=sd_scripts", "model=flux_dev",
-            "launch.dry_run=true", "dataset.bucket_reso_steps=64"]  # fmt: skip
+            "launch.dry_run=true"]  # fmt: skip
     done = launch(args, tmp_path)
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]  # a refused cell: the sweep is not done
     states = {d.name.split("-")[-1]: json.loads((d / "status.json").read_text())["state"] for d in run_dirs(tmp_path)}

@@ -8,8 +8,9 @@ read this list, so what was checked is what trains. Rules:
   - the caption is the caption file's text; a caption that is not UTF-8 is read as latin-1 (what
     Windows editors usually wrote) and said so; a missing or empty caption trains as the class tokens,
     as sd-scripts does;
-  - images held out for validation (dataset.validation_split or dataset.validation_path) never train,
-    under any file name: they are listed apart, in `validation`, for the evaluator.
+  - images held out for validation (dataset.validation_split, by default 10% once there are 8 images, or
+    dataset.validation_path) never train, under any file name: they are listed apart, in `validation`, for the
+    evaluator; a near-duplicate of a held-out image (the analysis's duplicate groups) does not train either.
 """
 
 from __future__ import annotations
@@ -141,16 +142,30 @@ def _select(
     return TrainingSet(root=str(root.resolve()), examples=examples, excluded=excluded)
 
 
+# dataset.validation_split=null (the default) holds this share out once a dataset has AUTO_HOLD_OUT_MIN_IMAGES
+# distinct images: a validation loss on the training photos rewards memorising them. Below that, every photo trains
+# and the evaluation says it measured the training images.
+AUTO_HOLD_OUT_SHARE = 0.1
+AUTO_HOLD_OUT_MIN_IMAGES = 8
+
+
+def effective_validation_split(validation_split: Optional[float], distinct_images: int) -> float:
+    """The share that is held out: the configured one, or for null the automatic one for this many images."""
+    if validation_split is not None:
+        return validation_split
+    return AUTO_HOLD_OUT_SHARE if distinct_images >= AUTO_HOLD_OUT_MIN_IMAGES else 0.0
+
+
 def held_out_count(distinct_images: int, validation_split: float) -> int:
     """How many images a validation split holds out: the share rounded down, at least one when the share is > 0."""
     return max(1, int(distinct_images * validation_split)) if validation_split > 0 else 0
 
 
-def split_by_content(examples: list[TrainingExample], validation_split: float) -> list[TrainingExample]:
+def split_by_content(examples: list[TrainingExample], validation_split: Optional[float]) -> list[TrainingExample]:
     """The held-out examples: the images with the lowest content hashes, so every run of the same images holds out the
     same ones whatever their names or order, and a larger split holds out a superset of a smaller one."""
     hashes = sorted({e.content_hash for e in examples})
-    chosen = set(hashes[: held_out_count(len(hashes), validation_split)])
+    chosen = set(hashes[: held_out_count(len(hashes), effective_validation_split(validation_split, len(hashes)))])
     first = {}
     for example in examples:  # one example per image: a copy in a second subset would be validated twice
         if example.content_hash in chosen:
@@ -159,11 +174,12 @@ def split_by_content(examples: list[TrainingExample], validation_split: float) -
 
 
 def hold_out(
-    training_set: TrainingSet, caption_extension: str, class_tokens: str, validation_split: float,
+    training_set: TrainingSet, caption_extension: str, class_tokens: str, validation_split: Optional[float],
     validation_path: Optional[str | Path],
 ) -> TrainingSet:  # fmt: skip
     """The training set with its validation images moved to `validation`: a folder's images when validation_path
-    is given, else the validation_split share of its own. An example whose image content is held out never trains."""
+    is given, else the validation_split share of its own (null: the automatic share). An example whose image content
+    is held out never trains."""
     if validation_path:
         folder = training_set_from_folder(Path(validation_path), caption_extension, class_tokens)
         validation = [replace(e, image=folder.image_path(e).as_posix()) for e in folder.examples]
@@ -175,7 +191,7 @@ def hold_out(
 
 def training_set_from_report(
     report: DatasetReport, caption_extension: str, class_tokens: str, default_repeats: int,
-    validation_split: float = 0.0, validation_path: Optional[str | Path] = None,
+    validation_split: Optional[float] = 0.0, validation_path: Optional[str | Path] = None,
 ) -> TrainingSet:  # fmt: skip
     """The training set of an analysed dataset: the report's images minus those it found unusable and those held out."""
     root = Path(report.dataset_path)
@@ -184,12 +200,29 @@ def training_set_from_report(
     selected = _select(root, [r.path for r in report.images], hashes, unusable, caption_extension, class_tokens, default_repeats)
     nested = [{"path": p, "reason": "more than one folder deep"} for p in report.nested_images]
     selected = TrainingSet(root=selected.root, examples=selected.examples, excluded=selected.excluded + nested)
-    return hold_out(selected, caption_extension, class_tokens, validation_split, validation_path)
+    return without_near_copies_of_held_out(hold_out(selected, caption_extension, class_tokens, validation_split, validation_path),
+                                           report.duplicate_groups)  # fmt: skip
+
+
+def without_near_copies_of_held_out(training_set: TrainingSet, duplicate_groups: list[list[str]]) -> TrainingSet:
+    """A resized, re-encoded or slightly cropped copy of a held-out photo would teach the LoRA the very picture it is
+    validated on: an image in a near-duplicate group (the analysis's perceptual hashes) with a held-out one never trains."""
+    held = {e.image for e in training_set.validation}
+    copy_of = {}
+    for group in duplicate_groups:
+        original = next((path for path in group if path in held), None)
+        if original is not None:
+            copy_of.update({path: original for path in group if path not in held})
+    if not copy_of:
+        return training_set
+    kept = [e for e in training_set.examples if e.image not in copy_of]
+    excluded = [{"path": e.image, "reason": f"near-duplicate of held-out {copy_of[e.image]}"} for e in training_set.examples if e.image in copy_of]
+    return replace(training_set, examples=kept, excluded=training_set.excluded + excluded)
 
 
 def training_set_from_folder(
     root: Path, caption_extension: str, class_tokens: str, default_repeats: int = 1,
-    validation_split: float = 0.0, validation_path: Optional[str | Path] = None,
+    validation_split: Optional[float] = 0.0, validation_path: Optional[str | Path] = None,
 ) -> TrainingSet:  # fmt: skip
     """The same selection without the analysis (no decoding): for tools and tests that train a folder directly."""
     files = discover_dataset(Path(root), caption_extension)

@@ -58,6 +58,10 @@ def parse_args(argv: list[str]) -> tuple[Path, EvalSettings, bool]:
     return args.run_dir, settings, args.force
 
 
+VALIDATION_WORDS = {"held-out": "held-out images (never trained)", "validation-folder": "the validation folder",
+                    "training-set": "the training images (nothing held out: it rewards memorising them)"}  # fmt: skip
+
+
 def _num(value: Optional[float], spec: str = ".4f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -71,7 +75,7 @@ def print_summary(result: dict, console: Console) -> None:
     if "validation" in result:
         validation = result["validation"]
         sizes = f"{validation['count']} images x {len(validation['sigmas'])} sigmas"
-        table = Table(title=f"validation loss ({validation['images']}, {sizes})")
+        table = Table(title=f"validation loss on {VALIDATION_WORDS.get(validation['images'], validation['images'])} ({sizes})")
         for column in ("LoRA", "step", "loss"):
             table.add_column(column)
         for point in validation["curve"]:

@@ -23,7 +23,7 @@ from flux_lora.eval.settings import EvalSettings, device_type
 
 SCHEMA_VERSION = 1
 # Bump when the same inputs would give other numbers (a metric's definition, the sampler), so old caches miss.
-EVAL_CODE_VERSION = 1
+EVAL_CODE_VERSION = 2  # 2: eval.json records its basis
 EVAL_FILE = "eval.json"
 # conf/model/tiny.yaml's values: the tiny model every tiny run trains on, rebuilt for --base-model tiny.
 TINY_STAND_IN = {"kind": "tiny", "init_seed": 0, "t5xxl_max_token_length": 64}

@@ -31,13 +31,13 @@ def read_rgb(path: Path) -> np.ndarray:
         return np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
 
 
-def reference_faces(embedder: FaceEmbedder, images: list[Path]) -> dict[str, np.ndarray]:
-    """File name -> embedding, for the images where a face was found."""
+def reference_faces(embedder: FaceEmbedder, images: dict[str, Path]) -> dict[str, np.ndarray]:
+    """Key (the path relative to the dataset) -> embedding, for the images where a face was found."""
     found = {}
-    for path in images:
+    for key, path in images.items():
         embedding = embedder.embed(read_rgb(path))
         if embedding is not None:
-            found[path.name] = embedding
+            found[key] = embedding
     return found
 
 

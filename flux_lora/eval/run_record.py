@@ -31,6 +31,7 @@ VALIDATION_FOLDER = "validation-folder"  # --validation-path, chosen at evaluati
 class EvalImage:
     image: Path
     caption: str  # the caption it trained with (or would train with, for a held-out image)
+    key: str = ""  # its path relative to its dataset folder: what per-image records are keyed by (names repeat)
 
 
 @dataclass(frozen=True)
@@ -77,18 +78,31 @@ class RunRecord:
         if frozen.is_file():
             return TrainingSet.read_json(frozen)
         dataset = self.section("dataset")
-        return folder_examples_set(Path(dataset.get("path") or ""), dataset, dataset.get("validation_split") or 0.0,
+        return folder_examples_set(Path(dataset.get("path") or ""), dataset, dataset.get("validation_split", 0.0),
                                    dataset.get("validation_path"))  # fmt: skip
 
     def training_examples(self) -> list[EvalImage]:
         """The pairs that trained."""
         training_set = self.training_set()
-        return _on_disk([EvalImage(training_set.image_path(e), e.caption) for e in training_set.examples], "training")
+        return _on_disk([EvalImage(training_set.image_path(e), e.caption, e.image) for e in training_set.examples], "training")
 
     def held_out_examples(self) -> list[EvalImage]:
         """The pairs held out from training (dataset.validation_split or dataset.validation_path); empty without."""
         training_set = self.training_set()
-        return _on_disk([EvalImage(training_set.image_path(e), e.caption) for e in training_set.validation], "held-out")
+        folder = self.section("dataset").get("validation_path")
+        return _on_disk([EvalImage(training_set.image_path(e), e.caption, _key_in(e.image, folder)) for e in training_set.validation],
+                        "held-out")  # fmt: skip
+
+
+def _key_in(image: str, folder: Optional[str]) -> str:
+    """A held-out image's key: relative to the dataset (a split) or to the validation folder (absolute in the record)."""
+    path = Path(image)
+    if path.is_absolute() and folder:
+        try:
+            return path.relative_to(Path(folder).resolve()).as_posix()
+        except ValueError:
+            pass
+    return path.as_posix() if not path.is_absolute() else path.name
 
 
 def _on_disk(examples: list[EvalImage], kind: str) -> list[EvalImage]:
@@ -111,7 +125,7 @@ def folder_examples(folder: Path, dataset: dict[str, Any]) -> list[EvalImage]:
     training_set = folder_examples_set(folder, dataset)
     if not training_set.examples:
         raise FileNotFoundError(f"{folder}: no images to evaluate on")
-    return [EvalImage(training_set.image_path(e), e.caption) for e in training_set.examples]
+    return [EvalImage(training_set.image_path(e), e.caption, e.image) for e in training_set.examples]
 
 
 def validation_examples(run: RunRecord, validation_path: Optional[str]) -> ValidationSource:
@@ -135,8 +149,12 @@ def file_hash(path: Path) -> str:
 
 
 def _saved_step(path: Path) -> Optional[int]:
-    with safe_open(str(path), framework="numpy") as handle:  # "pt" would import torch (1.6 s) to read a string
-        steps = (handle.metadata() or {}).get("ss_steps")
+    try:
+        with safe_open(str(path), framework="numpy") as handle:  # "pt" would import torch (1.6 s) to read a string
+            steps = (handle.metadata() or {}).get("ss_steps")
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError (and OSError) for a bad file
+        raise ValueError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                         "it is truncated or damaged: copy it again or delete it") from None
     if steps is not None and steps.isdigit():
         return int(steps)
     match = _STEP_IN_NAME.search(path.stem)

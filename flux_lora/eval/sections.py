@@ -3,12 +3,14 @@ diversity and grids. evaluation.py imports this (torch, diffusers, dlib) only wh
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import blake3
 import numpy as np
 import torch
 from safetensors import safe_open
@@ -35,7 +37,7 @@ from flux_lora.eval.generation import (
 )
 from flux_lora.eval.grids import CELL_MAX, write_prompt_grid
 from flux_lora.eval.load_check import check_lora_loads
-from flux_lora.eval.run_record import EVAL_DIR, LoraCheckpoint, RunRecord, ValidationSource
+from flux_lora.eval.run_record import EVAL_DIR, LoraCheckpoint, RunRecord, ValidationSource, file_hash
 from flux_lora.eval.settings import EvalSettings
 from flux_lora.eval.validation import build_validation_set, summarize_curve, validation_point
 
@@ -145,7 +147,7 @@ def sample_records(run: RunRecord, measured: Measured, training_hashes: dict, co
     return records
 
 
-def likeness_summary(measured: Measured, reference: dict, references: list[Path], strengths: list) -> dict:
+def likeness_summary(measured: Measured, reference: dict, references: dict[str, Path], strengths: list) -> dict:
     def block(keep: Callable[[GeneratedImage], bool]) -> dict:
         return likeness.summarize([s for s, i in zip(measured.scores, measured.images) if keep(i)])
 
@@ -153,7 +155,7 @@ def likeness_summary(measured: Measured, reference: dict, references: list[Path]
         "embedder": EMBEDDER_NAME,
         "same_person_distance": SAME_PERSON_DISTANCE,
         "reference": {"images": len(references), "faces_found": len(reference),
-                      "without_face": sorted(p.name for p in references if p.name not in reference)},  # fmt: skip
+                      "without_face": sorted(key for key in references if key not in reference)},  # fmt: skip
         "ceiling": likeness.ceiling(reference, len(references)),
         "floor": block(lambda i: i.strength is None),
         "by_strength": {_strength_key(s): block(lambda i, s=s: i.strength == s) for s in strengths if s is not None},
@@ -189,12 +191,12 @@ def diversity_summary(measured: Measured, samples: list[dict], strengths: list, 
 def likeness_and_diversity(run: RunRecord, images: list[GeneratedImage], strengths: list[Optional[float]],
                            log: Callable[[str], None]) -> tuple[dict, dict, list[dict]]:  # fmt: skip
     """(likeness, diversity, per-image records): faces against the training faces, seeds against each other."""
-    references = [e.image for e in run.training_examples()]
+    references = {e.key: e.image for e in run.training_examples()}  # keyed by relative path: names repeat across folders
     embedder = FaceEmbedder()
     log(f"eval: faces in {len(references)} training images and {len(images)} generated images")
     reference = likeness.reference_faces(embedder, references)
     measured = measure_images(embedder, images, list(reference.values()))
-    training_hashes = {p.name: diversity.image_hash(likeness.read_rgb(p)) for p in references}
+    training_hashes = {key: diversity.image_hash(likeness.read_rgb(path)) for key, path in references.items()}
     analysis = run.section("dataset").get("analysis") or {}
     copy_bits = int(analysis.get("duplicate_max_distance", diversity.DEFAULT_COPY_MAX_BITS))
     samples = sample_records(run, measured, training_hashes, copy_bits)
@@ -240,6 +242,27 @@ def generation_sections(run: RunRecord, settings: EvalSettings, parts, prompts: 
     }
 
 
+def evaluation_basis(settings: EvalSettings, model: dict, validation_set: Optional[ValidationSource], resolution: int,
+                     steps: int, device: torch.device, dtype: torch.dtype) -> dict:  # fmt: skip
+    """What two evaluations must share for their numbers to be compared: the images (by content), resolution, noise
+    levels, base model (or its stand-in), device, dtype, and the seeds, strengths and steps of generation."""
+    images = sorted([file_hash(e.image), e.caption] for e in validation_set.images) if validation_set else []
+    return {
+        "images": validation_set.label if validation_set else None,
+        "image_set": blake3.blake3(json.dumps(images).encode()).hexdigest()[:16] if images else None,
+        "image_count": len(images),
+        "resolution": resolution,
+        "sigmas": list(settings.validation_sigmas) if settings.validation else None,
+        "base_model": model.get("kind"),
+        "base_model_stand_in": settings.base_model is not None,
+        "device": device.type,
+        "dtype": str(dtype).removeprefix("torch."),
+        "seeds": list(settings.seeds) if settings.likeness else None,
+        "strengths": list(settings.strengths) if settings.likeness else None,
+        "sample_steps": steps if settings.likeness else None,
+    }
+
+
 def compute_sections(run: RunRecord, settings: EvalSettings, model: dict, validation_set: Optional[ValidationSource],
                      log: Callable[[str], None]) -> dict:  # fmt: skip
     """Every section of eval.json that needs the model, on the base model `model` (a config.yaml model section)."""
@@ -260,6 +283,7 @@ def _sections(run: RunRecord, settings: EvalSettings, model: dict, validation_se
     free_text_encoders(parts)
 
     result: dict = {
+        "basis": evaluation_basis(settings, model, validation_set, resolution, steps, device, dtype),
         "loras": [_lora_entry(run, c) for c in run.checkpoints],
         "comfy_keys": {"file": run.final.relative_to(run.run_dir), **comfy_section(run.final.path, parts.transformer)},
     }

@@ -25,7 +25,7 @@ SIDE_MULTIPLE = 16  # FLUX packs 2x2 patches of 8x-downsampled latents
 
 @dataclass
 class ValidationImage:
-    source: str
+    source: str  # the image's path relative to its dataset folder
     caption: str
     latents: torch.Tensor  # [16, h, w], CPU float32
     noise: torch.Tensor  # [n_sigmas, 16, h, w], CPU float32
@@ -64,7 +64,7 @@ def build_validation_set(
         latents = posterior_mean_latents(parts, load_pixels(data, bucket)[None])[0]
         generator = torch.Generator().manual_seed(image_seed(data))
         noise = torch.randn((len(sigmas), *latents.shape), generator=generator)
-        images.append(ValidationImage(example.image.name, example.caption, latents, noise))
+        images.append(ValidationImage(example.key or example.image.name, example.caption, latents, noise))
     return images
 
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from flux_lora.report.summary import find_run_dirs, print_summary, read_run
+from flux_lora.report.summary import STATUS_UNREADABLE, find_run_dirs, print_summary, read_run
 
 
 def report_main(argv: list[str]) -> int:
@@ -24,7 +24,11 @@ def report_main(argv: list[str]) -> int:
         if not run_dirs:
             print(f"{root}: holds no run (no run.json or run_pointer.json below it); pass a run or sweep directory under outputs/", file=sys.stderr)
             return 2
-        print_summary([read_run(d) for d in run_dirs], title=str(root))
+        rows = [read_run(d) for d in run_dirs]
+        print_summary(rows, title=str(root))
+        for row in rows:
+            if row.state == STATUS_UNREADABLE:
+                print(f"warning: {row.run_dir / 'status.json'}: {row.note}", file=sys.stderr)
         if not args.no_page:
             from flux_lora.report.page import write_report
 

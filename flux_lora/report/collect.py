@@ -65,6 +65,7 @@ class RunRecord:
     evaluation: Optional[dict[str, Any]]  # eval/eval.json, None when not evaluated
     load_check: Optional[bool]
     best_step: Optional[int]
+    basis: Optional[dict[str, Any]] = None  # what the evaluation was measured on (evaluation_basis)
 
     @property
     def counted(self) -> bool:
@@ -83,6 +84,18 @@ class Cell:
     def values(self, key: str) -> list[float]:
         """The metric over this cell's counted runs (seeds), missing values left out."""
         return [v for r in self.runs if r.counted and (v := r.metrics.get(key)) is not None]
+
+    @property
+    def bases(self) -> list[dict[str, Any]]:
+        """The evaluation bases of the counted, evaluated runs."""
+        return [r.basis for r in self.runs if r.counted and r.basis]
+
+    def evaluated_on_other_terms(self, baseline: "Cell") -> list[str]:
+        """How this cell's evaluations differ from the baseline's (or among its own seeds); [] when comparable."""
+        if not self.bases or not baseline.bases:
+            return []
+        reference = baseline.bases[0]
+        return basis_difference(self.bases + baseline.bases[1:], reference)
 
     def state_line(self) -> str:
         """`succeeded` or `2 succeeded, 1 failed: NaN loss at step 3`: every state shown, none dropped."""
@@ -140,6 +153,49 @@ def eval_metrics(evaluation: dict[str, Any]) -> dict[str, Optional[float]]:
         "face_share": like.get("face_found_share") if like else None,
         "diversity": div.get("mean_phash_distance"),
     }
+
+
+# The evaluation terms two cells must share to be compared, with the words the report uses for each.
+BASIS_KEYS = {"images": "validation images", "image_set": "image set", "image_count": "image count", "resolution": "resolution",
+              "sigmas": "sigmas", "base_model": "base model", "base_model_stand_in": "stand-in base model", "device": "device",
+              "dtype": "dtype", "seeds": "seeds", "strengths": "strengths", "sample_steps": "sampling steps"}  # fmt: skip
+EVAL_METRIC_KEYS = ("val_final", "val_best", "identity", "face_share", "diversity")
+IMAGE_SET_WORDS = {"held-out": "held-out images", "training-set": "training images", "validation-folder": "validation folder"}
+
+
+def evaluation_basis(evaluation: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """eval.json's basis; for an evaluation written before it was recorded, what its sections say (None = unknown)."""
+    if not evaluation:
+        return None
+    if evaluation.get("basis"):
+        return evaluation["basis"]
+    validation, run = evaluation.get("validation") or {}, evaluation.get("run") or {}
+    likeness, settings = evaluation.get("likeness") or {}, evaluation.get("settings") or {}
+    return {"images": validation.get("images"), "image_count": validation.get("count"),
+            "resolution": validation.get("resolution") or likeness.get("resolution"), "sigmas": validation.get("sigmas"),
+            "base_model": run.get("base_model"), "base_model_stand_in": run.get("base_model_stand_in"),
+            "device": evaluation.get("device"), "seeds": settings.get("seeds"), "strengths": settings.get("strengths"),
+            "sample_steps": likeness.get("steps")}  # fmt: skip
+
+
+def basis_difference(bases: list[dict[str, Any]], reference: dict[str, Any]) -> list[str]:
+    """The terms on which these evaluations differ from the reference, in words; a term either side left unknown
+    (None, or not recorded) is not held against them."""
+    differences = []
+    for basis in bases:
+        for key, words in BASIS_KEYS.items():
+            mine, theirs = basis.get(key), reference.get(key)
+            if mine is not None and theirs is not None and mine != theirs:
+                differences.append(f"{words} {_basis_value(key, mine)} vs {_basis_value(key, theirs)}")
+    return list(dict.fromkeys(differences))
+
+
+def _basis_value(key: str, value: Any) -> str:
+    if key == "images":
+        return IMAGE_SET_WORDS.get(value, str(value))
+    if isinstance(value, list):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return str(value)
 
 
 def cell_name(run: dict[str, Any], config: dict[str, Any], cell_dir: Path) -> str:
@@ -204,6 +260,7 @@ def read_record(cell_dir: Path) -> RunRecord:
         evaluation=evaluation,
         load_check=load.get("passed"),
         best_step=best.get("step"),
+        basis=evaluation_basis(evaluation),
     )
 
 

@@ -6,6 +6,7 @@ page, so the sweep folder can be copied elsewhere and still opens whole.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -17,7 +18,19 @@ from typing import Any, Optional
 
 from flux_lora.cost import estimated_and_took
 from flux_lora.report import plots
-from flux_lora.report.collect import METRICS, PRIMARY_METRIC, Cell, Metric, RunRecord, collect, find_baseline, with_ratings
+from flux_lora.report.collect import (
+    EVAL_METRIC_KEYS,
+    IMAGE_SET_WORDS,
+    METRIC_BY_KEY,
+    METRICS,
+    PRIMARY_METRIC,
+    Cell,
+    Metric,
+    RunRecord,
+    collect,
+    find_baseline,
+    with_ratings,
+)
 from flux_lora.report.ratings import RatingSummary, summarize_ratings
 from flux_lora.report.samples import eval_base_image, run_samples, thumbnail
 from flux_lora.report.stats import ALPHA, Comparison, Estimate, Verdict, compare_to_baseline, mean_interval
@@ -98,10 +111,29 @@ def cell_statistics(cells: list[Cell], baseline: Optional[Cell]) -> dict[str, di
 
 
 def _comparable(metric: Metric, cell: Cell, baseline: Cell) -> bool:
-    """Training losses under different weightings (min-SNR) are not on one scale."""
+    """Training losses under different weightings (min-SNR) are not on one scale; evaluations on other terms (image
+    set, resolution, sigmas, base model, device, dtype, generation seeds and strengths) are not either."""
+    if metric.key in EVAL_METRIC_KEYS:
+        return not cell.evaluated_on_other_terms(baseline)
     if metric.key != "train_loss":
         return True
     return {r.loss_scale for r in cell.runs} == {r.loss_scale for r in baseline.runs}
+
+
+def validation_words(cells: list[Cell]) -> str:
+    """Which images the validation numbers were measured on, for every label that shows them."""
+    sets = {b.get("images") for c in cells for b in c.bases if b.get("images")}
+    if not sets:
+        return ""
+    if len(sets) > 1:
+        return "mixed image sets"
+    (only,) = sets
+    return IMAGE_SET_WORDS.get(only, str(only))
+
+
+def _labelled(metric: Metric, cells: list[Cell]) -> Metric:
+    words = validation_words(cells) if metric.key in ("val_final", "val_best") else ""
+    return dataclasses.replace(metric, label=f"{metric.label} ({words})") if words else metric
 
 
 def _changes_text(cell: Cell) -> str:
@@ -122,12 +154,14 @@ def _state_css(cell: Cell) -> str:
 
 def _visible_metrics(cells: list[Cell]) -> list[Metric]:
     """Columns with at least one value (a rating column only once someone rated)."""
-    return [m for m in METRICS if any(c.values(m.key) or any(r.metrics.get(m.key) is not None for r in c.runs) for c in cells)]
+    return [_labelled(m, cells) for m in METRICS if any(c.values(m.key) or any(r.metrics.get(m.key) is not None for r in c.runs) for c in cells)]
 
 
 def build_cells_table(cells: list[Cell], stats: dict, baseline: Optional[Cell]) -> TableData:
     metrics = _visible_metrics(cells)
-    table = TableData(["cell", "changes", "seeds", "state", "steps", *[m.label for m in metrics], "best step", "load check", "vs baseline (val loss final)"])
+    words = validation_words(cells)
+    primary = METRIC_BY_KEY[PRIMARY_METRIC].label + (f", {words}" if words else "")
+    table = TableData(["cell", "changes", "seeds", "state", "steps", *[m.label for m in metrics], "best step", "load check", f"vs baseline ({primary})"])
     for cell in cells:
         row = [Cellout(cell.name, "name"), Cellout(_changes_text(cell)), Cellout(", ".join(str(r.seed) for r in cell.runs if r.seed is not None) or "-"),
                Cellout(cell.state_line(), _state_css(cell)), Cellout(", ".join(sorted({str(r.steps) for r in cell.runs if r.steps is not None})) or "-")]  # fmt: skip
@@ -153,6 +187,9 @@ def _primary_mark(cell: Cell, stats: dict, baseline: Optional[Cell]) -> Cellout:
         return Cellout("-", title="no baseline cell in this sweep")
     if cell is baseline:
         return Cellout("reference")
+    other_terms = cell.evaluated_on_other_terms(baseline)
+    if other_terms:
+        return Cellout("not compared: evaluated on other terms", title="; ".join(other_terms))
     _, comparison = stats[PRIMARY_METRIC][cell.name]
     if comparison is None or comparison.verdict == Verdict.untested:
         return Cellout("-", title="needs 2+ evaluated seeds in this cell and in baseline")
@@ -274,6 +311,14 @@ def _notes(cells: list[Cell], seeds_per_cell: int, baseline: Optional[Cell]) -> 
     if uncounted:
         notes.append(f"{len(uncounted)} run(s) have not succeeded (dry run, refused, failed, interrupted or still running) and are "
                      "left out of the statistics; the runs table lists them.")  # fmt: skip
+    if baseline is not None:
+        for cell in cells:
+            other_terms = cell.evaluated_on_other_terms(baseline) if cell is not baseline else []
+            if other_terms:
+                notes.append(f"{cell.name}: evaluation numbers not compared with baseline, measured on other terms: {'; '.join(other_terms)}.")
+    if validation_words(cells) == "training images":
+        notes.append("Validation loss is measured on the training images (the dataset held nothing out): it rewards memorising them. "
+                     "Hold images out with dataset.validation_split (the default does once a dataset has 8 images).")  # fmt: skip
     took = estimated_and_took([r.home for r in runs])
     if took:
         notes.append(took[0].upper() + took[1:] + ": the estimate printed before the sweep, beside what it took.")
@@ -297,9 +342,10 @@ def gather(root: Path, prompt: int = 0, seed: Optional[int] = None) -> ReportDat
         seed = min((r.seed for c in cells for r in c.runs if r.seed is not None), default=None)
 
     made: list[tuple[str, str]] = []
-    validation = plots.plot_validation(cells, files / "validation_loss.png")
+    words = validation_words(cells)
+    validation = plots.plot_validation(cells, files / "validation_loss.png", words)
     if validation:
-        made.append((_rel(validation, root), "Validation loss vs step (thick: mean over seeds; thin: each seed; step 0: no LoRA)."))
+        made.append((_rel(validation, root), f"Validation loss vs step{f', on the {words}' if words else ''} (thick: mean over seeds; thin: each seed; step 0: no LoRA)."))
     training, plot_notes = plots.plot_training_loss(cells, files / "training_loss.png")
     if training:
         made.append((_rel(training, root), "Training loss, smoothed; dashed: a loss on another scale."))

@@ -42,8 +42,9 @@ def smooth(values: list[float], weight: float = SMOOTHING) -> list[float]:
     return out
 
 
-def plot_validation(cells: list[Cell], target: Path) -> Optional[Path]:
-    """Validation loss vs step: each cell's mean over seeds (thick), each seed (thin); step 0 is the base model."""
+def plot_validation(cells: list[Cell], target: Path, images: str = "") -> Optional[Path]:
+    """Validation loss vs step: each cell's mean over seeds (thick), each seed (thin); step 0 is the base model.
+    `images` says which images it was measured on (the title carries it)."""
     figure, axes = _figure()
     drawn = False
     for index, cell in enumerate(cells):
@@ -58,7 +59,7 @@ def plot_validation(cells: list[Cell], target: Path) -> Optional[Path]:
             drawn = True
     if not drawn:
         return None
-    axes.set(xlabel="step (0 = no LoRA)", ylabel="validation loss (plain flow-matching MSE)", title="Validation loss vs step")
+    axes.set(xlabel="step (0 = no LoRA)", ylabel="validation loss (plain flow-matching MSE)", title="Validation loss vs step" + (f" ({images})" if images else ""))
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, ncols=2)
     figure.savefig(target)

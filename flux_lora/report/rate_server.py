@@ -28,6 +28,7 @@ from flux_lora.report.summary import find_run_dirs
 
 PAGE = Path(__file__).parent / "templates" / "rate.html"
 MAX_RATER_CHARS = 64
+MAX_BODY_BYTES = 4096  # a rating is {rater, token, score}: about 100 bytes
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,17 @@ def make_handler(rate_set: RateSet, log: RatingLog) -> type[BaseHTTPRequestHandl
         def _json(self, status: HTTPStatus, payload: dict[str, Any]) -> None:
             self._send(status, json.dumps(payload).encode(), "application/json")
 
+        def _foreign_host(self) -> bool:
+            """A page on another origin that rebinds its name to 127.0.0.1 sends its own name as Host: refuse it."""
+            port = self.server.server_address[1]
+            if self.headers.get("Host", "") in (f"127.0.0.1:{port}", f"localhost:{port}"):
+                return False
+            self._json(HTTPStatus.FORBIDDEN, {"error": f"Host {self.headers.get('Host')!r}: open http://127.0.0.1:{port}/"})
+            return True
+
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            if self._foreign_host():
+                return
             url = urlparse(self.path)
             if url.path == "/":
                 self._send(HTTPStatus.OK, page, "text/html; charset=utf-8")
@@ -128,19 +139,33 @@ def make_handler(rate_set: RateSet, log: RatingLog) -> type[BaseHTTPRequestHandl
             return {"prompts": prompts, "scores": list(SCORES)}
 
         def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            if self._foreign_host():
+                return
             if urlparse(self.path).path != "/api/rate":
                 self._json(HTTPStatus.NOT_FOUND, {"error": "POST /api/rate only"})
                 return
+            # JSON only: a cross-origin page cannot send it without a CORS preflight this server never answers.
+            if self.headers.get_content_type() != "application/json":
+                self._json(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, {"error": "send Content-Type: application/json"})
+                return
             try:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if not 0 <= length <= MAX_BODY_BYTES:
+                self.close_connection = True  # the unread body must not be taken for the next request
+                self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": f"a rating is at most {MAX_BODY_BYTES} bytes of JSON"})
+                return
+            try:
+                body = json.loads(self.rfile.read(length) or b"{}")
                 rater, token, score = str(body["rater"]).strip(), str(body["token"]), body["score"]
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: JSON nested too deep
                 self._json(HTTPStatus.BAD_REQUEST, {"error": "send JSON {rater, token, score}"})
                 return
             item = rate_set.items.get(token)
             if not rater or len(rater) > MAX_RATER_CHARS:
                 self._json(HTTPStatus.BAD_REQUEST, {"error": f"rater: give a name of 1-{MAX_RATER_CHARS} characters"})
-            elif isinstance(score, bool) or score not in SCORES:
+            elif type(score) is not int or score not in SCORES:  # 3.0 and true are not scores
                 self._json(HTTPStatus.BAD_REQUEST, {"error": "score: an integer from 1 to 5"})
             elif item is None:
                 self._json(HTTPStatus.NOT_FOUND, {"error": "unknown image (the server was restarted? reload the page)"})

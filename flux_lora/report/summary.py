@@ -39,11 +39,26 @@ class RunRow:
     step_basis: str = ""
 
 
+STATUS_UNREADABLE = "status unreadable"
+
+
+def unreadable(path: Path) -> Optional[str]:
+    """Why a record file that exists cannot be read (None when it is missing or fine)."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        return f"is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    return None if isinstance(data, dict) else "is not a JSON object"
+
+
 def read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 # libyaml's safe loader when PyYAML was built with it: the pure-Python one spent 1.2 s of a 27-run report.
@@ -108,6 +123,9 @@ def read_run(run_dir: Path) -> RunRow:
         final_loss = last_scalar(run_dir / "logs", "loss/average")
     state = status.get("state", "not started")
     note = status.get("reason") or ""
+    damage = unreadable(run_dir / "status.json")
+    if damage:  # not "not started": the run may well have trained; its record cannot say
+        state, note = STATUS_UNREADABLE, f"status.json {damage}; the numbers beside it come from its other files"
     if state == "refused":
         note = run.get("refusal") or "; ".join(run.get("errors", [])) or note
     config = read_yaml(run_dir / "config.yaml")

@@ -139,3 +139,35 @@ def test_a_validation_folder_is_held_out_and_its_images_never_train(tmp_path):
     assert sorted(Path(e.image).name for e in selected.validation) == ["new.png", "same_photo.png"]
     assert all(Path(e.image).is_absolute() and selected.image_path(e).is_file() for e in selected.validation)
     assert [e.image for e in selected.examples] == ["p1.png", "p2.png", "p3.png"]
+
+
+def test_by_default_a_dataset_of_eight_photos_holds_one_out_and_a_resized_copy_of_it_does_not_train(tmp_path):
+    """dataset.validation_split=null (the default): 10% of 8+ distinct photos, at least one, by content. A resized,
+    re-encoded copy of the held-out photo under another name is a near-duplicate (real perceptual hashes) and is kept
+    out of training too, with the reason recorded; below 8 photos nothing is held out."""
+    import cv2
+
+    from flux_lora.compose import PROJECT_ROOT
+
+    root = Path(shutil.copytree(PROJECT_ROOT / "data" / "sample", tmp_path / "ds"))
+    settings = AnalysisSettings(resolution=256, trigger="TOK Woman", detect_faces=False, cache_dir=tmp_path / "cache")
+    plain = training_set_from_report(analyze_dataset(root, settings), ".txt", "woman", 1, validation_split=None)
+    assert len(plain.validation) == 1 and len(plain.examples) == 7
+    (held,) = plain.validation
+    photo = cv2.imread(str(root / held.image))
+    smaller = cv2.resize(photo, (photo.shape[1] * 3 // 4, photo.shape[0] * 3 // 4), interpolation=cv2.INTER_AREA)
+    cv2.imwrite(str(root / "zz_resized_copy.jpg"), smaller, [cv2.IMWRITE_JPEG_QUALITY, 80])
+    (root / "zz_resized_copy.txt").write_text("TOK Woman, the same photo again\n", encoding="utf-8")
+
+    report = analyze_dataset(root, settings)
+    with_copy = training_set_from_report(report, ".txt", "woman", 1, validation_split=None)
+    assert [e.image for e in with_copy.validation] == [held.image]  # the same photo held out, by content
+    assert "zz_resized_copy.jpg" not in {e.image for e in with_copy.examples}
+    assert {"path": "zz_resized_copy.jpg", "reason": f"near-duplicate of held-out {held.image}"} in with_copy.excluded
+    assert {e.image for e in with_copy.examples} == {e.image for e in plain.examples}
+
+    for extra in root.glob("0[1-2]_*"):  # 6 photos left: below the automatic hold-out's 8
+        extra.unlink()
+    (root / "zz_resized_copy.jpg").unlink()
+    small = training_set_from_report(analyze_dataset(root, settings), ".txt", "woman", 1, validation_split=None)
+    assert small.validation == [] and len(small.examples) == 6

@@ -34,7 +34,7 @@ def test_two_sample_photos_of_the_same_person_are_within_dlibs_threshold(embedde
 
 def test_the_training_faces_set_the_ceiling(embedder: FaceEmbedder) -> None:
     photos = sorted(SAMPLE.glob("*.jpg"))
-    reference = reference_faces(embedder, photos)
+    reference = reference_faces(embedder, {p.name: p for p in photos})
     assert len(reference) == len(photos) == 8
     top = ceiling(reference, len(photos))
     assert top["pairs"] == 28 and top["same_person_share"] == 1.0 and top["mean_distance"] < SAME_PERSON_DISTANCE
@@ -42,7 +42,7 @@ def test_the_training_faces_set_the_ceiling(embedder: FaceEmbedder) -> None:
 
 def test_no_face_gives_null_metrics_not_zero(embedder: FaceEmbedder) -> None:
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    reference = list(reference_faces(embedder, [SAMPLE / "03_close_up.jpg"]).values())
+    reference = list(reference_faces(embedder, {"03_close_up.jpg": SAMPLE / "03_close_up.jpg"}).values())
     assert embedder.embed(noise) is None
     block = summarize([score_face(None, reference), score_face(None, reference)])
     assert block == {"images": 2, "faces_found": 0, "face_found_share": 0.0, "mean_cosine": None,
@@ -50,7 +50,7 @@ def test_no_face_gives_null_metrics_not_zero(embedder: FaceEmbedder) -> None:
 
 
 def test_an_image_without_a_face_counts_as_not_the_same_person(embedder: FaceEmbedder) -> None:
-    reference = list(reference_faces(embedder, [SAMPLE / "03_close_up.jpg"]).values())
+    reference = list(reference_faces(embedder, {"03_close_up.jpg": SAMPLE / "03_close_up.jpg"}).values())
     face = embedder.embed(read_rgb(SAMPLE / "07_warm_close.jpg"))
     block = summarize([score_face(face, reference), score_face(None, reference)])
     assert block["face_found_share"] == 0.5 and block["same_person_share"] == 0.5
@@ -59,7 +59,7 @@ def test_an_image_without_a_face_counts_as_not_the_same_person(embedder: FaceEmb
 
 def test_another_man_is_not_judged_the_same_person_as_the_sample_faces(embedder: FaceEmbedder) -> None:
     """Negative control (measured: 0.84-0.86 from every sample face, against 0.05-0.22 between sample faces)."""
-    reference = list(reference_faces(embedder, sorted(SAMPLE.glob("*.jpg"))).values())
+    reference = list(reference_faces(embedder, {p.name: p for p in SAMPLE.glob("*.jpg")}).values())
     stranger = embedder.embed(cameraman_face())
     assert stranger is not None and len(reference) == 8
     assert min(distance(stranger, r) for r in reference) > SAME_PERSON_DISTANCE
@@ -67,3 +67,8 @@ def test_another_man_is_not_judged_the_same_person_as_the_sample_faces(embedder:
     # Not the grey scale: a grey copy of a sample photo still scores as the same person (measured 0.16-0.21).
     grey = np.repeat(read_rgb(SAMPLE / "02_head_shoulders.jpg").mean(axis=2, keepdims=True).astype(np.uint8), 3, axis=2)
     assert summarize([score_face(embedder.embed(grey), reference)])["same_person_share"] == 1.0
+
+
+def test_reference_faces_are_keyed_by_relative_path_so_two_img1_jpg_do_not_collide(embedder: FaceEmbedder) -> None:
+    both = {"alice/img1.jpg": SAMPLE / "03_close_up.jpg", "bob/img1.jpg": SAMPLE / "06_wide.jpg"}
+    assert sorted(reference_faces(embedder, both)) == ["alice/img1.jpg", "bob/img1.jpg"]

@@ -153,3 +153,50 @@ def test_rating_with_keys_and_a_click_in_chromium_then_the_report_unblinds(rate_
     pairs = [(by_image[r["image"]], r["score"]) for r in lines[:6]]
     rho = spearmanr([a for a, _ in pairs], [b for _, b in pairs]).statistic
     assert md_row(md, "alice")[:4] == ["alice", "browser", "6", f"{rho:.2f}"]
+
+
+@pytest.mark.slow
+def test_the_rating_server_answers_bad_requests_with_a_4xx_and_writes_nothing(rate_server: RateServer) -> None:
+    """A 10 MB body, JSON nested 100k deep, a float score, a form post, and a page on another origin that rebound its
+    name to 127.0.0.1 (its own name arrives as Host): each one answered with a 4xx, none written down."""
+    import http.client
+
+    port = int(rate_server.url.rstrip("/").rsplit(":", 1)[1])
+    token = rate_server.items("hardening")[0]["images"][0]["token"]
+
+    def request(method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            connection.request(method, path, body, {"Content-Type": "application/json", **(headers or {})})
+            response = connection.getresponse()
+            return response.status, json.loads(response.read() or b"{}")
+        finally:
+            connection.close()
+
+    def announce(length: int) -> tuple[int, dict[str, Any]]:
+        """Headers of a body of `length` bytes; the server must answer before any of it is sent."""
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            connection.putrequest("POST", "/api/rate")
+            connection.putheader("Content-Type", "application/json")
+            connection.putheader("Content-Length", str(length))
+            connection.endheaders()
+            response = connection.getresponse()
+            return response.status, json.loads(response.read())
+        finally:
+            connection.close()
+
+    status, answer = announce(10_000_000)
+    assert status == 413 and "at most 4096 bytes" in answer["error"]
+    assert announce(200_000)[0] == 413  # 100k brackets deep is too long before it is too deep
+    assert request("POST", "/api/rate", b"[" * 2000 + b"]" * 2000)[0] == 400  # deep enough to exhaust the parser
+    assert rate_server.process.poll() is None  # still serving
+    assert rate_server.post({"rater": "hardening", "token": token, "score": 3.0})[0] == 400
+    assert request("POST", "/api/rate", json.dumps({"rater": "hardening", "token": token, "score": 3}).encode(),
+                   {"Content-Type": "application/x-www-form-urlencoded"})[0] == 415  # fmt: skip
+    for method, path in (("GET", "/api/items?rater=hardening"), ("POST", "/api/rate")):
+        status, answer = request(method, path, json.dumps({"rater": "hardening", "token": token, "score": 3}).encode(),
+                                 {"Host": f"attacker.example:{port}"})  # fmt: skip
+        assert status == 403 and f"open http://127.0.0.1:{port}/" in answer["error"]
+    assert ratings(rate_server.sweep_dir, "hardening") == []
+    assert rate_server.post({"rater": "hardening", "token": token, "score": 3}) == (200, {"ok": True})  # the page's own way

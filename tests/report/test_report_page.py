@@ -34,13 +34,14 @@ def test_sweep_end_writes_the_report_before_any_evaluation(seed_sweep: Sweep) ->
 @pytest.mark.slow
 def test_three_seeds_mark_a1_alpha_better_on_validation_loss(evaluated_sweep: Path) -> None:
     md = (evaluated_sweep / "report.md").read_text()
-    assert md_column(md, "vs baseline (val loss final)", "a1_alpha").startswith("better (p=")
+    # Every column that shows the validation loss says it was measured on held-out images (the default holds one out).
+    assert md_column(md, "vs baseline (val loss final, held-out images)", "a1_alpha").startswith("better (p=")
     assert md_column(md, "changes", "a1_alpha") == "profile.network_alpha=8.0"
     # The cell's mean and interval are those of its three eval.json files.
     finals = [json.loads((d / "eval" / "eval.json").read_text())["validation"]["final"]["loss"] for d in sorted(evaluated_sweep.glob("*a1_alpha*"))]
     estimate = mean_interval(finals)
     assert estimate is not None and estimate.half_width is not None
-    assert md_column(md, "val loss final", "a1_alpha") == f"{estimate.mean:.4f} ±{estimate.half_width:.4f}"
+    assert md_column(md, "val loss final (held-out images)", "a1_alpha") == f"{estimate.mean:.4f} ±{estimate.half_width:.4f}"
     for column in ("load check", "face found", "diversity bits", "best step"):
         assert md_column(md, column, "a1_alpha") != "-", column
     assert "- **a1_alpha**: `profile.network_alpha: 1.0 -> 8.0`" in md  # config differences, nothing else
@@ -120,7 +121,7 @@ def test_partial_sweep_shows_failed_and_running_cells(sweep_copy: Path) -> None:
     assert md_column(md, "seeds", "a1_alpha") == "1, 2, 3"  # shown, never dropped
     assert "2 run(s) have not succeeded" in md
     # Two seeds a side remain: the statistics use them (n = 2).
-    assert md_row(md, "val loss final")[2] == "2"
+    assert md_row(md, "val loss final (held-out images)")[2] == "2"
 
 
 @pytest.mark.slow
@@ -131,8 +132,8 @@ def test_one_seed_per_cell_claims_no_significance(evaluated_sweep: Path, tmp_pat
     assert run_cli("-m", "flux_lora.report", str(one_seed)).returncode == 0
     md = (one_seed / "report.md").read_text()
     assert "One seed per cell: no significance can be claimed" in md
-    assert md_column(md, "vs baseline (val loss final)", "a1_alpha") == "-"
-    assert "±" not in md_row(md, "a1_alpha")[md_row(md, "cell").index("val loss final")]
+    assert md_column(md, "vs baseline (val loss final, held-out images)", "a1_alpha") == "-"
+    assert "±" not in md_row(md, "a1_alpha")[md_row(md, "cell").index("val loss final (held-out images)")]
 
 
 @pytest.mark.slow
@@ -147,3 +148,39 @@ def test_single_run_dir_and_bad_paths(evaluated_sweep: Path, tmp_path: Path) -> 
     (tmp_path / "empty").mkdir()
     empty = run_cli("-m", "flux_lora.report", str(tmp_path / "empty"))
     assert empty.returncode == 2 and "holds no run" in empty.stderr.strip()
+
+
+@pytest.mark.slow
+def test_cells_evaluated_on_other_terms_get_no_mark_and_a_line_saying_why(sweep_copy: Path) -> None:
+    """a1_alpha evaluated again at 128 px (baseline at 64 px): its numbers are not on baseline's scale, so the report
+    marks nothing better or worse and says what differs."""
+    import torch
+
+    from flux_lora.eval import EvalSettings, evaluate_run
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        settings = EvalSettings(resolution=128, sample_steps=1, strengths=(0.5, 1.0), seeds=(0, 1), max_prompts_per_set=1, likeness=False)
+        for run_dir in sorted(sweep_copy.glob("*a1_alpha-seed*")):
+            assert evaluate_run(run_dir, settings, log=lambda _: None)["basis"]["resolution"] == 128
+    finally:
+        torch.set_num_threads(threads)
+    done = run_cli("-m", "flux_lora.report", str(sweep_copy))
+    assert done.returncode == 0, done.stderr
+    md = (sweep_copy / "report.md").read_text()
+    assert md_column(md, "vs baseline (val loss final, held-out images)", "a1_alpha") == "not compared: evaluated on other terms"
+    assert "a1_alpha: evaluation numbers not compared with baseline, measured on other terms: resolution 128 vs 64" in md
+    assert "better" not in md_row(md, "a1_alpha")[-1] and "worse" not in md_row(md, "a1_alpha")[-1]
+
+
+@pytest.mark.slow
+def test_a_corrupt_status_json_is_said_not_shown_as_not_started(sweep_copy: Path) -> None:
+    damaged = next(sweep_copy.glob("*baseline-seed2"))
+    (damaged / "status.json").write_text('{"state": "succ')  # cut off mid-write by a full disk
+    done = run_cli("-m", "flux_lora.report", str(sweep_copy))
+    assert done.returncode == 0, done.stderr
+    assert f"warning: {damaged / 'status.json'}: status.json is unreadable (JSONDecodeError" in done.stderr
+    md = (sweep_copy / "report.md").read_text()
+    assert md_column(md, "state", "baseline").startswith("2 succeeded; 1 status unreadable: status.json is unreadable")
+    assert "not started" not in md
