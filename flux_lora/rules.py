@@ -177,14 +177,38 @@ def _warmup_shorter_than_training(run: RunConfig) -> Optional[str]:
     return None
 
 
-def _positive_intervals(run: RunConfig) -> Optional[str]:
-    p = run.profile
-    for key in ("max_train_steps", "save_every_n_steps", "sample_every_n_steps", "network_dim"):
-        if getattr(p, key) <= 0:
-            return f"profile.{key}={getattr(p, key)}: must be positive"
-    if run.gpu.batch_size <= 0 or run.gpu.gradient_accumulation_steps <= 0:
-        return "gpu.batch_size and gpu.gradient_accumulation_steps: must be positive"
-    return None
+# The ranges the engines require, one line per key. Checked before every other rule (and before anything else the
+# check computes): a zero resolution or rank would otherwise end in a division by zero without the key, and a
+# negative learning rate loads the model and dies in the trainer's first step.
+POSITIVE = ("must be positive", lambda v: v > 0)
+NOT_NEGATIVE = ("must be 0 or more", lambda v: v >= 0)
+A_SHARE = ("must be in [0, 1)", lambda v: 0 <= v < 1)
+RANGES: tuple[tuple[str, tuple[str, Callable[[float], bool]]], ...] = (
+    ("profile.resolution", POSITIVE), ("profile.max_train_steps", POSITIVE), ("profile.network_dim", POSITIVE),
+    ("profile.network_alpha", NOT_NEGATIVE), ("profile.learning_rate", POSITIVE), ("profile.lr_warmup_steps", NOT_NEGATIVE),
+    ("profile.lr_scheduler_num_cycles", POSITIVE), ("profile.noise_offset", NOT_NEGATIVE), ("profile.min_snr_gamma", POSITIVE),
+    ("profile.max_grad_norm", NOT_NEGATIVE), ("profile.guidance_scale", NOT_NEGATIVE), ("profile.sigmoid_scale", POSITIVE),
+    ("profile.discrete_flow_shift", POSITIVE), ("profile.caption_dropout_rate", A_SHARE), ("profile.save_every_n_steps", POSITIVE),
+    ("profile.sample_every_n_steps", POSITIVE), ("profile.sample_steps", POSITIVE), ("profile.max_data_loader_n_workers", NOT_NEGATIVE),
+    ("gpu.num_gpus", POSITIVE), ("gpu.batch_size", POSITIVE), ("gpu.gradient_accumulation_steps", POSITIVE),
+    ("gpu.blocks_to_swap", NOT_NEGATIVE), ("optimizer.weight_decay", NOT_NEGATIVE), ("optimizer.eps", POSITIVE),
+    ("dataset.num_repeats", POSITIVE), ("dataset.min_bucket_reso", POSITIVE), ("dataset.max_bucket_reso", POSITIVE),
+    ("dataset.bucket_reso_steps", POSITIVE), ("ablation.baseline_steps", POSITIVE), ("ablation.warmup_share", A_SHARE),
+)  # fmt: skip
+
+
+def range_problems(run: RunConfig) -> list[str]:
+    """Every key outside the range the engines require, each as `key=value: must be ...; set key=...`."""
+    problems = []
+    for key, (wording, ok) in RANGES:
+        section, name = key.split(".")
+        value = getattr(getattr(run, section), name)
+        if value is not None and not ok(value):
+            problems.append(f"{key}={value:g}: {wording}; set {key} to such a value, or drop the override for its config group's")
+    betas = run.optimizer.betas
+    if betas is not None and not all(0 <= b < 1 for b in betas):
+        problems.append(f"optimizer.betas={list(betas)}: each must be in [0, 1); set optimizer.betas=[0.9,0.999]")
+    return problems
 
 
 def effective_alpha(run: RunConfig) -> float:
@@ -290,7 +314,6 @@ RULES: tuple[Rule, ...] = (
     Rule("min_snr_variant_needs_gamma", Severity.warning, "a min-SNR variant without a gamma weights nothing", _min_snr_variant_needs_gamma),
     Rule("keep_last_states_not_negative", Severity.error, "a negative count of states to keep means nothing", _keep_last_states_not_negative),
     Rule("warmup_shorter_than_training", Severity.error, "a run that never leaves warmup never reaches its learning rate", _warmup_shorter_than_training),
-    Rule("positive_intervals", Severity.error, "zero or negative counts make no run", _positive_intervals),
     Rule("alpha_shrinks_updates", Severity.warning, "alpha=1 at rank 32 silently shrank every update 32x in the old scripts", _alpha_shrinks_updates),
     Rule("cpu_offload_needs_checkpointing", Severity.warning, "sd-scripts reads it only inside the checkpointing branch", _cpu_offload_needs_checkpointing),
     Rule("output_name_is_plain_stem", Severity.error, "the LoRA files are <run dir>/output/<output_name>*: a path there writes outside the run", _output_name_is_plain_stem),
@@ -307,6 +330,10 @@ class RuleFindings:
 
 
 def apply_rules(run: RunConfig, rules: tuple[Rule, ...] = RULES) -> RuleFindings:
+    """Values out of range first, and alone: the other rules compute with them."""
+    out_of_range = range_problems(run)
+    if out_of_range:
+        return RuleFindings(errors=out_of_range, warnings=[])
     errors: list[str] = []
     warnings: list[str] = []
     for rule in rules:

@@ -54,6 +54,15 @@ def test_shipped_combinations_pass(compose_run: ComposeRun, overrides: list[str]
         (["gpu.num_gpus=2"], "gpu.num_gpus=2: the cpu tier runs one process"),
         (["dataset.validation_split=0.6"], "dataset.validation_split=0.6: must be in [0, 0.5]"),
         (["dataset.validation_split=0.2", "dataset.validation_path=/data/holdout"], "dataset.validation_split=0.2 and dataset.validation_path"),
+        # Ranges the engines require: checked first and alone (the other rules divide by some of these).
+        (["profile.learning_rate=-1"], "profile.learning_rate=-1: must be positive"),
+        (["profile.resolution=0"], "profile.resolution=0: must be positive"),
+        (["profile.network_dim=0"], "profile.network_dim=0: must be positive"),
+        (["profile.max_train_steps=0"], "profile.max_train_steps=0: must be positive"),
+        (["gpu.batch_size=0"], "gpu.batch_size=0: must be positive"),
+        (["dataset.num_repeats=0"], "dataset.num_repeats=0: must be positive"),
+        (["profile.caption_dropout_rate=1.0", "profile.cache_text_encoder_outputs_to_disk=false"], "profile.caption_dropout_rate=1: must be in [0, 1)"),
+        (["optimizer.betas=[0.9,1.5]"], "optimizer.betas=[0.9, 1.5]: each must be in [0, 1)"),
     ],
 )
 def test_rule_errors_name_the_key(compose_run: ComposeRun, overrides: list[str], key: str) -> None:
