@@ -5,9 +5,8 @@ read this list, so what was checked is what trains. Rules:
   - images in the dataset folder and its direct subfolders (discover.py); one subset per folder;
     a folder named `N_name` (kohya's DreamBooth convention) repeats its images N times;
   - hidden files, unsupported formats and images the analysis found unusable never train;
-  - the caption is the caption file's text; a caption that is not UTF-8 is read as latin-1 (what
-    Windows editors usually wrote) and said so; a missing or empty caption trains as the class tokens,
-    as sd-scripts does;
+  - the caption is the caption file's text, UTF-8 without NUL bytes (anything else is refused with the file
+    named, whatever the gate enforces); a missing or empty caption trains as the class tokens, as sd-scripts does;
   - images held out for validation (dataset.validation_split, by default 10% once there are 8 images, or
     dataset.validation_path) never train, under any file name: they are listed apart, in `validation`, for the
     evaluator; a near-duplicate of a held-out image (the analysis's duplicate groups) does not train either.
@@ -23,7 +22,7 @@ from typing import Optional
 
 import blake3
 
-from flux_lora.dataset.discover import SUPPORTED_IMAGE_EXTENSIONS, caption_path_for, discover_dataset
+from flux_lora.dataset.discover import SUPPORTED_IMAGE_EXTENSIONS, DatasetError, caption_path_for, discover_dataset
 from flux_lora.dataset.fingerprint import hash_file
 from flux_lora.dataset.flags import severity_of
 from flux_lora.dataset.report import DatasetReport
@@ -38,7 +37,7 @@ class TrainingExample:
     image: str  # posix path relative to the dataset folder
     content_hash: str  # blake3 of the image bytes
     caption: str  # the text that trains, never empty
-    caption_source: str  # "file", "file read as latin-1", "class tokens: ..."
+    caption_source: str  # "file" or "class tokens: ..."
     subset: str  # folder relative to the dataset folder; "" for the folder itself
     repeats: int
 
@@ -102,15 +101,23 @@ def subset_repeats(subset: str, default_repeats: int) -> int:
     return int(match.group(1)) if match and int(match.group(1)) > 0 else default_repeats
 
 
+class CaptionError(DatasetError):
+    """A caption file that cannot train as written, whatever dataset.gate.enforce says."""
+
+
 def read_training_caption(caption_file: Path, class_tokens: str) -> tuple[str, str]:
-    """(caption text, where it came from) for one image."""
+    """(caption text, where it came from) for one image. Text that is not UTF-8 (a UTF-16 or cp1252 file) or holds a
+    NUL byte is refused: read any other way it would train on garbage the tokenizer never warns about."""
     if not caption_file.is_file():
         return class_tokens, "class tokens: no caption file"
     raw = caption_file.read_bytes()
+    fix = f"save it as UTF-8 text (python -m flux_lora.dataset prepare {caption_file.parent} OUT writes a UTF-8 copy)"
     try:
         text, source = raw.decode("utf-8-sig"), "file"
-    except UnicodeDecodeError:
-        text, source = raw.decode("latin-1"), "file read as latin-1 (not UTF-8)"
+    except UnicodeDecodeError as exc:
+        raise CaptionError(f"{caption_file}: caption is not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}); {fix}") from None
+    if "\x00" in text:
+        raise CaptionError(f"{caption_file}: caption holds a NUL byte at offset {raw.index(0)}; {fix}")
     text = " ".join(text.split())
     if not text:
         return class_tokens, "class tokens: empty caption file"

@@ -7,10 +7,11 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from flux_lora.dataset import AnalysisSettings, analyze_dataset
-from flux_lora.dataset.training_set import TrainingSet, training_set_from_folder, training_set_from_report
+from flux_lora.dataset.training_set import CaptionError, TrainingSet, training_set_from_folder, training_set_from_report
 from flux_lora.engines.native.data import find_examples
 from flux_lora.engines.sd_scripts_dataset import build_dataset_view
 from tests.engines.native.native_tiny_run import tiny_config
@@ -25,22 +26,22 @@ def _photo(path: Path, seed: int, caption: bytes | None = None) -> None:
 
 
 def kohya_layout(root: Path) -> Path:
-    """A DreamBooth-style folder: images in the root, in `10_tok/`, one too deep, a macOS resource fork, latin-1."""
+    """A DreamBooth-style folder: images in the root, in `10_tok/`, one too deep, a macOS resource fork, UTF-8 accents."""
     _photo(root / "a.png", 0, b"TOK woman, root photo")
     _photo(root / "10_tok" / "b.png", 1, b"TOK woman, in a subset folder")
-    _photo(root / "10_tok" / "c.png", 2, "TOK woman, café".encode("latin-1"))
+    _photo(root / "10_tok" / "c.png", 2, "TOK woman, café".encode("utf-8"))
     _photo(root / "plain" / "d.png", 3, None)  # no caption: class tokens
     _photo(root / "plain" / "deeper" / "e.png", 4, b"TOK woman, too deep")
     (root / "10_tok" / "._b.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble resource fork, not an image")
     return root
 
 
-def test_folder_selection_takes_subsets_skips_hidden_and_nested_and_reads_latin1(tmp_path):
+def test_folder_selection_takes_subsets_skips_hidden_and_nested(tmp_path):
     selected = training_set_from_folder(kohya_layout(tmp_path / "ds"), ".txt", "woman", default_repeats=2)
     by_image = {e.image: e for e in selected.examples}
     assert sorted(by_image) == ["10_tok/b.png", "10_tok/c.png", "a.png", "plain/d.png"]
     assert by_image["10_tok/b.png"].repeats == 10 and by_image["a.png"].repeats == 2 and by_image["plain/d.png"].repeats == 2
-    assert by_image["10_tok/c.png"].caption == "TOK woman, café" and "latin-1" in by_image["10_tok/c.png"].caption_source
+    assert by_image["10_tok/c.png"].caption == "TOK woman, café" and by_image["10_tok/c.png"].caption_source == "file"
     assert by_image["plain/d.png"].caption == "woman"
     assert {"path": "plain/deeper/e.png", "reason": "more than one folder deep"} in selected.excluded
     assert list(selected.subsets()) == ["", "10_tok", "plain"]
@@ -171,3 +172,15 @@ def test_by_default_a_dataset_of_eight_photos_holds_one_out_and_a_resized_copy_o
     (root / "zz_resized_copy.jpg").unlink()
     small = training_set_from_report(analyze_dataset(root, settings), ".txt", "woman", 1, validation_split=None)
     assert small.validation == [] and len(small.examples) == 6
+
+
+@pytest.mark.parametrize("raw, what", [("TOK woman, café".encode("utf-16"), "is not UTF-8 (byte 0xff at offset 0)"),
+                                       ("TOK woman, café".encode("latin-1"), "is not UTF-8 (byte 0xe9 at offset 14)"),
+                                       (b"TOK woman\x00, hidden", "holds a NUL byte at offset 9")])  # fmt: skip
+def test_a_caption_that_is_not_utf8_text_is_refused_with_the_file_named(tmp_path, raw, what):
+    root = tmp_path / "ds"
+    _photo(root / "a.png", 0, b"TOK woman, fine")
+    _photo(root / "b.png", 1, raw)
+    with pytest.raises(CaptionError) as refused:
+        training_set_from_folder(root, ".txt", "woman")
+    assert str(refused.value).startswith(f"{root / 'b.txt'}: caption {what}; save it as UTF-8 text")
