@@ -26,7 +26,13 @@ from flux_lora.dataset import (
     analyze_dataset,
     evaluate_gate,
 )
-from flux_lora.dataset.training_set import TrainingSet, training_set_from_report
+from flux_lora.dataset.training_set import (
+    AUTO_HOLD_OUT_MIN_IMAGES,
+    AUTO_HOLD_OUT_SHARE,
+    CaptionError,
+    TrainingSet,
+    training_set_from_report,
+)
 from hydra.experimental.callback import Callback
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -39,7 +45,8 @@ from flux_lora.gpu_probe import GpuProbe, probe_gpus
 from flux_lora.checkpoint_files import safetensors_keys
 from flux_lora.identity import config_differences
 from flux_lora.lifecycle.states import state_step, state_usability
-from flux_lora.rules import apply_rules, held_out_leaves_too_few, lora_scale_line, plain_stem_problem, recipe_effect_lines
+from flux_lora.models import model_file_problems
+from flux_lora.rules import apply_rules, held_out_leaves_too_few, lora_scale_line, plain_stem_problem, range_problems, recipe_effect_lines
 from flux_lora.schema import Accelerator, RunConfig
 
 
@@ -110,13 +117,13 @@ def check_dataset(run: RunConfig, report: CheckReport) -> None:
     try:
         report.training_set = training_set_from_report(report.dataset_report, d.caption_extension, d.class_tokens, d.num_repeats,
                                                        d.validation_split, d.validation_path)  # fmt: skip
+    except CaptionError as exc:  # refused whatever the gate enforces: it would train on garbage
+        report.errors.append(f"dataset.path: {exc}")
+        return
     except DatasetError as exc:  # only the validation folder is read here; dataset.path was analysed above
         report.errors.append(f"dataset.validation_path: {exc}")
         return
     check_held_out(run, report.training_set, report)
-    for example in report.training_set.examples:
-        if example.caption_source.startswith("file read as"):
-            report.warnings.append(f"dataset: {example.image}: caption {example.caption_source}; save it as UTF-8")
     if not report.training_set.examples:
         report.errors.append(f"dataset.path: no image in {d.path} would train (all unusable or excluded); see dataset_report.json")
 
@@ -124,6 +131,9 @@ def check_dataset(run: RunConfig, report: CheckReport) -> None:
 def check_held_out(run: RunConfig, training_set: TrainingSet, report: CheckReport) -> None:
     """Say which images are held out for validation, and refuse a hold-out that leaves too little to train."""
     if not training_set.validation:
+        if run.dataset.validation_split is None and not run.dataset.validation_path:
+            report.infos.append(f"dataset: nothing held out for validation (fewer than {AUTO_HOLD_OUT_MIN_IMAGES} distinct images): "
+                                "an evaluation measures the training images and says so")  # fmt: skip
         return
     trained = len({e.content_hash for e in training_set.examples})
     problem = held_out_leaves_too_few(run, trained, len(training_set.validation))
@@ -131,8 +141,15 @@ def check_held_out(run: RunConfig, training_set: TrainingSet, report: CheckRepor
         report.errors.append(problem)
         return
     names = ", ".join(Path(e.image).name for e in training_set.validation[:5]) + (", ..." if len(training_set.validation) > 5 else "")
-    report.infos.append(f"dataset: {len(training_set.validation)} image(s) held out for validation, never trained "
+    how = ""
+    if run.dataset.validation_split is None and not run.dataset.validation_path:
+        how = f" by default ({AUTO_HOLD_OUT_SHARE:.0%} once a dataset has {AUTO_HOLD_OUT_MIN_IMAGES} images; dataset.validation_split=0 trains them all)"
+    report.infos.append(f"dataset: {len(training_set.validation)} image(s) held out for validation{how}, never trained "
                         f"({trained} train): {names}")  # fmt: skip
+    copies = [x for x in training_set.excluded if x["reason"].startswith("near-duplicate of held-out")]
+    if copies:
+        listed = "; ".join(f"{x['path']} ({x['reason']})" for x in copies[:5]) + ("; ..." if len(copies) > 5 else "")
+        report.infos.append(f"dataset: {len(copies)} near-duplicate(s) of held-out images kept out of training too: {listed}")
 
 
 def gpu_visibility_problem(run: RunConfig, probe: GpuProbe) -> Optional[str]:
@@ -201,6 +218,8 @@ class LaunchPreflight(Callback):
 
 
 def check_run(run: RunConfig, engine: Engine, *, dry_run: bool) -> CheckReport:
+    if range_problems(run):  # nothing else is computed with a zero rank or resolution
+        return CheckReport(errors=range_problems(run))
     findings = apply_rules(run)
     report = CheckReport(errors=list(findings.errors), warnings=list(findings.warnings))
     report.infos.append(lora_scale_line(run))
@@ -213,7 +232,8 @@ def check_run(run: RunConfig, engine: Engine, *, dry_run: bool) -> CheckReport:
     report.refusal = noop_ablation_refusal(run, report.not_applied)
 
     report.warnings.extend(engine.warnings(run))
-    missing = engine.missing_requirements(run)
+    # Plus base-model files that are there but unusable (truncated, a wrong file, fp8 where bf16 is expected): headers only.
+    missing = engine.missing_requirements(run) + model_file_problems(run)
     # Nothing starts in a dry run, so absent weights or checkouts only matter for a real launch.
     (report.warnings if dry_run else report.errors).extend(missing)
 

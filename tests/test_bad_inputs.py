@@ -20,6 +20,7 @@ import pytest
 
 from flux_lora.compose import PROJECT_ROOT
 from flux_lora.rules import plain_stem_problem
+from tests.models.model_stubs import write_model_folder
 
 WEIGHT_FILES = ("flux1-dev.safetensors", "ae.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors")
 HINT = "  (FLUX_LORA_TRACEBACK=1 shows the traceback)"
@@ -52,14 +53,15 @@ def assert_nothing_trained(tmp_path: Path) -> None:
 
 
 def placeholder_models(tmp_path: Path, missing: str = "") -> Path:
-    """A models folder with every FLUX.1-dev file as an empty placeholder (nothing here loads them), less `missing`."""
+    """A models folder with every FLUX.1-dev file, less `missing`: real headers over a sparse hole (nothing here loads
+    the weights, and the launch reads every header; tests/models/model_stubs.py)."""
     models = tmp_path / "models"
     for name in ("tokenizers/tokenizer", "tokenizers/tokenizer_2"):
         (models / name).mkdir(parents=True)
         (models / name / "vocab.json").write_text("{}")
-    for name in WEIGHT_FILES:
-        if name != missing:
-            (models / name).write_bytes(b"")
+    write_model_folder(models)
+    if missing:
+        (models / missing).unlink()
     return models
 
 
