@@ -1,4 +1,5 @@
 """`python -m flux_lora.eval RUN_DIR [options]`: evaluate a run, print a summary, write RUN_DIR/eval/eval.json.
+`python -m flux_lora.eval --lora FILE --dataset DIR [--models DIR | --base-model tiny]`: the same for any LoRA file.
 
 Exit status: 0 evaluated, 1 evaluated but the LoRA fails the load or ComfyUI key check, 2 could not evaluate.
 """
@@ -14,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flux_lora.eval.evaluation import evaluate_run
+from flux_lora.eval.external import external_run_dir
 from flux_lora.eval.settings import EvalSettings
 
 
@@ -28,10 +30,14 @@ def _ints(text: str) -> tuple[int, ...]:
 def parse_args(argv: list[str]) -> tuple[Path, EvalSettings, bool]:
     defaults = EvalSettings()
     parser = argparse.ArgumentParser(prog="python -m flux_lora.eval", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("run_dir", type=Path, nargs="?", help="a run folder (or none, with --lora FILE --dataset DIR)")
     parser.add_argument("--validation-path", help="folder of validation images (+ captions); default: the training images")
-    parser.add_argument("--lora", choices=["final", "best"], default=defaults.lora,
-                        help="LoRA that generates (best: lowest validation loss)")  # fmt: skip
+    parser.add_argument("--lora", default=defaults.lora,
+                        help="which of the run's LoRA files generates: final, or best (lowest validation loss); or a LoRA file "
+                             "from anywhere (kohya or diffusers/peft keys), judged with --dataset")  # fmt: skip
+    parser.add_argument("--dataset", type=Path, help="with --lora FILE: the person's photos (+ .txt captions) to compare with")
+    parser.add_argument("--models", type=Path, help="with --lora FILE: the folder of the four FLUX.1-dev files")
+    parser.add_argument("--out", type=Path, help="with --lora FILE: where its evaluation goes (default outputs/evals/<name>-<hash>)")
     parser.add_argument("--strengths", type=_floats, default=defaults.strengths, help="e.g. 0.5,0.8,1.0,1.2")
     parser.add_argument("--seeds", type=_ints, default=defaults.seeds, help="e.g. 0,1,2,3")
     parser.add_argument("--max-prompts", type=int, default=None, help="at most N sample and N held-out prompts")
@@ -48,14 +54,23 @@ def parse_args(argv: list[str]) -> tuple[Path, EvalSettings, bool]:
                              "be loaded, e.g. CPU tests of an sd-scripts run; the LoRA must have the tiny model's shapes)")  # fmt: skip
     parser.add_argument("--force", action="store_true", help="evaluate again even if eval.json matches")
     args = parser.parse_args(argv)
+    external = args.lora not in ("final", "best")
+    if external == (args.run_dir is not None):
+        parser.error("give a RUN_DIR, or --lora FILE with --dataset DIR (not both)")
+    if external and args.dataset is None:
+        parser.error("--lora FILE needs --dataset DIR: the photos to compare the LoRA with")
+    run_dir = args.run_dir
+    if external:
+        run_dir = external_run_dir(Path(args.lora), args.dataset, out=args.out, models=args.models, stand_in=args.base_model == "tiny",
+                                   resolution=args.resolution or 512, sample_steps=args.steps or 20)  # fmt: skip
     settings = EvalSettings(
-        validation=not args.no_validation, validation_path=args.validation_path, likeness=not args.no_likeness,
-        lora=args.lora, strengths=args.strengths, seeds=args.seeds, heldout_prompts=not args.no_heldout,
+        validation=not args.no_validation, validation_path=str(args.dataset) if external else args.validation_path,
+        likeness=not args.no_likeness, lora="final" if external else args.lora, strengths=args.strengths, seeds=args.seeds, heldout_prompts=not args.no_heldout,
         max_prompts_per_set=args.max_prompts, sample_steps=args.steps, resolution=args.resolution,
         load_check=not args.no_load_check, min_output_change=args.min_output_change, device=args.device,
         base_model=args.base_model,
     )  # fmt: skip
-    return args.run_dir, settings, args.force
+    return run_dir, settings, args.force
 
 
 VALIDATION_WORDS = {"held-out": "held-out images (never trained)", "validation-folder": "the validation folder",
@@ -107,20 +122,23 @@ def print_summary(result: dict, console: Console) -> None:
         for line in check["unconsumed_keys"][:5] + check["warnings"][:5] + ([check["error"]] if check["error"] else []):
             console.print(f"  {line}")
     comfy = result["comfy_keys"]
-    console.print(f"ComfyUI key map: {'passed' if comfy['passed'] else 'FAILED'}; {comfy['modules']} modules")
+    if comfy["passed"] is None:
+        console.print(f"ComfyUI key map: {comfy['note']}")
+    else:
+        console.print(f"ComfyUI key map: {'passed' if comfy['passed'] else 'FAILED'}; {comfy['modules']} modules")
     for line in comfy["problems"][:5]:
         console.print(f"  {line}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    run_dir, settings, force = parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        run_dir, settings, force = parse_args(sys.argv[1:] if argv is None else argv)
         result = evaluate_run(run_dir, settings, force=force)
     except (FileNotFoundError, ValueError, ModuleNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print_summary(result, Console())
-    failed = not result["comfy_keys"]["passed"] or not result.get("load_check", {"passed": True})["passed"]
+    failed = result["comfy_keys"]["passed"] is False or not result.get("load_check", {"passed": True})["passed"]
     return 1 if failed else 0
 
 

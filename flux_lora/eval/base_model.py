@@ -12,8 +12,9 @@ from typing import Iterator, Optional
 import torch
 from safetensors import safe_open
 
-from flux_lora.engines.native.lora import ADAPTER, add_flux_lora, load_kohya_lora
+from flux_lora.engines.native.lora import ADAPTER, add_flux_lora, load_kohya_lora, lora_module_names
 from flux_lora.engines.native.models import FluxParts, build_tiny_flux, encode_prompts, load_flux_dev
+from flux_lora.eval.lora_file import KOHYA, lora_key_format
 from flux_lora.eval.settings import device_type
 
 TextEmbedding = tuple[torch.Tensor, torch.Tensor]  # (pooled [D_clip], T5 sequence [L, D_t5])
@@ -92,12 +93,33 @@ def lora_rank_alpha(path: Path) -> tuple[int, float]:
 
 
 def attach_lora(transformer, path: Path) -> None:
-    """Load a kohya file into the transformer, adding the peft LoRA first if it has none yet."""
-    if ADAPTER not in (getattr(transformer, "peft_config", None) or {}):
-        rank, alpha = lora_rank_alpha(path)
-        add_flux_lora(transformer, rank, alpha, dropout=None)
-        transformer.requires_grad_(False)
-    load_kohya_lora(transformer, path)
+    """Load a LoRA file into the transformer as its one adapter: a kohya file with this project's loader (the peft
+    LoRA added first if it has none yet), a diffusers/peft file (ai-toolkit, SimpleTuner, diffusers) with diffusers'."""
+    if lora_key_format(path) == KOHYA and (ours := _our_kohya_layout(path, transformer)):
+        if ADAPTER not in (getattr(transformer, "peft_config", None) or {}):
+            add_flux_lora(transformer, *ours, dropout=None)
+            transformer.requires_grad_(False)
+        load_kohya_lora(transformer, path)
+        return
+    # Other tools' files: diffusers/peft keys, or kohya keys for another set of modules (some blocks only, text
+    # encoder LoRAs beside them): diffusers' FLUX loader converts them; only the transformer's part is applied.
+    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+
+    if ADAPTER in (getattr(transformer, "peft_config", None) or {}):
+        transformer.delete_adapters(ADAPTER)
+    state = FluxLoraLoaderMixin.lora_state_dict(str(path))
+    transformer.load_lora_adapter({k: v for k, v in state.items() if k.startswith("transformer.")}, prefix="transformer",
+                                  adapter_name=ADAPTER)  # fmt: skip
+    transformer.requires_grad_(False)
+
+
+def _our_kohya_layout(path: Path, transformer) -> Optional[tuple[int, float]]:
+    """(rank, alpha) when the file holds exactly the modules this project trains (its own loader applies), else None."""
+    with safe_open(str(path), framework="pt") as handle:
+        modules = {key.split(".", 1)[0] for key in handle.keys()}
+    if modules != set(lora_module_names(transformer)):
+        return None
+    return lora_rank_alpha(path)
 
 
 @contextmanager

@@ -85,6 +85,8 @@ def run_section(run: RunRecord, settings: EvalSettings) -> dict:
     label = "succeeded" if run.succeeded else f"evaluated a run that did not succeed (state {run.state}" + (
         f": {run.reason})" if run.reason else ")"
     )
+    if run.state == "external":  # python -m flux_lora.eval --lora FILE: a file, not a run (flux_lora/eval/external.py)
+        label = f"a LoRA file from elsewhere: {run.reason}"
     return {
         "name": run.config.get("name"),
         "engine": run.section("engine").get("name"),

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 
 from flux_lora.engines.native import flow
 from flux_lora.engines.native.lora import SINGLE_BLOCK_MODULES
+from flux_lora.eval.lora_file import DIFFUSERS, lora_key_format
 
 CHECK_ADAPTER = "flux_lora_load_check"
 FLUX_DEV_LINEAR1_SPLIT = (3072, 3072, 3072, 12288)  # what diffusers' kohya converter assumes
@@ -144,7 +145,12 @@ def check_lora_loads(
     base = probe_output(transformer, conditioning)
     load_error: Optional[str] = None
     with captured_warnings() as messages:
-        for module, module_tensors in _group_by_module(tensors).items():
+        if lora_key_format(path) == DIFFUSERS:  # diffusers' own key names: its loader reads the file as it is
+            out = FluxLoraLoaderMixin.lora_state_dict(dict(tensors))
+            converted = {k: v for k, v in out.items() if k.startswith("transformer.") and ".lora_" in k}
+            unconsumed += [f"{k}: not a transformer LoRA weight" for k in sorted(out) if k not in converted]
+            targets |= {k.removeprefix("transformer.").split(".lora_")[0] for k in converted}
+        for module, module_tensors in ({} if converted else _group_by_module(tensors)).items():
             try:
                 out = convert_module(module, module_tensors, transformer)
             except Exception as error:  # noqa: BLE001 - each failure is reported against its keys

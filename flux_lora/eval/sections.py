@@ -37,6 +37,7 @@ from flux_lora.eval.generation import (
 )
 from flux_lora.eval.grids import CELL_MAX, write_prompt_grid
 from flux_lora.eval.load_check import check_lora_loads
+from flux_lora.eval.lora_file import DIFFUSERS, lora_key_format
 from flux_lora.eval.run_record import EVAL_DIR, LoraCheckpoint, RunRecord, ValidationSource, file_hash
 from flux_lora.eval.settings import EvalSettings
 from flux_lora.eval.validation import build_validation_set, summarize_curve, validation_point
@@ -60,6 +61,9 @@ def _lora_entry(run: RunRecord, checkpoint: LoraCheckpoint) -> dict:
 
 
 def comfy_section(path: Path, transformer) -> dict:
+    if lora_key_format(path) == DIFFUSERS:
+        return {"passed": None, "modules": 0, "problems": [],
+                "note": "diffusers/peft keys: ComfyUI's LoRA loader reads them as they are; the kohya key map does not apply"}  # fmt: skip
     with safe_open(str(path), framework="pt") as handle:
         shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
     return comfy_keys.check_keys(shapes, comfy_keys.FluxShape.of(transformer))
