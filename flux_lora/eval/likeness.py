@@ -82,3 +82,25 @@ def ceiling(reference: dict[str, np.ndarray], image_count: int) -> dict:
         "mean_distance": _mean([distance(a, b) for a, b in pairs]),
         "same_person_share": _mean([float(distance(a, b) < SAME_PERSON_DISTANCE) for a, b in pairs]),
     }
+
+
+def against_training_and_held_out(faces: list[Optional[np.ndarray]], training: list[np.ndarray], held_out: list[np.ndarray]) -> dict:
+    """The same generated faces scored against the training faces and, apart, against the held-out faces. A LoRA that
+    pastes its training photos scores high on the first only: `copy_indicator` is set when the generated faces are the
+    same person as the training faces on average but not as the held-out ones (None when either cannot be told)."""
+    trained = summarize([score_face(f, training) for f in faces])
+    held = summarize([score_face(f, held_out) for f in faces]) if held_out else None
+    copy = None
+    if held is not None and trained["mean_distance"] is not None and held["mean_distance"] is not None:
+        copy = trained["mean_distance"] < SAME_PERSON_DISTANCE <= held["mean_distance"]
+    return {"training_faces": trained, "held_out_faces": held, "copy_indicator": copy}
+
+
+def best_step_by_likeness(points: list[dict]) -> tuple[Optional[int], Optional[str]]:
+    """The step whose faces are closest to the held-out faces (to the training faces when none are held out); None
+    when no generated image had a face."""
+    for block, words in (("held_out_faces", "held-out faces"), ("training_faces", "training faces")):
+        scored = [p for p in points if (p.get(block) or {}).get("mean_cosine") is not None]
+        if scored:
+            return max(scored, key=lambda p: p[block]["mean_cosine"])["step"], words
+    return None, None

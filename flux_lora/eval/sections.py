@@ -199,13 +199,19 @@ def likeness_and_diversity(run: RunRecord, images: list[GeneratedImage], strengt
     embedder = FaceEmbedder()
     log(f"eval: faces in {len(references)} training images and {len(images)} generated images")
     reference = likeness.reference_faces(embedder, references)
+    held_out = list(likeness.reference_faces(embedder, {e.key: e.image for e in run.held_out_examples()}).values())
     measured = measure_images(embedder, images, list(reference.values()))
     training_hashes = {key: diversity.image_hash(likeness.read_rgb(path)) for key, path in references.items()}
     analysis = run.section("dataset").get("analysis") or {}
     copy_bits = int(analysis.get("duplicate_max_distance", diversity.DEFAULT_COPY_MAX_BITS))
     samples = sample_records(run, measured, training_hashes, copy_bits)
-    return (likeness_summary(measured, reference, references, strengths),
-            diversity_summary(measured, samples, strengths, copy_bits), samples)  # fmt: skip
+    summary = likeness_summary(measured, reference, references, strengths)
+    # The same faces against the training faces and, apart, the held-out ones, with the copy indicator.
+    summary["apart"] = {_strength_key(s): likeness.against_training_and_held_out(
+        [f for f, i in zip(measured.faces, measured.images) if i.strength == s], list(reference.values()), held_out)
+        for s in strengths if s is not None}  # fmt: skip
+    summary["held_out_reference_faces"] = len(held_out)
+    return summary, diversity_summary(measured, samples, strengths, copy_bits), samples
 
 
 def grids_section(run: RunRecord, images: list[GeneratedImage], strengths: list[Optional[float]], seeds: list[int],
@@ -267,6 +273,38 @@ def evaluation_basis(settings: EvalSettings, model: dict, validation_set: Option
     }
 
 
+# Likeness at every saved LoRA is a cheap pass beside the final one: this many prompts, the first seed, strength 1.
+BY_STEP_PROMPTS = 2
+
+
+def likeness_by_step(run: RunRecord, settings: EvalSettings, parts, prompts: list[EvalPrompt], embeddings: dict[str, TextEmbedding],
+                     resolution: int, steps: int, out_dir: Path, device, dtype, log) -> dict:  # fmt: skip
+    """Identity similarity for every saved LoRA (which checkpoint to keep), against the training faces and, apart,
+    the held-out faces; the best step by it sits beside the best step by validation loss."""
+    chosen, seed = prompts[:BY_STEP_PROMPTS], settings.seeds[0]
+    embedder = FaceEmbedder()
+    training = list(likeness.reference_faces(embedder, {e.key: e.image for e in run.training_examples()}).values())
+    held_out = list(likeness.reference_faces(embedder, {e.key: e.image for e in run.held_out_examples()}).values())
+    log(f"eval: likeness at {len(run.checkpoints)} LoRA files x {len(chosen)} prompts, seed {seed}, strength 1")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    points = []
+    for checkpoint in run.checkpoints:
+        attach_lora(parts.transformer, checkpoint.path)
+        label = "final" if checkpoint.final else f"step{checkpoint.step}"
+        images = generate_images(parts, chosen, embeddings, [1.0], [seed], resolution=resolution, steps=steps,
+                                 out_dir=out_dir / label, device=device, dtype=dtype)  # fmt: skip
+        faces = [embedder.embed(likeness.read_rgb(image.path)) for image in images]
+        points.append({**_lora_entry(run, checkpoint), **likeness.against_training_and_held_out(faces, training, held_out)})
+    best, by = likeness.best_step_by_likeness(points)
+    result = {"prompts": len(chosen), "seeds": [seed], "strength": 1.0,
+              "settings_note": f"cheaper than the final likeness: {len(chosen)} prompts, 1 seed, strength 1",
+              "reference_faces": {"training": len(training), "held_out": len(held_out)},
+              "points": points, "best_step": best, "best_by": by}  # fmt: skip
+    if best is None:
+        result["note"] = "no face found in any generated image: no best step by likeness"
+    return result
+
+
 def compute_sections(run: RunRecord, settings: EvalSettings, model: dict, validation_set: Optional[ValidationSource],
                      log: Callable[[str], None]) -> dict:  # fmt: skip
     """Every section of eval.json that needs the model, on the base model `model` (a config.yaml model section)."""
@@ -303,6 +341,8 @@ def _sections(run: RunRecord, settings: EvalSettings, model: dict, validation_se
         # Sampling runs one image at a time: on the tiny model a second CPU thread only waits. Validation batches
         # every sigma of an image and gains from it (8 images x 11 LoRA files at 256 px: 2.3 s with 2, 3.3 s with 1).
         with tiny_model_threads(model, device):
+            result["likeness_by_step"] = likeness_by_step(run, settings, parts, prompts, embeddings, resolution, steps,
+                                                          run.run_dir / EVAL_DIR / "by_step", device, dtype, log)  # fmt: skip
             result.update(generation_sections(run, settings, parts, prompts, embeddings, result.get("validation"),
                                               resolution, steps, run.run_dir / EVAL_DIR, device, dtype, log))  # fmt: skip
     return result

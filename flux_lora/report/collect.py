@@ -66,6 +66,7 @@ class RunRecord:
     load_check: Optional[bool]
     best_step: Optional[int]
     basis: Optional[dict[str, Any]] = None  # what the evaluation was measured on (evaluation_basis)
+    best_step_likeness: Optional[int] = None  # the saved LoRA whose faces are closest (eval.json likeness_by_step)
 
     @property
     def counted(self) -> bool:
@@ -261,6 +262,7 @@ def read_record(cell_dir: Path) -> RunRecord:
         load_check=load.get("passed"),
         best_step=best.get("step"),
         basis=evaluation_basis(evaluation),
+        best_step_likeness=((evaluation or {}).get("likeness_by_step") or {}).get("best_step"),
     )
 
 

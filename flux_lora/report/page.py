@@ -161,7 +161,7 @@ def build_cells_table(cells: list[Cell], stats: dict, baseline: Optional[Cell]) 
     metrics = _visible_metrics(cells)
     words = validation_words(cells)
     primary = METRIC_BY_KEY[PRIMARY_METRIC].label + (f", {words}" if words else "")
-    table = TableData(["cell", "changes", "seeds", "state", "steps", *[m.label for m in metrics], "best step", "load check", f"vs baseline ({primary})"])
+    table = TableData(["cell", "changes", "seeds", "state", "steps", *[m.label for m in metrics], "best step", "best step (likeness)", "load check", f"vs baseline ({primary})"])
     for cell in cells:
         row = [Cellout(cell.name, "name"), Cellout(_changes_text(cell)), Cellout(", ".join(str(r.seed) for r in cell.runs if r.seed is not None) or "-"),
                Cellout(cell.state_line(), _state_css(cell)), Cellout(", ".join(sorted({str(r.steps) for r in cell.runs if r.steps is not None})) or "-")]  # fmt: skip
@@ -175,6 +175,8 @@ def build_cells_table(cells: list[Cell], stats: dict, baseline: Optional[Cell]) 
             row.append(Cellout(text, _verdict_css(comparison), title))
         best_steps = sorted({r.best_step for r in cell.runs if r.best_step is not None})
         row.append(Cellout(", ".join(map(str, best_steps)) or "-"))
+        by_likeness = sorted({r.best_step_likeness for r in cell.runs if r.best_step_likeness is not None})
+        row.append(Cellout(", ".join(map(str, by_likeness)) or "-", title="no face in any generated image" if not by_likeness else ""))
         checks = [r.load_check for r in cell.runs if r.load_check is not None]
         row.append(Cellout("-" if not checks else ("pass" if all(checks) else f"FAIL {checks.count(False)}/{len(checks)}"), "" if all(checks) else "bad"))
         row.append(_primary_mark(cell, stats, baseline))
@@ -354,6 +356,11 @@ def gather(root: Path, prompt: int = 0, seed: Optional[int] = None) -> ReportDat
         made.append((_rel(identity, root), "Identity similarity vs LoRA strength (mean over seeds), with the no-LoRA floor and the training-set ceiling."))
     elif any(r.evaluation for c in cells for r in c.runs):
         plot_notes.append("Identity vs strength: no face found in any generated image, so there is nothing to plot (the tiny model draws no faces).")
+    by_step = plots.plot_likeness_by_step(cells, files / "likeness_by_step.png")
+    if by_step:
+        made.append((_rel(by_step, root), "Identity similarity vs step: which saved LoRA to keep (cheap pass: 2 prompts, 1 seed, strength 1)."))
+    elif any((r.evaluation or {}).get("likeness_by_step") for c in cells for r in c.runs):
+        plot_notes.append("Identity vs step: no face found in any image generated at the saved steps, so there is nothing to plot.")
     grid, grid_caption = build_grid(cells, root, files, prompt, seed)
     rating_table = agreement_table = None
     if ratings:

@@ -122,3 +122,31 @@ def plot_identity(cells: list[Cell], target: Path) -> Optional[Path]:
     axes.legend(fontsize=7, ncols=2)
     figure.savefig(target)
     return target
+
+
+def plot_likeness_by_step(cells: list[Cell], target: Path) -> Optional[Path]:
+    """Identity similarity vs step per cell (mean over seeds): to the held-out faces where the runs held some out
+    (solid), to the training faces (dashed). None when no generated image had a face."""
+    figure, axes = _figure()
+    drawn = False
+    for index, cell in enumerate(cells):
+        for block, style in (("held_out_faces", "-"), ("training_faces", "--")):
+            curves = []
+            for run in cell.runs:
+                points = ((run.evaluation or {}).get("likeness_by_step") or {}).get("points") or []
+                curve = [(p["step"], (p.get(block) or {}).get("mean_cosine")) for p in points if p.get("step") is not None]
+                curve = [(step, value) for step, value in curve if value is not None]
+                if curve:
+                    curves.append(curve)
+            if curves:
+                words = "held-out" if block == "held_out_faces" else "training"
+                axes.plot(*zip(*_mean_by_step(curves)), color=cell_colour(index), linestyle=style, marker="o", markersize=3,
+                          label=f"{cell.name}: {words} faces")  # fmt: skip
+                drawn = True
+    if not drawn:
+        return None
+    axes.set(xlabel="step", ylabel="mean cosine of generated faces", title="Identity similarity vs step (held-out faces solid, training dashed)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, ncols=2)
+    figure.savefig(target)
+    return target

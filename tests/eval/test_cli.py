@@ -36,6 +36,14 @@ def test_cli_writes_eval_json_with_every_section(evaluated_run) -> None:
     assert set(likeness["by_strength"]) == {"0.5", "1"}
     assert all(block["same_person_share"] is None for block in likeness["by_strength"].values())
 
+    # Likeness at every saved LoRA (a cheaper pass), against the training and the held-out faces apart.
+    by_step = result["likeness_by_step"]
+    assert [(p["step"], p["final"]) for p in by_step["points"]] == [(2, False), (4, True)]
+    assert by_step["reference_faces"] == {"training": 6, "held_out": 2} and by_step["settings_note"].startswith("cheaper than")
+    assert by_step["best_step"] is None and by_step["note"].startswith("no face found")  # the tiny model draws none
+    assert all(p["copy_indicator"] is None and p["held_out_faces"]["faces_found"] == 0 for p in by_step["points"])
+    assert likeness["held_out_reference_faces"] == 2 and set(likeness["apart"]) == {"0.5", "1"}
+
     assert result["load_check"]["passed"] and result["comfy_keys"]["passed"]
     assert len(result["samples"]) == 2 * 3 * 2  # prompts x (no LoRA + 2 strengths) x seeds
     assert {s["set"] for s in result["samples"]} == {"sample", "heldout"}

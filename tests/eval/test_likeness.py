@@ -9,7 +9,15 @@ from skimage import data
 
 from flux_lora.compose import PROJECT_ROOT
 from flux_lora.eval.face_embedding import SAME_PERSON_DISTANCE, FaceEmbedder, cosine, distance
-from flux_lora.eval.likeness import ceiling, read_rgb, reference_faces, score_face, summarize
+from flux_lora.eval.likeness import (
+    against_training_and_held_out,
+    best_step_by_likeness,
+    ceiling,
+    read_rgb,
+    reference_faces,
+    score_face,
+    summarize,
+)
 
 SAMPLE = PROJECT_ROOT / "data" / "sample"
 # The cameraman's head in skimage.data.camera() (512 x 512 grey): rows, columns. HOG misses it in the whole frame.
@@ -72,3 +80,23 @@ def test_another_man_is_not_judged_the_same_person_as_the_sample_faces(embedder:
 def test_reference_faces_are_keyed_by_relative_path_so_two_img1_jpg_do_not_collide(embedder: FaceEmbedder) -> None:
     both = {"alice/img1.jpg": SAMPLE / "03_close_up.jpg", "bob/img1.jpg": SAMPLE / "06_wide.jpg"}
     assert sorted(reference_faces(embedder, both)) == ["alice/img1.jpg", "bob/img1.jpg"]
+
+
+def test_training_and_held_out_faces_are_scored_apart_and_a_copy_is_flagged(embedder: FaceEmbedder) -> None:
+    """No model draws faces here: sample photos stand in for generated images. A LoRA that pastes its training
+    photos (the 'generated' faces are the training photos themselves) is the same person as the training faces; with a
+    held-out face of someone else (the cameraman) it is not the same person as the held-out ones: flagged as a copy.
+    With a held-out photo of the same person it is not."""
+    training = list(reference_faces(embedder, {p.name: p for p in sorted(SAMPLE.glob("0[1-6]_*.jpg"))}).values())
+    generated = [embedder.embed(read_rgb(p)) for p in sorted(SAMPLE.glob("0[1-3]_*.jpg"))]
+    same_person = list(reference_faces(embedder, {"07": SAMPLE / "07_warm_close.jpg"}).values())
+    stranger = [embedder.embed(cameraman_face())]
+    copied = against_training_and_held_out(generated, training, stranger)
+    assert copied["training_faces"]["same_person_share"] == 1.0 and copied["held_out_faces"]["same_person_share"] == 0.0
+    assert copied["copy_indicator"] is True
+    assert against_training_and_held_out(generated, training, same_person)["copy_indicator"] is False
+    assert against_training_and_held_out(generated, training, [])["copy_indicator"] is None  # nothing held out: unknown
+    points = [{"step": 2, **against_training_and_held_out(generated[:1], training, same_person)},
+              {"step": 4, **against_training_and_held_out([embedder.embed(cameraman_face())], training, same_person)}]
+    assert best_step_by_likeness(points) == (2, "held-out faces")
+    assert best_step_by_likeness([{"step": 2, **against_training_and_held_out([None], training, same_person)}]) == (None, None)

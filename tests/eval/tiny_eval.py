@@ -18,7 +18,7 @@ TRAIN_4_STEPS = [
 SMALL_EVAL_ARGS = ["--resolution", "64", "--steps", "2", "--strengths", "0.5,1.0", "--seeds", "0,1", "--max-prompts", "1"]
 SMALL_EVAL = dict(resolution=64, sample_steps=2, strengths=(0.5, 1.0), seeds=(0, 1), max_prompts_per_set=1)
 # Every top-level key of eval.json with every part enabled, whichever engine trained the run.
-EVAL_SECTIONS = {"schema_version", "cache_key", "evaluated_at", "run_dir", "settings", "device", "run", "basis", "loras", "comfy_keys",
+EVAL_SECTIONS = {"schema_version", "cache_key", "evaluated_at", "run_dir", "settings", "device", "run", "basis", "loras", "comfy_keys", "likeness_by_step",
                  "load_check", "validation", "likeness", "diversity", "grids", "samples", "seconds", "cached"}  # fmt: skip
 
 
