@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 # The detector dominates analysis time, and its cost grows with the number of scales and small windows it scans.
 # At 256 px with faces from 28 px (11% of the long side: portrait to half-body framing) and 1.25 steps between
 # scales it costs ~5 ms per image, against ~11 ms at 22 px / 1.2, ~35 ms at 320 px / 1.15, ~120 ms at 512 px / 1.1.
+# (15 ms on the 2-core EPYC of benchmarks/results/dataset_analysis.md, three times a full-size decode there.)
 FACE_WORKING_SIDE = 256
 FACE_MIN_SIZE_PX = 28
 FACE_SCALE_FACTOR = 1.25
@@ -20,7 +21,8 @@ _CASCADE_FILE = "haarcascade_frontalface_default.xml"
 
 
 @lru_cache(maxsize=1)
-def _cascade() -> cv2.CascadeClassifier:
+def load_cascade() -> cv2.CascadeClassifier:
+    """The detector, parsed from its XML once per process."""
     import cv2
 
     cascade = cv2.CascadeClassifier(cv2.data.haarcascades + _CASCADE_FILE)
@@ -38,7 +40,7 @@ def detect_faces(gray: np.ndarray) -> list[dict]:
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
     small = cv2.equalizeHist(cv2.resize(gray, size, interpolation=interpolation))
-    boxes = _cascade().detectMultiScale(
+    boxes = load_cascade().detectMultiScale(
         small,
         scaleFactor=FACE_SCALE_FACTOR,
         minNeighbors=FACE_MIN_NEIGHBORS,
