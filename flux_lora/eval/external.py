@@ -59,4 +59,8 @@ def external_run_dir(lora: Path, dataset: Path, *, out: Optional[Path], models: 
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     status = {"state": EXTERNAL_STATE, "reason": f"{lora.resolve()} (blake3 {digest[:16]}, {key_format} keys), judged on its own"}
     (run_dir / "status.json").write_text(json.dumps(status, indent=2) + "\n", encoding="utf-8")
+    # What the report reads: `python -m flux_lora.report SWEEP --with RUN_DIR` shows it as a cell of its own.
+    record = {"run_id": f"external-{digest[:12]}", "name": lora.stem, "ablation": {"name": f"{lora.stem} (external file)", "changes": []},
+              "external": {"lora_file": str(lora.resolve()), "blake3": digest, "key_format": key_format}}  # fmt: skip
+    (run_dir / "run.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return run_dir

@@ -15,7 +15,13 @@ def report_main(argv: list[str]) -> int:
     parser.add_argument("--prompt", type=int, default=0, help="sample prompt shown side by side (index into dataset.sample_prompts; default 0)")
     parser.add_argument("--seed", type=int, default=None, help="which seed's runs the sample grid shows (default: the smallest)")
     parser.add_argument("--no-page", action="store_true", help="print the table only, write no report files")
+    parser.add_argument("--with", dest="beside", type=Path, action="append", default=[], metavar="RUN_DIR",
+                        help="put these runs beside the cells, e.g. an external LoRA's evaluation (outputs/evals/<name>-<hash>)")  # fmt: skip
     args = parser.parse_args(argv)
+    for extra in args.beside:
+        if not find_run_dirs(extra):
+            print(f"--with {extra}: holds no run (no run.json); give a folder written by launch.py or python -m flux_lora.eval --lora", file=sys.stderr)
+            return 2
     for root in args.dirs:
         if not root.is_dir():
             print(f"{root}: no such directory; pass a run or sweep directory under outputs/", file=sys.stderr)
@@ -32,7 +38,7 @@ def report_main(argv: list[str]) -> int:
         if not args.no_page:
             from flux_lora.report.page import write_report
 
-            html, md = write_report(root, prompt=args.prompt, seed=args.seed)
+            html, md = write_report(root, prompt=args.prompt, seed=args.seed, beside=tuple(args.beside))
             print(f"report: {html} (and {md.name})")
     return 0
 

@@ -18,7 +18,8 @@ from flux_lora.report.summary import RunRow, find_run_dirs, lineage_label, read_
 from flux_lora.lifecycle.records import POINTER_FILE
 
 # States whose numbers count in a cell's statistics (a pointer "skipped: done" stands for a run that succeeded).
-COUNTED_STATES = ("succeeded", "skipped: done")
+# An external LoRA file judged by `python -m flux_lora.eval --lora FILE` (state "external") counts as one run.
+COUNTED_STATES = ("succeeded", "skipped: done", "external")
 BASELINE = "baseline"
 # Overrides that never define a cell: the seed is the replicate, paths say where things land.
 _NOT_A_CELL = re.compile(r"^(profile\.seed|paths\.|hydra\.|launch\.|eval\.)")
@@ -276,8 +277,9 @@ def group_cells(records: list[RunRecord]) -> list[Cell]:
     return list(cells.values())
 
 
-def collect(root: Path) -> list[Cell]:
-    return group_cells([read_record(d) for d in find_run_dirs(root)])
+def collect(root: Path, beside: tuple[Path, ...] = ()) -> list[Cell]:
+    """The cells of root's runs, then those of the folders `beside` it (e.g. external LoRA files' evaluations)."""
+    return group_cells([read_record(d) for d in find_run_dirs(root)] + [read_record(d) for extra in beside for d in find_run_dirs(extra)])
 
 
 def with_ratings(cells: list[Cell], rating_by_run: dict[str, float]) -> list[Cell]:

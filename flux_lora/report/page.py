@@ -327,13 +327,13 @@ def _notes(cells: list[Cell], seeds_per_cell: int, baseline: Optional[Cell]) -> 
     return notes
 
 
-def gather(root: Path, prompt: int = 0, seed: Optional[int] = None) -> ReportData:
+def gather(root: Path, prompt: int = 0, seed: Optional[int] = None, beside: tuple[Path, ...] = ()) -> ReportData:
     """Everything the page shows, with pictures drawn or copied into root/report_files."""
     files = root / FILES_DIR
     if files.is_dir():
         shutil.rmtree(files)  # pictures of cells that were since removed must not linger
     files.mkdir(parents=True)
-    cells = collect(root)
+    cells = collect(root, beside)
     ratings = summarize_ratings(root)
     if ratings:
         cells = with_ratings(cells, ratings.by_run)
@@ -445,9 +445,9 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
-def write_report(root: Path, prompt: int = 0, seed: Optional[int] = None) -> tuple[Path, Path]:
-    """Write root/report.html and root/report.md; returns their paths."""
-    data = gather(Path(root), prompt, seed)
+def write_report(root: Path, prompt: int = 0, seed: Optional[int] = None, beside: tuple[Path, ...] = ()) -> tuple[Path, Path]:
+    """Write root/report.html and root/report.md (with the runs of `beside` as cells of their own); their paths."""
+    data = gather(Path(root), prompt, seed, beside)
     html, md = data.root / "report.html", data.root / "report.md"
     _write_atomic(html, render_html(data))
     _write_atomic(md, render_markdown(data))

@@ -50,7 +50,9 @@ def plot_validation(cells: list[Cell], target: Path, images: str = "") -> Option
     for index, cell in enumerate(cells):
         curves = []
         for run in cell.runs:
-            curve = [(p["step"], p["loss"]) for p in ((run.evaluation or {}).get("validation") or {}).get("curve", []) if p.get("loss") is not None]
+            # A file from elsewhere (python -m flux_lora.eval --lora) may not know its step: it has no place on this axis.
+            curve = [(p["step"], p["loss"]) for p in ((run.evaluation or {}).get("validation") or {}).get("curve", [])
+                     if p.get("loss") is not None and p.get("step") is not None]  # fmt: skip
             if curve:
                 curves.append(curve)
                 axes.plot(*zip(*curve), color=cell_colour(index), linewidth=0.7, alpha=0.35)

@@ -184,3 +184,20 @@ def test_a_corrupt_status_json_is_said_not_shown_as_not_started(sweep_copy: Path
     md = (sweep_copy / "report.md").read_text()
     assert md_column(md, "state", "baseline").startswith("2 succeeded; 1 status unreadable: status.json is unreadable")
     assert "not started" not in md
+
+
+@pytest.mark.slow
+def test_an_external_lora_evaluation_sits_beside_the_sweeps_cells(sweep_copy: Path, tmp_path: Path) -> None:
+    """`python -m flux_lora.report SWEEP --with EVAL_DIR`: a LoRA file judged by `python -m flux_lora.eval --lora`
+    is a cell of its own, and, validated on another image set, is not marked against baseline."""
+    from tests.eval.test_external import diffusers_format_lora, judge
+
+    judged = tmp_path / "judged"
+    assert judge(diffusers_format_lora(tmp_path), judged).returncode == 0
+    done = run_cli("-m", "flux_lora.report", str(sweep_copy), "--with", str(judged))
+    assert done.returncode == 0, done.stderr
+    md = (sweep_copy / "report.md").read_text()
+    row = md_row(md, "pytorch_lora_weights (external file)")
+    assert md_column(md, "state", "pytorch_lora_weights (external file)").startswith("external: ")
+    assert row[md_row(md, "cell").index("val loss final (mixed image sets)")] != "-"
+    assert md_column(md, "vs baseline (val loss final, mixed image sets)", "pytorch_lora_weights (external file)") == "not compared: evaluated on other terms"
