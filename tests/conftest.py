@@ -32,3 +32,15 @@ def compose_run() -> Callable[..., RunConfig]:
 def seed_sweep(tmp_path_factory: pytest.TempPathFactory) -> Sweep:
     """A real 3-seed, 2-cell sweep on the tiny model, trained once per test session (tests/seed_sweep.py)."""
     return make_seed_sweep(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def judged_diffusers_lora(tmp_path_factory: pytest.TempPathFactory):
+    """A LoRA in diffusers/peft keys built from the tiny model, judged once by `python -m flux_lora.eval --lora FILE
+    --dataset data/sample` (tests/eval/test_external.py): (file, its bytes before, the finished process, the folder)."""
+    from tests.eval.test_external import diffusers_format_lora, judge
+
+    root = tmp_path_factory.mktemp("external")
+    source = diffusers_format_lora(root)
+    before = source.read_bytes()
+    return source, before, judge(source, root / "judged"), root / "judged"

@@ -83,7 +83,7 @@ def test_embedded_default_trains_end_to_end(tmp_path: Path) -> None:
     assert "1 image(s) held out for validation by default" in done.stdout
     validation = evaluation_record["validation"]
     assert validation["images"] == "held-out" and validation["count"] == 1 and evaluation_record["basis"]["images"] == "held-out"
-    assert "validation loss on held-out images (never trained)" in done.stdout  # the evaluator's summary
+    assert "validation loss on held-out images (never trained)" in " ".join(done.stdout.split())  # the evaluator's summary (wrapped at 80)
     report = subprocess.run([sys.executable, "-m", "flux_lora.report", str(run_dir)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stdout[-2000:] + report.stderr[-2000:]
     assert "val loss final (held-out images)" in (run_dir / "report.md").read_text()

@@ -185,7 +185,7 @@ def test_nan_fails_within_steps_and_a_rerun_retries_only_the_failed_cell(tmp_pat
     the selected cell's newest sample with `o`, and exits by itself when they have ended."""
     sweep_dir = tmp_path / "outputs" / "sweeps" / "nan"
     args = ["-m", "ablation=baseline", "profile.learning_rate=1e-3,1e12", "launch.resume=auto", *SHORT,
-            "ablation.baseline_steps=8", "profile.sample_every_n_steps=2", f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
+            "ablation.baseline_steps=8", "profile.sample_every_n_steps=4", f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
     sweep = start(args, tmp_path)
     while not (sweep_dir / "multirun.yaml").is_file():
         assert sweep.poll() is None

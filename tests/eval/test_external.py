@@ -57,14 +57,9 @@ def judge(lora: Path, out: Path) -> subprocess.CompletedProcess[str]:
                           timeout=600)  # fmt: skip
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("make", [diffusers_format_lora, kohya_lora_of_another_tool])
-def test_a_lora_file_from_another_tool_is_judged_by_file(make, tmp_path: Path) -> None:
-    source = make(tmp_path)
-    before = source.read_bytes()
-    done = judge(source, tmp_path / "judged")
+def assert_judged_like_a_run(source: Path, before: bytes, done: subprocess.CompletedProcess[str], judged: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    result = json.loads((tmp_path / "judged" / "eval" / "eval.json").read_text())
+    result = json.loads((judged / "eval" / "eval.json").read_text())
     assert set(result) == EVAL_SECTIONS  # the same eval.json as a run's
     assert result["run"]["label"].startswith(f"a LoRA file from elsewhere: {source.resolve()}")
     validation = result["validation"]
@@ -73,6 +68,19 @@ def test_a_lora_file_from_another_tool_is_judged_by_file(make, tmp_path: Path) -
     assert result["load_check"]["passed"], result["load_check"]  # diffusers loads it and it changes the output
     assert result["likeness"]["ceiling"]["faces_found"] == 8  # the folder's faces are the references
     assert source.read_bytes() == before  # the file is read, never changed
+
+
+@pytest.mark.slow
+def test_a_lora_in_diffusers_peft_keys_is_judged_by_file(judged_diffusers_lora) -> None:
+    source, before, done, judged = judged_diffusers_lora
+    assert_judged_like_a_run(source, before, done, judged)
+
+
+@pytest.mark.slow
+def test_a_kohya_lora_of_another_tool_is_judged_by_file(tmp_path: Path) -> None:
+    source = kohya_lora_of_another_tool(tmp_path)
+    before = source.read_bytes()
+    assert_judged_like_a_run(source, before, judge(source, tmp_path / "judged"), tmp_path / "judged")
 
 
 def test_a_key_format_it_cannot_read_is_one_line(tmp_path: Path) -> None:

@@ -134,9 +134,11 @@ def test_rating_with_keys_and_a_click_in_chromium_then_the_report_unblinds(rate_
         status_line = browser.evaluate(page, "document.getElementById('status').textContent")
         urls = browser.requested_urls(page)
     lines = ratings(rate_server.sweep_dir, "browser")
-    assert [r["prompt"] for r in lines] == [0] * 6 + [1] and status_line.startswith("Saved")
-    assert sorted(r["score"] for r in lines[:6]) == sorted(int(k) for k in keys) and lines[6]["score"] == 2
-    assert len({r["image"] for r in lines[:6]}) == 6 and {r["cell"] for r in lines[:6]} == {"baseline", "a1_alpha"}
+    # Sorted: the page posts each rating without waiting for the last, so under load they may land out of order.
+    assert sorted(r["prompt"] for r in lines) == [0] * 6 + [1] and status_line.startswith("Saved")
+    first, (second,) = [r for r in lines if r["prompt"] == 0], [r for r in lines if r["prompt"] == 1]
+    assert sorted(r["score"] for r in first) == sorted(int(k) for k in keys) and second["score"] == 2
+    assert len({r["image"] for r in first}) == 6 and {r["cell"] for r in first} == {"baseline", "a1_alpha"}
     assert all(u.startswith(rate_server.url) for u in urls)  # the page asks only its own server
 
     # A second rater over HTTP, on the same six images, for agreement; then the report unblinds.

@@ -187,13 +187,11 @@ def test_a_corrupt_status_json_is_said_not_shown_as_not_started(sweep_copy: Path
 
 
 @pytest.mark.slow
-def test_an_external_lora_evaluation_sits_beside_the_sweeps_cells(sweep_copy: Path, tmp_path: Path) -> None:
+def test_an_external_lora_evaluation_sits_beside_the_sweeps_cells(sweep_copy: Path, judged_diffusers_lora) -> None:
     """`python -m flux_lora.report SWEEP --with EVAL_DIR`: a LoRA file judged by `python -m flux_lora.eval --lora`
     is a cell of its own, and, validated on another image set, is not marked against baseline."""
-    from tests.eval.test_external import diffusers_format_lora, judge
-
-    judged = tmp_path / "judged"
-    assert judge(diffusers_format_lora(tmp_path), judged).returncode == 0
+    _, _, done, judged = judged_diffusers_lora
+    assert done.returncode == 0, done.stderr[-2000:]
     done = run_cli("-m", "flux_lora.report", str(sweep_copy), "--with", str(judged))
     assert done.returncode == 0, done.stderr
     md = (sweep_copy / "report.md").read_text()
