@@ -13,7 +13,7 @@ import json
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -32,7 +32,9 @@ from flux_lora.dataset.training_set import (
     CaptionError,
     TrainingSet,
     training_set_from_report,
+    with_class_images,
 )
+from flux_lora.dataset.regularization import check_class_images
 from hydra.experimental.callback import Callback
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -61,6 +63,9 @@ class CheckReport:
     refusal: Optional[str] = None
     dataset_report: Optional[DatasetReport] = None
     gate: Optional[GateResult] = None
+    # dataset.reg_path: the class images' analysis and their check (regularization.py).
+    reg_report: Optional[DatasetReport] = None
+    reg_gate: Optional[GateResult] = None
     # The (image, caption) pairs that train: what the gate passed is what both engines read.
     training_set: Optional[TrainingSet] = None
     # The engine's own checks of the rendered inputs (set at freeze, where the inputs exist); None = not run.
@@ -126,6 +131,37 @@ def check_dataset(run: RunConfig, report: CheckReport) -> None:
     check_held_out(run, report.training_set, report)
     if not report.training_set.examples:
         report.errors.append(f"dataset.path: no image in {d.path} would train (all unusable or excluded); see dataset_report.json")
+    if d.reg_path:
+        check_class_images_of(run, settings, report)
+
+
+def check_class_images_of(run: RunConfig, settings: AnalysisSettings, report: CheckReport) -> None:
+    """dataset.reg_path: analysed like the subject's photos (without the trigger checks), checked against them, and
+    added to the training set as its `regularization`."""
+    d = run.dataset
+    try:
+        report.reg_report = analyze_dataset(Path(d.reg_path), replace(settings, trigger=""))
+    except DatasetError as exc:
+        report.errors.append(f"dataset.reg_path: {exc}")
+        return
+    checked = check_class_images(report.reg_report, report.dataset_report, GateSettings(**asdict(d.gate)), d.trigger, d.class_tokens)
+    report.reg_gate = checked.gate
+    report.warnings.extend(f"dataset.reg_path: {w}" for w in checked.gate.warnings)
+    fix = " (set dataset.gate.enforce=false to launch anyway)"
+    report.errors.extend(f"dataset.reg_path: {p}{fix}" for p in checked.gate.problems)
+    report.infos.extend(f"dataset.reg_path: {i}" for i in checked.infos)
+    try:
+        report.training_set = with_class_images(report.training_set, report.reg_report, d.caption_extension, d.class_tokens,
+                                                d.reg_repeats, checked.copies_of_subject())  # fmt: skip
+    except CaptionError as exc:
+        report.errors.append(f"dataset.reg_path: {exc}")
+        return
+    plan = report.training_set.reg_epoch_plan()
+    used = sum(1 for _, n in plan if n)
+    report.infos.append(
+        f"dataset.reg_path: {len(plan)} class image(s), {sum(n for _, n in plan)} places per epoch beside the subject's "
+        f"{report.training_set.images_per_epoch} (kohya's rule; {used} of them train), loss weight {d.prior_loss_weight:g}"
+    )
 
 
 def check_held_out(run: RunConfig, training_set: TrainingSet, report: CheckReport) -> None:

@@ -42,6 +42,8 @@ def build_record(run_id: str, lineage: Optional[dict], resolved: dict[str, Any],
         "python": (repro.get("python") or "").split()[0] or None,
         "engine": repro.get("engine"),
         "dataset": {"content_hash": (fingerprint or {}).get("content_hash"), "n_files": (fingerprint or {}).get("n_files")},
+        **({"class_images": {"content_hash": classes["content_hash"], "n_files": classes["n_files"]}}
+           if (classes := (fingerprint or {}).get("regularization")) else {}),  # fmt: skip
     }
 
 

@@ -70,6 +70,16 @@ def dataset_problem(prov: Provenance, config: dict[str, Any]) -> Optional[str]:
     if recorded and now["content_hash"] != recorded:
         return (f"dataset.path={path}: its content changed since the run ({now['n_files']} files, content {now['content_hash'][:12]}, "
                 f"recorded {recorded[:12]}); restore it, point --dataset at the original, or pass --allow-changed-dataset")  # fmt: skip
+    recorded_classes = (prov.record.get("class_images") or {}).get("content_hash")
+    if recorded_classes and data.get("reg_path"):
+        reg_path = Path(data["reg_path"])
+        try:
+            classes = fingerprint_dataset(reg_path, data.get("caption_extension", ".txt"))
+        except DatasetError as exc:
+            return f"dataset.reg_path={reg_path}: {exc}; restore the class images or pass --allow-changed-dataset"
+        if classes["content_hash"] != recorded_classes:
+            return (f"dataset.reg_path={reg_path}: the class images changed since the run ({classes['n_files']} files); "
+                    "restore them or pass --allow-changed-dataset")  # fmt: skip
     return None
 
 

@@ -9,10 +9,10 @@ engine; this module only knows what FLUX, accelerate and the hardware tiers dema
 from __future__ import annotations
 
 import math
-
 import re
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Callable, Collection, Optional
 
 from flux_lora.schema import (
@@ -193,7 +193,7 @@ RANGES: tuple[tuple[str, tuple[str, Callable[[float], bool]]], ...] = (
     ("gpu.num_gpus", POSITIVE), ("gpu.batch_size", POSITIVE), ("gpu.gradient_accumulation_steps", POSITIVE),
     ("gpu.blocks_to_swap", NOT_NEGATIVE), ("optimizer.weight_decay", NOT_NEGATIVE), ("optimizer.eps", POSITIVE),
     ("dataset.num_repeats", POSITIVE), ("dataset.min_bucket_reso", POSITIVE), ("dataset.max_bucket_reso", POSITIVE),
-    ("dataset.bucket_reso_steps", POSITIVE), ("ablation.baseline_steps", POSITIVE), ("ablation.warmup_share", A_SHARE),
+    ("dataset.bucket_reso_steps", POSITIVE), ("dataset.reg_repeats", POSITIVE), ("dataset.prior_loss_weight", NOT_NEGATIVE), ("ablation.baseline_steps", POSITIVE), ("ablation.warmup_share", A_SHARE),
 )  # fmt: skip
 
 
@@ -254,6 +254,34 @@ def _one_validation_source(run: RunConfig) -> Optional[str]:
             f"dataset.validation_split={d.validation_split:g} and dataset.validation_path={d.validation_path}: choose one; "
             "set dataset.validation_split=0 to validate on the folder"
         )
+    return None
+
+
+def _reg_keys_need_reg_path(run: RunConfig) -> Optional[str]:
+    d = run.dataset
+    changed = [f"dataset.{k}={getattr(d, k):g}" for k, default in (("reg_repeats", 1), ("prior_loss_weight", 1.0))
+               if getattr(d, k) != default]  # fmt: skip
+    if changed and not d.reg_path:
+        return f"{', '.join(changed)}: no effect without class images; set dataset.reg_path=<folder of class images> or drop it"
+    return None
+
+
+def _reg_path_apart_from_dataset(run: RunConfig) -> Optional[str]:
+    d = run.dataset
+    if not d.reg_path:
+        return None
+    reg, subject = Path(d.reg_path).resolve(), Path(d.path).resolve()
+    if reg == subject or subject in reg.parents or reg in subject.parents:
+        return (f"dataset.reg_path={d.reg_path}: overlaps dataset.path={d.path} (the subject's photos would train as "
+                "class images, or the class images as the subject); put the class images in a folder of their own")
+    return None
+
+
+def _prior_weight_trains_nothing(run: RunConfig) -> Optional[str]:
+    d = run.dataset
+    if d.reg_path and d.prior_loss_weight == 0:
+        return (f"dataset.prior_loss_weight=0 with dataset.reg_path={d.reg_path}: the class images take training steps and "
+                "teach nothing; set dataset.prior_loss_weight=1 or drop dataset.reg_path")
     return None
 
 
@@ -319,6 +347,9 @@ RULES: tuple[Rule, ...] = (
     Rule("output_name_is_plain_stem", Severity.error, "the LoRA files are <run dir>/output/<output_name>*: a path there writes outside the run", _output_name_is_plain_stem),
     Rule("validation_split_in_range", Severity.error, "a share outside [0, 0.5] holds out nothing sensible or most of the photos", _validation_split_in_range),
     Rule("one_validation_source", Severity.error, "a held-out share and a held-out folder at once would mix two validation sets", _one_validation_source),
+    Rule("reg_keys_need_reg_path", Severity.warning, "a recorded class-image setting without class images is a setting never applied", _reg_keys_need_reg_path),
+    Rule("reg_path_apart_from_dataset", Severity.error, "the same photos as subject and as class prior teach both nothing", _reg_path_apart_from_dataset),
+    Rule("prior_weight_trains_nothing", Severity.warning, "kohya multiplies a class image's loss by it: 0 spends the steps for nothing", _prior_weight_trains_nothing),
     Rule("run_name_is_plain_stem", Severity.error, "the run directory is named after it: a path there lands outside paths.outputs", _run_name_is_plain_stem),
 )
 

@@ -270,6 +270,12 @@ class DatasetConfig:
     # null: 10% (at least one image) once the dataset has 8 distinct images, none below that; 0: none.
     validation_split: Optional[float] = None
     validation_path: Optional[str] = None
+    # Regularization (class) images: photos of the class (any woman, not the subject) trained beside the subject's, so
+    # the LoRA keeps what the class looks like (DreamBooth's prior preservation; kohya's `is_reg` subsets). Each epoch
+    # they fill as many places as the subject's images with repeats, as kohya fills them (training_set.py). null: none.
+    reg_path: Optional[str] = None
+    reg_repeats: int = 1  # repeats of each class image; a subfolder named `N_name` sets its own, as for the subject's
+    prior_loss_weight: float = 1.0  # a class image's loss against a subject image's (kohya's --prior_loss_weight)
     analysis: DatasetAnalysisConfig = field(default_factory=DatasetAnalysisConfig)
     gate: DatasetGateConfig = field(default_factory=DatasetGateConfig)
 

@@ -10,6 +10,7 @@ The job reads only these files, so what is recorded is what ran:
   dataset_fingerprint.json  content hash plus per-file manifest
   training_set.json         the (image, caption, repeats) pairs that train; both engines read it
   dataset_report.json, dataset_contact_sheet.png   the preflight analysis
+  reg_dataset_report.json   the class images' analysis (dataset.reg_path)
 """
 
 from __future__ import annotations
@@ -85,7 +86,10 @@ def claim_run_dir(run_dir: Path) -> Path:
 
 def dataset_fingerprint(run: RunConfig, report: CheckReport) -> Optional[dict]:
     if report.dataset_report is not None:
-        return report.dataset_report.fingerprint  # the preflight already hashed every byte
+        fingerprint = report.dataset_report.fingerprint  # the preflight already hashed every byte
+        if report.reg_report is not None:  # the class images' files, apart: the subject's hash stays what it was
+            fingerprint = fingerprint | {"regularization": report.reg_report.fingerprint | {"path": report.reg_report.dataset_path}}
+        return fingerprint
     try:
         return fingerprint_dataset(Path(run.dataset.path), run.dataset.caption_extension)
     except DatasetError:
@@ -262,6 +266,8 @@ def freeze_run(
     if report.dataset_report is not None:
         report.dataset_report.write_json(run_dir / "dataset_report.json")
         write_contact_sheet(report.dataset_report, dataset_path, run_dir / "dataset_contact_sheet.png")
+    if report.reg_report is not None:
+        report.reg_report.write_json(run_dir / "reg_dataset_report.json")
 
     command: Optional[LaunchCommand] = None
     if not report.errors:
@@ -296,6 +302,7 @@ def freeze_run(
             "infos": report.infos,
             "refusal": report.refusal,
             "dataset_gate_passed": report.gate.passed if report.gate else None,
+            **({"reg_gate_passed": report.reg_gate.passed} if report.reg_gate else {}),
             "engine_preflight": report.engine_preflight,
             "resume_source": report.resume_source,
             "cost_estimate": cost_estimate,  # said before the run started (cost.py); the summary sets it beside what it took

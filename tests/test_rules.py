@@ -63,6 +63,11 @@ def test_shipped_combinations_pass(compose_run: ComposeRun, overrides: list[str]
         (["dataset.num_repeats=0"], "dataset.num_repeats=0: must be positive"),
         (["profile.caption_dropout_rate=1.0", "profile.cache_text_encoder_outputs_to_disk=false"], "profile.caption_dropout_rate=1: must be in [0, 1)"),
         (["optimizer.betas=[0.9,1.5]"], "optimizer.betas=[0.9, 1.5]: each must be in [0, 1)"),
+        (["dataset.reg_path=/x", "dataset.reg_repeats=0"], "dataset.reg_repeats=0: must be positive"),
+        (["dataset.reg_path=/x", "dataset.prior_loss_weight=-1"], "dataset.prior_loss_weight=-1: must be 0 or more"),
+        # class images inside the subject's folder (or the other way round) would train the same photos as both
+        (["dataset.reg_path=${paths.root}/data/sample/reg"], "dataset.reg_path=/"),
+        (["dataset.reg_path=${paths.root}/data"], "dataset.reg_path=/"),
     ],
 )
 def test_rule_errors_name_the_key(compose_run: ComposeRun, overrides: list[str], key: str) -> None:
@@ -76,6 +81,13 @@ def test_alpha_one_is_flagged_as_shrinking_updates(compose_run: ComposeRun) -> N
     warnings = apply_rules(run).warnings
     assert any("scaled DOWN 32x" in w for w in warnings), warnings
     assert lora_scale_line(run) == "LoRA update scale alpha/rank = 1/32 = 0.03125"
+
+
+def test_class_image_settings_without_class_images_are_named(compose_run: ComposeRun) -> None:
+    warnings = apply_rules(compose_run("dataset.prior_loss_weight=0.5", "dataset.reg_repeats=3")).warnings
+    assert "dataset.reg_repeats=3, dataset.prior_loss_weight=0.5: no effect without class images; set dataset.reg_path" \
+           "=<folder of class images> or drop it" in warnings  # fmt: skip
+    assert not [w for w in apply_rules(compose_run()).warnings if "reg_path" in w]
 
 
 def test_every_rule_has_a_reason() -> None:

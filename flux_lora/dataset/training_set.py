@@ -9,7 +9,11 @@ read this list, so what was checked is what trains. Rules:
     named, whatever the gate enforces); a missing or empty caption trains as the class tokens, as sd-scripts does;
   - images held out for validation (dataset.validation_split, by default 10% once there are 8 images, or
     dataset.validation_path) never train, under any file name: they are listed apart, in `validation`, for the
-    evaluator; a near-duplicate of a held-out image (the analysis's duplicate groups) does not train either.
+    evaluator; a near-duplicate of a held-out image (the analysis's duplicate groups) does not train either;
+  - class images (dataset.reg_path) are listed apart, in `regularization`, selected by the same rules (a missing
+    caption trains as the class tokens); one that copies a subject photo never trains (it would teach the subject
+    as the class). Each epoch they fill as many places as the subject's images with repeats, by kohya's rule
+    (`reg_epoch_plan`), which both engines follow: sd-scripts by itself, the native engine from this list.
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ class TrainingSet:
     # Held out for validation, never trained. From dataset.validation_split: paths relative to root, like
     # `examples`; from dataset.validation_path: absolute paths (image_path serves both).
     validation: list[TrainingExample] = field(default_factory=list)
+    # Class images (dataset.reg_path): paths relative to reg_root; trained with dataset.prior_loss_weight, never validated.
+    reg_root: Optional[str] = None
+    regularization: list[TrainingExample] = field(default_factory=list)
 
     @property
     def content_hash(self) -> str:
@@ -60,27 +67,67 @@ class TrainingSet:
             hasher.update(json.dumps([e.image, e.content_hash, e.caption, e.repeats], ensure_ascii=False).encode() + b"\n")
         for e in sorted(self.validation, key=lambda e: e.image):
             hasher.update(json.dumps(["validation", e.image, e.content_hash, e.caption], ensure_ascii=False).encode() + b"\n")
+        for e in sorted(self.regularization, key=lambda e: e.image):
+            hasher.update(json.dumps(["class", e.image, e.content_hash, e.caption, e.repeats], ensure_ascii=False).encode() + b"\n")
         return hasher.hexdigest()
 
     def subsets(self) -> dict[str, list[TrainingExample]]:
-        by_subset: dict[str, list[TrainingExample]] = {}
-        for example in self.examples:
-            by_subset.setdefault(example.subset, []).append(example)
-        return dict(sorted(by_subset.items()))
+        return _by_subset(self.examples)
+
+    def reg_subsets(self) -> dict[str, list[TrainingExample]]:
+        return _by_subset(self.regularization)
 
     def image_path(self, example: TrainingExample) -> Path:
         return Path(self.root) / example.image
+
+    def reg_image_path(self, example: TrainingExample) -> Path:
+        return Path(self.reg_root or "") / example.image
+
+    @property
+    def images_per_epoch(self) -> int:
+        return sum(e.repeats for e in self.examples)
+
+    def reg_epoch_plan(self) -> list[tuple[TrainingExample, int]]:
+        """Each class image with the times it trains per epoch, in the order sd-scripts registers them (subset folders
+        in order, then file names): kohya's DreamBoothDataset gives the class images as many places per epoch as the
+        subject's images with repeats, each its repeats in turn until they are filled (the rest never train), or,
+        when they run out first, one more repeat each in turn (library/train_util.py, "reg images")."""
+        ordered = [e for _, subset in self.reg_subsets().items() for e in sorted(subset, key=lambda e: Path(e.image).name)]
+        counts = [0] * len(ordered)
+        places, filled, first_pass = self.images_per_epoch, 0, True
+        while ordered and filled < places:
+            for index, example in enumerate(ordered):
+                added = example.repeats if first_pass else 1
+                counts[index] += added
+                filled += added
+                if filled >= places:
+                    break
+            first_pass = False
+        return list(zip(ordered, counts))
 
     def to_dict(self) -> dict:
         return {
             "root": self.root,
             "content_hash": self.content_hash,
             "n_examples": len(self.examples),
-            "n_images_per_epoch": sum(e.repeats for e in self.examples),
+            "n_images_per_epoch": self.images_per_epoch,
             "examples": [asdict(e) for e in self.examples],
             "excluded": self.excluded,
             "n_validation": len(self.validation),
             "validation": [asdict(e) for e in self.validation],
+            **self._regularization_dict(),
+        }
+
+    def _regularization_dict(self) -> dict:
+        if self.reg_root is None:
+            return {}  # a run without class images writes what it always wrote
+        plan = self.reg_epoch_plan()
+        return {
+            "reg_root": self.reg_root,
+            "n_regularization": len(self.regularization),
+            "n_reg_images_per_epoch": sum(n for _, n in plan),
+            # kohya's order, with the times each trains per epoch (0: never, the subject's places were filled first)
+            "regularization": [asdict(e) | {"per_epoch": n} for e, n in plan],
         }
 
     def write_json(self, path: Path) -> None:
@@ -88,12 +135,23 @@ class TrainingSet:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainingSet":
-        return cls(root=data["root"], examples=[TrainingExample(**e) for e in data["examples"]], excluded=data.get("excluded", []),
-                   validation=[TrainingExample(**e) for e in data.get("validation", [])])  # fmt: skip
+        def example(entry: dict) -> TrainingExample:
+            return TrainingExample(**{k: v for k, v in entry.items() if k != "per_epoch"})
+
+        return cls(root=data["root"], examples=[example(e) for e in data["examples"]], excluded=data.get("excluded", []),
+                   validation=[example(e) for e in data.get("validation", [])], reg_root=data.get("reg_root"),
+                   regularization=[example(e) for e in data.get("regularization", [])])  # fmt: skip
 
     @classmethod
     def read_json(cls, path: Path) -> "TrainingSet":
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def _by_subset(examples: list[TrainingExample]) -> dict[str, list[TrainingExample]]:
+    by_subset: dict[str, list[TrainingExample]] = {}
+    for example in examples:
+        by_subset.setdefault(example.subset, []).append(example)
+    return dict(sorted(by_subset.items()))
 
 
 def subset_repeats(subset: str, default_repeats: int) -> int:
@@ -239,6 +297,21 @@ def training_set_from_folder(
     nested = [{"path": files.relative(p), "reason": "more than one folder deep"} for p in files.nested_images]
     selected = TrainingSet(root=selected.root, examples=selected.examples, excluded=selected.excluded + nested)
     return hold_out(selected, caption_extension, class_tokens, validation_split, validation_path)
+
+
+def with_class_images(training_set: TrainingSet, report: DatasetReport, caption_extension: str, class_tokens: str,
+                      reg_repeats: int, copies_of_subject: dict[str, str]) -> TrainingSet:  # fmt: skip
+    """The training set with the analysed class-image folder as its `regularization`: the images the analysis found
+    usable, captions as for the subject's (missing: the class tokens), minus copies of subject photos
+    (`copies_of_subject`: class image -> the subject photo it copies), which would teach the subject as the class."""
+    root = Path(report.dataset_path)
+    unusable = {r.path: ", ".join(f for f in r.flags if severity_of(f) == "error") for r in report.images if r.unusable}
+    unusable.update({path: f"copy of subject photo {photo}" for path, photo in copies_of_subject.items()})
+    hashes = {r.path: r.content_hash for r in report.images}
+    selected = _select(root, [r.path for r in report.images], hashes, unusable, caption_extension, class_tokens, reg_repeats)
+    excluded = selected.excluded + [{"path": p, "reason": "more than one folder deep"} for p in report.nested_images]
+    return replace(training_set, reg_root=selected.root, regularization=selected.examples,
+                   excluded=training_set.excluded + [x | {"set": "regularization"} for x in excluded])  # fmt: skip
 
 
 def load_training_set(path: Optional[str | Path]) -> Optional[TrainingSet]:

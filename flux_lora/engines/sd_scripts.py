@@ -278,6 +278,8 @@ def render_sd_scripts_args(run: RunConfig, run_dir: Path, unapplied: dict[str, s
     # Data: no colour or crop augmentation is used, so VAE latents can always be cached.
     a.value("--dataset_config", run_dir / DATASET_TOML)
     a.value("--caption_extension", run.dataset.caption_extension)
+    if run.dataset.reg_path:  # the class images' loss weight (train_network.py multiplies each sample's loss by it)
+        a.value("--prior_loss_weight", float(run.dataset.prior_loss_weight))
     a.switch("--cache_latents", True)
     a.switch("--cache_latents_to_disk", p.cache_latents_to_disk)
     caches_text = caches_text_encoder_outputs(run)
@@ -311,15 +313,17 @@ def render_sd_scripts_args(run: RunConfig, run_dir: Path, unapplied: dict[str, s
     return a.tokens
 
 
-def render_dataset_toml(run: RunConfig, subsets: Optional[list[tuple[Path, int]]] = None) -> str:
+def render_dataset_toml(run: RunConfig, subsets: Optional[list[tuple[Path, int, bool]]] = None) -> str:
     """The `--dataset_config` TOML; every key is one sd-scripts' strict dataset schema accepts.
 
-    `subsets` are (folder, num_repeats) of the training set's view (sd_scripts_dataset.py); without one
-    (a dry run without a dataset) the dataset folder itself is the one subset.
+    `subsets` are (folder, num_repeats, is_reg) of the training set's view (sd_scripts_dataset.py); without one
+    (a dry run without a dataset) the dataset folder itself is the one subset, and dataset.reg_path the class one.
     """
     p, ds = run.profile, run.dataset
     if subsets is None:
-        subsets = [(Path(_absolute(ds.path)), ds.num_repeats)]
+        subsets = [(Path(_absolute(ds.path)), ds.num_repeats, False)]
+        if ds.reg_path:
+            subsets.append((Path(_absolute(ds.reg_path)), ds.reg_repeats, True))
     general: dict[str, object] = {"caption_extension": ds.caption_extension, "shuffle_caption": p.shuffle_caption}
     if p.shuffle_caption:
         general["keep_tokens"] = 1  # captions start with the trigger: keep it in front when shuffling
@@ -334,7 +338,8 @@ def render_dataset_toml(run: RunConfig, subsets: Optional[list[tuple[Path, int]]
         # Small photos are upscaled to their bucket (sd-scripts' default), so every step trains at profile.resolution.
         "bucket_no_upscale": False,
         "subsets": [
-            {"image_dir": str(folder), "class_tokens": ds.class_tokens, "num_repeats": repeats} for folder, repeats in subsets
+            {"image_dir": str(folder), "class_tokens": ds.class_tokens, "num_repeats": repeats, **({"is_reg": True} if is_reg else {})}
+            for folder, repeats, is_reg in subsets
         ],
     }
     return tomli_w.dumps({"general": general, "datasets": [dataset]})

@@ -7,7 +7,7 @@ never pointed at the user's folder: the launcher builds a view under the cache f
 the training set's content (images, captions, repeats) and location, holding a symlink per image
 and the caption text that trains. An edited caption is a new view (no stale embeddings), the
 user's dataset folder is never written to, and the images sd-scripts finds are exactly the list the
-preflight passed.
+preflight passed. Class images (dataset.reg_path) get folders of their own after the subject's, read as `is_reg`.
 """
 
 from __future__ import annotations
@@ -16,32 +16,49 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import blake3
 
-from flux_lora.dataset.training_set import TrainingSet
+from flux_lora.dataset.training_set import TrainingExample, TrainingSet
 
 VIEWS_FOLDER = "sd_scripts_datasets"
 
 
 def view_key(training_set: TrainingSet, caption_extension: str) -> str:
-    return blake3.blake3(f"{training_set.content_hash}|{training_set.root}|{caption_extension}".encode()).hexdigest()[:20]
+    where = f"{training_set.root}|{training_set.reg_root}" if training_set.reg_root else training_set.root
+    return blake3.blake3(f"{training_set.content_hash}|{where}|{caption_extension}".encode()).hexdigest()[:20]
 
 
-def subset_folder_name(index: int, subset: str) -> str:
+@dataclass(frozen=True)
+class ViewSubset:
+    name: str  # the folder's name in the view
+    examples: list[TrainingExample]
+    is_reg: bool  # class images: kohya's `is_reg` subset
+
+
+def subset_folder_name(index: int, subset: str, is_reg: bool = False) -> str:
     # Readable, unique and free of separators; sd-scripts reads num_repeats from the TOML, not the name.
     readable = re.sub(r"[^A-Za-z0-9_.-]+", "-", subset).strip("-") or "root"
-    return f"{index:02d}-{readable}"
+    return f"{index:02d}-{'class-' if is_reg else ''}{readable}"
+
+
+def view_layout(training_set: TrainingSet) -> list[ViewSubset]:
+    """The subject's subsets, then the class images' (sd-scripts registers class images after the subject's, in
+    the order of their subsets: training_set.reg_epoch_plan follows that order)."""
+    groups = [(s, e, False) for s, e in training_set.subsets().items()] + [(s, e, True) for s, e in training_set.reg_subsets().items()]
+    return [ViewSubset(subset_folder_name(i, subset, is_reg), examples, is_reg) for i, (subset, examples, is_reg) in enumerate(groups)]
 
 
 def _fill_view(folder: Path, training_set: TrainingSet, caption_extension: str) -> None:
-    for index, (subset, examples) in enumerate(training_set.subsets().items()):
-        target = folder / subset_folder_name(index, subset)
+    for subset in view_layout(training_set):
+        target = folder / subset.name
         target.mkdir(parents=True)
-        for example in examples:
+        for example in subset.examples:
             image = Path(example.image)
-            os.symlink(training_set.image_path(example), target / image.name)
+            source = training_set.reg_image_path(example) if subset.is_reg else training_set.image_path(example)
+            os.symlink(source, target / image.name)
             (target / f"{image.stem}{caption_extension}").write_text(example.caption + "\n", encoding="utf-8")
 
 
@@ -65,9 +82,6 @@ def build_dataset_view(training_set: TrainingSet, cache_dir: Path, caption_exten
     return final
 
 
-def view_subsets(view: Path, training_set: TrainingSet) -> list[tuple[Path, int]]:
-    """(folder, num_repeats) per subset, in the order the view was built."""
-    return [
-        (view / subset_folder_name(index, subset), examples[0].repeats)
-        for index, (subset, examples) in enumerate(training_set.subsets().items())
-    ]
+def view_subsets(view: Path, training_set: TrainingSet) -> list[tuple[Path, int, bool]]:
+    """(folder, num_repeats, is_reg) per subset, in the order the view was built."""
+    return [(view / subset.name, subset.examples[0].repeats, subset.is_reg) for subset in view_layout(training_set)]

@@ -58,21 +58,51 @@ def check_run_files(args: argparse.Namespace) -> None:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def dataset_subsets(args: argparse.Namespace) -> list[tuple[Path, int]]:
+def dataset_subsets(args: argparse.Namespace) -> list[tuple[Path, int, bool]]:
     import tomllib
 
     dataset = tomllib.loads(Path(args.dataset_config).read_text(encoding="utf-8"))
-    return [(Path(s["image_dir"]), int(s.get("num_repeats", 1))) for d in dataset["datasets"] for s in d["subsets"]]
+    return [(Path(s["image_dir"]), int(s.get("num_repeats", 1)), bool(s.get("is_reg", False))) for d in dataset["datasets"] for s in d["subsets"]]
+
+
+def subset_images(folder: Path) -> list[Path]:
+    # each subset folder is read WITHOUT recursion, hidden files skipped, sorted by path (train_util.glob_images)
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")) if folder.is_dir() else []
+
+
+def registered_images(args: argparse.Namespace) -> tuple[int, dict[Path, int], int]:
+    """(subject images with repeats, class image -> times per epoch, kohya's num_reg_images), as DreamBoothDataset
+    registers them: class images, in subset then path order, each with its num_repeats until they fill as many places
+    as the subject's images; if they run out first, one more repeat each in turn."""
+    num_train, num_reg, reg_infos = 0, 0, []
+    for folder, repeats, is_reg in dataset_subsets(args):
+        found = subset_images(folder)
+        if is_reg:
+            num_reg += repeats * len(found)
+            reg_infos += [[path, repeats] for path in found]
+        else:
+            num_train += repeats * len(found)
+    registered: dict[Path, int] = {}
+    n, first_loop = 0, True
+    while reg_infos and n < num_train:
+        for info in reg_infos:
+            if first_loop:
+                registered[info[0]] = info[1]
+                n += info[1]
+            else:
+                registered[info[0]] += 1
+                n += 1
+            if n >= num_train:
+                break
+        first_loop = False
+    return num_train, registered, num_reg
 
 
 def batches_per_epoch(args: argparse.Namespace) -> int:
-    """len(train_dataloader): like sd-scripts, each subset folder is read WITHOUT recursion and hidden files are
-    skipped (glob "*.ext"); bucketing is left out (one bucket), so this is exact for a single-bucket dataset."""
-    images = 0
-    for folder, repeats in dataset_subsets(args):
-        found = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")] if folder.is_dir() else []
-        images += len(found) * repeats
-    return math.ceil(images / args.train_batch_size)
+    """len(train_dataloader): the subject's images and the registered class images with their repeats; bucketing is
+    left out (one bucket), so this is exact for a single-bucket dataset."""
+    num_train, registered, _ = registered_images(args)
+    return math.ceil((num_train + sum(registered.values())) / args.train_batch_size)
 
 
 STANDIN_LORA_ENV = "FLUX_LORA_STANDIN_LORA"
@@ -134,6 +164,9 @@ def save_lora(path: Path, args: argparse.Namespace, step: int) -> None:
         "ss_optimizer": str(args.optimizer_type),
         "ss_steps": str(step),
         "ss_seed": str(args.seed),
+        "ss_num_train_images": str(registered_images(args)[0]),
+        "ss_num_reg_images": str(registered_images(args)[2]),
+        "ss_prior_loss_weight": str(args.prior_loss_weight),
         "modelspec.architecture": "flux-1-dev/lora",
     }
     # Like sd-scripts, these are recorded even though its FLUX trainer ignores them.
@@ -183,6 +216,12 @@ def main() -> None:
     args = setup_parser().parse_args()
     check_run_files(args)
     loader_len = batches_per_epoch(args)
+    num_train, registered, num_reg = registered_images(args)
+    # sd-scripts logs these (train_util.py) and the class images' places per epoch follow from them
+    print(f"{num_train} train images with repeats.", flush=True)
+    print(f"{num_reg} reg images with repeats.", flush=True)
+    if num_reg:
+        print(f"reg images per epoch (stand-in): {json.dumps({p.name: n for p, n in registered.items()})}", flush=True)
     if loader_len == 0:
         # sd-scripts logs this and returns: exit code 0 with nothing trained (train_network.py:575-579).
         print("No data found. Please verify arguments (train_data_dir must be the parent of folders with images)", flush=True)

@@ -34,6 +34,8 @@ class NativeTrainConfig:
     num_repeats: int = 1
     trigger: str = ""  # written to the LoRA metadata (modelspec.trigger_phrase)
     class_tokens: str = ""  # caption of an image without a caption file, as in sd-scripts
+    # A class image's loss against a subject image's (the training set's `regularization`; kohya's --prior_loss_weight).
+    prior_loss_weight: float = 1.0
     # The run's training_set.json (the pairs the preflight passed); None: select from dataset_path the same way.
     training_set_file: Optional[str] = None
     enable_bucket: bool = True

@@ -38,6 +38,7 @@ class ImageCaption:
     image: Path
     caption: str
     repeats: int = 1
+    is_class: bool = False  # a class (regularization) image
 
 
 @dataclass
@@ -50,6 +51,8 @@ class TrainItem:
     bucket: tuple[int, int]  # (width, height) in pixels
     source: str
     repeats: Optional[int] = None  # times per epoch; None: the dataset's num_repeats
+    is_class: bool = False  # a class (regularization) image
+    loss_weight: float = 1.0  # the class images': dataset.prior_loss_weight
 
 
 @dataclass
@@ -61,7 +64,8 @@ class CacheStats:
 
 
 def find_examples(config) -> list[ImageCaption]:
-    """The pairs that train: the run's frozen training set, or the same selection made from the folder."""
+    """The pairs that train: the run's frozen training set, or the same selection made from the folder. Class images
+    follow the subject's, each with the times it trains per epoch by kohya's rule (those it never reaches left out)."""
     if config.training_set_file:
         training_set = TrainingSet.read_json(Path(config.training_set_file))
     else:
@@ -69,7 +73,17 @@ def find_examples(config) -> list[ImageCaption]:
                                                 config.num_repeats)
     if not training_set.examples:
         raise FileNotFoundError(f"{training_set.root}: no image to train on ({', '.join(sorted(SUPPORTED_IMAGE_EXTENSIONS))})")
-    return [ImageCaption(training_set.image_path(e), e.caption, e.repeats) for e in training_set.examples]
+    subject = [ImageCaption(training_set.image_path(e), e.caption, e.repeats) for e in training_set.examples]
+    classes = [ImageCaption(training_set.reg_image_path(e), e.caption, n, is_class=True) for e, n in training_set.reg_epoch_plan() if n]
+    return subject + classes
+
+
+def class_images_with_repeats(config) -> int:
+    """What sd-scripts records as ss_num_reg_images: the class images times their repeats, before an epoch's places
+    are shared out (train_util.py counts `num_repeats * len(img_paths)` per `is_reg` subset)."""
+    if not config.training_set_file:
+        return 0
+    return sum(e.repeats for e in TrainingSet.read_json(Path(config.training_set_file)).regularization)
 
 
 def load_pixels(data: bytes, bucket: tuple[int, int]) -> torch.Tensor:
@@ -190,7 +204,8 @@ def build_train_items(config, parts) -> tuple[list[TrainItem], CacheStats]:
     latents = cached_latents(parts, examples, buckets, TensorCache(config.cache_dir, "latents"), stats)
     texts = cached_text_embeddings(parts, [e.caption for e in examples], TensorCache(config.cache_dir, "text"), stats)
     items = [
-        TrainItem(latents=lat, pooled=texts[e.caption][0], t5=texts[e.caption][1], bucket=b, source=e.image.name, repeats=e.repeats)
+        TrainItem(latents=lat, pooled=texts[e.caption][0], t5=texts[e.caption][1], bucket=b, source=e.image.name, repeats=e.repeats,
+                  is_class=e.is_class, loss_weight=config.prior_loss_weight if e.is_class else 1.0)
         for e, b, lat in zip(examples, buckets, latents)
     ]
     return items, stats
@@ -217,4 +232,5 @@ def collate(items: list[TrainItem], indices: list[int]) -> dict[str, torch.Tenso
         "latents": torch.stack([i.latents for i in chosen]),
         "pooled": torch.stack([i.pooled for i in chosen]),
         "t5": torch.stack([i.t5 for i in chosen]),
+        "loss_weights": torch.tensor([i.loss_weight for i in chosen], dtype=torch.float32),
     }

@@ -91,6 +91,7 @@ def native_config_from_run(run: RunConfig, run_dir: Path, unapplied: Optional[di
         num_repeats=ds.num_repeats,
         trigger=ds.trigger,
         class_tokens=ds.class_tokens,
+        prior_loss_weight=ds.prior_loss_weight,
         training_set_file=str(run_dir / TRAINING_SET_FILE) if (run_dir / TRAINING_SET_FILE).is_file() else None,
         enable_bucket=ds.enable_bucket,
         min_bucket_reso=ds.min_bucket_reso,

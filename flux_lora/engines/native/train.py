@@ -49,6 +49,7 @@ from flux_lora.engines.native.data import (
     TrainItem,
     build_train_items,
     cached_text_embeddings,
+    class_images_with_repeats,
     collate,
     epoch_batches,
 )
@@ -207,8 +208,11 @@ def draw_noise_and_sigmas(config: NativeTrainConfig, latents: torch.Tensor, gene
     return noise.to(latents.device), sigmas.to(latents.device)
 
 
-def flow_matching_loss(transformer, config: NativeTrainConfig, latents, noise, sigmas, pooled, t5, dtype) -> torch.Tensor:
-    """Scalar loss of one batch: noisy input, packed tokens, transformer, unpack, prediction type, weighted loss."""
+def flow_matching_loss(transformer, config: NativeTrainConfig, latents, noise, sigmas, pooled, t5, dtype,
+                       loss_weights: Optional[torch.Tensor] = None) -> torch.Tensor:  # fmt: skip
+    """Scalar loss of one batch: noisy input, packed tokens, transformer, unpack, prediction type, weighted loss.
+    `loss_weights` scale each sample's loss before the batch mean (class images: dataset.prior_loss_weight), as
+    sd-scripts' train_network.py does: the mean over the batch, not over the weights."""
     b, _, h, w = latents.shape
     noisy = flow.noisy_latents(latents, noise, sigmas)
     target = flow.velocity_target(latents, noise)
@@ -228,6 +232,8 @@ def flow_matching_loss(transformer, config: NativeTrainConfig, latents, noise, s
         prediction, target, sigmas, loss_type=config.loss_type, huber_schedule=config.huber_schedule,
         huber_c=config.huber_c, min_snr_gamma=config.min_snr_gamma, min_snr_variant=config.min_snr_variant,
     )
+    if loss_weights is not None:
+        loss = loss * loss_weights.to(loss.device, loss.dtype)
     return loss.mean()
 
 
@@ -306,7 +312,9 @@ def lora_metadata(config: NativeTrainConfig, *, items: list[TrainItem], batches_
         "ss_gradient_accumulation_steps": config.gradient_accumulation_steps,
         "ss_batch_size_per_device": config.batch_size,
         "ss_total_batch_size": config.batch_size * config.gradient_accumulation_steps * num_processes,
-        "ss_num_train_images": len(items) * config.num_repeats,
+        "ss_num_train_images": sum(i.repeats or config.num_repeats for i in items if not i.is_class),
+        "ss_num_reg_images": class_images_with_repeats(config),
+        "ss_prior_loss_weight": config.prior_loss_weight,
         "ss_num_batches_per_epoch": batches_per_epoch,
         "ss_num_epochs": epochs,
         "ss_resolution": f"({config.resolution}, {config.resolution})",
@@ -560,7 +568,7 @@ def train_micro_step(training: LoraTraining, config: NativeTrainConfig, accelera
         noise, sigmas = draw_noise_and_sigmas(config, batch["latents"], step_generator(config.seed, batch_index))
         with accelerator.autocast():
             loss = flow_matching_loss(training.transformer, config, batch["latents"], noise, sigmas,
-                                      batch["pooled"], batch["t5"], weight_dtype)
+                                      batch["pooled"], batch["t5"], weight_dtype, batch.get("loss_weights"))
         accelerator.backward(loss)
         if accelerator.sync_gradients and config.max_grad_norm > 0:
             accelerator.clip_grad_norm_(training.params, config.max_grad_norm)
@@ -637,6 +645,11 @@ def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
     for module in (parts.vae, parts.clip_encoder, parts.t5_encoder):
         module.to(device)
     items, stats = build_train_items(config, parts)
+    classes = [item for item in items if item.is_class]
+    if classes and accelerator.is_main_process:  # the plan as it trains: a test reads it back
+        print(f"class images: {len(classes)} of them, {sum(i.repeats for i in classes)} places per epoch beside "
+              f"{sum(i.repeats or config.num_repeats for i in items if not i.is_class)} subject places, "
+              f"loss weight {config.prior_loss_weight:g}", flush=True)
     prompts = [p["text"] for p in config.sample_prompts]
     prompt_embeddings = cached_text_embeddings(parts, prompts, TensorCache(config.cache_dir, "text"), stats) if prompts else {}
     parts.clip_encoder = parts.t5_encoder = None
@@ -758,6 +771,7 @@ def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
     progress = Progress(config.max_train_steps, global_step, accelerator.is_main_process)
     micro_step = global_step * config.gradient_accumulation_steps
     micro_losses: list[float] = []
+    class_samples = 0  # class images in this optimizer step's micro-batches (logged when the run has any)
     step_began = time.perf_counter()
     while global_step < config.max_train_steps and stop_reason is None:
         # With several GPUs each process takes its own batch: process k reads the k-th of every
@@ -770,6 +784,7 @@ def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
         batch = {k: v.to(device) for k, v in collate(items, indices).items()}
         micro_loss = train_micro_step(training, config, accelerator, batch, batch_index, weight_dtype)
         micro_losses.append(micro_loss)
+        class_samples += sum(items[i].is_class for i in indices)
         recorder.add(epoch, position, micro_loss)
         micro_step += 1
         if not accelerator.sync_gradients:
@@ -787,6 +802,9 @@ def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
             writer.add_scalar("lr/unet", scheduler.get_last_lr()[0], global_step)
             writer.add_scalar("perf/seconds_per_step", seconds, global_step)
             writer.add_scalar("perf/peak_memory_gb", peak_memory_gb(device), global_step)
+            if classes:
+                writer.add_scalar("data/class_images", class_samples, global_step)
+        class_samples = 0
         progress.update(global_step, current, recorder.average)
 
         stop_signal, nonfinite = agreed_stop(accelerator, stop.signum or 0, not math.isfinite(current))
