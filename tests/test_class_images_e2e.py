@@ -12,6 +12,8 @@ import pytest
 
 from flux_lora.checkpoint_files import read_safetensors_metadata
 from flux_lora.lifecycle.outcome import scalar_series
+from flux_lora.provenance import load_record
+from flux_lora.replay import dataset_problem
 from tests.class_images import write_class_images
 from tests.engines.sd_scripts_checkout import standin_checkout
 from tests.models.model_stubs import write_model_folder
@@ -48,6 +50,11 @@ def test_native_trains_the_class_images_at_their_weight(tmp_path: Path) -> None:
     assert json.loads((run_dir / "reg_dataset_report.json").read_text())["summary"]["n_usable"] == 4
     run = json.loads((run_dir / "run.json").read_text())
     assert run["reg_gate_passed"] is True
+    # The LoRA alone carries the class images' content: replay finds them as recorded, and refuses them changed.
+    prov = load_record(run_dir / "output" / "flux-lora.safetensors")
+    assert prov.record["class_images"]["n_files"] == 5 and dataset_problem(prov, prov.record["config"]) is None
+    (classes / "class_3.jpg").unlink()
+    assert dataset_problem(prov, prov.record["config"]).startswith(f"dataset.reg_path={classes}: the class images changed since the run")
 
 
 
