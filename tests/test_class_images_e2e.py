@@ -30,7 +30,7 @@ def test_native_trains_the_class_images_at_their_weight(tmp_path: Path) -> None:
     classes = write_class_images(tmp_path / "classes")
     # prior_loss_weight=0 makes the weight visible in the log: a step on a class image (batch size 1) has loss 0.
     args = [f"dataset.reg_path={classes}", "dataset.prior_loss_weight=0", "profile.max_train_steps=14", "profile.lr_warmup_steps=1",
-            "profile.save_every_n_steps=100", "profile.sample_every_n_steps=100"]  # fmt: skip
+            "profile.save_every_n_steps=100", "profile.sample_every_n_steps=100", "profile.resolution=64", "dataset.min_bucket_reso=64"]  # fmt: skip
     done = launch(args, tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (run_dir,) = run_dirs(tmp_path)
