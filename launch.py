@@ -22,7 +22,7 @@ from flux_lora.report.collect import run_home
 from flux_lora.report import SKIPPED_DONE, SweepDirRecorder, find_run_dirs, print_summary, read_run, write_sweep_report
 from flux_lora.lifecycle.decision import RunNotStartable, continue_known_run
 from flux_lora.lifecycle.job import ExpectedTraining, evaluate_after_run, launch_command, start_run
-from flux_lora.lifecycle.lease import Lease, LeaseHeld
+from flux_lora.lifecycle.lease import Lease, LeaseHeld, LeaseLost
 from flux_lora.lifecycle.records import RunState, write_pointer
 from flux_lora.lifecycle.slurm import restart_count, sweep_cells_expected
 from flux_lora.rules import memory_advice
@@ -72,37 +72,47 @@ def launch_one(cfg: DictConfig) -> None:
     expect = ExpectedTraining(run.profile.max_train_steps, run.launch.output_name, from_step=from_step, memory_advice=memory_advice(run))
     try:
         # One owner per run id, from before the skip/resume/start decision until the final status is written.
-        lease = Lease.acquire(Path(run.paths.outputs), run_id, run_dir)
+        lease = Lease.acquire(Path(run.paths.outputs), run_id, run_dir, run.launch.lease_stale_s, say=lambda line: print(f"info: {line}"))
     except LeaseHeld as held:
-        print(f"error: {held}; wait for it, or stop that process first", file=sys.stderr)
-        leave_note(run_dir, hydra_cfg.mode, "busy", Path(held.holder.run_dir or run_dir), run_id, held.holder.describe())
+        print(f"error: {held}", file=sys.stderr)
+        leave_note(run_dir, hydra_cfg.mode, "busy", Path(held.holder.run_dir or run_dir), run_id, f"{held.holder.describe()}; {held.why}")
         refused_exit(hydra_cfg.mode)
         return
-    with lease:
-        if lease.took_over:
-            print(f"info: run {run_id}: took over the lease of {lease.took_over.describe()}: that owner is gone")
-        if run.launch.resume == ResumeMode.auto and not (run.launch.dry_run or run.launch.resume_from or report.errors or report.refusal):
-            try:
-                known = continue_known_run(run, engine, report, run_dir, run_id, resolved, expect, lease)
-            except RunNotStartable as refusal:
-                print(f"error: {refusal}", file=sys.stderr)
-                leave_note(run_dir, hydra_cfg.mode, "refused", run_dir, run_id, str(refusal))
-                refused_exit(hydra_cfg.mode)
-                return
-            if known is not None:
-                home, status = known
-                if status is not None:
-                    end_run(run_id, status, home, hydra_cfg.mode, run)
-                elif run.eval.enabled:  # done before: evaluate it now (cached if it was)
-                    evaluate_and_warn(run, home)
-                return
+    try:
+        with lease:
+            run_under_lease(run, engine, report, cost, resolved, run_id, expect, lease, run_dir)
+    except LeaseLost as lost:  # taken over while we ran: the new owner records the run; we wrote nothing more
+        print(f"error: {lost}", file=sys.stderr)
+        refused_exit(hydra_cfg.mode)
 
-        overrides = list(hydra_cfg.overrides.task)
-        frozen = freeze_run(run, resolved, report, engine, run_dir, PROJECT_ROOT, launch_command, overrides, cost.as_record())
-        print_check_report(report)
-        run_dir = frozen.run_dir
-        status = start_run(frozen, report, dry_run=run.launch.dry_run, expect=expect, lease=lease,
-                           finish=lambda: engine.finish_attempt(run, run_dir), engine_record=engine.version_record(run))  # fmt: skip
+
+def run_under_lease(run, engine, report, cost, resolved, run_id, expect, lease: Lease, run_dir: Path) -> None:
+    """Skip, resume or start the run, holding its lease."""
+    hydra_cfg = HydraConfig.get()
+    if lease.took_over:
+        print(f"info: run {run_id}: took over the lease of {lease.took_over.describe()}: {lease.took_over_why}")
+    if run.launch.resume == ResumeMode.auto and not (run.launch.dry_run or run.launch.resume_from or report.errors or report.refusal):
+        try:
+            known = continue_known_run(run, engine, report, run_dir, run_id, resolved, expect, lease)
+        except RunNotStartable as refusal:
+            print(f"error: {refusal}", file=sys.stderr)
+            leave_note(run_dir, hydra_cfg.mode, "refused", run_dir, run_id, str(refusal))
+            refused_exit(hydra_cfg.mode)
+            return
+        if known is not None:
+            home, status = known
+            if status is not None:
+                end_run(run_id, status, home, hydra_cfg.mode, run)
+            elif run.eval.enabled:  # done before: evaluate it now (cached if it was)
+                evaluate_and_warn(run, home)
+            return
+
+    overrides = list(hydra_cfg.overrides.task)
+    frozen = freeze_run(run, resolved, report, engine, run_dir, PROJECT_ROOT, launch_command, overrides, cost.as_record())
+    print_check_report(report)
+    run_dir = frozen.run_dir
+    status = start_run(frozen, report, dry_run=run.launch.dry_run, expect=expect, lease=lease,
+                       finish=lambda: engine.finish_attempt(run, run_dir), engine_record=engine.version_record(run))  # fmt: skip
     end_run(frozen.run_id, status, run_dir, hydra_cfg.mode, run)
 
 

@@ -6,6 +6,7 @@ loads launchers only from its plugin namespace). Over the plugin's own it:
     on every poll and never sees a job that died without its result file), saying so in one line;
   - turns a setting sbatch rejects into one line naming the `hydra.launcher.*` key;
   - refuses `nodes > 1` (accelerate's multi-node rendezvous is not set up here);
+  - asks for `--requeue`, so a job on a node that fails comes back on another one;
   - saves the rendered sbatch script and the job ids in the sweep folder (`slurm_jobs.json`, `sbatch.sh`);
   - with `launch.detach=true`, returns once the jobs are queued; the last cell to finish writes the report.
 The time limit is handled in the job (lifecycle.job): the trainer saves on SLURM's SIGUSR2, then
@@ -122,6 +123,9 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
                 "set up); use gpu.num_gpus for the GPUs of one node"
             )
         use_squeue_without_accounting()
+        # Requeue after a node failure whatever the site's JobRequeue says (submitit does not ask for it); the job
+        # comes back as itself, with a higher SLURM_RESTART_COUNT, and takes its run over from the lost node.
+        params["additional_parameters"] = {"requeue": True, **(params.get("additional_parameters") or {})}
         executor = AutoExecutor(cluster="slurm", folder=params.pop("submitit_folder"),
                                          slurm_max_num_timeout=params.pop("max_num_timeout"))  # fmt: skip
         shared = set(OmegaConf.structured(BaseQueueConf).keys())

@@ -309,6 +309,9 @@ class LaunchConfig:
     resume: Optional[ResumeMode] = None
     # With launch.resume_from: allow recipe keys to differ from the run that saved the state (recorded per key).
     allow_recipe_change: bool = False
+    # A run's lease holder that neither this machine nor SLURM can speak for (another host, no SLURM job) is taken
+    # for dead once its heartbeat (every 30 s) is older than this many seconds.
+    lease_stale_s: float = 600.0
 
 
 @dataclass

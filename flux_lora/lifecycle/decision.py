@@ -3,14 +3,16 @@
 A run's identity is its run id (a hash of the semantic config, the training set and its lineage), so
 asking for the same run again finds it under the outputs root, whichever sweep or run folder holds it,
 and in the cell's own folder wherever that is:
-  - succeeded                      -> skip it (it is done);
+  - succeeded, or its final state at max_train_steps and final LoRA complete whatever its status says (a
+    late signal, a lost status.json) -> skip it (it is done; its status is corrected to succeeded);
   - interrupted, failed, or left `running` by an owner that is gone (we hold the lease, so nobody
     else runs it), with a usable saved state -> resume it in its own folder from its newest usable state;
   - interrupted or left `running` before it saved anything -> train it again from step 0 in its own folder
     (a SLURM requeue comes back to the same folder, whenever the signal came);
   - anything else                  -> start a new run.
 A dead owner's open attempt is closed in status.json first, and what it left past the resumed state is
-set aside. A resume renders the engine's inputs again and refuses when they differ from the frozen ones
+set aside. An unreadable status.json never hides the states beside it: it is kept aside and the folder is
+judged by what it saved. A resume renders the engine's inputs again and refuses when they differ from the frozen ones
 (or the engine's code changed): the run would not train what its record says.
 """
 
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -28,9 +32,19 @@ import yaml
 from flux_lora.check import print_check_report
 from flux_lora.lifecycle.job import ExpectedTraining, launch_command, launch_run
 from flux_lora.lifecycle.lease import Lease
-from flux_lora.lifecycle.records import RunState, RunStatus, close_dead_attempt, read_status, registered_run_dirs, write_pointer
+from flux_lora.lifecycle.records import (
+    STATUS_FILE,
+    RunState,
+    RunStatus,
+    close_dead_attempt,
+    now_iso,
+    read_status,
+    registered_run_dirs,
+    write_pointer,
+    write_status,
+)
 from flux_lora.lifecycle.slurm import queued_elsewhere
-from flux_lora.lifecycle.states import SavedState, StateChoice, choose_state, set_aside_strays
+from flux_lora.lifecycle.states import SavedState, StateChoice, choose_state, finished_state, set_aside_strays
 from flux_lora.identity import config_differences
 from flux_lora.snapshot import redact, secret_values
 
@@ -74,29 +88,59 @@ def close_dead_attempts(folders: list[Path], why: str) -> list[str]:
 
 
 def decide(earlier: list[Path], output_name: str, max_train_steps: Optional[int] = None) -> ResumeDecision:
-    """What a launch of an already-known run id does, given the folders that froze it (their owners are gone)."""
-    statuses: list[tuple[Path, RunStatus]] = [(d, s) for d in earlier if (s := read_status(d)) is not None]
-    done = [d for d, s in statuses if s.state == RunState.succeeded]
+    """What a launch of an already-known run id does, given the folders that froze it (their owners are gone).
+    A folder whose status.json cannot be read (a crash while it was replaced) is judged by the states beside it."""
+    statuses: list[tuple[Path, Optional[RunStatus]]] = [(d, read_status(d)) for d in earlier]
+    done = [d for d, s in statuses if s is not None and s.state == RunState.succeeded]
     if done:
         return ResumeDecision(Decision.skip, done[0])
+    notes: list[str] = [f"{d.name}: {STATUS_FILE} cannot be read; going by the states saved beside it" for d, s in statuses
+                        if s is None and (d / STATUS_FILE).exists()]  # fmt: skip
+    if max_train_steps is not None:
+        for d, s in statuses:
+            final = finished_state(d / "output", output_name, max_train_steps)
+            if final is not None:  # stopped (or its record lost) after the final save: done, never trained again
+                notes.append(f"{d.name}: finished (final state at step {final.step} and the final LoRA are complete)")
+                return ResumeDecision(Decision.skip, d, final, notes)
     resumable = (RunState.interrupted, RunState.failed, RunState.running)
     best: Optional[tuple[Path, StateChoice]] = None
     unsaved: Optional[Path] = None  # stopped before its first state: trained again in its own folder
-    notes: list[str] = []
     for d, s in statuses:
-        if s.state not in resumable:
+        if s is not None and s.state not in resumable:
             continue
+        if s is None and not (d / STATUS_FILE).exists():
+            continue  # frozen, never started (a dry run's folder has a status)
         choice = choose_state(d / "output", output_name, max_train_steps)
         notes += [f"{d.name}: {n}" for n in choice.notes()]
         if choice.state and (best is None or (choice.state.step or 0) > (best[1].state.step or 0)):
             best = (d, choice)
-        elif choice.state is None and s.state != RunState.failed and unsaved is None:
+        elif choice.state is None and (s is None or s.state != RunState.failed) and unsaved is None:
             unsaved = d
     if best is None and unsaved is not None:
         return ResumeDecision(Decision.resume, unsaved, None, notes)
     if best is None:
         return ResumeDecision(Decision.start, notes=notes)
     return ResumeDecision(Decision.resume, best[0], best[1].state, notes)
+
+
+def keep_unreadable_status(run_dir: Path) -> Optional[Path]:
+    """Move an unreadable status.json aside (never deleted: it may hold what a person can still read); its path."""
+    path = run_dir / STATUS_FILE
+    if not path.exists() or read_status(run_dir) is not None:
+        return None
+    aside = run_dir / f"{STATUS_FILE}.unreadable-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}"
+    os.replace(path, aside)
+    return aside
+
+
+def record_finished(run_dir: Path, why: str) -> None:
+    """A run found finished whose status says otherwise: say succeeded, keeping its attempts."""
+    previous = read_status(run_dir)
+    write_status(run_dir, RunStatus(state=RunState.succeeded, exit_code=previous.exit_code if previous else None,
+                                    started=previous.started if previous else None, ended=now_iso(),
+                                    duration_s=previous.duration_s if previous else None, reason=why,
+                                    host=previous.host if previous else None,
+                                    attempts=previous.attempts if previous else []))  # fmt: skip
 
 
 def changed_cell(cell_dir: Path, resolved: dict, run_id: str) -> Optional[str]:
@@ -151,7 +195,14 @@ def continue_known_run(run, engine, report, cell_dir: Path, run_id: str, resolve
         if changed:
             raise RunNotStartable(changed)
         return None
+    if home is not None:
+        kept = keep_unreadable_status(home)
+        if kept:
+            print(f"info: {home / STATUS_FILE} could not be read: kept as {kept.name}")
     if decision.decision == Decision.skip:
+        previous = read_status(home)
+        if previous is None or previous.state != RunState.succeeded:
+            record_finished(home, f"finished: the final state at step {run.profile.max_train_steps} and the final LoRA are complete")
         print(f"skipped: done: run {run_id} succeeded in {home}")
         if home != cell_dir:
             write_pointer(cell_dir, "skipped: done", home, run_id)

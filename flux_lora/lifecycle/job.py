@@ -6,7 +6,7 @@ console and to `train.log` with secret values redacted and watched for a non-fin
 is stopped within a step of it) and out-of-memory crashes. `status.json` says what happened: the
 state comes from what the job did (its exit status, the steps it logged, the LoRA and states it
 saved), not from which signal the launcher saw. SIGINT and SIGTERM (Ctrl-C, SLURM's cancel or time
-limit) and SIGUSR2 (submitit's warning before the time limit) are forwarded, all as SIGTERM.
+limit) are forwarded as SIGTERM, SIGUSR2 (submitit's warning before the time limit) as itself.
 Only the holder of the run id's lease (lifecycle.lease) starts a job; the lease names the job's guard
 too and both keep its heartbeat fresh. Every attempt is appended to status.json's `attempts` with the
 exact command, the interpreter, the engine's code version, the SLURM job, the step it started from
@@ -30,7 +30,8 @@ from typing import Callable, Optional
 
 from flux_lora.check import CheckReport
 from flux_lora.engines.base import EngineInputs
-from flux_lora.lifecycle.lease import HEARTBEAT_S, Lease
+from flux_lora.lifecycle.job_guard import LEASE_LOST_EXIT_CODE
+from flux_lora.lifecycle.lease import HEARTBEAT_S, Lease, LeaseLost, read_holder
 from flux_lora.lifecycle.outcome import KILLED_EXIT_CODE, STOPPED_EXIT_CODES, JobWatch, gather_evidence, training_shortfall
 from flux_lora.lifecycle.records import (
     LOG_FILE,
@@ -43,7 +44,7 @@ from flux_lora.lifecycle.records import (
     write_status,
 )
 from flux_lora.lifecycle.slurm import slurm_record
-from flux_lora.lifecycle.states import latest_good_state, state_step
+from flux_lora.lifecycle.states import finished_state, latest_good_state, state_step
 from flux_lora.provenance import embed_in_outputs
 from flux_lora.schema import Accelerator, RunConfig
 from flux_lora.snapshot import FrozenRun, LaunchCommand, redact, secret_values
@@ -126,6 +127,10 @@ def judge_attempt(
     if nonfinite is not None:
         kept = summary.get("last_good_checkpoint") or (latest_good_state(run_dir, expect.output_name) if expect else None)
         return RunState.failed, f"loss became NaN at step {nonfinite}; last good checkpoint: {kept or 'none'}"
+    if exit_code != 0 and expect is not None and finished_state(run_dir / "output", expect.output_name, expect.max_train_steps):
+        # The trainer saved its final state and LoRA, then a stop signal took accelerate's launcher down: done.
+        if training_shortfall(gather_evidence(run_dir, expect.output_name), expect.max_train_steps) is None:
+            return RunState.succeeded, f"finished (final state at step {expect.max_train_steps} and LoRA written) before exit code {exit_code}"
     if exit_code == 0:
         if expect is None:
             return RunState.succeeded, None
@@ -156,8 +161,12 @@ def launch_run(
     lease: Optional[Lease] = None,
     engine_record: Optional[dict] = None,
 ) -> RunStatus:
-    """Run one attempt of the job and record it; the caller holds the run id's lease (None only in unit tests)."""
+    """Run one attempt of the job and record it; the caller holds the run id's lease (None only in unit tests).
+    Every write into the run folder first checks that the lease is still ours: raises LeaseLost, having written
+    nothing more, once another launch took the run over."""
     started_at, began = time.monotonic(), time.time()
+    if lease is not None:
+        lease.check()
     previous = read_status(run_dir)
     attempts = list(previous.attempts) if previous else []
     host, pid = socket.gethostname(), os.getpid()
@@ -169,8 +178,10 @@ def launch_run(
                        host=host, pid=pid, heartbeat=now_iso(), attempts=[*attempts, attempt])  # fmt: skip
     write_status(run_dir, status)
     secrets = secret_values()
-    env = {**os.environ, **command.env}
-    guard = [sys.executable, "-m", "flux_lora.lifecycle.job_guard"] + (["--heartbeat", str(lease.path)] if lease else [])
+    env = {**os.environ, **command.env, **(lease.job_env() if lease else {})}
+    guard = [sys.executable, "-m", "flux_lora.lifecycle.job_guard"]
+    if lease is not None:
+        guard += ["--heartbeat", str(lease.path), "--token", lease.holder.token]
 
     # A session of its own, so a terminal's Ctrl-C reaches only us and we decide how the job stops; the guard
     # takes the job down with it if this process dies.
@@ -205,12 +216,15 @@ def launch_run(
 
     beating = threading.Event()
 
+    lost = threading.Event()  # the lease carries another token: write nothing more
+
     def heartbeat() -> None:
         while not beating.wait(HEARTBEAT_S):
+            if lease is not None and not lease.beat():
+                lost.set()
+                return
             status.heartbeat = now_iso()
             write_status(run_dir, status)
-            if lease is not None:
-                lease.beat()
 
     previous_handlers = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
     beat = threading.Thread(target=heartbeat, daemon=True)
@@ -223,6 +237,9 @@ def launch_run(
                 line = redact(line, secrets)
                 sys.stdout.write(line)
                 sys.stdout.flush()
+                if lost.is_set() or (lease is not None and not lease.holds()):
+                    lost.set()  # the guard kills the job within a second; its last lines are not ours to log
+                    continue
                 log.write(line)
                 log.flush()
                 if watch.feed(line) and watch.nonfinite_step is not None and not watch.stop_sent:
@@ -235,6 +252,8 @@ def launch_run(
         for s, handler in previous_handlers.items():
             signal.signal(s, handler)
 
+    if lease is not None and (lost.is_set() or exit_code == LEASE_LOST_EXIT_CODE or not lease.holds()):
+        raise LeaseLost(lease.holder.run_id, read_holder(lease.path))
     if finish is not None:
         finish()  # e.g. a resumed sd-scripts attempt's files renumbered before they are judged
     embed_in_outputs(run_dir)  # LoRAs the engine saved without the run's record (sd-scripts) get it
@@ -242,9 +261,6 @@ def launch_run(
     requeue = previous_handlers[signal.SIGUSR2] if warned and state == RunState.interrupted else None
     if not callable(requeue):
         requeue = None
-    if requeue is not None:
-        reason = f"{reason}; SLURM's warning before the time limit or a preemption: requeued to resume"
-        attempt["requeued"] = True
     attempt.update(ended=now_iso(), duration_s=round(time.monotonic() - started_at, 2), state=state.value, exit_code=exit_code,
                    reason=reason, **_summary_facts(run_dir, began))  # fmt: skip
     status = RunStatus(
@@ -257,12 +273,36 @@ def launch_run(
         host=host,
         attempts=status.attempts,
     )
+    if lease is not None:
+        lease.check()
     write_status(run_dir, status)
     if requeue is not None:
-        # submitit's own handler (hydra-submitit-launcher's checkpoint: the same cell again) requeues the job with
-        # `scontrol requeue`, counting time-outs against max_num_timeout, and exits; the restarted job resumes.
-        requeue(signal.SIGUSR2, None)
+        request_requeue(run_dir, status, attempt, requeue, lease)
     return status
+
+
+def request_requeue(run_dir: Path, status: RunStatus, attempt: dict, requeue: Callable, lease: Optional[Lease]) -> None:
+    """Let submitit's own handler (hydra-submitit-launcher's checkpoint: the same cell again) requeue the job with
+    `scontrol requeue`, counting time-outs against max_num_timeout; it exits when it did. "requeued" is recorded
+    only then; otherwise the reason it was not."""
+    outcome = "not requeued: submitit's handler returned without requeueing"
+    try:
+        requeue(signal.SIGUSR2, None)
+    except SystemExit:
+        outcome = "requeued to resume"
+        attempt["requeued"] = True
+        raise
+    except subprocess.CalledProcessError as failed:
+        outcome = f"not requeued: {' '.join(map(str, failed.cmd))} failed (exit {failed.returncode})"
+        raise
+    except Exception as refused:  # submitit's UncompletedJobError: timed out too often, or not checkpointable
+        outcome = f"not requeued: {refused}"
+        raise
+    finally:
+        note = f"SLURM's warning before the time limit or a preemption: {outcome}"
+        attempt["reason"] = status.reason = f"{status.reason}; {note}"
+        if lease is None or lease.holds():
+            write_status(run_dir, status)
 
 
 def evaluation_argv(run: RunConfig, run_dir: Path) -> list[str]:

@@ -1,6 +1,6 @@
 """The training job's guard: it dies with the launcher, and the job goes with it, after a chance to save.
 
-    python -m flux_lora.lifecycle.job_guard [--heartbeat LEASE_FILE] <argv of the job...>
+    python -m flux_lora.lifecycle.job_guard [--heartbeat LEASE_FILE --token TOKEN] <argv of the job...>
 
 The runner starts this (standard library only, so it never slows the start) as a session leader; it
 starts the job in its own process group and:
@@ -12,10 +12,13 @@ starts the job in its own process group and:
     GRACE_S seconds. So `kill -9` of the launcher leaves no orphan holding a GPU;
   - relays the job's output, and keeps draining it once the launcher is gone (a write into a closed pipe
     would kill the job before it saves);
-  - touches the run's lease file (--heartbeat) while the job runs, so a run whose launcher died but whose
-    job is still saving reads as held, also from another host;
+  - touches the run's lease file (--heartbeat) while the job runs and the lease still carries our token
+    (--token), so a run whose launcher died but whose job is still saving reads as held, also from another
+    host; once the lease carries another token (the run was taken over), it kills the job at once
+    (SIGKILL, nothing more is written) and exits LEASE_LOST_EXIT_CODE;
   - gives the job default SIGINT, SIGTERM and SIGUSR2 handling, even when the launcher was started in the
-    background by a shell (which makes it ignore SIGINT), and forwards those signals to the job's group:
+    background by a shell (which makes it ignore SIGINT), and forwards those signals to every process of
+    the job (its group and every descendant: torch elastic starts its workers in sessions of their own):
     a stop always reaches the job, and SLURM's SIGUSR2 never kills the guard itself.
 It exits with the job's exit status (a signal as 128 + its number).
 """
@@ -23,6 +26,7 @@ It exits with the job's exit status (a signal as 128 + its number).
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import subprocess
@@ -34,6 +38,8 @@ from typing import Optional
 
 GRACE_S = 120.0  # long enough for a FLUX LoRA state to be written; then the job is killed
 HEARTBEAT_S = 30.0  # as the launcher's (lifecycle.lease.HEARTBEAT_S); this module imports nothing of ours
+LEASE_CHECK_S = 1.0  # how often the lease's token is read: a job that lost its run stops within this
+LEASE_LOST_EXIT_CODE = 75  # EX_TEMPFAIL: the run was taken over; its new owner records it
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -50,22 +56,53 @@ def _restore_default_stop_signals() -> None:
         signal.signal(signum, signal.SIG_DFL)
 
 
-def _stop_group(pgid: int) -> None:
+def descendants(root: int) -> list[int]:
+    """Every live process below `root` (children, theirs, ...), from /proc; orphans are ours as the subreaper."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                ppid = int(handle.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        parents.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def signal_job(pgid: int, signum: int) -> bool:
+    """Send `signum` to the job's group and to every descendant of the guard (some start sessions of their own);
+    False when none of them is left."""
+    reached = False
     try:
-        os.killpg(pgid, signal.SIGTERM)
+        os.killpg(pgid, signum)
+        reached = True
     except ProcessLookupError:
+        pass
+    for pid in descendants(os.getpid()):
+        try:
+            os.kill(pid, signum)
+            reached = True
+        except ProcessLookupError:
+            pass
+    return reached
+
+
+def _stop_group(pgid: int) -> None:
+    if not signal_job(pgid, signal.SIGTERM):
         return
     deadline = time.monotonic() + GRACE_S
     while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
+        if not descendants(os.getpid()):
             return
         time.sleep(0.5)
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    signal_job(pgid, signal.SIGKILL)
 
 
 def _relay_output(source: int) -> None:
@@ -81,21 +118,43 @@ def _relay_output(source: int) -> None:
             sink = None
 
 
-def _beat(path: str, job: subprocess.Popen) -> None:
+def _holds(path: str, token: Optional[str]) -> bool:
+    if token is None:
+        return True
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle).get("token") == token
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _beat(path: str, token: Optional[str], job: subprocess.Popen, lost: threading.Event) -> None:
+    """Keep the lease fresh while it is ours; the moment it is not, kill the job: it must not write another byte."""
+    last_beat = 0.0
     while job.poll() is None:
-        try:
-            os.utime(path)
-        except OSError:
-            pass  # released or taken over: nothing of ours to refresh
-        time.sleep(HEARTBEAT_S)
+        if not _holds(path, token):
+            lost.set()
+            signal_job(job.pid, signal.SIGKILL)
+            print(f"job_guard: the lease {path} carries another token: the run was taken over; job killed", file=sys.stderr, flush=True)
+            return
+        if time.monotonic() - last_beat >= HEARTBEAT_S:
+            try:
+                os.utime(path)
+            except OSError:
+                pass
+            last_beat = time.monotonic()
+        time.sleep(LEASE_CHECK_S)
 
 
 def main(argv: list[str]) -> int:
     heartbeat_file: Optional[str] = None
+    token: Optional[str] = None
     if argv[:1] == ["--heartbeat"] and len(argv) >= 2:
         heartbeat_file, argv = argv[1], argv[2:]
+    if argv[:1] == ["--token"] and len(argv) >= 2:
+        token, argv = argv[1], argv[2:]
     if not argv:
-        print("usage: python -m flux_lora.lifecycle.job_guard [--heartbeat LEASE_FILE] <job argv...>", file=sys.stderr)
+        print("usage: python -m flux_lora.lifecycle.job_guard [--heartbeat LEASE_FILE --token TOKEN] <job argv...>", file=sys.stderr)
         return 2
     launcher = os.getppid()
     # SLURM's warning before the time limit reaches every process of the job: it is for the trainer (which saves
@@ -114,10 +173,7 @@ def main(argv: list[str]) -> int:
             threading.Thread(target=_stop_group, args=(job.pid,), daemon=True).start()
 
     def forward(signum: int, _frame: Optional[FrameType]) -> None:
-        try:
-            os.killpg(job.pid, signum)
-        except ProcessLookupError:
-            pass
+        signal_job(job.pid, signum)
 
     signal.signal(signal.SIGHUP, launcher_gone)
     _prctl(_PR_SET_PDEATHSIG, signal.SIGHUP)
@@ -132,8 +188,9 @@ def main(argv: list[str]) -> int:
             time.sleep(1.0)
 
     threading.Thread(target=watch_parent, daemon=True).start()
+    lost = threading.Event()
     if heartbeat_file:
-        threading.Thread(target=_beat, args=(heartbeat_file, job), daemon=True).start()
+        threading.Thread(target=_beat, args=(heartbeat_file, token, job, lost), daemon=True).start()
     code = job.wait()
     # Wait for every adopted descendant too: the job is over only when all of its processes are.
     while True:
@@ -144,6 +201,8 @@ def main(argv: list[str]) -> int:
         except InterruptedError:
             continue
     relay.join(timeout=5)  # the last lines of the last process
+    if lost.is_set():
+        return LEASE_LOST_EXIT_CODE
     return 128 - code if code < 0 else code
 
 

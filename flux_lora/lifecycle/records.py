@@ -50,10 +50,29 @@ def now_iso() -> str:
 
 
 def write_json_atomic(path: Path, data: object) -> None:
-    # Replaced in one step: a reader deciding whether a run is alive never reads half a file.
+    # Replaced in one step: a reader deciding whether a run is alive never reads half a file. The data reaches the
+    # disk before the rename and the rename before we go on, so a crash leaves the old record or the new one, whole.
     temporary = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(data, indent=2, default=str) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(temporary, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename or a new name in `folder` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_status(run_dir: Path, status: RunStatus) -> None:
@@ -125,6 +144,15 @@ def registered_run_dirs(outputs: Path, run_id: str) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------ which process is whose
+
+
+def pid_namespace() -> str:
+    """This process's pid namespace ("pid:[4026531836]"): a pid names a process only inside its own namespace
+    (a container with host networking shares the host name and boot id, not the pids)."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
 
 
 def boot_id() -> str:

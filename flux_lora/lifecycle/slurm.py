@@ -45,18 +45,35 @@ def restart_count() -> int:
         return 0
 
 
+# A job in these states has processes on a node (SUSPENDED ones stopped): whoever it is still holds what it held.
+ALIVE_STATES = {"RUNNING", "SUSPENDED", "COMPLETING", "CONFIGURING", "RESIZING", "SIGNALING", "STAGE_OUT"}
+# Requeued and waiting to start again: it has no process now, and its next start goes on where it stopped.
+COMING_BACK_STATES = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}
+NOT_IN_QUEUE = "NOT_IN_QUEUE"  # squeue answered and does not know the job (purged after MinJobAge)
+
+
 def job_state(job: str) -> Optional[str]:
     """The job's state in the queue (PENDING, RUNNING, ...); None when squeue does not know it or is absent."""
+    state = queue_state(job)
+    return None if state == NOT_IN_QUEUE else state
+
+
+def queue_state(job: str) -> Optional[str]:
+    """What SLURM says of a job: its state (ended ones too, until MinJobAge), NOT_IN_QUEUE when the controller
+    does not know it, or None when SLURM cannot be asked (no squeue here, the controller does not answer)."""
     if shutil.which("squeue") is None:
         return None
     try:
-        done = subprocess.run(["squeue", "-h", "-r", "-j", job, "-o", "%i %T"], capture_output=True, text=True, timeout=30, check=False)
+        done = subprocess.run(["squeue", "-h", "-r", "--states=all", "-j", job, "-o", "%i %T"],
+                              capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
     except (OSError, subprocess.TimeoutExpired):
         return None
     for line in done.stdout.splitlines():
         parts = line.split()
         if len(parts) == 2 and parts[0] == job:
             return parts[1]
+    if done.returncode == 0 or "Invalid job id" in done.stderr:
+        return NOT_IN_QUEUE
     return None
 
 

@@ -91,6 +91,17 @@ def choose_state(output_dir: Path, output_name: str, max_train_steps: Optional[i
     return StateChoice(None, passed)
 
 
+def finished_state(output_dir: Path, output_name: str, max_train_steps: int) -> Optional[SavedState]:
+    """The final state, complete and at max_train_steps, beside the final LoRA: the run is done, whatever exit
+    code or status a late signal or a crash left."""
+    final = Path(output_dir) / f"{output_name}-state"
+    lora = Path(output_dir) / f"{output_name}.safetensors"
+    if not (final.is_dir() and lora.is_file() and lora.stat().st_size > 0):
+        return None
+    state = SavedState(final, state_step(final), state_usability(final))
+    return state if state.problem is None and state.step == max_train_steps else None
+
+
 def latest_good_state(run_dir: Path, output_name: str) -> Optional[str]:
     choice = choose_state(Path(run_dir) / "output", output_name)
     return str(choice.state.path) if choice.state else None

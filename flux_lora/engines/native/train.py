@@ -9,7 +9,9 @@ Every LoRA file and state folder is written under a temporary name and renamed w
 gets a manifest (checkpoint_files.py). The job stops early, with a train_summary.json saying why, on
 SIGTERM/SIGINT and SLURM's SIGUSR2 warning before the time limit (after the current optimizer step, with a
 state to resume from; exit 128 + signal number)
-and on a non-finite loss (nothing saved from the broken weights; exit 3).
+and on a non-finite loss (nothing saved from the broken weights; exit 3). Before every write into the run
+folder it checks that the run's lease (named by the launcher in FLUX_LORA_LEASE_FILE / _TOKEN) still
+carries its token: a run taken over by another launch stops at once, writing nothing more (exit 75).
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ from flux_lora.engines.native.data import (
     collate,
     epoch_batches,
 )
+from flux_lora.lifecycle.job_guard import LEASE_LOST_EXIT_CODE
+from flux_lora.lifecycle.lease import LEASE_FILE_ENV, LEASE_TOKEN_ENV, still_holds
 from flux_lora.provenance import METADATA_KEY, RECORD_FILE, compact
 
 SAMPLE_GUIDANCE = 3.5  # sd-scripts' default embedded guidance for sample prompts (--g)
@@ -425,15 +429,36 @@ class StopRequest:
         self.previous = {}
 
 
-def agreed_stop(accelerator, signum: int, nonfinite: bool) -> tuple[int, bool]:
+class RunOwnership:
+    """The run's lease as the launcher passed it: this job writes into the run folder only while the lease file
+    carries its token (without a lease, as in tests that call the trainer directly, it always does)."""
+
+    def __init__(self) -> None:
+        self.path = os.environ.get(LEASE_FILE_ENV)
+        self.token = os.environ.get(LEASE_TOKEN_ENV, "")
+
+    def lost(self) -> bool:
+        return bool(self.path) and not still_holds(Path(self.path), self.token)
+
+    def check(self) -> None:
+        """Exit at once, writing nothing (no summary, no buffered TensorBoard events), when the run was taken over."""
+        if self.lost():
+            self.leave()
+
+    def leave(self) -> None:
+        print(f"the run's lease ({self.path}) carries another token: the run was taken over; stopped without writing", flush=True)
+        os._exit(LEASE_LOST_EXIT_CODE)
+
+
+def agreed_stop(accelerator, signum: int, nonfinite: bool, lost: bool = False) -> tuple[int, bool, bool]:
     """What every process saw (max over processes): saving a state is collective, so all stop at the same step."""
     if accelerator.num_processes == 1:
-        return signum, nonfinite
+        return signum, nonfinite, lost
     import torch.distributed as dist
 
-    flags = torch.tensor([signum, int(nonfinite)], device=accelerator.device)
+    flags = torch.tensor([signum, int(nonfinite), int(lost)], device=accelerator.device)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return int(flags[0]), bool(flags[1])
+    return int(flags[0]), bool(flags[1]), bool(flags[2])
 
 
 def lora_is_finite(params: list[nn.Parameter]) -> bool:
@@ -617,6 +642,7 @@ def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
     from flux_lora.engines.native.models import decode_latents
 
     began = time.time()
+    ownership = RunOwnership()
     if config.save_precision not in SAVE_DTYPES:
         raise ValueError(f"save_precision={config.save_precision!r}: expected one of {sorted(SAVE_DTYPES)}")
     save_dtype = SAVE_DTYPES[config.save_precision]
@@ -714,6 +740,7 @@ def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
         """The LoRA file and the state folder of `step`, each complete under its name or not there at all."""
         stem = config.output_name if final else f"{config.output_name}-step{step:08d}"
         path = output_dir / f"{stem}.safetensors"
+        ownership.check()
         state_dir = output_dir / f"{stem}-state"
         staging = staging_path(state_dir)
         if accelerator.is_main_process:
@@ -742,6 +769,10 @@ def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
         stamp = time.strftime("%Y%m%d%H%M%S")
         (output_dir / "sample").mkdir(exist_ok=True)
         for index, prompt in enumerate(config.sample_prompts):
+            if stop.signum and index:  # a sample pass can outlast SLURM's warning: a stop comes first
+                print(f"{signal.Signals(stop.signum).name}: {index} of {len(config.sample_prompts)} samples written at step {step}", flush=True)
+                break
+            ownership.check()
             pooled, t5 = prompt_embeddings[prompt["text"]]
             with accelerator.autocast():
                 latents = sample_latents(model, pooled, t5, seed=prompt["seed"], width=config.resolution,
@@ -757,7 +788,7 @@ def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
         model.train()
 
     # A signal during setup stops before the first step: nothing new to save.
-    stop_signal, _ = agreed_stop(accelerator, stop.signum or 0, False)
+    stop_signal, _, _ = agreed_stop(accelerator, stop.signum or 0, False)
     stop_reason: Optional[str] = "signal" if stop_signal else None
     nonfinite_step: Optional[int] = None
     lora_path: Optional[Path] = None
@@ -796,6 +827,11 @@ def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
         losses.append(current)
         seconds = time.perf_counter() - step_began
         step_seconds.append(seconds)
+        # Asked before this step writes a byte: every process leaves together when the run was taken over.
+        stop_signal, nonfinite, lost = agreed_stop(accelerator, stop.signum or 0, not math.isfinite(current),
+                                                   accelerator.is_main_process and ownership.lost())  # fmt: skip
+        if lost:
+            ownership.leave()
         if writer is not None:
             writer.add_scalar("loss/current", current, global_step)
             writer.add_scalar("loss/average", recorder.average, global_step)
@@ -804,10 +840,10 @@ def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
             writer.add_scalar("perf/peak_memory_gb", peak_memory_gb(device), global_step)
             if classes:
                 writer.add_scalar("data/class_images", class_samples, global_step)
+            writer.flush()  # nothing buffered: a job that loses the run later has no events left to write
         class_samples = 0
         progress.update(global_step, current, recorder.average)
 
-        stop_signal, nonfinite = agreed_stop(accelerator, stop.signum or 0, not math.isfinite(current))
         last = global_step == config.max_train_steps
         periodic = bool(config.save_every_n_steps) and global_step % config.save_every_n_steps == 0
         # A finite loss can still leave broken weights behind (the update after it); never save those.
@@ -844,6 +880,7 @@ def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
         stop_reason=stop_reason, stop_signal=stop_signal if stop_reason == "signal" else None, nonfinite_step=nonfinite_step, last_state=last_state,
     )
     if accelerator.is_main_process:
+        ownership.check()
         atomic_write_text(output_dir / SUMMARY_FILE, json.dumps(train_summary(result, config), indent=2) + "\n")
         if stop_reason == "signal":
             print(f"stopped by {signal.Signals(stop_signal).name} at step {global_step}; resume from {last_state}", flush=True)
