@@ -130,13 +130,6 @@ def _kill_and_wait(pids: Iterable[int], timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def _pid_from_file(path: Path) -> int | None:
-    try:
-        return int(path.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def _ancestors() -> set[int]:
     seen: set[int] = set()
     pid: int | None = os.getpid()
@@ -246,10 +239,13 @@ class TwoNodeCluster:
 
     # ----- faults ------------------------------------------------------------------------------------------------
 
-    def power_cut(self, node: str) -> None:
+    def power_cut(self, node: str, mark_down: bool = True) -> None:
         """SIGKILL the node's PID 1 (the kernel kills slurmd and every job process of the node at once), wait until
-        they are gone, then mark the node down, so that SLURM requeues its batch jobs at once."""
+        they are gone, then mark the node down, so that SLURM requeues its batch jobs at once. With
+        ``mark_down=False`` SLURM finds out itself: "not responding" after ~SlurmdTimeout (30 s), then DOWN."""
         self._kill_node(node)
+        if not mark_down:
+            return
         proc = self.run(["scontrol", "update", f"nodename={node}", "state=down", "reason=test"], timeout=15)
         if proc.returncode != 0:
             raise RuntimeError(f"scontrol update nodename={node} state=down: {proc.stderr.strip()}")
@@ -305,19 +301,10 @@ class TwoNodeCluster:
 
     def _clear(self) -> None:
         """Remove whatever this cluster (or a crashed session before it) left: processes, network, files."""
-        for daemon in ("slurmctld", "munged"):
-            pid = _pid_from_file(self.work / "run" / f"{daemon}.pid")
-            if pid is not None and str(self.work) in _cmdline(pid):
-                try:
-                    os.kill(pid, signal.SIGTERM)
-                except OSError:
-                    pass
-                deadline = time.monotonic() + 3.0
-                while _alive(pid) and time.monotonic() < deadline:
-                    time.sleep(0.05)
         spared = _ancestors()
         netns_links = {f"net:[{os.stat(path).st_ino}]" for path in self._netns_paths() if path.exists()}
-        # Node PID 1s first (that kills each node's processes), then anything else started with our paths.
+        # SIGKILL for all (the state is thrown away): node PID 1s (that kills every process of the node), slurmctld,
+        # munged, and anything else started with our paths or in our network namespaces.
         strays = [pid for pid in _pids() if pid not in spared
                   and (str(self.work) in _cmdline(pid) or _ns_link(pid, "net") in netns_links)]  # fmt: skip
         strays += [pid for pid in _pids() if _ppid(pid) in strays and pid not in strays]  # slurmctld's slurmscriptd
@@ -395,6 +382,8 @@ class TwoNodeCluster:
             "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/none",
             "SchedulerType=sched/backfill",
+            # A submitted batch job starts within ~1 s, not the default ~3 s (the first one after bring-up: ~3 s).
+            "SchedulerParameters=batch_sched_delay=0",
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core_Memory",
             # Jobs without --mem get a share per CPU, not the whole node.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from flux_lora.lifecycle.lease import STALE_HEARTBEAT_S, Lease, LeaseHeld, lease_path, read_holder
+from flux_lora.lifecycle.lease import STALE_HEARTBEAT_S, Lease, LeaseHeld, LeaseLost, lease_path, read_holder
 from flux_lora.lifecycle.records import boot_id, process_start_time
 
 HOLD = (
@@ -133,3 +133,39 @@ def test_an_exited_owner_not_yet_reaped_holds_nothing(tmp_path: Path) -> None:
             assert lease.took_over is not None and lease.took_over.pid == owner.pid
     finally:
         owner.wait()
+
+
+def test_a_holder_in_another_pid_namespace_is_not_taken_for_dead(tmp_path: Path) -> None:
+    """A container with host networking: the same host name and boot id, pids of its own (the holder is pid 1 there).
+    Its pid names another process here, so only its heartbeat (or SLURM) can say it is gone."""
+    if subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare --pid needs root here")
+    holder = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", HOLD, str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        recorded = read_holder(lease_path(tmp_path, "run1"))
+        assert recorded is not None and recorded.pid == 1 and recorded.host == socket.gethostname()
+        with pytest.raises(LeaseHeld, match="heartbeat is 0 s old"):
+            Lease.acquire(tmp_path, "run1")
+        time.sleep(1.2)  # silent past a short limit: now the heartbeat rule says it is gone
+        with Lease.acquire(tmp_path, "run1", stale_after_s=1.0) as lease:
+            assert lease.took_over is not None and lease.took_over.pid == 1
+            assert "heartbeat" in lease.took_over_why
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_taken_over_owner_stops_refreshing_and_releasing_the_new_owners_lease(tmp_path: Path) -> None:
+    first = Lease.acquire(tmp_path, "run1")
+    record = json.loads(first.path.read_text())
+    first.path.write_text(json.dumps({**record, "token": "new-owner"}))  # what a takeover leaves
+    old = time.time() - 100
+    os.utime(first.path, (old, old))
+    assert not first.holds() and first.beat() is False
+    assert first.path.stat().st_mtime == pytest.approx(old)  # its heartbeat is not ours to refresh
+    with pytest.raises(LeaseLost, match="lost the lease"):
+        first.update(guard_pid=123)
+    first.release()
+    assert json.loads(first.path.read_text())["token"] == "new-owner"  # nor to release
