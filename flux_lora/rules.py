@@ -106,8 +106,8 @@ def _blocks_to_swap_single_gpu(run: RunConfig) -> Optional[str]:
 
 
 def _cpu_tier_single_process(run: RunConfig) -> Optional[str]:
-    if run.gpu.accelerator == Accelerator.cpu and run.gpu.num_gpus != 1:
-        return f"gpu.num_gpus={run.gpu.num_gpus}: the cpu tier runs one process; set gpu.num_gpus=1"
+    if run.gpu.accelerator == Accelerator.cpu and run.gpu.num_gpus > 2:
+        return f"gpu.num_gpus={run.gpu.num_gpus}: the cpu tier runs one or two processes (gloo); set gpu.num_gpus=1 or 2"
     return None
 
 

@@ -41,6 +41,7 @@ HOST_ADDR = f"{SUBNET}.1"
 NODES: tuple[str, str] = ("node1", "node2")
 NODE_ADDRS = {"node1": f"{SUBNET}.11", "node2": f"{SUBNET}.12"}
 BRIDGE = "fl2n-br"
+NETNS_DIR = Path("/run/netns")
 NETNS_PREFIX = "fl2n-"  # network namespace fl2n-node1, host side of its veth pair fl2nv-node1
 VETH_PREFIX = "fl2nv-"
 NODE_MEMORY_MB = 16000
@@ -150,6 +151,7 @@ class TwoNodeCluster:
         self._pid1: dict[str, int] = {}  # node -> host pid of its PID 1
         self._unshare: dict[str, subprocess.Popen[bytes]] = {}
         self._lock: IO[str] | None = None
+        self._made_netns_dir = False  # /run/netns was made by `ip netns add` here: remove it again when empty
 
     # ----- clients -----------------------------------------------------------------------------------------------
 
@@ -275,6 +277,7 @@ class TwoNodeCluster:
             (self.work / sub).mkdir(parents=True, exist_ok=True)
         os.chmod(self.work, 0o755)
         self._start_munged()
+        self._made_netns_dir = self._made_netns_dir or not NETNS_DIR.exists()
         self._build_network()
         self._write_files()
         env = self.env()
@@ -288,18 +291,25 @@ class TwoNodeCluster:
         except TimeoutError as exc:
             raise RuntimeError(f"{exc}; logs in {self.work / 'log'}") from None
 
-    def stop(self) -> None:
-        """Tear everything down: node namespaces, slurmctld, munged, veths, bridge, network namespaces, the work dir.
-        The one-node cluster (default config, its own daemons) is not touched."""
+    def stop(self, keep_logs: bool = False) -> None:
+        """Tear everything down: node namespaces, slurmctld, munged, veths, bridge, network namespaces, the work dir
+        (``keep_logs``: all but WORK/log, for a bring-up that failed). The one-node cluster is not touched."""
         for node in list(self._pid1):
             self._kill_node(node)
-        self._clear()
+        self._clear(keep_logs)
+        if self._made_netns_dir and NETNS_DIR.is_dir() and not any(NETNS_DIR.iterdir()):
+            _run(["umount", str(NETNS_DIR)], timeout=10)
+            try:
+                NETNS_DIR.rmdir()
+            except OSError:
+                pass
+            self._made_netns_dir = False
         if self._lock is not None:
             LOCK_FILE.unlink(missing_ok=True)
             self._lock.close()
             self._lock = None
 
-    def _clear(self) -> None:
+    def _clear(self, keep_logs: bool = False) -> None:
         """Remove whatever this cluster (or a crashed session before it) left: processes, network, files."""
         spared = _ancestors()
         netns_links = {f"net:[{os.stat(path).st_ino}]" for path in self._netns_paths() if path.exists()}
@@ -320,10 +330,15 @@ class TwoNodeCluster:
             _run(["ip", "link", "del", VETH_PREFIX + node], timeout=10)
             _run(["ip", "netns", "del", NETNS_PREFIX + node], timeout=10)
         _run(["ip", "link", "del", BRIDGE], timeout=10)
-        shutil.rmtree(self.work, ignore_errors=True)
+        if not keep_logs:
+            shutil.rmtree(self.work, ignore_errors=True)
+            return
+        for entry in self.work.iterdir() if self.work.is_dir() else []:
+            if entry.name != "log":
+                shutil.rmtree(entry, ignore_errors=True)
 
     def _netns_paths(self) -> list[Path]:
-        return [Path("/run/netns") / (NETNS_PREFIX + node) for node in self.nodes]
+        return [NETNS_DIR / (NETNS_PREFIX + node) for node in self.nodes]
 
     def _start_munged(self) -> None:
         key = self.work / "munge" / "munge.key"
@@ -351,7 +366,7 @@ class TwoNodeCluster:
             _must(["ip", "netns", "add", netns])
             _must(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns])
             _must(["ip", "link", "set", veth, "master", BRIDGE, "up"])
-            inside = ["nsenter", f"--net=/run/netns/{netns}", "ip"]
+            inside = ["nsenter", f"--net={NETNS_DIR / netns}", "ip"]
             _must([*inside, "addr", "add", f"{NODE_ADDRS[node]}/24", "dev", "eth0"])
             _must([*inside, "link", "set", "eth0", "up"])
             _must([*inside, "link", "set", "lo", "up"])
@@ -409,7 +424,7 @@ class TwoNodeCluster:
     def _start_node(self, node: str) -> None:
         """A fresh PID 1 (uts/mount/pid namespaces) in the node's network namespace, slurmd inside it."""
         log = self.work / "log"
-        args = ["nsenter", f"--net=/run/netns/{NETNS_PREFIX + node}",
+        args = ["nsenter", f"--net={NETNS_DIR / (NETNS_PREFIX + node)}",
                 "unshare", "--uts", "--mount", "--pid", "--fork", "--mount-proc", "--propagation", "private",
                 sys.executable, "-I", "-S", "-c", _PID1, node, str(self.work / "etc" / "hosts"), str(log / f"{node}.out"),
                 "slurmd", "-D", "-f", str(self.conf), "-N", node]  # fmt: skip
@@ -473,7 +488,7 @@ def two_node_skip_reason() -> str | None:
                 cluster.start()
                 _cluster = cluster
             except (RuntimeError, OSError, TimeoutError) as exc:
-                cluster.stop()
+                cluster.stop(keep_logs=True)
                 reason = " ".join(f"two-node SLURM did not start: {exc}".split())
         _cached = reason
     assert _cached is None or isinstance(_cached, str)

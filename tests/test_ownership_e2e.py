@@ -25,6 +25,12 @@ def _files(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def _is_trainer(pid: int) -> bool:
+    """A training worker itself (not the guard or accelerate's launcher, whose arguments name the module too)."""
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    return b"flux_lora.engines.native.train" in argv and not any(b"launch" in a or b"job_guard" in a or b"torchrun" in a for a in argv)
+
+
 def _read_until(process, pattern: str, timeout_s: float = 240) -> list[str]:
     lines: list[str] = []
     deadline = time.monotonic() + timeout_s
@@ -109,3 +115,31 @@ def test_a_zero_length_status_beside_saved_states_resumes_from_the_newest_in_the
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "succeeded" and status["attempts"][-1]["from_step"] == newest, status
     assert [step for step, _, _ in scalar_series(run_dir / "logs", LOSS_TAG)] == list(range(1, 13))
+
+
+@pytest.mark.slow
+def test_a_sigusr2_reaches_both_processes_of_a_two_process_job_which_save_once_and_resume_to_the_last_step(tmp_path: Path) -> None:
+    """Two CPU processes (gloo) under torch elastic, which starts its workers in sessions of their own: the guard
+    passes SLURM's warning to every process of the job, both stop at the same step, one state is saved, and the run
+    resumes to exactly max_train_steps."""
+    args = [*SHORT, "ablation=baseline", "ablation.baseline_steps=40", "profile.save_every_n_steps=1000", "gpu.num_gpus=2",
+            "launch.resume=auto"]  # fmt: skip
+    launcher = start(args, tmp_path)
+    lines = _read_until(launcher, r"^step [2-9]/40")
+    workers = [pid for pid in descendants(launcher.pid) if _is_trainer(pid)]
+    assert len(workers) == 2 and len({os.getsid(pid) for pid in workers}) == 2  # each worker leads a session of its own
+    launcher.send_signal(signal.SIGUSR2)
+    output = "".join(lines) + finish(launcher)
+    assert launcher.returncode == 130, output[-3000:]
+    (stop_line,) = re.findall(r"SIGUSR2: stopping at step (\d+), saving a state", output)  # one process speaks for both
+    (run_dir,) = run_dirs(tmp_path)
+    states = sorted(p.name for p in (run_dir / "output").glob("flux-lora-step*-state"))
+    assert states == [f"flux-lora-step{int(stop_line):08d}-state"]  # saved once, at one step
+    assert sorted(p.name for p in (run_dir / "output" / states[0]).glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "interrupted"
+
+    again = start(args, tmp_path)
+    output = finish(again)
+    assert again.returncode == 0 and f"(step {stop_line})" in output, output[-3000:]
+    assert [step for step, _, _ in scalar_series(run_dir / "logs", LOSS_TAG)] == list(range(1, 41))
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "succeeded"

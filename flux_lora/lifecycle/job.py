@@ -59,7 +59,10 @@ def accelerate_argv(run: RunConfig, inputs: EngineInputs) -> list[str]:
         "--mixed_precision", run.profile.mixed_precision.value,
         "--dynamo_backend", "no",
     ]  # fmt: skip
-    if gpu.accelerator == Accelerator.cpu:
+    if gpu.accelerator == Accelerator.cpu and gpu.num_gpus > 1:
+        # Several CPU processes (gloo): torch elastic starts them, as for GPUs; the job itself asks for the CPU.
+        argv += ["--multi_gpu", "--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // gpu.num_gpus))]
+    elif gpu.accelerator == Accelerator.cpu:
         argv += ["--cpu", "--num_cpu_threads_per_process", str(os.cpu_count() or 1)]
     elif gpu.num_gpus > 1:
         argv.append("--multi_gpu")

@@ -169,3 +169,18 @@ def test_a_taken_over_owner_stops_refreshing_and_releasing_the_new_owners_lease(
         first.update(guard_pid=123)
     first.release()
     assert json.loads(first.path.read_text())["token"] == "new-owner"  # nor to release
+
+
+def test_a_relaunch_waits_for_a_guard_still_saving_after_its_launcher_died_then_takes_over(tmp_path: Path) -> None:
+    guard = subprocess.Popen(["sleep", "3"])  # stands for the job's guard: its launcher was killed, the job saves
+    try:
+        _write_lease(tmp_path, pid=2**22 + 11, pid_start=5, guard_pid=guard.pid, guard_start=process_start_time(guard.pid))
+        said: list[str] = []
+        began = time.monotonic()
+        with Lease.acquire(tmp_path, "run1", say=said.append) as lease:
+            assert guard.poll() is not None and time.monotonic() - began > 1  # it waited for the guard to end
+            assert lease.took_over is not None and lease.took_over.guard_pid == guard.pid
+        assert len(said) == 1 and f"the job's guard, pid {guard.pid}, is stopping the job" in said[0] and "waiting" in said[0]
+    finally:
+        guard.kill()
+        guard.wait()
