@@ -4,7 +4,8 @@ Seconds per optimizer step come from this machine's finished runs of the same mo
 (the run index under paths.outputs/.runs: training seconds over the steps each attempt trained), else from a
 stated per-tier estimate marked as such. A sweep's total sums its cells; cells run side by side (SLURM array
 jobs, a GPU pool) shorten the wall time, never the GPU-hours. Each run records its estimate in run.json, and the
-sweep's summary sets the estimate beside what the cells took.
+sweep's summary sets the estimate beside what the cells took. On SLURM, the same finished runs say how long a
+stop takes (the longest step, sample image and state save), and a signal_delay_s too short for it is warned about.
 """
 
 from __future__ import annotations
@@ -81,14 +82,50 @@ def run_seconds_per_step(run_dir: Path) -> Optional[float]:
 
 def measured_runs(outputs: Path, model: str, tier: str, resolution: int) -> list[float]:
     """Seconds per step of this machine's finished runs with the same model, tier and resolution."""
-    found: list[float] = []
+    return [rate for d in runs_like(outputs, model, tier, resolution) if (rate := run_seconds_per_step(d)) is not None]
+
+
+# SLURM checks its limits every 30 s: the warning before the time limit can come this much later than signal_delay_s.
+SLURM_SIGNAL_SLACK_S = 30
+
+
+def runs_like(outputs: Path, model: str, tier: str, resolution: int) -> list[Path]:
+    """This machine's run folders with the same model, tier and resolution (from the run index)."""
+    found: list[Path] = []
     for index in sorted((Path(outputs) / RUN_INDEX_DIR).glob("*.txt")):
         for line in dict.fromkeys(index.read_text().splitlines()):
             config = _read(Path(line) / "config.yaml") or {}
             same = ((config.get("model") or {}).get("name"), (config.get("gpu") or {}).get("name"), (config.get("profile") or {}).get("resolution"))
-            if same == (model, tier, resolution) and (rate := run_seconds_per_step(Path(line))) is not None:
-                found.append(rate)
+            if same == (model, tier, resolution):
+                found.append(Path(line))
     return found
+
+
+def stop_lead_needed(run: RunConfig) -> Optional[tuple[float, str]]:
+    """How long before the time limit a stop must come so the job can finish its step, a sample image and a state
+    save (the longest of each in this machine's runs like this one), and what that figure is made of; None when no
+    run here recorded it."""
+    leads = [lead for d in runs_like(Path(run.paths.outputs), run.model.name, run.gpu.name, run.profile.resolution)
+             if isinstance(lead := (_read(d / "output" / "train_summary.json") or {}).get("stop_lead_s"), dict)]  # fmt: skip
+    if not leads:
+        return None
+    parts = {name: max(float(lead.get(name) or 0) for lead in leads) for name in ("step", "sample_image", "save")}
+    made_of = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in parts.items())
+    return sum(parts.values()), f"the longest {made_of} in {len(leads)} run(s) here"
+
+
+def signal_delay_warning(run: RunConfig, signal_delay_s: int) -> Optional[str]:
+    """A warning when SLURM's warning before the time limit may come too late for the job to save its state."""
+    needed = stop_lead_needed(run)
+    if needed is None:
+        return None
+    seconds, made_of = needed
+    lead = signal_delay_s - SLURM_SIGNAL_SLACK_S
+    if lead >= seconds:
+        return None
+    advice = int(seconds + SLURM_SIGNAL_SLACK_S + 0.999)
+    return (f"hydra.launcher.signal_delay_s={signal_delay_s} leaves at worst {lead} s before the time limit, and a stop here "
+            f"needs {seconds:.0f} s ({made_of}, gpu={run.gpu.name}): the job may be killed unsaved; set it to at least {advice}")
 
 
 def estimate_cost(run: RunConfig) -> CostEstimate:
@@ -159,8 +196,13 @@ class SweepCostPreview(Callback):
 
         try:
             cells = sweep_cells(config)
-            estimates = [estimate_cost(load_run(compose(config_name=str(config.hydra.job.config_name), overrides=cell))) for cell in cells]
+            runs = [load_run(compose(config_name=str(config.hydra.job.config_name), overrides=cell)) for cell in cells]
+            estimates = [estimate_cost(run) for run in runs]
         except Exception as exc:  # noqa: BLE001 - a preview must never stop the sweep; each cell still says its own cost
             print(f"warning: no sweep cost preview ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
             return
         print(sweep_cost_line(estimates, parallel_slots(config)))
+        launcher = config.hydra.get("launcher") or {}
+        if "Slurm" in str(launcher.get("_target_", "")) and launcher.get("signal_delay_s") is not None:
+            for warning in dict.fromkeys(w for run in runs if (w := signal_delay_warning(run, int(launcher.signal_delay_s)))):
+                print(f"warning: {warning}")

@@ -11,6 +11,8 @@ from omegaconf import DictConfig
 from flux_lora.compose import CONF_DIR, load_run, register
 from flux_lora.schema import RunConfig
 from tests.seed_sweep import Sweep, make_seed_sweep
+# A session fixture defined once here: imported into each test module, it would be set up (and torn down) per module.
+from tests.slurm_two_node import two_node_slurm  # noqa: F401
 
 register()
 

@@ -506,5 +506,6 @@ def two_node_slurm() -> Iterator[TwoNodeCluster]:
     try:
         yield _cluster
     finally:
-        _cluster.stop()
+        if _cluster is not None:
+            _cluster.stop()
         _cluster, _cached = None, _UNSET

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from flux_lora.compose import PROJECT_ROOT
-from flux_lora.cost import CostEstimate, sweep_cost_line
+from flux_lora.cost import CostEstimate, signal_delay_warning, sweep_cost_line
 from tests.seed_sweep import SWEEP_ARGS, Sweep, run_cli
 
 
@@ -44,14 +44,38 @@ def test_side_by_side_cells_shorten_the_wall_time_not_the_gpu_hours() -> None:
     assert "2 side by side: about 2.0 h of wall time, 8.00 GPU-hours" in sweep_cost_line(cells, 2)
 
 
+def _seconds_and_rounding(figure: str, unit: str) -> tuple[float, float]:
+    """A duration as cost.duration prints it ("40 s", "3 min", "2.5 h"): its seconds and how far rounding may move it."""
+    scale, rounding = {"s": (1, 1), "min": (60, 30), "h": (3600, 180)}[unit]
+    return float(figure) * scale, rounding
+
+
 def test_after_the_sweep_the_estimate_stands_beside_what_it_took(seed_sweep: Sweep) -> None:
     estimated = took = 0.0
     for cell in seed_sweep.path.glob("*/run.json"):
         estimated += json.loads(cell.read_text())["cost_estimate"]["seconds"]
         took += json.loads((cell.parent / "status.json").read_text())["duration_s"]
-    pattern = r"[Cc]ost: estimated (\d+) s for the 6 cell\(s\) that ran, took (\d+) s \(([\d.]+)x\)"
+    # Any unit: a busy machine takes minutes where an idle one takes seconds.
+    pattern = r"[Cc]ost: estimated ([\d.]+) (s|min|h) for the 6 cell\(s\) that ran, took ([\d.]+) (s|min|h) \(([\d.]+)x\)"
     for text in (seed_sweep.launch_output, seed_sweep.report_md_at_sweep_end):  # the terminal, then the report's notes
         found = re.search(pattern, text)
         assert found, text[-2000:]
-        # Whole seconds, so a sum summed in another order may round the other way at .5.
-        assert abs(int(found[1]) - estimated) <= 1 and abs(int(found[2]) - took) <= 1 and float(found[3]) == pytest.approx(took / estimated, abs=0.01)
+        said_estimate, estimate_rounding = _seconds_and_rounding(found[1], found[2])
+        said_took, took_rounding = _seconds_and_rounding(found[3], found[4])
+        assert abs(said_estimate - estimated) <= estimate_rounding and abs(said_took - took) <= took_rounding
+        assert float(found[5]) == pytest.approx(took / estimated, abs=0.01)
+
+
+def test_a_signal_delay_too_short_for_a_stop_measured_here_is_warned_about(seed_sweep: Sweep, compose_run) -> None:
+    """The sweep's runs recorded their longest step, sample image and state save; a SLURM warning that may come
+    later than that before the time limit is said, with the figure to set."""
+    outputs = Path(yaml.safe_load(next(seed_sweep.path.glob("*/config.yaml")).read_text())["paths"]["outputs"])
+    summaries = [json.loads(p.read_text())["stop_lead_s"] for p in seed_sweep.path.glob("*/output/train_summary.json")]
+    assert len(summaries) == 6 and all(s["step"] > 0 and s["save"] > 0 and s["sample_image"] > 0 for s in summaries)
+    needed = sum(max(s[name] for s in summaries) for name in ("step", "sample_image", "save"))
+    run = compose_run("profile.resolution=64", f"paths.outputs={outputs}")
+    warning = signal_delay_warning(run, 30)
+    assert warning and warning.startswith("hydra.launcher.signal_delay_s=30 leaves at worst 0 s") and "in 6 run(s) here" in warning
+    assert f"set it to at least {int(needed + 30 + 0.999)}" in warning, (warning, needed)
+    assert signal_delay_warning(run, int(needed + 31)) is None
+    assert signal_delay_warning(compose_run("profile.resolution=512", f"paths.outputs={outputs}"), 30) is None  # nothing measured

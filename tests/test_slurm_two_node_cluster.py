@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.slurm_two_node import TwoNodeCluster, two_node_slurm  # noqa: F401 - two_node_slurm is a fixture
+from tests.slurm_two_node import TwoNodeCluster  # the two_node_slurm fixture is registered in tests/conftest.py
 
 # What the job writes, one line per start: restart count, hostname, pid namespace, its pid there, squeue's answer
 # about itself (run inside the node, against this cluster through the inherited SLURM_CONF).

@@ -23,7 +23,7 @@ import pytest
 
 from flux_lora.compose import PROJECT_ROOT
 from flux_lora.lifecycle.outcome import LOSS_TAG, scalar_series
-from tests.slurm_two_node import TwoNodeCluster, two_node_slurm  # noqa: F401 - two_node_slurm is a fixture
+from tests.slurm_two_node import TwoNodeCluster  # the two_node_slurm fixture is registered in tests/conftest.py
 
 CELL = ["ablation=baseline", "profile.lr_warmup_steps=1", "profile.sample_every_n_steps=1000", "profile.sample_steps=2",
         "hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=4"]  # fmt: skip

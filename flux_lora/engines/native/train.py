@@ -89,6 +89,9 @@ class TrainResult:
     stop_signal: Optional[int] = None
     nonfinite_step: Optional[int] = None
     last_state: Optional[str] = None  # the newest good state folder: saved by this run, else the one it resumed from
+    # The longest save and sample image: with the longest step, the lead a stop needs (SLURM's signal_delay_s).
+    save_seconds: list[float] = field(default_factory=list)
+    sample_image_seconds: list[float] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -500,6 +503,9 @@ def train_summary(result: TrainResult, config: NativeTrainConfig) -> dict[str, o
         "max_train_steps": config.max_train_steps,
         "first_step": result.first_step,
         "stop_reason": result.stop_reason,
+        # What a stop may have to wait for: the longest step, state save and sample image of this attempt.
+        "stop_lead_s": {"step": round(max(result.step_seconds, default=0.0), 3), "save": round(max(result.save_seconds, default=0.0), 3),
+                        "sample_image": round(max(result.sample_image_seconds, default=0.0), 3)},
     }
     if result.stop_reason == "signal":
         summary["signal"] = signal.Signals(result.stop_signal).name
@@ -735,12 +741,15 @@ def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
         metadata[METADATA_KEY] = compact(json.loads(record.read_text()))
     writer = SummaryWriter(str(logging_dir)) if accelerator.is_main_process else None
     sample_paths: list[str] = []
+    save_seconds: list[float] = []
+    sample_image_seconds: list[float] = []
 
     def save_checkpoint(step: int, final: bool) -> tuple[Path, Path]:
         """The LoRA file and the state folder of `step`, each complete under its name or not there at all."""
         stem = config.output_name if final else f"{config.output_name}-step{step:08d}"
         path = output_dir / f"{stem}.safetensors"
         ownership.check()
+        save_began = time.perf_counter()
         state_dir = output_dir / f"{stem}-state"
         staging = staging_path(state_dir)
         if accelerator.is_main_process:
@@ -758,6 +767,7 @@ def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
             if not final:
                 prune_step_states(output_dir, config.output_name, step, config.keep_last_states)
         accelerator.wait_for_everyone()
+        save_seconds.append(time.perf_counter() - save_began)
         return path, state_dir
 
     @torch.no_grad()
@@ -773,6 +783,7 @@ def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
                 print(f"{signal.Signals(stop.signum).name}: {index} of {len(config.sample_prompts)} samples written at step {step}", flush=True)
                 break
             ownership.check()
+            image_began = time.perf_counter()
             pooled, t5 = prompt_embeddings[prompt["text"]]
             with accelerator.autocast():
                 latents = sample_latents(model, pooled, t5, seed=prompt["seed"], width=config.resolution,
@@ -785,6 +796,7 @@ def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
             path = output_dir / "sample" / f"{config.output_name}_{step:06d}_{index:02d}_{stamp}_{prompt['seed']}.png"
             Image.fromarray(array).save(path)
             sample_paths.append(str(path))
+            sample_image_seconds.append(time.perf_counter() - image_began)
         model.train()
 
     # A signal during setup stops before the first step: nothing new to save.
@@ -877,6 +889,7 @@ def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
         seconds=time.time() - began, step_seconds=step_seconds, peak_memory_gb=peak_memory_gb(device),
         lora_path=None if lora_path is None or stop_reason == "nonfinite_loss" else str(lora_path),
         output_dir=str(output_dir), sample_paths=sample_paths, cache=asdict(stats),
+        save_seconds=save_seconds, sample_image_seconds=sample_image_seconds,
         stop_reason=stop_reason, stop_signal=stop_signal if stop_reason == "signal" else None, nonfinite_step=nonfinite_step, last_state=last_state,
     )
     if accelerator.is_main_process:
