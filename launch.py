@@ -25,6 +25,7 @@ from flux_lora.lifecycle.job import ExpectedTraining, evaluate_after_run, launch
 from flux_lora.lifecycle.lease import Lease, LeaseHeld, LeaseLost
 from flux_lora.lifecycle.records import RunState, write_pointer
 from flux_lora.lifecycle.slurm import restart_count, sweep_cells_expected
+from flux_lora.redaction import redact_terminal
 from flux_lora.rules import memory_advice
 from flux_lora.schema import ResumeMode
 from flux_lora.snapshot import dataset_fingerprint, freeze_run, run_identity
@@ -38,6 +39,7 @@ def error_line(exc: BaseException) -> str:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    redact_terminal()  # also in a SLURM job, which calls this function without cli()
     try:
         launch_one(cfg)
     except Exception as exc:  # noqa: BLE001 - the CLI's contract is one line per error
@@ -162,6 +164,7 @@ ENDED_STATES = (RunState.failed.value, RunState.refused.value, "busy")  # ended,
 def cli() -> int:
     # Let composition errors reach us whole, so each is printed as one line, not Hydra's page.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    redact_terminal()  # the config tree, a check's message, a one-line error: no secret reaches the terminal
     code = 0
     try:
         main()

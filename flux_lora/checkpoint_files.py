@@ -8,6 +8,7 @@ longer matches. Standard library and blake3 only, so the launcher can check a re
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -212,6 +213,38 @@ def _safetensors_header(path: Path) -> dict:
             return json.loads(handle.read(size))
         except ValueError as exc:
             raise ValueError(f"{path}: not a safetensors file (unreadable header)") from exc
+
+
+def safetensors_problem(path: Path) -> Optional[str]:
+    """None when the file is a whole safetensors file (its header parses and its tensor data is all there); else
+    one line saying what is wrong (truncated, not a safetensors file)."""
+    path = Path(path)
+    try:
+        header = _safetensors_header(path)
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            header_length = struct.unpack("<Q", handle.read(8))[0]
+    except (OSError, ValueError) as exc:
+        return str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+    try:
+        expected = max((int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"), default=0)
+    except (TypeError, KeyError, ValueError, IndexError):
+        return f"{path}: not a safetensors file (a tensor entry without data_offsets)"
+    present = size - 8 - header_length
+    if present < expected:
+        return f"{path}: truncated: {present} of its {expected} bytes of tensor data are there (an interrupted copy or download?)"
+    return None
+
+
+def tensor_data_sha256(path: Path) -> str:
+    """A hash of the file's tensor bytes alone (its header, metadata included, left out)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        header_length = struct.unpack("<Q", handle.read(8))[0]
+        handle.seek(8 + header_length)
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def update_safetensors_metadata(path: Path, update: Callable[[dict[str, str]], Optional[dict[str, str]]]) -> bool:

@@ -65,9 +65,16 @@ def _without_labels(lines: list[str], a: dict[str, Any], b: dict[str, Any]) -> l
     return [line for line in lines if not (endings and line.endswith(endings))]
 
 
+def _withheld_lines(lines: list[str], withheld: set[str]) -> list[str]:
+    """A key a shareable record left out is unknown on that side, not a difference."""
+    return [line for line in lines if line.split(":")[0].removeprefix("config.") not in withheld]
+
+
 def differences(a: Provenance, b: Provenance) -> dict[str, list[str]]:
-    """Section -> `what: old -> new` lines; only sections with a difference."""
+    """Section -> `what: old -> new` lines; only sections with a difference (keys a shareable record withheld are
+    left out of the comparison)."""
     ra, rb = a.record, b.record
+    withheld = set(a.withheld) | set(b.withheld) | {k for r in (ra, rb) for k in r.get("withheld") or []}
     sections = {
         "recipe": config_differences(a.config, b.config),
         "lineage": [] if ra.get("lineage") == rb.get("lineage") else [f"lineage: {ra.get('lineage')} -> {rb.get('lineage')}"],
@@ -77,6 +84,7 @@ def differences(a: Provenance, b: Provenance) -> dict[str, list[str]]:
                                      {k: rb.get(k) for k in ("code", "packages", "python", "engine")}),  # fmt: skip
         "dataset": _leaf_changes({"dataset": ra.get("dataset")}, {"dataset": rb.get("dataset")}),
     }
+    sections = {name: _withheld_lines(lines, withheld) for name, lines in sections.items()}
     return {name: lines for name, lines in sections.items() if lines}
 
 
@@ -90,6 +98,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except NoRecord as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for source, prov in ((args.a, a), (args.b, b)):
+        if prov.problem:  # said first: an edited record's differences are not what trained
+            print(f"warning: {source}: {prov.problem}")
     found = differences(a, b)
     if not found:
         print(f"no differences: {args.a} and {args.b} are the same run (same recipe, inputs, environment and dataset)")

@@ -10,15 +10,21 @@ so `python -m flux_lora.replay` and `python -m flux_lora.diff` work from either.
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import json
+import os
+import re
+import socket
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
-from flux_lora.checkpoint_files import read_safetensors_metadata, update_safetensors_metadata
+from flux_lora.checkpoint_files import read_safetensors_metadata, safetensors_problem, update_safetensors_metadata
+from flux_lora.redaction import redact
 
 RECORD_FILE = "lora_record.json"
 METADATA_KEY = "flux_lora.record"
@@ -28,12 +34,15 @@ TRAINING_PACKAGES = ("torch", "diffusers", "peft", "accelerate", "transformers",
 
 
 def build_record(run_id: str, lineage: Optional[dict], resolved: dict[str, Any], repro: dict[str, Any],
-                 fingerprint: Optional[dict]) -> dict[str, Any]:  # fmt: skip
+                 fingerprint: Optional[dict], id_inputs: Optional[dict] = None) -> dict[str, Any]:  # fmt: skip
+    """The run's full record (secrets redacted), sealed with its digest."""
     git = repro.get("git") or {}
     packages = repro.get("packages") or {}
-    return {
+    record = {
         "format": RECORD_FORMAT,
         "run_id": run_id,
+        # What the run id hashes besides the config: a reader can check that the record is the run it names.
+        "run_id_inputs": id_inputs,
         "lineage": lineage,
         "config": resolved,
         "code": {"commit": git.get("commit"), "dirty": git.get("dirty"),
@@ -45,6 +54,106 @@ def build_record(run_id: str, lineage: Optional[dict], resolved: dict[str, Any],
         **({"class_images": {"content_hash": classes["content_hash"], "n_files": classes["n_files"]}}
            if (classes := (fingerprint or {}).get("regularization")) else {}),  # fmt: skip
     }
+    return seal(json.loads(redact(json.dumps(record))))
+
+
+# ------------------------------------------------------------------------------------------ sharing and integrity
+
+
+class EmbedRecord(str, Enum):
+    """What a LoRA file carries (launch.embed_record)."""
+
+    shareable = "shareable"  # the recipe, dataset hash and counts, code and package versions; no paths, hosts, users
+    full = "full"  # the run folder's whole record, for private use
+    none = "none"  # kohya's ss_* keys only
+
+
+def seal(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with `digest`: sha256 of its compact JSON without the digest (an edit that does not redo it shows)."""
+    body = {k: v for k, v in record.items() if k != "digest"}
+    return {**body, "digest": hashlib.sha256(compact(body).encode()).hexdigest()}
+
+
+def _private_markers() -> list[str]:
+    markers = [socket.gethostname(), socket.getfqdn(), os.path.expanduser("~")]
+    try:
+        markers.append(getpass.getuser())
+    except (KeyError, OSError):
+        pass
+    return [m for m in dict.fromkeys(markers) if m and len(m) >= 3 and m not in ("/", "root", "localhost")]
+
+
+def is_private_value(value: Any, markers: Optional[list[str]] = None) -> bool:
+    """A value that tells where or by whom a run was trained: an absolute path, a host or user name."""
+    if not isinstance(value, str):
+        return False
+    text = value.strip()
+    if text.startswith(("/", "~", "\\")) or re.match(r"^[A-Za-z]:[\\/]", text):
+        return True
+    return any(marker in text for marker in (_private_markers() if markers is None else markers))
+
+
+def withhold_private(tree: Any, prefix: str = "", markers: Optional[list[str]] = None) -> tuple[Any, list[str]]:
+    """A copy of a nested record with every private value replaced by None, and the dotted keys it withheld."""
+    markers = _private_markers() if markers is None else markers
+    if isinstance(tree, dict):
+        out, withheld = {}, []
+        for key, value in tree.items():
+            out[key], inner = withhold_private(value, f"{prefix}{key}.", markers)
+            withheld += inner
+        return out, withheld
+    if isinstance(tree, list):
+        items = [withhold_private(value, f"{prefix}{i}.", markers) for i, value in enumerate(tree)]
+        return [item for item, _ in items], [key for _, inner in items for key in inner]
+    return (None, [prefix.rstrip(".")]) if is_private_value(tree, markers) else (tree, [])
+
+
+def shareable_record(record: dict[str, Any]) -> dict[str, Any]:
+    """What a shared LoRA carries: the record without absolute paths, host and user names (the keys it withheld are
+    listed), sealed again. A record that was edited keeps its wrong digest's verdict: the edit is said first."""
+    body = {k: v for k, v in record.items() if k != "digest"}
+    kept, withheld = withhold_private(body)
+    return seal({**kept, "shareable": True, "withheld": withheld, "full_digest": record.get("digest")})
+
+
+def embedded_record_text(record: dict[str, Any]) -> Optional[str]:
+    """The record text a LoRA of this run carries under its launch.embed_record (None: no record)."""
+    mode = EmbedRecord(((record.get("config") or {}).get("launch") or {}).get("embed_record") or EmbedRecord.full.value)
+    if mode == EmbedRecord.none:
+        return None
+    return compact(shareable_record(record) if mode == EmbedRecord.shareable else record)
+
+
+def shareable_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """kohya's ss_* and modelspec.* keys without private values (sd-scripts records its dataset and model paths)."""
+    markers = _private_markers()
+    return {k: v for k, v in metadata.items() if not (k.startswith(("ss_", "modelspec.")) and is_private_value(v, markers))}
+
+
+def record_problem(record: dict[str, Any]) -> Optional[str]:
+    """One line when the record was edited or does not match its run id; None when it checks out (or predates seals)."""
+    digest = record.get("digest")
+    if digest is None:
+        return None  # written before records were sealed: nothing to check against
+    if seal(record)["digest"] != digest:
+        return "its embedded record was edited after it was written (its digest does not match its content)"
+    inputs = record.get("run_id_inputs")
+    if inputs and not [key for key in record.get("withheld") or [] if _is_semantic(key)]:
+        from flux_lora.identity import compute_run_id
+
+        recomputed = compute_run_id(record["config"], inputs.get("training_set") or "missing", inputs.get("lineage"))
+        if recomputed != record.get("run_id"):
+            return f"its record does not match its run id: the recorded config hashes to {recomputed}, the record says {record.get('run_id')}"
+    return None
+
+
+def _is_semantic(withheld_key: str) -> bool:
+    from flux_lora.schema import NON_SEMANTIC_KEYS
+
+    if not withheld_key.startswith("config."):
+        return False
+    key = withheld_key.removeprefix("config.")
+    return not any(key == k or key.startswith(f"{k}.") for k in NON_SEMANTIC_KEYS)
 
 
 @dataclass(frozen=True)
@@ -58,6 +167,16 @@ class Provenance:
     @property
     def config(self) -> dict[str, Any]:
         return self.record["config"]
+
+    @property
+    def problem(self) -> Optional[str]:
+        """Edited, or not the run its id names (provenance.record_problem); None when it checks out."""
+        return record_problem(self.record)
+
+    @property
+    def withheld(self) -> list[str]:
+        """The config keys a shareable record left out (dotted, without the leading `config.`)."""
+        return [k.removeprefix("config.") for k in self.record.get("withheld") or [] if k.startswith("config.")]
 
 
 class NoRecord(ValueError):
@@ -79,6 +198,9 @@ def load_record(path: Path) -> Provenance:
         raise NoRecord(f"{path}: not a run folder (no config.yaml and run.json); give a run folder or a LoRA file")
     if not path.is_file():
         raise NoRecord(f"{path}: no such file or folder")
+    problem = safetensors_problem(path)
+    if problem:
+        raise NoRecord(problem)
     try:
         metadata = read_safetensors_metadata(path)
     except (OSError, ValueError) as exc:
@@ -89,9 +211,19 @@ def load_record(path: Path) -> Provenance:
     return Provenance(path, json.loads(metadata[METADATA_KEY]), None)
 
 
-def embed_record(lora: Path, record_text: str) -> bool:
-    """Add the run's record to a LoRA file that lacks it (sd-scripts writes its own files); returns whether it did."""
-    return update_safetensors_metadata(lora, lambda meta: None if METADATA_KEY in meta else {**meta, METADATA_KEY: record_text})
+def embed_record(lora: Path, record_text: Optional[str], shareable: bool = False) -> bool:
+    """Give a LoRA file the run's record as its launch.embed_record says (sd-scripts writes its own files, with its
+    own paths among the ss_* keys); returns whether the file changed."""
+
+    def update(meta: dict[str, str]) -> Optional[dict[str, str]]:
+        if METADATA_KEY in meta:
+            return None  # the trainer embedded it already
+        new = shareable_metadata(meta) if shareable else dict(meta)
+        if record_text is not None:
+            new[METADATA_KEY] = record_text
+        return new if new != meta else None
+
+    return update_safetensors_metadata(lora, update)
 
 
 def embed_in_outputs(run_dir: Path) -> list[str]:
@@ -99,13 +231,15 @@ def embed_in_outputs(run_dir: Path) -> list[str]:
     record = Path(run_dir) / RECORD_FILE
     if not record.is_file():
         return []
-    text = compact(json.loads(record.read_text()))
+    full = json.loads(record.read_text())
+    text = embedded_record_text(full)
+    shareable = ((full.get("config") or {}).get("launch") or {}).get("embed_record", "full") != EmbedRecord.full.value
     done = []
     for lora in sorted((Path(run_dir) / "output").rglob("*.safetensors")):
         if "-state" in lora.parent.name or lora.name.startswith("."):
             continue  # training states hold the LoRA's raw weights, not a LoRA file
         try:
-            if embed_record(lora, text):
+            if embed_record(lora, text, shareable):
                 done.append(lora.name)
         except (OSError, ValueError):
             continue  # a truncated file is the verdict's business, not ours

@@ -83,6 +83,16 @@ def dataset_problem(prov: Provenance, config: dict[str, Any]) -> Optional[str]:
     return None
 
 
+def drop_key(tree: dict[str, Any], dotted: str) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        tree = tree.get(part) if isinstance(tree, dict) else None
+        if tree is None:
+            return
+    if isinstance(tree, dict):
+        tree.pop(leaf, None)
+
+
 def replay_command(config_dir: Path, dry_run: bool) -> list[str]:
     return [sys.executable, str(PROJECT_ROOT / "launch.py"), "--config-dir", str(config_dir), "--config-name", "replay",
             "launch.resume=never", *(["launch.dry_run=true"] if dry_run else [])]  # fmt: skip
@@ -104,13 +114,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--outputs", type=Path, help="paths.outputs for the replay (default: the recorded one)")
     parser.add_argument("--dataset", type=Path, help="dataset.path for the replay (default: the recorded one)")
     parser.add_argument("--allow-changed-dataset", action="store_true", help="replay on a dataset whose content changed")
+    parser.add_argument("--allow-edited-record", action="store_true", help="replay a record that was edited or does not match its run id")
     args = parser.parse_args(argv)
     try:
         prov = load_record(args.source)
     except NoRecord as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if prov.problem and not args.allow_edited_record:
+        print(f"error: {args.source}: {prov.problem}; it is not the run it says it is (--allow-edited-record replays it anyway)", file=sys.stderr)
+        return 2
+    if prov.problem:
+        print(f"warning: {args.source}: {prov.problem} (replaying anyway: --allow-edited-record)")
     config = json.loads(json.dumps(prov.config))
+    for key in prov.withheld:  # a shareable record: this machine's settings (conf/local, the defaults) fill them in
+        drop_key(config, key)
+    if "dataset.path" in prov.withheld and not args.dataset:
+        print(f"error: {args.source}: a shareable record withholds where the images were (dataset.path); give them with --dataset DIR",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if prov.withheld:
+        print(f"info: a shareable record: {len(prov.withheld)} setting(s) come from this machine: {', '.join(prov.withheld)}")
     if args.outputs:
         config["paths"] = {**config.get("paths", {}), "outputs": str(args.outputs.absolute()), "cache": str(args.outputs.absolute() / "cache")}
     if args.dataset:
@@ -124,7 +148,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     if problem:
         print(f"warning: {problem} (replaying anyway: --allow-changed-dataset)")
-    outputs = Path(config["paths"]["outputs"])
+    outputs = Path((config.get("paths") or {}).get("outputs") or PROJECT_ROOT / "outputs")
     outputs.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".replay-", dir=outputs) as folder:
         command = replay_command(write_replay_config(config, Path(folder)), args.dry_run)

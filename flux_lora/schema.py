@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING
 
 from flux_lora.dataset import AnalysisSettings, GateSettings
+from flux_lora.provenance import EmbedRecord
 
 
 class LrScheduler(str, Enum):
@@ -312,6 +313,10 @@ class LaunchConfig:
     # A run's lease holder that neither this machine nor SLURM can speak for (another host, no SLURM job) is taken
     # for dead once its heartbeat (every 30 s) is older than this many seconds.
     lease_stale_s: float = 600.0
+    # What every LoRA file carries in its metadata: `shareable` (the recipe, the dataset's content hash and counts,
+    # code and package versions; no absolute paths, host or user names), `full` (the run folder's whole record, for
+    # private use) or `none` (kohya's ss_* keys only). The run folder keeps the full record whatever this says.
+    embed_record: EmbedRecord = EmbedRecord.shareable
 
 
 @dataclass

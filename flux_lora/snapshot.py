@@ -37,11 +37,9 @@ from flux_lora.gpu_probe import probe_gpus, torch_cuda_build
 from flux_lora.lifecycle.records import POINTER_FILE, register_run_dir
 from flux_lora.provenance import RECORD_FILE, build_record
 from flux_lora.identity import compute_run_id
+from flux_lora.redaction import is_secret_name, recorded_environment, redact, secret_values  # noqa: F401 - re-exported
 from flux_lora.schema import RunConfig
 
-SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "CREDENTIAL")
-# Environment worth recording for reproduction (after secrets are dropped).
-RECORDED_ENV_PREFIXES = ("CUDA_", "NVIDIA_", "SLURM_", "HF_", "TORCH_", "ACCELERATE_", "OMP_", "SD_SCRIPTS_DIR")
 
 
 @dataclass(frozen=True)
@@ -109,31 +107,20 @@ def run_lineage(report: CheckReport) -> Optional[dict[str, Any]]:
     return lineage or None
 
 
-def run_identity(resolved: dict[str, Any], report: CheckReport, fingerprint: Optional[dict]) -> str:
+def run_id_inputs(report: CheckReport, fingerprint: Optional[dict]) -> dict[str, Any]:
+    """What the run id hashes besides the semantic config: the training set's content and the lineage's identity."""
     # The dataset as it trains (images, captions, repeats), else the folder's bytes.
     content = report.training_set.content_hash if report.training_set is not None else (fingerprint["content_hash"] if fingerprint else "missing")
     lineage = run_lineage(report)
     # A run without lineage keeps the id it always had; one with lineage is told apart by where it came from.
     # Where files lie is not what the weights are: the source run's id and step, the LoRA's hash are.
     identity = {k: v for k, v in (lineage or {}).items() if k not in ("from_run_dir", "state", "init_lora")} or None
-    return compute_run_id(resolved, content, identity)
+    return {"training_set": content, "lineage": identity}
 
 
-def is_secret_name(name: str) -> bool:
-    upper = name.upper()
-    return any(marker in upper for marker in SECRET_MARKERS)
-
-
-def secret_values(environ: dict[str, str] | None = None) -> list[str]:
-    """Values of secret-named variables, longest first, for redacting logs (short ones would over-match)."""
-    env = os.environ if environ is None else environ
-    return sorted({v for k, v in env.items() if is_secret_name(k) and len(v) >= 6}, key=len, reverse=True)
-
-
-def redact(text: str, secrets: list[str]) -> str:
-    for value in secrets:
-        text = text.replace(value, "***")
-    return text
+def run_identity(resolved: dict[str, Any], report: CheckReport, fingerprint: Optional[dict]) -> str:
+    inputs = run_id_inputs(report, fingerprint)
+    return compute_run_id(resolved, inputs["training_set"], inputs["lineage"])
 
 
 def earlier_runs_with_id(outputs: Path, run_id: str, exclude: Path) -> list[Path]:
@@ -196,10 +183,6 @@ def accelerator_state() -> dict[str, Any]:
     return {"torch": installed_version("torch"), "cuda_build": torch_cuda_build(), **probe_gpus().as_record()}
 
 
-def recorded_environment() -> dict[str, str]:
-    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(RECORDED_ENV_PREFIXES) and not is_secret_name(k)}
-
-
 def repro_record(run: RunConfig, engine: Engine, project_root: Path) -> dict[str, Any]:
     return {
         "git": git_state(project_root),
@@ -223,9 +206,9 @@ class FrozenRun:
 
 
 def _write_text(path: Path, text: str) -> None:
-    # Every snapshot file goes through here: a secret's value never lands on disk, whatever carried it
-    # (a config value, a git diff, an engine input).
-    path.write_text(redact(text, secret_values()))
+    # Every snapshot file goes through here: a secret never lands on disk, whatever carried it (a config value,
+    # a git diff, an engine input, a URL with a password or a token in its query).
+    path.write_text(redact(text))
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -285,7 +268,7 @@ def freeze_run(
     repro = repro_record(run, engine, project_root)
     _write_json(run_dir / "repro.json", repro)
     # What every LoRA of this run carries in its metadata, so the file alone can be replayed or diffed.
-    _write_json(run_dir / RECORD_FILE, build_record(run_id, run_lineage(report), resolved, repro, fingerprint))
+    _write_json(run_dir / RECORD_FILE, build_record(run_id, run_lineage(report), resolved, repro, fingerprint, run_id_inputs(report, fingerprint)))
     _write_json(
         run_dir / "run.json",
         {

@@ -13,7 +13,8 @@ import yaml
 
 from flux_lora.checkpoint_files import read_safetensors_metadata
 from flux_lora.compose import PROJECT_ROOT
-from flux_lora.provenance import METADATA_KEY
+from flux_lora.identity import config_leaves
+from flux_lora.provenance import METADATA_KEY, shareable_record
 from tests.seed_sweep import ONE_THREAD_ENV, SWEEP_ARGS, Sweep
 
 
@@ -30,16 +31,22 @@ def without_launch(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in ("launch", "paths")}
 
 
-def test_every_lora_of_a_run_carries_its_whole_record(seed_sweep: Sweep) -> None:
+def test_every_lora_of_a_run_carries_its_record_shareable_by_default(seed_sweep: Sweep) -> None:
     run_dir = cell(seed_sweep, "baseline")
     loras = [p for p in (run_dir / "output").glob("*.safetensors")]
     assert len(loras) >= 2  # the step checkpoints and the final LoRA
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     run = json.loads((run_dir / "run.json").read_text())
+    full = json.loads((run_dir / "lora_record.json").read_text())  # the run folder keeps the whole record
+    assert full["config"] == config and full["run_id"] == run["run_id"]
     for lora in loras:
         metadata = read_safetensors_metadata(lora)
         record = json.loads(metadata[METADATA_KEY])
-        assert record["config"] == config and record["run_id"] == run["run_id"]
+        assert record == shareable_record(full) and record["run_id"] == run["run_id"]
+        withheld = {key.removeprefix("config.") for key in record["withheld"]}
+        assert {"dataset.path", "paths.outputs", "paths.root"} <= withheld
+        assert {k: v for k, v in config_leaves(record["config"]).items() if k not in withheld} == {
+            k: v for k, v in config_leaves(config).items() if k not in withheld}
         assert record["dataset"]["content_hash"] == json.loads((run_dir / "dataset_fingerprint.json").read_text())["content_hash"]
         assert record["code"]["commit"] and record["packages"]["torch"]
         assert metadata["ss_network_alpha"] and metadata["ss_steps"]  # kohya's keys stay as they were
@@ -51,7 +58,8 @@ def test_a_lora_alone_replays_into_the_same_run_and_a_changed_dataset_is_refused
     alone.parent.mkdir()
     shutil.copyfile(run_dir / "output" / "flux-lora.safetensors", alone)  # nothing else travels with it
 
-    done = cli("-m", "flux_lora.replay", str(alone), "--dry-run", "--outputs", str(tmp_path / "replayed"), cwd=tmp_path / "alone")
+    done = cli("-m", "flux_lora.replay", str(alone), "--dry-run", "--outputs", str(tmp_path / "replayed"), "--dataset",
+               json.loads((run_dir / "lora_record.json").read_text())["config"]["dataset"]["path"], cwd=tmp_path / "alone")  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (replayed,) = (tmp_path / "replayed" / "runs").iterdir()
     original, again = (yaml.safe_load((d / "config.yaml").read_text()) for d in (run_dir, replayed))

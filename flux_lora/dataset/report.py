@@ -11,6 +11,7 @@ from typing import Any
 
 from flux_lora.dataset.captions import CaptionRecord
 from flux_lora.dataset.flags import FLAGS, severity_of
+from flux_lora.redaction import redact
 
 
 @dataclass
@@ -122,5 +123,6 @@ class DatasetReport:
     def write_json(self, path: Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        # A path may carry a credential (a cache folder named with ?token=...): it never lands on disk.
+        path.write_text(redact(json.dumps(self.to_dict(), indent=2, ensure_ascii=False)) + "\n", encoding="utf-8")
         return path

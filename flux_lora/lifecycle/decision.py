@@ -46,7 +46,7 @@ from flux_lora.lifecycle.records import (
 from flux_lora.lifecycle.slurm import queued_elsewhere
 from flux_lora.lifecycle.states import SavedState, StateChoice, choose_state, finished_state, set_aside_strays
 from flux_lora.identity import config_differences
-from flux_lora.snapshot import redact, secret_values
+from flux_lora.redaction import redact, secret_values
 
 
 class Decision(str, Enum):

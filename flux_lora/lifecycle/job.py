@@ -47,7 +47,8 @@ from flux_lora.lifecycle.slurm import slurm_record
 from flux_lora.lifecycle.states import finished_state, latest_good_state, state_step
 from flux_lora.provenance import embed_in_outputs
 from flux_lora.schema import Accelerator, RunConfig
-from flux_lora.snapshot import FrozenRun, LaunchCommand, redact, secret_values
+from flux_lora.redaction import redact, secret_values
+from flux_lora.snapshot import FrozenRun, LaunchCommand
 
 def accelerate_argv(run: RunConfig, inputs: EngineInputs) -> list[str]:
     """`accelerate launch` with the tier's process count, precision and device flags, then the job."""

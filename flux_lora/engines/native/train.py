@@ -57,7 +57,8 @@ from flux_lora.engines.native.data import (
 )
 from flux_lora.lifecycle.job_guard import LEASE_LOST_EXIT_CODE
 from flux_lora.lifecycle.lease import LEASE_FILE_ENV, LEASE_TOKEN_ENV, still_holds
-from flux_lora.provenance import METADATA_KEY, RECORD_FILE, compact
+from flux_lora.redaction import redact
+from flux_lora.provenance import METADATA_KEY, RECORD_FILE, EmbedRecord, embedded_record_text, shareable_metadata
 
 SAMPLE_GUIDANCE = 3.5  # sd-scripts' default embedded guidance for sample prompts (--g)
 LORA_STATE_FILE = "lora_weights.safetensors"
@@ -737,8 +738,13 @@ def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
     metadata = lora_metadata(config, items=items, batches_per_epoch=batches_per_epoch, started_at=started_at,
                              fp8_linears=training.fp8_linears, block_swap_applied=training.block_swap, num_processes=accelerator.num_processes)
     record = Path(config.run_dir) / RECORD_FILE if config.run_dir else None
-    if record is not None and record.is_file():  # the run's whole record travels with every LoRA it saves
-        metadata[METADATA_KEY] = compact(json.loads(record.read_text()))
+    if record is not None and record.is_file():  # the run's record travels with every LoRA it saves (launch.embed_record)
+        full = json.loads(record.read_text())
+        if ((full.get("config") or {}).get("launch") or {}).get("embed_record", "full") != EmbedRecord.full.value:
+            metadata = shareable_metadata(metadata)
+        text = embedded_record_text(full)
+        if text is not None:
+            metadata[METADATA_KEY] = text
     writer = SummaryWriter(str(logging_dir)) if accelerator.is_main_process else None
     sample_paths: list[str] = []
     save_seconds: list[float] = []
@@ -894,7 +900,7 @@ def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
     )
     if accelerator.is_main_process:
         ownership.check()
-        atomic_write_text(output_dir / SUMMARY_FILE, json.dumps(train_summary(result, config), indent=2) + "\n")
+        atomic_write_text(output_dir / SUMMARY_FILE, redact(json.dumps(train_summary(result, config), indent=2)) + "\n")
         if stop_reason == "signal":
             print(f"stopped by {signal.Signals(stop_signal).name} at step {global_step}; resume from {last_state}", flush=True)
         elif stop_reason == "nonfinite_loss":
