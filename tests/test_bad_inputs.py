@@ -210,3 +210,41 @@ def test_a_second_launch_into_the_same_run_directory_gets_its_own(tmp_path: Path
     assert f"{run_dir} holds another launch's run; flux-lora never shares or overwrites one: this run is in {run_dir}-2" in second.stdout
     assert json.loads((run_dir / "run.json").read_text())["run_id"] != json.loads((run_dir.with_name("same-2") / "run.json").read_text())["run_id"]
     assert "learning_rate: 0.001" in (run_dir / "config.yaml").read_text()  # the first run's record is untouched
+
+
+def test_a_caption_with_terminal_escapes_is_refused_with_its_file_and_never_echoed(tmp_path: Path) -> None:
+    dataset = tmp_path / "hostile"
+    shutil.copytree(PROJECT_ROOT / "data" / "sample", dataset)
+    caption = sorted(dataset.glob("*.txt"))[1]
+    caption.write_text("TOK Woman, \x1b[31mred\x1b[0m portrait \x1b]0;pwned\x07 title")
+    done = launch([f"dataset.path={dataset}", "launch.dry_run=true"], tmp_path)
+    assert "\x1b" not in done.stdout + done.stderr and "\x07" not in done.stdout + done.stderr
+    line = the_error(done, 1)
+    assert line.startswith(f"error: dataset.path: {caption}: caption holds a control character (\\x1b at character 11)"), line
+    report = json.loads(next((tmp_path / "outputs").rglob("dataset_report.json")).read_text())
+    (flagged,) = [image for image in report["images"] if "caption_control_chars" in image["caption"]["flags"]]
+    assert "\\x1b[31mred" in flagged["caption"]["text"]  # kept written out, never raw
+
+
+@pytest.mark.parametrize("link", ["dangling", "loop"])
+def test_a_link_that_leads_nowhere_is_named_in_one_line(tmp_path: Path, link: str) -> None:
+    dataset = tmp_path / "linked"
+    shutil.copytree(PROJECT_ROOT / "data" / "sample", dataset)
+    bad = dataset / "99_extra.jpg"
+    bad.symlink_to(dataset / "gone.jpg" if link == "dangling" else bad)
+    (dataset / "99_extra.txt").write_text("TOK Woman, extra")
+    line = the_error(launch([f"dataset.path={dataset}", "launch.dry_run=true"], tmp_path), 1)
+    expected = "99_extra.jpg (a link loop)" if link == "loop" else f"99_extra.jpg (dangling: -> {dataset / 'gone.jpg'})"
+    assert f"dataset folder {dataset}: 1 link(s) lead to no file: {expected}; remove or repair them" in line, line
+
+
+def test_a_link_out_of_the_dataset_folder_is_named(tmp_path: Path) -> None:
+    dataset, elsewhere = tmp_path / "linked", tmp_path / "library"
+    shutil.copytree(PROJECT_ROOT / "data" / "sample", dataset)
+    elsewhere.mkdir()
+    photo = sorted(dataset.glob("*.jpg"))[0]
+    shutil.move(photo, elsewhere / photo.name)
+    photo.symlink_to(elsewhere / photo.name)
+    done = launch([f"dataset.path={dataset}", "launch.dry_run=true"], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"1 file(s) are links out of the dataset folder (they train, but the folder alone is not the dataset): {photo.name} -> {elsewhere / photo.name}" in done.stdout + done.stderr

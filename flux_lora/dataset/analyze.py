@@ -228,6 +228,7 @@ def analyze_dataset(path: Path, settings: AnalysisSettings) -> DatasetReport:
         images=records,
         orphan_captions=[files.relative(p) for p in files.orphan_captions],
         nested_images=[files.relative(p) for p in files.nested_images],
+        links_outside=files.links_outside,
         duplicate_groups=duplicate_groups,
         identical_caption_groups=[[records[i].path for i in group] for group in identical],
         near_identical_caption_groups=[[records[i].path for i in group] for group in near_identical],

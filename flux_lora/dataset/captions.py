@@ -50,6 +50,20 @@ def estimate_t5_tokens(text: str) -> int:
     return 1 + sum(max(1, math.ceil(len(piece) / 5)) for piece in pieces)
 
 
+# C0 and C1 control characters but tab and newline (and the CR of Windows line ends), and DEL: ESC starts the
+# sequences that recolour, retitle or rewrite a terminal.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def has_control_characters(text: str) -> bool:
+    return _CONTROL.search(text) is not None
+
+
+def escape_control_characters(text: str) -> str:
+    """The text with each control character written out (`\\x1b`), as `dataset prepare` writes its clean copy."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def _trigger_pattern(trigger: str) -> re.Pattern[str]:
     return re.compile(r"(?<!\w)" + re.escape(trigger) + r"(?!\w)")
 
@@ -71,6 +85,10 @@ def read_caption(caption_path: Path, relative: str, trigger: str) -> CaptionReco
         return record
     if text.startswith("\ufeff"):
         record.flags.append("caption_bom")
+    if has_control_characters(text):
+        # Kept escaped from here on: a caption file must never reach the terminal as escape sequences.
+        record.flags.append("caption_control_chars")
+        text = escape_control_characters(text)
     record.text = text.strip()
     if not record.text:
         record.flags.append("caption_empty")

@@ -39,6 +39,8 @@ FLAGS: dict[str, FlagInfo] = {
     "caption_missing": FlagInfo("warning", "no caption file", "write one that starts with the trigger"),
     "caption_empty": FlagInfo("warning", "caption file is empty", "write a caption that starts with the trigger"),
     "caption_not_utf8": FlagInfo("warning", "caption is not UTF-8; the trainer fails to read it", "save it as UTF-8"),
+    "caption_control_chars": FlagInfo("warning", "caption holds control characters (terminal escape sequences); training refuses it",
+                                      "remove them, or run prepare, which writes them out escaped"),
     "caption_bom": FlagInfo("warning", "caption starts with a byte-order mark, so the trigger is not first", "save it as UTF-8 without BOM"),
     "trigger_missing": FlagInfo("warning", "trigger token absent from the caption", "start the caption with the trigger"),
     "trigger_not_first": FlagInfo("warning", "trigger token present but not first", "move the trigger to the start"),

@@ -108,6 +108,9 @@ def evaluate_gate(report: DatasetReport, gate: GateSettings) -> GateResult:
         )
     if report.orphan_captions:
         warnings.append(f"{len(report.orphan_captions)} captions without an image: {_names(report.orphan_captions)}")
+    if report.links_outside:
+        warnings.append(f"{len(report.links_outside)} file(s) are links out of the dataset folder (they train, but the folder "
+                        f"alone is not the dataset): {'; '.join(report.links_outside[:5])}")  # fmt: skip
     if report.nested_images:
         warnings.append(
             f"{len(report.nested_images)} images more than one folder deep are not trained (each direct subfolder is "

@@ -57,6 +57,7 @@ class DatasetReport:
     fingerprint: dict
     analysis: dict  # how the analysis ran: seconds, cache hits, workers
     nested_images: list[str] = field(default_factory=list)  # more than one folder deep: not trained
+    links_outside: list[str] = field(default_factory=list)  # `relative -> target`: links out of the dataset folder
     thumbnails: dict[str, bytes] = field(default_factory=dict, repr=False)  # by content hash; not serialised
     thumbnail_lookup: Any = field(default=None, repr=False)  # callable(content_hash) -> bytes | None, e.g. the cache
 
@@ -112,6 +113,7 @@ class DatasetReport:
             "images": [image.to_dict() for image in self.images],
             "orphan_captions": self.orphan_captions,
             "nested_images": self.nested_images,
+            "links_outside": self.links_outside,
             "duplicate_groups": self.duplicate_groups,
             "identical_caption_groups": self.identical_caption_groups,
             "near_identical_caption_groups": self.near_identical_caption_groups,

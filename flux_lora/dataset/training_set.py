@@ -26,6 +26,7 @@ from typing import Optional
 
 import blake3
 
+from flux_lora.dataset.captions import escape_control_characters, has_control_characters
 from flux_lora.dataset.discover import SUPPORTED_IMAGE_EXTENSIONS, DatasetError, caption_path_for, discover_dataset
 from flux_lora.dataset.fingerprint import hash_file
 from flux_lora.dataset.flags import severity_of
@@ -176,6 +177,11 @@ def read_training_caption(caption_file: Path, class_tokens: str) -> tuple[str, s
         raise CaptionError(f"{caption_file}: caption is not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}); {fix}") from None
     if "\x00" in text:
         raise CaptionError(f"{caption_file}: caption holds a NUL byte at offset {raw.index(0)}; {fix}")
+    if has_control_characters(text):
+        where = next(i for i, c in enumerate(text) if has_control_characters(c))
+        raise CaptionError(f"{escape_control_characters(str(caption_file))}: caption holds a control character "
+                           f"({escape_control_characters(text[where])} at character {where}), as in a terminal escape sequence; remove it "
+                           f"(python -m flux_lora.dataset prepare {caption_file.parent} OUT writes a copy with it escaped)")
     text = " ".join(text.split())
     if not text:
         return class_tokens, "class tokens: empty caption file"
