@@ -59,6 +59,47 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _bytes_free(path: Path) -> float:
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return float(shutil.disk_usage(probe).free)
+    except OSError:
+        return float("inf")
+
+
+def free_space(path: Path) -> str:
+    """How much room is left where `path` is (or would be), in words: "1.2 MB free"."""
+    free = _bytes_free(path)
+    if free == float("inf"):
+        return "free space unknown"
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if free < 1000 or unit == "TB":
+            return f"{free:.0f} {unit} free" if unit == "B" else f"{free:.1f} {unit} free"
+        free /= 1000
+    return ""
+
+
+class WriteFailed(OSError):
+    """A file of the run could not be written (a full disk, a quota, a read-only mount): says which and the room left."""
+
+    def __init__(self, path: Path, cause: BaseException) -> None:
+        self.path = Path(path)
+        if isinstance(cause, OSError) and cause.strerror:
+            reason = cause.strerror
+        elif "unexpected pos" in str(cause) or "write failed" in str(cause):
+            # torch.save's writer loses the errno: "[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0".
+            short = _bytes_free(path) < 16 * 2**20
+            reason = "No space left on device" if short else f"the write stopped short ({str(cause).splitlines()[0][:80]})"
+        else:
+            reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        super().__init__(getattr(cause, "errno", None) or 0, f"could not write {path}: {reason} ({free_space(path)})")
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
 def atomic_write_file(path: Path, write_fn: Callable[[Path], None]) -> Path:
     """Call write_fn(temporary path) and rename the result to `path`; a crash leaves the old file untouched."""
     path = Path(path)

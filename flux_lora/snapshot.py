@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional
 import yaml
 
 from flux_lora.check import CheckReport
+from flux_lora.checkpoint_files import WriteFailed, atomic_write_text
 from flux_lora.dataset import DatasetError, fingerprint_dataset, write_contact_sheet
 from flux_lora.dataset.training_set import TRAINING_SET_FILE
 from flux_lora.engines.base import Engine, EngineInputs
@@ -207,8 +208,12 @@ class FrozenRun:
 
 def _write_text(path: Path, text: str) -> None:
     # Every snapshot file goes through here: a secret never lands on disk, whatever carried it (a config value,
-    # a git diff, an engine input, a URL with a password or a token in its query).
-    path.write_text(redact(text))
+    # a git diff, an engine input, a URL with a password or a token in its query). Whole or absent (a full disk
+    # leaves no zero-length run.json), and a failure names the file and the room left.
+    try:
+        atomic_write_text(path, redact(text))
+    except OSError as exc:
+        raise WriteFailed(path, exc) from None
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -1,6 +1,7 @@
 """Faults on one machine, through the real CLI on the embedded default (real processes, real signals, real training):
 a run taken over stops without writing, a stop after the last step leaves a finished run, an unreadable status.json
-never hides the states beside it. (The cluster faults are in tests/test_slurm_two_node_e2e.py.)"""
+never hides the states beside it, two processes stop together, a full disk fails the run in one line and the next
+launch resumes. (The cluster faults are in tests/test_slurm_two_node_e2e.py.)"""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from flux_lora.compose import PROJECT_ROOT
 from flux_lora.lifecycle.lease import LEASE_DIR
 from flux_lora.lifecycle.outcome import LOSS_TAG, scalar_series
 from tests.test_launch_e2e import run_dirs
@@ -143,3 +147,49 @@ def test_a_sigusr2_reaches_both_processes_of_a_two_process_job_which_save_once_a
     assert again.returncode == 0 and f"(step {stop_line})" in output, output[-3000:]
     assert [step for step, _, _ in scalar_series(run_dir / "logs", LOSS_TAG)] == list(range(1, 41))
     assert json.loads((run_dir / "status.json").read_text())["state"] == "succeeded"
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_training_fails_the_run_in_one_line_keeps_its_states_and_the_next_launch_resumes(tmp_path: Path) -> None:
+    """paths.outputs on a small tmpfs, filled once the run saved its step-4 state so that the next state (460 kB on
+    the tiny model) no longer fits while small records still do: failed, the file and the free space named, no
+    traceback; after freeing the space the same command resumes from the saved state."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        args = [*SHORT, "ablation=baseline", "ablation.baseline_steps=12", "profile.save_every_n_steps=2", "launch.resume=auto",
+                "hydra.callbacks.preflight.min_free_gib=0.01"]  # the 24 MB disk is what this test is about
+        command = [sys.executable, str(PROJECT_ROOT / "launch.py"), *args, f"paths.outputs={disk / 'outputs'}", f"paths.cache={tmp_path / 'cache'}"]
+        env = {k: v for k, v in os.environ.items() if k != "SD_SCRIPTS_DIR"}
+        launcher = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 240
+        while not list(disk.rglob("flux-lora-step00000004-state/manifest.json")):
+            assert launcher.poll() is None and time.monotonic() < deadline, launcher.stdout.read() if launcher.stdout else ""
+            time.sleep(0.1)
+        filler = disk / "filler"
+        with open(filler, "wb") as handle:  # fill the disk, then give back 200 kB: less than a state, more than a record
+            try:
+                while True:
+                    handle.write(b"\0" * (1 << 16))
+                    handle.flush()
+            except OSError:
+                pass
+        os.truncate(filler, max(0, filler.stat().st_size - 200_000))
+        output = launcher.communicate(timeout=300)[0]
+        assert launcher.returncode == 1 and "Traceback" not in output, output[-3000:]
+        (run_dir,) = [p.parent for p in (disk / "outputs").rglob("run.json")]
+        status = json.loads((run_dir / "status.json").read_text())
+        assert status["state"] == "failed", status
+        assert re.search(r"could not write \S+-state: No space left on device \([\d.]+ \w?B free\)", status["reason"]), status["reason"]
+        saved = sorted(p.name for p in (run_dir / "output").glob("flux-lora-step*-state"))
+        assert "flux-lora-step00000004-state" in saved and not list((run_dir / "output").glob(".*staging*"))
+
+        filler.unlink()
+        again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0 and "resuming run" in again.stdout, again.stdout[-3000:] + again.stderr[-2000:]
+        assert json.loads((run_dir / "status.json").read_text())["state"] == "succeeded"
+        assert [step for step, _, _ in scalar_series(run_dir / "logs", LOSS_TAG)] == list(range(1, 13))
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)

@@ -26,10 +26,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Callable, Optional
+from typing import Callable, Optional, TextIO
 
 from flux_lora.check import CheckReport
 from flux_lora.engines.base import EngineInputs
+from flux_lora.checkpoint_files import WriteFailed
 from flux_lora.lifecycle.job_guard import LEASE_LOST_EXIT_CODE
 from flux_lora.lifecycle.lease import HEARTBEAT_S, Lease, LeaseLost, read_holder
 from flux_lora.lifecycle.outcome import KILLED_EXIT_CODE, STOPPED_EXIT_CODES, JobWatch, gather_evidence, training_shortfall
@@ -59,6 +60,7 @@ def accelerate_argv(run: RunConfig, inputs: EngineInputs) -> list[str]:
         "--num_processes", str(gpu.num_gpus),
         "--mixed_precision", run.profile.mixed_precision.value,
         "--dynamo_backend", "no",
+        "--quiet",  # a job that fails says why in its own words; accelerate's traceback of its exit adds nothing
     ]  # fmt: skip
     if gpu.accelerator == Accelerator.cpu and gpu.num_gpus > 1:
         # Several CPU processes (gloo): torch elastic starts them, as for GPUs; the job itself asks for the CPU.
@@ -228,14 +230,18 @@ def launch_run(
                 lost.set()
                 return
             status.heartbeat = now_iso()
-            write_status(run_dir, status)
+            try:
+                write_status(run_dir, status)
+            except OSError:
+                pass  # a full disk: the lease's heartbeat still says we live; the final status says how it ended
 
     previous_handlers = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
     beat = threading.Thread(target=heartbeat, daemon=True)
     beat.start()
     watch = JobWatch()
     try:
-        with open(run_dir / LOG_FILE, "a", encoding="utf-8") as log:
+        log: Optional[TextIO] = open(run_dir / LOG_FILE, "a", encoding="utf-8")
+        try:
             assert child.stdout is not None
             for line in child.stdout:
                 line = redact(line, secrets)
@@ -244,11 +250,26 @@ def launch_run(
                 if lost.is_set() or (lease is not None and not lease.holds()):
                     lost.set()  # the guard kills the job within a second; its last lines are not ours to log
                     continue
-                log.write(line)
-                log.flush()
+                if log is not None:
+                    try:
+                        log.write(line)
+                        log.flush()
+                    except OSError as exc:  # a full disk: the job's lines still reach the terminal and the verdict
+                        print(f"warning: {WriteFailed(run_dir / LOG_FILE, exc)}; the job's output goes to the terminal only", file=sys.stderr)
+                        try:
+                            log.close()
+                        except OSError:
+                            pass
+                        log = None
                 if watch.feed(line) and watch.nonfinite_step is not None and not watch.stop_sent:
                     watch.stop_sent = True  # the loss is NaN: nothing later can be trusted; stop now
                     stop_job(signal.SIGTERM)
+        finally:
+            if log is not None:
+                try:
+                    log.close()
+                except OSError:
+                    pass
         exit_code = child.wait()
     finally:
         beating.set()

@@ -53,11 +53,17 @@ def write_json_atomic(path: Path, data: object) -> None:
     # Replaced in one step: a reader deciding whether a run is alive never reads half a file. The data reaches the
     # disk before the rename and the rename before we go on, so a crash leaves the old record or the new one, whole.
     temporary = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(json.dumps(data, indent=2, default=str) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(data, indent=2, default=str) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)  # a full disk leaves no half-written temporary beside the record
+        from flux_lora.checkpoint_files import WriteFailed
+
+        raise WriteFailed(path, exc) from None
     fsync_dir(path.parent)
 
 

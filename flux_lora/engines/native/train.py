@@ -27,6 +27,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flux_lora.checkpoint_files import (
+    WriteFailed,
     atomic_write_file,
     atomic_write_text,
     begin_dir,
@@ -70,6 +72,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 # within this window are one stop. A second stop after it (a second Ctrl-C) ends the process at once.
 SAME_STOP_S = 5.0
 EXIT_NONFINITE = 3
+EXIT_WRITE_FAILED = 4  # a file of the run could not be written (full disk, quota): the states saved before it stay
 
 
 @dataclass
@@ -454,6 +457,20 @@ class RunOwnership:
         os._exit(LEASE_LOST_EXIT_CODE)
 
 
+@contextmanager
+def writing(path: Path, cleanup: Optional[Path] = None):
+    """A write into the run folder: a failure (a full disk, a quota) becomes WriteFailed naming the path and the room
+    left, after removing what this write began (`cleanup`, our own temporary); what was saved before stays."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:  # torch.save on a full disk raises RuntimeError ("unexpected pos ...")
+        if isinstance(exc, WriteFailed):
+            raise
+        if cleanup is not None:
+            shutil.rmtree(cleanup, ignore_errors=True) if cleanup.is_dir() else cleanup.unlink(missing_ok=True)
+        raise WriteFailed(path, exc) from exc
+
+
 def agreed_stop(accelerator, signum: int, nonfinite: bool, lost: bool = False) -> tuple[int, bool, bool]:
     """What every process saw (max over processes): saving a state is collective, so all stop at the same step."""
     if accelerator.num_processes == 1:
@@ -758,21 +775,22 @@ def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
         save_began = time.perf_counter()
         state_dir = output_dir / f"{stem}-state"
         staging = staging_path(state_dir)
-        if accelerator.is_main_process:
-            begin_dir(state_dir)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(staging))  # every process writes its own RNG file
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            epoch = step * config.gradient_accumulation_steps * accelerator.num_processes // max(1, batches_per_epoch)
-            (staging / TRAIN_STATE_FILE).write_text(json.dumps({"current_epoch": epoch, "current_step": step}))
-            commit_dir(staging, state_dir, step)
-            step_meta = dict(metadata, ss_steps=str(step), ss_epoch=str(epoch), ss_training_finished_at=str(time.time()))
-            model = accelerator.unwrap_model(transformer)
-            atomic_write_file(path, lambda partial: save_kohya_lora(model, partial, step_meta, dtype=save_dtype))
-            if not final:
-                prune_step_states(output_dir, config.output_name, step, config.keep_last_states)
-        accelerator.wait_for_everyone()
+        with writing(state_dir, cleanup=staging):
+            if accelerator.is_main_process:
+                begin_dir(state_dir)
+            accelerator.wait_for_everyone()
+            accelerator.save_state(str(staging))  # every process writes its own RNG file
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                epoch = step * config.gradient_accumulation_steps * accelerator.num_processes // max(1, batches_per_epoch)
+                (staging / TRAIN_STATE_FILE).write_text(json.dumps({"current_epoch": epoch, "current_step": step}))
+                commit_dir(staging, state_dir, step)
+                step_meta = dict(metadata, ss_steps=str(step), ss_epoch=str(epoch), ss_training_finished_at=str(time.time()))
+                model = accelerator.unwrap_model(transformer)
+                atomic_write_file(path, lambda partial: save_kohya_lora(model, partial, step_meta, dtype=save_dtype))
+                if not final:
+                    prune_step_states(output_dir, config.output_name, step, config.keep_last_states)
+            accelerator.wait_for_everyone()
         save_seconds.append(time.perf_counter() - save_began)
         return path, state_dir
 
@@ -800,7 +818,8 @@ def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
             from PIL import Image
 
             path = output_dir / "sample" / f"{config.output_name}_{step:06d}_{index:02d}_{stamp}_{prompt['seed']}.png"
-            Image.fromarray(array).save(path)
+            with writing(path, cleanup=path):
+                Image.fromarray(array).save(path)
             sample_paths.append(str(path))
             sample_image_seconds.append(time.perf_counter() - image_began)
         model.train()
@@ -858,7 +877,8 @@ def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
             writer.add_scalar("perf/peak_memory_gb", peak_memory_gb(device), global_step)
             if classes:
                 writer.add_scalar("data/class_images", class_samples, global_step)
-            writer.flush()  # nothing buffered: a job that loses the run later has no events left to write
+            with writing(logging_dir):
+                writer.flush()  # nothing buffered: a job that loses the run later has no events left to write
         class_samples = 0
         progress.update(global_step, current, recorder.average)
 
@@ -900,7 +920,8 @@ def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
     )
     if accelerator.is_main_process:
         ownership.check()
-        atomic_write_text(output_dir / SUMMARY_FILE, redact(json.dumps(train_summary(result, config), indent=2)) + "\n")
+        with writing(output_dir / SUMMARY_FILE):
+            atomic_write_text(output_dir / SUMMARY_FILE, redact(json.dumps(train_summary(result, config), indent=2)) + "\n")
         if stop_reason == "signal":
             print(f"stopped by {signal.Signals(stop_signal).name} at step {global_step}; resume from {last_state}", flush=True)
         elif stop_reason == "nonfinite_loss":
@@ -922,7 +943,11 @@ def main(argv: list[str] | None = None) -> int:
     config = NativeTrainConfig.from_json(frozen / CONFIG_FILE if frozen.is_dir() else frozen)
     if len(args) == 3:
         config.resume_from = args[2]
-    result = run_training(config)
+    try:
+        result = run_training(config)
+    except WriteFailed as failed:  # one line, and the exit code the launcher reads as failed; earlier states stay
+        print(f"error: {failed}; the states saved before it are kept: free some space and launch again to resume", flush=True)
+        return EXIT_WRITE_FAILED
     if result.stop_reason is None:
         print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}, LoRA {result.lora_path}", flush=True)
     return result.exit_code
