@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from flux_lora.identity import config_differences, config_leaves
+from flux_lora.identity import config_differences, config_leaves, record_problem
 from flux_lora.provenance import NoRecord, Provenance, load_record
 
 ENGINE_FILES = ("native_config.json", "dataset.toml", "sample_prompts.txt", "command.json")
@@ -99,8 +99,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for source, prov in ((args.a, a), (args.b, b)):
-        if prov.problem:  # said first: an edited record's differences are not what trained
-            print(f"warning: {source}: {prov.problem}")
+        if record_problem(prov.record):  # said first: an edited record's differences are not what trained
+            print(f"warning: {source}: {record_problem(prov.record)}")
     found = differences(a, b)
     if not found:
         print(f"no differences: {args.a} and {args.b} are the same run (same recipe, inputs, environment and dataset)")

@@ -1,4 +1,5 @@
-"""What defines a run: its semantic config (without log paths and the like), how two configs differ, its run id.
+"""What defines a run: its semantic config (without log paths and the like), how two configs differ, its run id,
+and whether a record is still the run its id names.
 
 Used by the check (a resume source's recipe), freeze (the run id) and the report (what a cell changed).
 """
@@ -9,6 +10,7 @@ import hashlib
 import json
 from typing import Any, Optional
 
+from flux_lora.provenance import seal
 from flux_lora.schema import NON_SEMANTIC_KEYS
 
 
@@ -54,3 +56,28 @@ def compute_run_id(resolved: dict[str, Any], dataset_content_hash: str, lineage:
         tree["lineage"] = lineage
     canonical = json.dumps(tree, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+# ------------------------------------------------------------------------------------------ a record's integrity
+
+
+def record_problem(record: dict[str, Any]) -> Optional[str]:
+    """One line when the record was edited or does not match its run id; None when it checks out (or predates seals)."""
+    digest = record.get("digest")
+    if digest is None:
+        return None  # written before records were sealed: nothing to check against
+    if seal(record)["digest"] != digest:
+        return "its embedded record was edited after it was written (its digest does not match its content)"
+    inputs = record.get("run_id_inputs")
+    if inputs and not [key for key in record.get("withheld") or [] if _is_semantic(key)]:
+        recomputed = compute_run_id(record["config"], inputs.get("training_set") or "missing", inputs.get("lineage"))
+        if recomputed != record.get("run_id"):
+            return f"its record does not match its run id: the recorded config hashes to {recomputed}, the record says {record.get('run_id')}"
+    return None
+
+
+def _is_semantic(withheld_key: str) -> bool:
+    if not withheld_key.startswith("config."):
+        return False
+    key = withheld_key.removeprefix("config.")
+    return not any(key == k or key.startswith(f"{k}.") for k in NON_SEMANTIC_KEYS)

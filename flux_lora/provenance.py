@@ -130,32 +130,6 @@ def shareable_metadata(metadata: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in metadata.items() if not (k.startswith(("ss_", "modelspec.")) and is_private_value(v, markers))}
 
 
-def record_problem(record: dict[str, Any]) -> Optional[str]:
-    """One line when the record was edited or does not match its run id; None when it checks out (or predates seals)."""
-    digest = record.get("digest")
-    if digest is None:
-        return None  # written before records were sealed: nothing to check against
-    if seal(record)["digest"] != digest:
-        return "its embedded record was edited after it was written (its digest does not match its content)"
-    inputs = record.get("run_id_inputs")
-    if inputs and not [key for key in record.get("withheld") or [] if _is_semantic(key)]:
-        from flux_lora.identity import compute_run_id
-
-        recomputed = compute_run_id(record["config"], inputs.get("training_set") or "missing", inputs.get("lineage"))
-        if recomputed != record.get("run_id"):
-            return f"its record does not match its run id: the recorded config hashes to {recomputed}, the record says {record.get('run_id')}"
-    return None
-
-
-def _is_semantic(withheld_key: str) -> bool:
-    from flux_lora.schema import NON_SEMANTIC_KEYS
-
-    if not withheld_key.startswith("config."):
-        return False
-    key = withheld_key.removeprefix("config.")
-    return not any(key == k or key.startswith(f"{k}.") for k in NON_SEMANTIC_KEYS)
-
-
 @dataclass(frozen=True)
 class Provenance:
     """A run's record, with where it was read from."""
@@ -167,11 +141,6 @@ class Provenance:
     @property
     def config(self) -> dict[str, Any]:
         return self.record["config"]
-
-    @property
-    def problem(self) -> Optional[str]:
-        """Edited, or not the run its id names (provenance.record_problem); None when it checks out."""
-        return record_problem(self.record)
 
     @property
     def withheld(self) -> list[str]:

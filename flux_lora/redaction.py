@@ -46,7 +46,8 @@ def secret_values(environ: Optional[Mapping[str, str]] = None) -> list[str]:
     env = os.environ if environ is None else environ
     found = {value for name, value in env.items() if is_secret_name(name)}
     for value in env.values():
-        found |= {m["userinfo"] for m in _URL_USERINFO.finditer(value)}
+        for match in _URL_USERINFO.finditer(value):  # user:password, and the password alone wherever it shows
+            found |= {match["userinfo"], match["userinfo"].partition(":")[2]}
         found |= {m["value"] for m in _CREDENTIAL_PARAM.finditer(value)}
         found |= set(_TOKEN_SHAPES.findall(value))
     return sorted((v for v in found if len(v) >= _MIN_SECRET_LENGTH), key=len, reverse=True)

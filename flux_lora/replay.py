@@ -26,6 +26,7 @@ import yaml
 
 from flux_lora.compose import PROJECT_ROOT
 from flux_lora.dataset import DatasetError, fingerprint_dataset
+from flux_lora.identity import record_problem
 from flux_lora.provenance import NoRecord, Provenance, load_record
 from flux_lora.snapshot import installed_version, git_state
 
@@ -62,7 +63,7 @@ def dataset_problem(prov: Provenance, config: dict[str, Any]) -> Optional[str]:
     """None when the dataset's content is the recorded one; else one line saying what differs."""
     recorded = (prov.record.get("dataset") or {}).get("content_hash")
     data = config.get("dataset") or {}
-    path = Path(data.get("path", ""))
+    path = Path(data.get("path") or "")
     try:
         now = fingerprint_dataset(path, data.get("caption_extension", ".txt"))
     except DatasetError as exc:
@@ -114,6 +115,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--outputs", type=Path, help="paths.outputs for the replay (default: the recorded one)")
     parser.add_argument("--dataset", type=Path, help="dataset.path for the replay (default: the recorded one)")
     parser.add_argument("--allow-changed-dataset", action="store_true", help="replay on a dataset whose content changed")
+    parser.add_argument("--class-images", type=Path, help="dataset.reg_path for the replay (a shareable record withholds it)")
     parser.add_argument("--allow-edited-record", action="store_true", help="replay a record that was edited or does not match its run id")
     args = parser.parse_args(argv)
     try:
@@ -121,11 +123,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except NoRecord as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if prov.problem and not args.allow_edited_record:
-        print(f"error: {args.source}: {prov.problem}; it is not the run it says it is (--allow-edited-record replays it anyway)", file=sys.stderr)
+    if record_problem(prov.record) and not args.allow_edited_record:
+        print(f"error: {args.source}: {record_problem(prov.record)}; it is not the run it says it is (--allow-edited-record replays it anyway)", file=sys.stderr)
         return 2
-    if prov.problem:
-        print(f"warning: {args.source}: {prov.problem} (replaying anyway: --allow-edited-record)")
+    if record_problem(prov.record):
+        print(f"warning: {args.source}: {record_problem(prov.record)} (replaying anyway: --allow-edited-record)")
     config = json.loads(json.dumps(prov.config))
     for key in prov.withheld:  # a shareable record: this machine's settings (conf/local, the defaults) fill them in
         drop_key(config, key)
@@ -133,6 +135,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {args.source}: a shareable record withholds where the images were (dataset.path); give them with --dataset DIR",
               file=sys.stderr)  # fmt: skip
         return 2
+    if "dataset.reg_path" in prov.withheld and prov.record.get("class_images") and not args.class_images:
+        print(f"error: {args.source}: a shareable record withholds where the class images were (dataset.reg_path); give them with "
+              "--class-images DIR", file=sys.stderr)  # fmt: skip
+        return 2
+    if args.class_images:
+        config["dataset"] = {**config.get("dataset", {}), "reg_path": str(args.class_images.absolute())}
     if prov.withheld:
         print(f"info: a shareable record: {len(prov.withheld)} setting(s) come from this machine: {', '.join(prov.withheld)}")
     if args.outputs:

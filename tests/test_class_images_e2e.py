@@ -52,7 +52,9 @@ def test_native_trains_the_class_images_at_their_weight(tmp_path: Path) -> None:
     assert run["reg_gate_passed"] is True
     # The LoRA alone carries the class images' content: replay finds them as recorded, and refuses them changed.
     prov = load_record(run_dir / "output" / "flux-lora.safetensors")
-    assert prov.record["class_images"]["n_files"] == 5 and dataset_problem(prov, prov.record["config"]) is None
+    assert prov.record["class_images"]["n_files"] == 5 and "config.dataset.reg_path" in prov.record["withheld"]
+    prov = load_record(run_dir)  # the run folder's whole record: where the class images are
+    assert dataset_problem(prov, prov.record["config"]) is None
     (classes / "class_3.jpg").unlink()
     assert dataset_problem(prov, prov.record["config"]).startswith(f"dataset.reg_path={classes}: the class images changed since the run")
 

@@ -17,7 +17,8 @@ import pytest
 
 from flux_lora.checkpoint_files import read_safetensors_metadata, tensor_data_sha256, update_safetensors_metadata
 from flux_lora.compose import PROJECT_ROOT
-from flux_lora.provenance import METADATA_KEY, embedded_record_text, record_problem, seal
+from flux_lora.identity import record_problem
+from flux_lora.provenance import METADATA_KEY, embedded_record_text, seal
 from flux_lora.redaction import recorded_environment, redact
 
 PASSWORD = "Pa55word-in-the-mirror-url"

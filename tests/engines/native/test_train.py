@@ -85,7 +85,7 @@ def test_outputs_have_sd_scripts_names(runs):
     summary = json.loads((output / "train_summary.json").read_text())
     assert summary["steps"] == 8 and summary["final_loss"] == first.losses[-1]
     assert set(summary) == {"final_loss", "average_loss", "steps", "seconds", "peak_memory_gb", "max_train_steps",
-                            "first_step", "stop_reason"}
+                            "first_step", "stop_reason", "stop_lead_s"}
     assert (summary["max_train_steps"], summary["first_step"], summary["stop_reason"]) == (8, 1, None)
     for state in ("flux-lora-step00000004-state", "flux-lora-state"):
         assert state_problem(output / state) is None  # complete, with a manifest
