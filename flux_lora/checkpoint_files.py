@@ -45,7 +45,7 @@ def file_blake3(path: Path, sync: bool = False) -> str:
     return hasher.hexdigest()
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     # Makes a rename durable; some filesystems refuse to open a directory, which only costs durability.
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -113,7 +113,7 @@ def atomic_write_file(path: Path, write_fn: Callable[[Path], None]) -> Path:
     except BaseException:
         staging.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -199,7 +199,7 @@ def commit_dir(staging: Path, final_dir: Path, step: int) -> Path:
         shutil.rmtree(aside, ignore_errors=True)
         os.replace(final_dir, aside)
     os.replace(staging, final_dir)
-    _fsync_dir(final_dir.parent)
+    fsync_dir(final_dir.parent)
     shutil.rmtree(aside, ignore_errors=True)
     return final_dir
 

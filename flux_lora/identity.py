@@ -14,7 +14,7 @@ from flux_lora.provenance import seal
 from flux_lora.schema import NON_SEMANTIC_KEYS
 
 
-def _drop_key(tree: dict[str, Any], dotted: str) -> None:
+def drop_key(tree: dict[str, Any], dotted: str) -> None:
     *parents, leaf = dotted.split(".")
     node: Any = tree
     for part in parents:
@@ -29,7 +29,7 @@ def semantic_config(resolved: dict[str, Any], dataset_content_hash: str) -> dict
     """What defines a run: the resolved config without log paths and the like, with the dataset by content."""
     tree = json.loads(json.dumps(resolved))
     for key in NON_SEMANTIC_KEYS:
-        _drop_key(tree, key)
+        drop_key(tree, key)
     tree.setdefault("dataset", {})["content_hash"] = dataset_content_hash
     return tree
 

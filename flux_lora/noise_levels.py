@@ -12,7 +12,6 @@ import math
 import numpy as np
 
 NUM_TRAIN_TIMESTEPS = 1000  # sd-scripts' FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
-MIN_SNR_VARIANTS = ("flow_min_snr", "clamp")
 
 
 def flux_shift_mu(image_seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15) -> float:

@@ -26,7 +26,7 @@ import yaml
 
 from flux_lora.compose import PROJECT_ROOT
 from flux_lora.dataset import DatasetError, fingerprint_dataset
-from flux_lora.identity import record_problem
+from flux_lora.identity import drop_key, record_problem
 from flux_lora.provenance import NoRecord, Provenance, load_record
 from flux_lora.snapshot import installed_version, git_state
 
@@ -82,16 +82,6 @@ def dataset_problem(prov: Provenance, config: dict[str, Any]) -> Optional[str]:
             return (f"dataset.reg_path={reg_path}: the class images changed since the run ({classes['n_files']} files); "
                     "restore them or pass --allow-changed-dataset")  # fmt: skip
     return None
-
-
-def drop_key(tree: dict[str, Any], dotted: str) -> None:
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        tree = tree.get(part) if isinstance(tree, dict) else None
-        if tree is None:
-            return
-    if isinstance(tree, dict):
-        tree.pop(leaf, None)
 
 
 def replay_command(config_dir: Path, dry_run: bool) -> list[str]:

@@ -46,3 +46,17 @@ def judged_diffusers_lora(tmp_path_factory: pytest.TempPathFactory):
     source = diffusers_format_lora(root)
     before = source.read_bytes()
     return source, before, judge(source, root / "judged"), root / "judged"
+
+
+# Fixtures that train, evaluate or start a cluster: a test that takes one is in the full suite only (it is marked
+# `slow`), so `python -m pytest -m "not slow"` is the fast tier. Each is shared by the tests that take it.
+TRAINED_OR_CLUSTER_FIXTURES = frozenset({
+    "seed_sweep", "judged_diffusers_lora", "evaluated_sweep", "rate_server", "tiny_run", "evaluated_run", "runs", "curves",
+    "matrix", "shared_run", "slurm", "two_node_slurm",
+})  # fmt: skip
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if TRAINED_OR_CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -6,6 +6,8 @@ checked is the pool's assignment, read back from each cell's own repro.json (CUD
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from pathlib import Path
 from flux_lora.compose import PROJECT_ROOT
 
 
+@pytest.mark.slow
 def test_cells_share_the_devices_and_never_overlap_on_one(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     done = subprocess.run([sys.executable, str(PROJECT_ROOT / "launch.py"), "-m", "ablation=baseline,a1_alpha,a2_noise_offset",

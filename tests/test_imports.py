@@ -72,7 +72,25 @@ def test_the_lifecycle_layers_depend_one_way() -> None:
     for lower, module in enumerate(layers):
         above = {f"flux_lora.lifecycle.{m}" for m in layers[lower + 1 :]}
         assert not graph[f"flux_lora.lifecycle.{module}"] & above, f"lifecycle.{module} imports a layer above it"
-    assert not any("launch" == m for deps in graph.values() for m in deps)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module name an import statement in the file names (absolute imports; any depth)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_nothing_in_the_package_imports_launch_py(tmp_path: Path) -> None:
+    offenders = [str(p) for p in PACKAGE_DIR.rglob("*.py") if {"launch"} & {n.split(".")[0] for n in imports_of(p)}]
+    assert not offenders, offenders
+    planted = tmp_path / "planted.py"  # the check itself sees such an import, inside a function too
+    planted.write_text("def f():\n    from launch import main\n")
+    assert "launch" in imports_of(planted)
 
 
 def test_the_cycle_finder_finds_a_cycle() -> None:

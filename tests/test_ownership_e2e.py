@@ -126,10 +126,10 @@ def test_a_sigusr2_reaches_both_processes_of_a_two_process_job_which_save_once_a
     """Two CPU processes (gloo) under torch elastic, which starts its workers in sessions of their own: the guard
     passes SLURM's warning to every process of the job, both stop at the same step, one state is saved, and the run
     resumes to exactly max_train_steps."""
-    args = [*SHORT, "ablation=baseline", "ablation.baseline_steps=40", "profile.save_every_n_steps=1000", "gpu.num_gpus=2",
+    args = [*SHORT, "ablation=baseline", "ablation.baseline_steps=16", "profile.save_every_n_steps=1000", "gpu.num_gpus=2",
             "launch.resume=auto"]  # fmt: skip
     launcher = start(args, tmp_path)
-    lines = _read_until(launcher, r"^step [2-9]/40")
+    lines = _read_until(launcher, r"^step [2-9]/16")
     workers = [pid for pid in descendants(launcher.pid) if _is_trainer(pid)]
     assert len(workers) == 2 and len({os.getsid(pid) for pid in workers}) == 2  # each worker leads a session of its own
     launcher.send_signal(signal.SIGUSR2)
@@ -145,7 +145,7 @@ def test_a_sigusr2_reaches_both_processes_of_a_two_process_job_which_save_once_a
     again = start(args, tmp_path)
     output = finish(again)
     assert again.returncode == 0 and f"(step {stop_line})" in output, output[-3000:]
-    assert [step for step, _, _ in scalar_series(run_dir / "logs", LOSS_TAG)] == list(range(1, 41))
+    assert [step for step, _, _ in scalar_series(run_dir / "logs", LOSS_TAG)] == list(range(1, 17))
     assert json.loads((run_dir / "status.json").read_text())["state"] == "succeeded"
 
 

@@ -3,6 +3,8 @@ differs. On the shared tiny sweep (tests/seed_sweep.py: baseline and a1_alpha, s
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import shutil
 import subprocess
@@ -103,6 +105,7 @@ def test_a_file_without_a_record_is_one_line(tmp_path: Path) -> None:
     assert done.stderr.strip() == f"error: {foreign}: a LoRA without a flux-lora record (saved by kohya sd-scripts); only LoRAs saved by flux-lora can be replayed"
 
 
+@pytest.mark.slow
 def test_a_lora_as_starting_point_is_loaded_and_recorded_as_lineage(seed_sweep: Sweep, tmp_path: Path) -> None:
     """launch.init_lora: with a learning rate of 1e-9 (0 is refused: the engines need a positive one) the final LoRA
     is the starting LoRA to within 1e-6, where a fresh LoRA starts with all-zero up weights, so the starting file's

@@ -258,6 +258,7 @@ def watch_in_a_terminal(sweep_dir: Path, *options: str) -> tuple[subprocess.Pope
     return watcher, screen, master
 
 
+@pytest.mark.slow
 def test_a_sweep_run_again_into_its_folder_with_a_changed_cell_is_refused_with_the_keys(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "outputs" / "sweeps" / "fixed"
     args = ["-m", "ablation=baseline", "launch.resume=auto", "launch.dry_run=true", f"hydra.sweep.dir={sweep_dir}", *SHORT]

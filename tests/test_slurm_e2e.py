@@ -100,7 +100,7 @@ def test_a_cell_that_hits_the_time_limit_or_is_requeued_resumes_in_its_folder_an
     # SLURM sends the warning 0-30 s before `signal_delay_s` (its limits are checked every 30 s): with 60 s it comes
     # 30-60 s after the start. However fast this machine trains, the warning comes mid-training: the test holds the
     # trainer still (SIGSTOP) after its first steps until the warning is pending in it, then lets it go on.
-    steps = 100
+    steps = 40
     sweep = launch(["-m", "ablation=baseline", f"ablation.baseline_steps={steps}", "profile.save_every_n_steps=20",
                     "gpu.gradient_accumulation_steps=4", *CELL,
                     *ON_SLURM, "hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=60", f"hydra.sweep.dir={sweep_dir}"], tmp_path)  # fmt: skip

@@ -68,7 +68,7 @@ def newest_state_step(cell: Path) -> int:
 @pytest.mark.slow
 def test_scancel_then_the_same_command_resumes_and_a_node_failure_resumes_on_the_other_node(two_node_slurm, tmp_path: Path) -> None:
     cluster: TwoNodeCluster = two_node_slurm
-    steps = 60
+    steps = 40
     sweep_dir = tmp_path / "sweep"
     args = [*CELL, f"ablation.baseline_steps={steps}", "profile.save_every_n_steps=5", "launch.detach=true",
             f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
@@ -123,7 +123,7 @@ def test_scancel_then_the_same_command_resumes_and_a_node_failure_resumes_on_the
 @pytest.mark.slow
 def test_a_suspended_job_keeps_its_run_from_a_second_submission_and_finishes_alone(two_node_slurm, tmp_path: Path) -> None:
     cluster: TwoNodeCluster = two_node_slurm
-    steps = 40
+    steps = 25
     # The heartbeat limit lowered to 5 s: the suspended job is silent far longer, and still nobody takes its run.
     common = [*CELL, f"ablation.baseline_steps={steps}", "profile.save_every_n_steps=10", "launch.lease_stale_s=5"]
     first_dir, second_dir = tmp_path / "first", tmp_path / "second"

@@ -53,8 +53,3 @@ FLAGS: dict[str, FlagInfo] = {
 
 def severity_of(flag: str) -> Severity:
     return FLAGS[flag].severity
-
-
-def describe_flag(flag: str) -> str:
-    info = FLAGS[flag]
-    return f"{info.meaning}: {info.fix}"

@@ -318,7 +318,3 @@ def with_class_images(training_set: TrainingSet, report: DatasetReport, caption_
     excluded = selected.excluded + [{"path": p, "reason": "more than one folder deep"} for p in report.nested_images]
     return replace(training_set, reg_root=selected.root, regularization=selected.examples,
                    excluded=training_set.excluded + [x | {"set": "regularization"} for x in excluded])  # fmt: skip
-
-
-def load_training_set(path: Optional[str | Path]) -> Optional[TrainingSet]:
-    return TrainingSet.read_json(Path(path)) if path else None

@@ -163,7 +163,7 @@ def launch_run(
     run_dir: Path,
     command: LaunchCommand,
     expect: Optional[ExpectedTraining] = None,
-    finish: Optional[Callable[[], list[str]]] = None,
+    finish: Optional[Callable[[], object]] = None,  # called for its effect on the files (what it returns is not used)
     lease: Optional[Lease] = None,
     engine_record: Optional[dict] = None,
 ) -> RunStatus:
@@ -364,7 +364,7 @@ def start_run(
     *,
     dry_run: bool,
     expect: Optional[ExpectedTraining] = None,
-    finish: Optional[Callable[[], list[str]]] = None,
+    finish: Optional[Callable[[], object]] = None,  # called for its effect on the files (what it returns is not used)
     lease: Optional[Lease] = None,
     engine_record: Optional[dict] = None,
 ) -> RunStatus:

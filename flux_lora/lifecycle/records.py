@@ -14,6 +14,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Optional
 
+from flux_lora.checkpoint_files import WriteFailed, fsync_dir
+
 STATUS_FILE = "status.json"
 LOG_FILE = "train.log"
 POINTER_FILE = "run_pointer.json"  # a sweep cell whose run lives elsewhere (skipped as done, resumed there, busy)
@@ -61,24 +63,8 @@ def write_json_atomic(path: Path, data: object) -> None:
         os.replace(temporary, path)
     except OSError as exc:
         temporary.unlink(missing_ok=True)  # a full disk leaves no half-written temporary beside the record
-        from flux_lora.checkpoint_files import WriteFailed
-
         raise WriteFailed(path, exc) from None
     fsync_dir(path.parent)
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename or a new name in `folder` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_status(run_dir: Path, status: RunStatus) -> None:

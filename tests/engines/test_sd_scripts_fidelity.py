@@ -113,6 +113,7 @@ def test_the_skip_flag_trains_nothing_after_a_resume_with_accumulation(tmp_path)
     assert standin.resume_arithmetic(args, 500, loader_len) == (20, 0, 0)
 
 
+@pytest.mark.slow
 def test_resume_trains_the_remaining_steps_exactly_once_and_continues_the_count(tmp_path):
     dataset = make_dataset(tmp_path / "ds", count=3)
     settings = ["profile=smoke", "gpu=h100", "gpu.batch_size=1", "gpu.gradient_accumulation_steps=2",

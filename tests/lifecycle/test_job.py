@@ -145,6 +145,7 @@ def _training(tmp_path: Path, *args: str, from_step: int = 0):
     return launch_run(tmp_path, command, ExpectedTraining(max_train_steps=8, output_name="flux-lora", from_step=from_step))
 
 
+@pytest.mark.slow
 def test_a_nan_in_an_abandoned_attempt_does_not_fail_the_clean_retry(tmp_path: Path) -> None:
     first = _training(tmp_path, "5", "5", "none")  # steps 1-5, NaN at 5, no LoRA
     assert first.state == RunState.failed and "NaN/inf at step 5" in first.reason

@@ -278,7 +278,7 @@ class LossRecorder:
         self.latest: dict[int, float] = {}
         self.total = 0.0
 
-    def add(self, epoch: int, position: int, loss: float) -> None:
+    def add(self, position: int, loss: float) -> None:
         self.total += loss - self.latest.get(position, 0.0)
         self.latest[position] = loss
 
@@ -853,7 +853,7 @@ def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
         micro_loss = train_micro_step(training, config, accelerator, batch, batch_index, weight_dtype)
         micro_losses.append(micro_loss)
         class_samples += sum(items[i].is_class for i in indices)
-        recorder.add(epoch, position, micro_loss)
+        recorder.add(position, micro_loss)
         micro_step += 1
         if not accelerator.sync_gradients:
             continue

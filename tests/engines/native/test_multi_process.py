@@ -3,6 +3,8 @@ for NCCL, which needs GPUs. Each process must train on its own batches, and the 
 
 from __future__ import annotations
 
+import pytest
+
 import re
 import subprocess
 import sys
@@ -12,6 +14,7 @@ from flux_lora.engines.native.config import CONFIG_FILE
 from tests.engines.native.native_tiny_run import make_dataset, tiny_config
 
 
+@pytest.mark.slow
 def test_two_processes_train_on_different_batches_and_finish(tmp_path: Path) -> None:
     config = tiny_config(tmp_path, make_dataset(tmp_path / "ds", count=4), max_train_steps=3, save_every_n_steps=0)
     run_dir = Path(config.run_dir)
@@ -48,6 +51,7 @@ out.write_text(f"weights {digest(down.weight)} mask {digest(mask)}")
 """
 
 
+@pytest.mark.slow
 def test_each_process_draws_its_own_dropout_masks_from_the_same_initial_lora(tmp_path: Path) -> None:
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
