@@ -160,12 +160,22 @@ def test_a_sweep_submitted_twice_trains_each_cell_once_and_detach_returns_while_
     assert (first_dir / "sbatch.sh").is_file() and "--cpus-per-task=1" in (first_dir / "sbatch.sh").read_text()
     assert "--gpus-per-node" not in (first_dir / "sbatch.sh").read_text()  # the CPU tier asks for no GPU
 
-    # Wait until the first submission's first cell trains, then submit the same sweep again (waiting for it).
+    # Once the first submission's first cell has its trainer, hold that trainer still (SIGSTOP; its job stays RUNNING)
+    # while the same sweep is submitted again, so the cell is still training however fast this machine is.
     deadline = time.monotonic() + 300
-    while not list(first_dir.glob("0_*/logs/*")) and time.monotonic() < deadline:
-        time.sleep(1)
-    resubmitted = launch([*cells, f"hydra.sweep.dir={second_dir}"], tmp_path)
-    second = finish(resubmitted, timeout_s=900)
+    trainer = None
+    while trainer is None:
+        assert time.monotonic() < deadline, "the first cell's trainer never started"
+        try:
+            trainer = trainer_pid(first_dir / "0_tiny-smoke-cpu-native-baseline")
+        except AssertionError:
+            time.sleep(0.1)
+    os.kill(trainer, signal.SIGSTOP)
+    try:
+        resubmitted = launch([*cells, f"hydra.sweep.dir={second_dir}"], tmp_path)
+        second = finish(resubmitted, timeout_s=900)
+    finally:
+        os.kill(trainer, signal.SIGCONT)
     # Its summary reports the cell the first submission is training as busy, with that job; the sweep is not done.
     busy = [line for line in second.splitlines() if "│ busy" in line]
     assert busy and "SLURM job " in " ".join(second.splitlines()[second.splitlines().index(busy[0]):][:2]), second[-4000:]
