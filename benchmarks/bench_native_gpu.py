@@ -34,11 +34,9 @@ import yaml
 
 from flux_lora.engines.native.config import NativeTrainConfig
 from flux_lora.engines.native.models import MODEL_CONFIGS
-from flux_lora.engines.native.train import (
-    peak_memory_gb,
-    prepare_lora_training,
-    train_micro_step,
-)
+from flux_lora.engines.native.records import peak_memory_gb
+from flux_lora.engines.native.setup import prepare_lora_training
+from flux_lora.engines.native.train import train_micro_step
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"

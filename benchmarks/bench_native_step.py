@@ -29,14 +29,8 @@ from PIL import Image  # noqa: E402
 
 from flux_lora.engines.native.config import NativeTrainConfig  # noqa: E402
 from flux_lora.engines.native.data import build_train_items, collate, epoch_batches  # noqa: E402
-from flux_lora.engines.native.train import (  # noqa: E402
-    build_optimizer,
-    draw_noise_and_sigmas,
-    flow_matching_loss,
-    load_parts,
-    run_training,
-    step_generator,
-)
+from flux_lora.engines.native.setup import build_optimizer, load_parts  # noqa: E402
+from flux_lora.engines.native.train import draw_noise_and_sigmas, flow_matching_loss, run_training, step_generator  # noqa: E402
 
 WARMUP_STEPS = 3
 

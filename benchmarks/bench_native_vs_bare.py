@@ -56,7 +56,8 @@ from bench_native_gpu import (
 )
 from flux_lora.engines.native.config import NativeTrainConfig
 from flux_lora.engines.native.lora import DOUBLE_BLOCK_MODULES, SINGLE_BLOCK_MODULES
-from flux_lora.engines.native.train import prepare_lora_training, store_base_in_fp8, train_micro_step
+from flux_lora.engines.native.setup import prepare_lora_training, store_base_in_fp8
+from flux_lora.engines.native.train import train_micro_step
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_RESOLUTIONS = (512, 1024)

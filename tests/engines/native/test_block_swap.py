@@ -7,7 +7,7 @@ import torch
 
 from flux_lora.engines.native.lora import add_flux_lora
 from flux_lora.engines.native.models import build_tiny_flux
-from flux_lora.engines.native.train import enable_block_swap
+from flux_lora.engines.native.setup import enable_block_swap
 
 
 def test_block_swap_offloads_frozen_layers_only_and_lora_still_learns() -> None:

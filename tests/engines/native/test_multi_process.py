@@ -36,7 +36,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from flux_lora.engines.native.config import NativeTrainConfig
 from flux_lora.engines.native.models import build_tiny_flux
-from flux_lora.engines.native.train import prepare_lora_training
+from flux_lora.engines.native.setup import prepare_lora_training
 
 accelerator = Accelerator(cpu=True)
 config = NativeTrainConfig(network_dropout=0.5, optimizer="adamw", use_cpu=True, gradient_checkpointing=False)

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from flux_lora.checkpoint_files import state_problem
 from flux_lora.compose import PROJECT_ROOT
 from flux_lora.engines.native.config import CONFIG_FILE, NativeTrainConfig
-from flux_lora.engines.native.train import main, prune_step_states
+from flux_lora.engines.native.stopping import prune_step_states
+from flux_lora.engines.native.train import main
 from tests.engines.native.native_tiny_run import make_dataset, tiny_config
 
 STEP_STATE = re.compile(r"flux-lora-step(\d{8})-state")
