@@ -14,7 +14,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from flux_lora.check import check_run, print_check_report
+from flux_lora.check import check_run
+from flux_lora.check_report import print_check_report
 from flux_lora.compose import PROJECT_ROOT, describe_config_error, load_run, print_config_tree, register, resolved_container
 from flux_lora.cost import estimate_cost, estimated_and_took
 from flux_lora.engines import get_engine
@@ -23,7 +24,7 @@ from flux_lora.report import SKIPPED_DONE, SweepDirRecorder, find_run_dirs, prin
 from flux_lora.lifecycle.decision import RunNotStartable, continue_known_run
 from flux_lora.lifecycle.job import ExpectedTraining, evaluate_after_run, launch_command, start_run
 from flux_lora.lifecycle.lease import Lease, LeaseHeld, LeaseLost
-from flux_lora.lifecycle.records import RunState, write_pointer
+from flux_lora.records import RunState, write_pointer
 from flux_lora.lifecycle.slurm import restart_count, sweep_cells_expected
 from flux_lora.redaction import redact_terminal
 from flux_lora.rules import memory_advice

@@ -39,8 +39,8 @@ from hydra.experimental.callback import Callback
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from rich.console import Console
 
+from flux_lora.check_report import CheckReport
 from flux_lora.compose import describe_config_error, raise_on_keys_outside_schema
 from flux_lora.engines.base import Engine
 from flux_lora.gpu_probe import GpuProbe, probe_gpus
@@ -50,30 +50,6 @@ from flux_lora.lifecycle.states import state_step, state_usability
 from flux_lora.models import model_file_problems
 from flux_lora.rules import apply_rules, held_out_leaves_too_few, lora_scale_line, plain_stem_problem, range_problems, recipe_effect_lines
 from flux_lora.schema import Accelerator, RunConfig
-
-
-@dataclass
-class CheckReport:
-    errors: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    infos: list[str] = field(default_factory=list)
-    # Config key -> why the engine does not apply it; recorded so no run claims a setting it never used.
-    not_applied: dict[str, str] = field(default_factory=dict)
-    # Set when an ablation cell would only change options the engine ignores (a silent baseline copy).
-    refusal: Optional[str] = None
-    dataset_report: Optional[DatasetReport] = None
-    gate: Optional[GateResult] = None
-    # dataset.reg_path: the class images' analysis and their check (regularization.py).
-    reg_report: Optional[DatasetReport] = None
-    reg_gate: Optional[GateResult] = None
-    # The (image, caption) pairs that train: what the gate passed is what both engines read.
-    training_set: Optional[TrainingSet] = None
-    # The engine's own checks of the rendered inputs (set at freeze, where the inputs exist); None = not run.
-    engine_preflight: Optional[dict] = None
-    # launch.resume_from: the state, its step, the run that saved it and any recipe keys changed from that step.
-    resume_source: Optional[dict] = None
-    # launch.init_lora: the LoRA file the run starts from and its sha256.
-    init_lora: Optional[dict] = None
 
 
 def noop_ablation_refusal(run: RunConfig, not_applied: dict[str, str]) -> Optional[str]:
@@ -354,16 +330,3 @@ def check_resume_source(run: RunConfig, report: CheckReport) -> None:
     elif changed:
         record["recipe_changes"] = [f"{c} at step {step}" for c in changed]
         report.warnings.extend(f"recipe changed at step {step}: {c}" for c in changed)
-
-
-def print_check_report(report: CheckReport, console: Console | None = None, error_console: Console | None = None) -> None:
-    console = console or Console()
-    error_console = error_console or Console(stderr=True)  # errors on stderr, so a script sees just them
-    for line in report.infos:
-        console.print(f"[cyan]info[/cyan]: {line}", highlight=False, soft_wrap=True)
-    for line in report.warnings:
-        console.print(f"[yellow]warning[/yellow]: {line}", highlight=False, soft_wrap=True)
-    for line in report.errors:
-        error_console.print(f"[red]error[/red]: {line}", highlight=False, soft_wrap=True)
-    if report.refusal:
-        error_console.print(f"[red]refused[/red]: {report.refusal}", highlight=False, soft_wrap=True)

@@ -20,7 +20,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from flux_lora.lifecycle.records import RUN_INDEX_DIR
+from flux_lora.records import RUN_INDEX_DIR
 from flux_lora.schema import Accelerator, RunConfig
 
 # Rough seconds per optimizer step of FLUX.1-dev LoRA training at each tier's own settings (batch, accumulation,

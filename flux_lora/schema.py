@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING
 
 from flux_lora.dataset import AnalysisSettings, GateSettings
@@ -373,4 +372,7 @@ NON_SEMANTIC_KEYS: tuple[str, ...] = (
 
 
 def register_configs() -> None:
+    # Imported here: the job and the lifecycle read this schema without loading Hydra.
+    from hydra.core.config_store import ConfigStore
+
     ConfigStore.instance().store(name="run_schema", node=RunConfig)

@@ -29,16 +29,16 @@ from typing import Any, Callable, Optional
 
 import yaml
 
-from flux_lora.check import CheckReport
+from flux_lora.check_report import CheckReport
 from flux_lora.checkpoint_files import WriteFailed, atomic_write_text
 from flux_lora.dataset import DatasetError, fingerprint_dataset, write_contact_sheet
 from flux_lora.dataset.training_set import TRAINING_SET_FILE
 from flux_lora.engines.base import Engine, EngineInputs
 from flux_lora.gpu_probe import probe_gpus, torch_cuda_build
-from flux_lora.lifecycle.records import POINTER_FILE, register_run_dir
+from flux_lora.records import POINTER_FILE, register_run_dir
 from flux_lora.provenance import RECORD_FILE, build_record
 from flux_lora.identity import compute_run_id
-from flux_lora.redaction import is_secret_name, recorded_environment, redact, secret_values  # noqa: F401 - re-exported
+from flux_lora.redaction import is_secret_name, recorded_environment, redact
 from flux_lora.schema import RunConfig
 
 

@@ -34,7 +34,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from flux_lora.lifecycle.records import LOG_FILE
+from flux_lora.records import LOG_FILE
 from flux_lora.lifecycle.slurm import sweep_cells_expected
 from flux_lora.report.summary import find_run_dirs, read_json, read_run
 

@@ -9,14 +9,8 @@ import pytest
 
 from flux_lora.compose import PROJECT_ROOT, resolved_container
 from flux_lora.identity import compute_run_id
-from flux_lora.snapshot import (
-    git_state,
-    is_secret_name,
-    package_versions,
-    recorded_environment,
-    redact,
-    secret_values,
-)
+from flux_lora.redaction import is_secret_name, recorded_environment, redact, secret_values
+from flux_lora.snapshot import git_state, package_versions
 from tests.conftest import compose_config
 
 

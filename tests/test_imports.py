@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import flux_lora
@@ -66,12 +68,81 @@ def test_the_package_has_no_import_cycle() -> None:
     assert not cycle, "import cycle: " + " -> ".join(cycle)
 
 
+# The package's layers, bottom first: a module may import its own layer and those below it, never one above.
+# The order is the pipeline's (compose, check, freeze, launch, report) over the files and records they share.
+LAYERS: list[tuple[str, list[str]]] = [
+    ("file formats and text", [
+        "flux_lora", "flux_lora.checkpoint_files", "flux_lora.redaction", "flux_lora.buckets", "flux_lora.noise_levels",
+        "flux_lora.gpu_probe", "flux_lora.models.header", "flux_lora.models.layout", "flux_lora.models.sources",
+    ]),
+    ("run records and ownership", [
+        "flux_lora.records", "flux_lora.provenance", "flux_lora.share", "flux_lora.lifecycle.slurm",
+        "flux_lora.lifecycle.job_guard", "flux_lora.lifecycle.lease", "flux_lora.lifecycle.states",
+        "flux_lora.lifecycle.outcome", "flux_lora.engines.sd_scripts_resume",
+    ]),
+    ("dataset", ["flux_lora.dataset"]),
+    ("config", [
+        "flux_lora.schema", "flux_lora.compose", "flux_lora.identity", "flux_lora.rules", "flux_lora.diff",
+        "flux_lora.models", "flux_lora.check_report",
+    ]),
+    ("engines", ["flux_lora.engines"]),
+    ("check", ["flux_lora.check"]),
+    ("freeze", ["flux_lora.snapshot"]),
+    ("launch", ["flux_lora.lifecycle", "flux_lora.cluster", "flux_lora.cost"]),
+    ("after the run", ["flux_lora.eval", "flux_lora.report", "flux_lora.watch", "flux_lora.replay"]),
+]
+
+
+def layer_of(module: str, layers: list[tuple[str, list[str]]] = LAYERS) -> int:
+    """The layer whose longest listed name is the module or a package above it; -1 if none."""
+    best, best_len = -1, -1
+    for index, (_, names) in enumerate(layers):
+        for name in names:
+            if (module == name or module.startswith(name + ".")) and len(name) > best_len:
+                best, best_len = index, len(name)
+    return best
+
+
+def upward_imports(graph: dict[str, set[str]], layers: list[tuple[str, list[str]]] = LAYERS) -> list[str]:
+    found = []
+    for module, targets in sorted(graph.items()):
+        for target in sorted(targets):
+            if layer_of(target, layers) > layer_of(module, layers):
+                found.append(f"{module} ({layers[layer_of(module, layers)][0]}) imports {target} "
+                             f"({layers[layer_of(target, layers)][0]})")
+    return found
+
+
+def test_every_module_has_a_layer() -> None:
+    unplaced = sorted(m for m in import_graph() if layer_of(m) < 0)
+    assert not unplaced, f"add these to LAYERS: {unplaced}"
+
+
+def test_the_package_layers_depend_one_way() -> None:
+    found = upward_imports(import_graph())
+    assert not found, "imports that run up the layers:\n" + "\n".join(found)
+
+
+def test_an_import_up_the_layers_is_found(tmp_path: Path) -> None:
+    layers = [("low", ["pkg.low"]), ("high", ["pkg.high"])]
+    assert upward_imports({"pkg.low": {"pkg.high"}, "pkg.high": {"pkg.low"}}, layers) == ["pkg.low (low) imports pkg.high (high)"]
+    assert upward_imports({"pkg.high": {"pkg.low"}}, layers) == []
+
+
 def test_the_lifecycle_layers_depend_one_way() -> None:
     graph = import_graph()
-    layers = ["records", "slurm", "lease", "states", "outcome", "job", "decision"]
+    layers = ["slurm", "job_guard", "lease", "states", "outcome", "job", "decision"]
     for lower, module in enumerate(layers):
         above = {f"flux_lora.lifecycle.{m}" for m in layers[lower + 1 :]}
         assert not graph[f"flux_lora.lifecycle.{module}"] & above, f"lifecycle.{module} imports a layer above it"
+
+
+def test_the_lifecycle_and_the_snapshot_load_neither_hydra_nor_the_check() -> None:
+    # They run inside the job and on SLURM nodes; Hydra belongs to composing, the check to launching.
+    code = ("import sys, flux_lora.lifecycle.decision, flux_lora.lifecycle.job, flux_lora.snapshot; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'hydra' or m == 'flux_lora.check'))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"
 
 
 def imports_of(path: Path) -> set[str]:

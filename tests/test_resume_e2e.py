@@ -27,7 +27,7 @@ import yaml
 
 from flux_lora.compose import PROJECT_ROOT
 from flux_lora.lifecycle.outcome import LOSS_TAG, scalar_series
-from flux_lora.lifecycle.records import process_start_time
+from flux_lora.records import process_start_time
 from flux_lora.report import read_run
 from tests.test_launch_e2e import run_dirs
 

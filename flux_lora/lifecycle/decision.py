@@ -29,10 +29,10 @@ from typing import Iterable, Optional
 
 import yaml
 
-from flux_lora.check import print_check_report
+from flux_lora.check_report import print_check_report
 from flux_lora.lifecycle.job import ExpectedTraining, launch_command, launch_run
 from flux_lora.lifecycle.lease import Lease
-from flux_lora.lifecycle.records import (
+from flux_lora.records import (
     STATUS_FILE,
     RunState,
     RunStatus,

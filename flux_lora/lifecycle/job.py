@@ -28,13 +28,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Callable, Optional, TextIO
 
-from flux_lora.check import CheckReport
+from flux_lora.check_report import CheckReport
 from flux_lora.engines.base import EngineInputs
 from flux_lora.checkpoint_files import WriteFailed
 from flux_lora.lifecycle.job_guard import LEASE_LOST_EXIT_CODE
 from flux_lora.lifecycle.lease import HEARTBEAT_S, Lease, LeaseLost, read_holder
 from flux_lora.lifecycle.outcome import KILLED_EXIT_CODE, STOPPED_EXIT_CODES, JobWatch, gather_evidence, training_shortfall
-from flux_lora.lifecycle.records import (
+from flux_lora.records import (
     LOG_FILE,
     RunState,
     RunStatus,

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from flux_lora.lifecycle.job_guard import GRACE_S
-from flux_lora.lifecycle.records import boot_id, now_iso, pid_namespace, process_start_time, same_process_alive, write_json_atomic
+from flux_lora.records import boot_id, now_iso, pid_namespace, process_start_time, same_process_alive, write_json_atomic
 from flux_lora.lifecycle.slurm import ALIVE_STATES, COMING_BACK_STATES, NOT_IN_QUEUE, queue_id, queue_state, restart_count
 
 LEASE_DIR = ".leases"

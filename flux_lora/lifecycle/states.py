@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from flux_lora.checkpoint_files import MANIFEST, STAGING_PREFIX, state_problem
-from flux_lora.lifecycle.records import ASIDE_FOLDER
+from flux_lora.records import ASIDE_FOLDER
 
 TRAIN_STATE_FILE = "train_state.json"
 # What accelerate.save_state writes besides the model: a state without them cannot restore training.

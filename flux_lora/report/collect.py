@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from flux_lora.report.summary import RunRow, find_run_dirs, lineage_label, read_json, read_run, read_yaml
-from flux_lora.lifecycle.records import POINTER_FILE
+from flux_lora.records import POINTER_FILE
 
 # States whose numbers count in a cell's statistics (a pointer "skipped: done" stands for a run that succeeded).
 # An external LoRA file judged by `python -m flux_lora.eval --lora FILE` (state "external") counts as one run.

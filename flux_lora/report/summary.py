@@ -21,7 +21,7 @@ from rich.table import Table
 
 from flux_lora.lifecycle.outcome import scalar_series
 from flux_lora.lifecycle.lease import lease_path, read_holder
-from flux_lora.lifecycle.records import POINTER_FILE, total_duration
+from flux_lora.records import POINTER_FILE, total_duration
 
 
 @dataclass(frozen=True)

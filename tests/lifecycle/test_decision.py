@@ -9,7 +9,7 @@ from pathlib import Path
 
 from flux_lora.checkpoint_files import write_manifest
 from flux_lora.lifecycle.decision import Decision, decide, find_runs_with_id
-from flux_lora.lifecycle.records import RunState, RunStatus, write_status
+from flux_lora.records import RunState, RunStatus, write_status
 from flux_lora.lifecycle.states import choose_state
 
 

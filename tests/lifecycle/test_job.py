@@ -15,7 +15,7 @@ import pytest
 
 from flux_lora.engines.base import EngineInputs
 from flux_lora.lifecycle.job import ExpectedTraining, accelerate_argv, launch_run
-from flux_lora.lifecycle.records import RunState, read_status
+from flux_lora.records import RunState, read_status
 from flux_lora.snapshot import LaunchCommand
 from flux_lora.schema import RunConfig
 

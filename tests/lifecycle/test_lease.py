@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from flux_lora.lifecycle.lease import STALE_HEARTBEAT_S, Lease, LeaseHeld, LeaseLost, lease_path, read_holder
-from flux_lora.lifecycle.records import boot_id, process_start_time
+from flux_lora.records import boot_id, process_start_time
 
 HOLD = (
     "import sys, time; from pathlib import Path; from flux_lora.lifecycle.lease import Lease; "
