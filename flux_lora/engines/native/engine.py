@@ -20,6 +20,8 @@ from flux_lora.engines.native.config import CONFIG_FILE, NativeTrainConfig
 from flux_lora.schema import Accelerator, ModelKind, OptimizerName, RunConfig
 
 TRAIN_MODULE = "flux_lora.engines.native.train"
+# The huber/smooth_l1 loss's c (sd-scripts' --huber_c default): the schema has no key for it, so every run uses this.
+HUBER_C = 0.1
 
 
 def _value(value: object) -> object:
@@ -69,11 +71,12 @@ def unapplied_options(run: RunConfig) -> dict[str, str]:
 
 
 # Keys of `unapplied` -> the NativeTrainConfig field that must then carry its inactive value.
-_NEUTRAL_VALUES = {"gpu.blocks_to_swap": ("blocks_to_swap", 0), "profile.max_data_loader_n_workers": ("max_data_loader_n_workers", 0)}
+_NEUTRAL_VALUES = {"gpu.blocks_to_swap": ("blocks_to_swap", 0)}
 
 
 def native_config_from_run(run: RunConfig, run_dir: Path, unapplied: Optional[dict[str, str]] = None) -> NativeTrainConfig:
-    """The frozen job config of a run; options in `unapplied` (default: unapplied_options(run)) are not passed on."""
+    """The frozen job config of a run, every field from the run; options in `unapplied` (default:
+    unapplied_options(run)) are not passed on."""
     p, gpu, model, ds = run.profile, run.gpu, run.model, run.dataset
     run_dir = Path(run_dir).absolute()
     config = NativeTrainConfig(
@@ -112,6 +115,7 @@ def native_config_from_run(run: RunConfig, run_dir: Path, unapplied: Optional[di
         min_snr_variant=_value(p.min_snr_variant),
         loss_type=_value(p.loss_type),
         huber_schedule=_value(p.huber_schedule),
+        huber_c=HUBER_C,
         guidance_scale=p.guidance_scale,
         timestep_sampling=_value(p.timestep_sampling),
         sigmoid_scale=p.sigmoid_scale,
@@ -132,7 +136,6 @@ def native_config_from_run(run: RunConfig, run_dir: Path, unapplied: Optional[di
         save_precision=_value(p.save_precision),
         sample_every_n_steps=p.sample_every_n_steps,
         sample_steps=p.sample_steps,
-        max_data_loader_n_workers=p.max_data_loader_n_workers,
         cache_dir=_path(run.paths.cache) or "",
         run_dir=str(run_dir),
         output_dir=str(run_dir / "output"),
@@ -211,6 +214,7 @@ class NativeEngine:
         data = json.loads(text)
         known = {f.name for f in fields(NativeTrainConfig)}
         problems = [f"{CONFIG_FILE}: unknown key {key}" for key in sorted(set(data) - known)]
+        problems += [f"{CONFIG_FILE}: missing key {key}" for key in sorted(known - set(data))]
         if not problems and asdict(NativeTrainConfig(**data)) != data:
             problems.append(f"{CONFIG_FILE}: does not round-trip through NativeTrainConfig")
         return problems

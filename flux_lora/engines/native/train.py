@@ -469,8 +469,6 @@ def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
     stop_reason: Optional[str] = "signal" if stop_signal else None
     nonfinite_step: Optional[int] = None
     lora_path: Optional[Path] = None
-    if config.sample_at_first and global_step == 0 and stop_reason is None:
-        sampler.write(0)
     log.start(global_step)
     micro_step = global_step * config.gradient_accumulation_steps
     while global_step < config.max_train_steps and stop_reason is None:

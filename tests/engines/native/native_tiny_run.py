@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from flux_lora.compose import load_run
 from flux_lora.engines.native.config import NativeTrainConfig
+from flux_lora.engines.native.engine import native_config_from_run
+from flux_lora.schema import RunConfig
+from tests.conftest import compose_config
 
 
 def make_dataset(folder: Path, count: int = 3, seed: int = 0) -> Path:
@@ -22,16 +28,21 @@ def make_dataset(folder: Path, count: int = 3, seed: int = 0) -> Path:
     return folder
 
 
+@functools.cache
+def embedded_default_run() -> RunConfig:
+    """The run composed with no overrides (tiny model on CPU): schema.py's defaults, composed once."""
+    return load_run(compose_config())
+
+
 def tiny_config(tmp_path: Path, dataset: Path, name: str = "run", **overrides) -> NativeTrainConfig:
-    """8 steps of the tiny model at 64 px on CPU; caches shared under tmp_path/cache."""
-    run_dir = tmp_path / name
+    """The embedded default's job config cut to 8 steps at 64 px on `dataset`, no sample prompts and no run record;
+    caches shared under tmp_path/cache."""
     values = dict(
-        dataset_path=str(dataset), resolution=64, min_bucket_reso=64, max_bucket_reso=128, bucket_reso_steps=32,
-        max_train_steps=8, learning_rate=1e-3, lr_scheduler="constant", optimizer="adamw8bit",
-        optimizer_args={"weight_decay": 0.01, "betas": [0.9, 0.999], "eps": 1e-8},
-        save_every_n_steps=4, sample_every_n_steps=0, sample_steps=2, use_cpu=True,
-        cache_dir=str(tmp_path / "cache"), run_dir=str(run_dir), output_dir=str(run_dir / "output"),
-        logging_dir=str(run_dir / "logs"), trigger="TOK woman", class_tokens="woman",
+        dataset_path=str(dataset), training_set_file=None, resolution=64, min_bucket_reso=64, max_bucket_reso=128,
+        bucket_reso_steps=32, max_train_steps=8, learning_rate=1e-3, lr_scheduler="constant", lr_warmup_steps=0,
+        optimizer="adamw8bit", optimizer_args={"weight_decay": 0.01, "betas": [0.9, 0.999], "eps": 1e-8},
+        save_every_n_steps=4, sample_every_n_steps=0, sample_steps=2, sample_prompts=[], use_cpu=True,
+        cache_dir=str(tmp_path / "cache"), trigger="TOK woman", class_tokens="woman", record={},
     )
     values.update(overrides)
-    return NativeTrainConfig(**values)
+    return replace(native_config_from_run(embedded_default_run(), tmp_path / name), **values)

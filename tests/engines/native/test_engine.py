@@ -3,12 +3,18 @@ rule that the training job never imports the launcher's config machinery."""
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
+from dataclasses import MISSING, fields
+
+import pytest
 
 from flux_lora.compose import PROJECT_ROOT
+from flux_lora.engines.base import EngineInputs
 from flux_lora.engines.native.engine import NativeEngine, native_config_from_run
-from flux_lora.engines.native.config import NativeTrainConfig
+from flux_lora.engines.native.config import CONFIG_FILE, NativeTrainConfig
 
 
 def test_render_writes_the_config_the_job_reads(compose_run, tmp_path):
@@ -24,6 +30,30 @@ def test_render_writes_the_config_the_job_reads(compose_run, tmp_path):
     assert config.model_kind == "tiny" and config.use_cpu and config.optimizer == "adamw8bit"
     assert config.sample_prompts[0] == {"text": run.dataset.sample_prompts[0].text, "seed": 1001}
     assert engine.check_inputs(run, inputs) == []
+
+
+def test_the_job_config_has_no_defaults_and_the_run_sets_every_field(compose_run, tmp_path):
+    # schema.py owns every default: a default here would be a second one that can drift from it.
+    with_default = [f.name for f in fields(NativeTrainConfig) if (f.default, f.default_factory) != (MISSING, MISSING)]
+    assert with_default == []
+    run = compose_run()
+    engine = NativeEngine()
+    frozen = json.loads(engine.render(run, tmp_path, engine.unapplied_options(run)).files[CONFIG_FILE])
+    assert sorted(frozen) == sorted(f.name for f in fields(NativeTrainConfig))
+    del frozen["seed"]
+    missing_seed = EngineInputs([], {CONFIG_FILE: json.dumps(frozen)})
+    assert engine.check_inputs(run, missing_seed) == [f"{CONFIG_FILE}: missing key seed"]
+
+
+def test_a_frozen_config_with_a_key_missing_or_unknown_is_refused_with_the_file_named(compose_run, tmp_path):
+    data = json.loads(native_config_from_run(compose_run(), tmp_path).to_json())
+    path = tmp_path / CONFIG_FILE
+    path.write_text(json.dumps({k: v for k, v in data.items() if k != "seed"}))
+    with pytest.raises(ValueError, match=re.escape(f"{path}: missing keys ['seed']")):
+        NativeTrainConfig.from_json(path)
+    path.write_text(json.dumps({**data, "max_data_loader_n_workers": 0}))
+    with pytest.raises(ValueError, match=re.escape(f"{path}: unknown keys ['max_data_loader_n_workers']")):
+        NativeTrainConfig.from_json(path)
 
 
 def test_profile_values_reach_the_job(compose_run, tmp_path):

@@ -34,12 +34,12 @@ PROBE = """
 import hashlib, pathlib, sys, torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from flux_lora.engines.native.config import NativeTrainConfig
+from flux_lora.engines.native.config import CONFIG_FILE, NativeTrainConfig
 from flux_lora.engines.native.models import build_tiny_flux
 from flux_lora.engines.native.setup import prepare_lora_training
 
 accelerator = Accelerator(cpu=True)
-config = NativeTrainConfig(network_dropout=0.5, optimizer="adamw", use_cpu=True, gradient_checkpointing=False)
+config = NativeTrainConfig.from_json(pathlib.Path(sys.argv[1]) / CONFIG_FILE)
 set_seed(config.seed)  # as run_training does: the same seed on every process
 training = prepare_lora_training(build_tiny_flux().transformer, config, accelerator, torch.float32)
 down = accelerator.unwrap_model(training.transformer).single_transformer_blocks[0].proj_out.lora_A["default"]
@@ -55,6 +55,8 @@ out.write_text(f"weights {digest(down.weight)} mask {digest(mask)}")
 def test_each_process_draws_its_own_dropout_masks_from_the_same_initial_lora(tmp_path: Path) -> None:
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
+    config = tiny_config(tmp_path, tmp_path, network_dropout=0.5, optimizer="adamw", gradient_checkpointing=False)
+    (tmp_path / CONFIG_FILE).write_text(config.to_json())
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(probe), str(tmp_path)],
         capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[3],

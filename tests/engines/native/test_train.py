@@ -12,7 +12,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from flux_lora.checkpoint_files import state_problem
-from flux_lora.engines.native.config import NativeTrainConfig
 from flux_lora.engines.native.lora import add_flux_lora
 from flux_lora.engines.native.models import build_tiny_flux, encode_prompts
 from flux_lora.engines.native.train import flow_matching_loss, run_training
@@ -34,7 +33,7 @@ def runs(tmp_path_factory):
     return root, first, twin, resumed
 
 
-def test_loss_falls_on_a_fixed_batch():
+def test_loss_falls_on_a_fixed_batch(tmp_path):
     torch.manual_seed(0)
     parts = build_tiny_flux()
     pooled, t5 = encode_prompts(parts, ["TOK woman"])
@@ -45,7 +44,8 @@ def test_loss_falls_on_a_fixed_batch():
     params = add_flux_lora(transformer, rank=8, alpha=8, dropout=None)
     transformer.train()
     optimizer = torch.optim.AdamW(params, lr=1e-2)
-    config = NativeTrainConfig()  # l2, raw prediction, guidance 1.0
+    config = tiny_config(tmp_path, tmp_path)
+    assert (config.loss_type, config.model_prediction_type, config.guidance_scale) == ("l2", "raw", 1.0)
     losses = []
     for _ in range(20):
         loss = flow_matching_loss(transformer, config, latents, noise, sigmas, pooled, t5, torch.float32)
