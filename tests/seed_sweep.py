@@ -4,18 +4,13 @@ makes it is `seed_sweep` in tests/conftest.py."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from flux_lora.compose import PROJECT_ROOT
+from tests.cli import ONE_THREAD, run_cli
 
-# The tiny model's ops take microseconds: a second OpenMP thread only adds waits on a shared 2-core machine.
-ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 SWEEP_ARGS = [
     "sweep=ablation_seeds",
     "ablation=baseline,a1_alpha",
@@ -36,15 +31,10 @@ class Sweep:
     report_md_at_sweep_end: str  # what launch.py wrote before anything was evaluated
 
 
-def run_cli(*args: str, cwd: Path = PROJECT_ROOT, timeout: int = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=ONE_THREAD_ENV, capture_output=True, text=True, timeout=timeout)
-
-
 def make_seed_sweep(tmp_path_factory: pytest.TempPathFactory) -> Sweep:
     root = tmp_path_factory.mktemp("seedsweep")
     sweep_dir = root / "sweep"
-    done = run_cli(str(PROJECT_ROOT / "launch.py"), *SWEEP_ARGS, f"hydra.sweep.dir={sweep_dir}", f"paths.outputs={root / 'outputs'}",
-                   f"paths.cache={root / 'cache'}", cwd=root, timeout=900)  # fmt: skip
+    done = run_cli(*SWEEP_ARGS, f"hydra.sweep.dir={sweep_dir}", folder=root, env=ONE_THREAD, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     md = (sweep_dir / "report.md").read_text()
     return Sweep(sweep_dir, done.stdout + done.stderr, md)

@@ -13,13 +13,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from flux_lora.compose import PROJECT_ROOT
 from flux_lora.rules import plain_stem_problem
+from tests.cli import run_cli
 from tests.models.model_stubs import write_model_folder
 
 WEIGHT_FILES = ("flux1-dev.safetensors", "ae.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors")
@@ -27,13 +27,8 @@ HINT = "  (FLUX_LORA_TRACEBACK=1 shows the traceback)"
 
 
 def launch(args: list[str], tmp_path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    base_env = {k: v for k, v in os.environ.items() if k not in ("SD_SCRIPTS_DIR", "FLUX_LORA_TRACEBACK", "CUDA_VISIBLE_DEVICES")}
-    return subprocess.run(
-        # The test's own arguments come last, so they win over these defaults.
-        [sys.executable, str(PROJECT_ROOT / "launch.py"), f"paths.outputs={tmp_path / 'outputs'}",
-         f"paths.cache={tmp_path / 'cache'}", *args],
-        cwd=tmp_path, env={**base_env, **(env or {})}, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    # This machine's real view of the GPUs, whatever the shell hid: a test that hides them says so in env.
+    return run_cli(*args, folder=tmp_path, env=env, drop=["CUDA_VISIBLE_DEVICES"])
 
 
 def the_error(done: subprocess.CompletedProcess[str], code: int) -> str:

@@ -15,9 +15,10 @@ from flux_lora.lifecycle.outcome import scalar_series
 from flux_lora.provenance import load_record
 from flux_lora.replay import dataset_problem
 from tests.class_images import write_class_images
+from tests.cli import run_cli
 from tests.engines.sd_scripts_checkout import standin_checkout
 from tests.models.model_stubs import write_model_folder
-from tests.test_launch_e2e import launch, run_dirs
+from tests.test_launch_e2e import run_dirs
 
 
 def _plan(run_dir: Path) -> dict[str, int]:
@@ -31,7 +32,7 @@ def test_native_trains_the_class_images_at_their_weight(tmp_path: Path) -> None:
     # prior_loss_weight=0 makes the weight visible in the log: a step on a class image (batch size 1) has loss 0.
     args = [f"dataset.reg_path={classes}", "dataset.prior_loss_weight=0", "profile.max_train_steps=14", "profile.lr_warmup_steps=1",
             "profile.save_every_n_steps=100", "profile.sample_every_n_steps=100", "profile.resolution=64", "dataset.min_bucket_reso=64"]  # fmt: skip
-    done = launch(args, tmp_path)
+    done = run_cli(*args, folder=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (run_dir,) = run_dirs(tmp_path)
     assert json.loads((run_dir / "status.json").read_text())["state"] == "succeeded"
@@ -68,7 +69,7 @@ def test_sd_scripts_gets_is_reg_subsets_and_the_prior_loss_weight(tmp_path: Path
     args = ["engine=sd_scripts", "model=flux_dev", f"paths.models={models}", "profile=final", "gpu=cpu", "profile.resolution=256",
             "profile.max_train_steps=4", "profile.lr_warmup_steps=1", "profile.save_every_n_steps=2",
             f"dataset.reg_path={classes}", "dataset.reg_repeats=2", "dataset.prior_loss_weight=0.5"]  # fmt: skip
-    done = launch(args, tmp_path, {"SD_SCRIPTS_DIR": str(standin_checkout(tmp_path / "sd-scripts"))})
+    done = run_cli(*args, folder=tmp_path, env={"SD_SCRIPTS_DIR": str(standin_checkout(tmp_path / "sd-scripts"))})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (run_dir,) = run_dirs(tmp_path)
     assert json.loads((run_dir / "status.json").read_text())["state"] == "succeeded"

@@ -204,12 +204,10 @@ def test_submitit_folder_is_inside_the_sweep_dir(launcher: str) -> None:
 
 
 def test_help_shows_readme_usage_and_the_config_groups() -> None:
-    import subprocess
-    import sys
-
     from flux_lora.compose import PROJECT_ROOT
+    from tests.cli import run_cli
 
-    done = subprocess.run([sys.executable, str(PROJECT_ROOT / "launch.py"), "--help"], capture_output=True, text=True, timeout=120, check=True)
+    done = run_cli("--help", check=True)
     readme = (PROJECT_ROOT / "README.md").read_text()
     usage = readme.split("## Usage", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
     for line in filter(None, map(str.strip, usage.splitlines())):

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flux_lora.compose import PROJECT_ROOT
 from flux_lora.cost import CostEstimate, signal_delay_warning, sweep_cost_line
-from tests.seed_sweep import SWEEP_ARGS, Sweep, run_cli
+from tests.cli import ONE_THREAD, run_cli
+from tests.seed_sweep import SWEEP_ARGS, Sweep
 
 
 def dry_run(sweep: Sweep, *overrides: str) -> str:
     outputs = Path(yaml.safe_load(next(sweep.path.glob("*/config.yaml")).read_text())["paths"]["outputs"])
-    done = run_cli(str(PROJECT_ROOT / "launch.py"), "launch.dry_run=true", f"paths.outputs={outputs}", *overrides, cwd=outputs.parent)
+    done = run_cli("launch.dry_run=true", f"paths.outputs={outputs}", *overrides, cwd=outputs.parent, env=ONE_THREAD)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return done.stdout
 

@@ -18,6 +18,7 @@ import pytest
 
 from flux_lora.compose import PROJECT_ROOT
 from flux_lora.gpu_probe import Gpu, apply_visible_devices, probe_gpus, visible_entries
+from tests.cli import LAUNCH_PY, child_env, in_folder, run_cli
 
 H100_LINE = "NVIDIA H100 80GB HBM3, 81559 MiB, 550.54.15"
 DRIVER_FAILURE = "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver."
@@ -107,9 +108,9 @@ sys.exit(code)
 @pytest.mark.parametrize("setup", [[], ["model=flux_dev"], ["engine=sd_scripts", "model=flux_dev", "dataset.bucket_reso_steps=64"]])
 def test_launcher_dry_run_imports_no_torch_diffusers_or_transformers(tmp_path: Path, setup: list[str]) -> None:
     # torch alone cost 2 s of a 3.7 s dry run; the training job imports it, the launcher has no use for it.
-    args = [sys.executable, "-c", IMPORT_PROBE, str(PROJECT_ROOT), str(PROJECT_ROOT / "launch.py"), "launch.dry_run=true",
-            *setup, f"paths.outputs={tmp_path / 'outputs'}", f"paths.cache={tmp_path / 'cache'}"]  # fmt: skip
-    done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    # Not run_cli: launch.py runs inside the probe (runpy), which then lists the modules it loaded.
+    args = [sys.executable, "-c", IMPORT_PROBE, str(PROJECT_ROOT), str(LAUNCH_PY), *in_folder(["launch.dry_run=true", *setup], tmp_path)]
+    done = subprocess.run(args, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "HEAVY_MODULES=\n" in done.stdout, done.stdout.splitlines()[-1]
     assert "dry_run" in done.stdout
@@ -118,14 +119,11 @@ def test_launcher_dry_run_imports_no_torch_diffusers_or_transformers(tmp_path: P
 @needs_nvidia_smi_path
 def test_cuda_tier_launch_is_refused_by_gpu_count(tmp_path: Path) -> None:
     bin_dir = fake_nvidia_smi(tmp_path, H100_LINE)
-    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
-    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
-    base = [sys.executable, str(PROJECT_ROOT / "launch.py"), "gpu=h100", f"paths.outputs={tmp_path / 'outputs'}",
-            f"paths.cache={tmp_path / 'cache'}"]  # fmt: skip
+    fake = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     # One visible H100: a dry run has nothing to say about the GPU ...
-    done = subprocess.run([*base, "launch.dry_run=true"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    done = run_cli("gpu=h100", "launch.dry_run=true", folder=tmp_path, env=fake, drop=["CUDA_VISIBLE_DEVICES"])
     assert done.returncode == 0 and "CUDA GPU" not in done.stdout + done.stderr, done.stderr
     # ... and a real launch asking for two is refused before anything starts.
-    done = subprocess.run([*base, "gpu.num_gpus=2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    done = run_cli("gpu=h100", "gpu.num_gpus=2", folder=tmp_path, env=fake, drop=["CUDA_VISIBLE_DEVICES"])
     assert done.returncode == 1
     assert done.stderr.strip() == "error: gpu.num_gpus=2: only 1 CUDA GPU(s) visible on this machine (per nvidia-smi); set gpu.num_gpus=1 or run on a node with 2"

@@ -10,16 +10,14 @@ given to it are empty placeholders, since the stand-in never reads them.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from flux_lora.checkpoint_files import read_safetensors_metadata
-from flux_lora.compose import PROJECT_ROOT
 from flux_lora.provenance import METADATA_KEY
+from tests.cli import ONE_THREAD, run_cli, start_cli
 from tests.engines.sd_scripts_checkout import standin_checkout
 from tests.engines.sd_scripts_standin import STANDIN_LORA_ENV
 from tests.eval.tiny_eval import EVAL_SECTIONS, SMALL_EVAL_ARGS
@@ -36,13 +34,8 @@ FAST_NATIVE = [
 
 
 def launch(args: list[str], tmp_path: Path, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "SD_SCRIPTS_DIR"}
-    env.update({"HF_TOKEN": SECRET, **(extra_env or {})})
-    return subprocess.run(
-        [sys.executable, str(PROJECT_ROOT / "launch.py"), *args, f"paths.outputs={tmp_path / 'outputs'}",
-         f"paths.cache={tmp_path / 'cache'}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    """The launcher with a secret in its environment (HF_TOKEN), which no file of the run may hold (assert_no_secret)."""
+    return run_cli(*args, folder=tmp_path, env={"HF_TOKEN": SECRET, **(extra_env or {})})
 
 
 def run_dirs(tmp_path: Path) -> list[Path]:
@@ -84,7 +77,7 @@ def test_embedded_default_trains_end_to_end(tmp_path: Path) -> None:
     validation = evaluation_record["validation"]
     assert validation["images"] == "held-out" and validation["count"] == 1 and evaluation_record["basis"]["images"] == "held-out"
     assert "validation loss on held-out images (never trained)" in " ".join(done.stdout.split())  # the evaluator's summary (wrapped at 80)
-    report = subprocess.run([sys.executable, "-m", "flux_lora.report", str(run_dir)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    report = run_cli(str(run_dir), module="flux_lora.report", cwd=tmp_path)
     assert report.returncode == 0, report.stdout[-2000:] + report.stderr[-2000:]
     assert "val loss final (held-out images)" in (run_dir / "report.md").read_text()
     assert_complete_snapshot(run_dir, ["native_config.json", "train.log"])
@@ -156,9 +149,7 @@ def test_sd_scripts_engine_runs_through_accelerate_with_standin(tmp_path: Path) 
 
     # The evaluator judges it with the same code and the same kinds of numbers as a native run (tests/eval);
     # the tiny model stands in for the FLUX.1-dev weights this machine lacks.
-    evaluated = subprocess.run([sys.executable, "-m", "flux_lora.eval", str(run_dir), "--base-model", "tiny", *SMALL_EVAL_ARGS],
-                               cwd=PROJECT_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                               timeout=600)  # fmt: skip
+    evaluated = run_cli(str(run_dir), "--base-model", "tiny", *SMALL_EVAL_ARGS, module="flux_lora.eval", env=ONE_THREAD)
     assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
     result = json.loads((run_dir / "eval" / "eval.json").read_text())
     assert set(result) == EVAL_SECTIONS
@@ -212,9 +203,7 @@ def test_sweep_through_submitit_launcher(tmp_path: Path) -> None:
 def test_ctrl_c_stops_the_sweep_and_marks_the_cell_interrupted(tmp_path: Path) -> None:
     import signal
 
-    args = [sys.executable, str(PROJECT_ROOT / "launch.py"), "sweep=ablation", "profile.max_train_steps=1000",
-            f"paths.outputs={tmp_path / 'outputs'}", f"paths.cache={tmp_path / 'cache'}"]  # fmt: skip
-    launcher = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    launcher = start_cli("sweep=ablation", "profile.max_train_steps=1000", folder=tmp_path)
     assert launcher.stdout is not None
     for line in launcher.stdout:
         if line.startswith("step "):  # the first cell is training

@@ -11,15 +11,14 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from flux_lora.compose import PROJECT_ROOT
 from flux_lora.lifecycle.lease import LEASE_DIR
 from flux_lora.lifecycle.outcome import LOSS_TAG, scalar_series
+from tests.cli import run_cli, start_cli
 from tests.test_launch_e2e import run_dirs
 from tests.test_resume_e2e import SHORT, descendants, finish, start, wait_for_state, wait_until_gone
 
@@ -160,10 +159,9 @@ def test_a_full_disk_during_training_fails_the_run_in_one_line_keeps_its_states_
         pytest.skip("mounting a small tmpfs needs root")
     try:
         args = [*SHORT, "ablation=baseline", "ablation.baseline_steps=12", "profile.save_every_n_steps=2", "launch.resume=auto",
-                "hydra.callbacks.preflight.min_free_gib=0.01"]  # the 24 MB disk is what this test is about
-        command = [sys.executable, str(PROJECT_ROOT / "launch.py"), *args, f"paths.outputs={disk / 'outputs'}", f"paths.cache={tmp_path / 'cache'}"]
-        env = {k: v for k, v in os.environ.items() if k != "SD_SCRIPTS_DIR"}
-        launcher = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                "hydra.callbacks.preflight.min_free_gib=0.01",  # the 24 MB disk is what this test is about
+                f"paths.outputs={disk / 'outputs'}", f"paths.cache={tmp_path / 'cache'}"]  # fmt: skip
+        launcher = start_cli(*args, cwd=tmp_path)
         deadline = time.monotonic() + 240
         while not list(disk.rglob("flux-lora-step00000004-state/manifest.json")):
             assert launcher.poll() is None and time.monotonic() < deadline, launcher.stdout.read() if launcher.stdout else ""
@@ -187,7 +185,7 @@ def test_a_full_disk_during_training_fails_the_run_in_one_line_keeps_its_states_
         assert "flux-lora-step00000004-state" in saved and not list((run_dir / "output").glob(".*staging*"))
 
         filler.unlink()
-        again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        again = run_cli(*args, cwd=tmp_path)
         assert again.returncode == 0 and "resuming run" in again.stdout, again.stdout[-3000:] + again.stderr[-2000:]
         assert json.loads((run_dir / "status.json").read_text())["state"] == "succeeded"
         assert [step for step, _, _ in scalar_series(run_dir / "logs", LOSS_TAG)] == list(range(1, 13))

@@ -7,21 +7,15 @@ import pytest
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
 from flux_lora.checkpoint_files import read_safetensors_metadata
-from flux_lora.compose import PROJECT_ROOT
 from flux_lora.identity import config_leaves
 from flux_lora.provenance import METADATA_KEY, shareable_record
-from tests.seed_sweep import ONE_THREAD_ENV, SWEEP_ARGS, Sweep
-
-
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=ONE_THREAD_ENV, capture_output=True, text=True, timeout=300)
+from tests.cli import ONE_THREAD, run_cli
+from tests.seed_sweep import SWEEP_ARGS, Sweep
 
 
 def cell(sweep: Sweep, name: str) -> Path:
@@ -60,8 +54,9 @@ def test_a_lora_alone_replays_into_the_same_run_and_a_changed_dataset_is_refused
     alone.parent.mkdir()
     shutil.copyfile(run_dir / "output" / "flux-lora.safetensors", alone)  # nothing else travels with it
 
-    done = cli("-m", "flux_lora.replay", str(alone), "--dry-run", "--outputs", str(tmp_path / "replayed"), "--dataset",
-               json.loads((run_dir / "lora_record.json").read_text())["config"]["dataset"]["path"], cwd=tmp_path / "alone")  # fmt: skip
+    done = run_cli(str(alone), "--dry-run", "--outputs", str(tmp_path / "replayed"), "--dataset",
+                   json.loads((run_dir / "lora_record.json").read_text())["config"]["dataset"]["path"],
+                   module="flux_lora.replay", cwd=tmp_path / "alone", env=ONE_THREAD)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (replayed,) = (tmp_path / "replayed" / "runs").iterdir()
     original, again = (yaml.safe_load((d / "config.yaml").read_text()) for d in (run_dir, replayed))
@@ -73,12 +68,13 @@ def test_a_lora_alone_replays_into_the_same_run_and_a_changed_dataset_is_refused
     shutil.copytree(original["dataset"]["path"], changed)
     caption = sorted(changed.rglob("*.txt"))[0]
     caption.write_text(caption.read_text() + ", smiling")
-    refused = cli("-m", "flux_lora.replay", str(alone), "--dry-run", "--outputs", str(tmp_path / "again"), "--dataset", str(changed), cwd=tmp_path)
+    refused = run_cli(str(alone), "--dry-run", "--outputs", str(tmp_path / "again"), "--dataset", str(changed),
+                      module="flux_lora.replay", cwd=tmp_path, env=ONE_THREAD)  # fmt: skip
     assert refused.returncode == 2 and not (tmp_path / "again" / "runs").exists()
     (line,) = refused.stderr.strip().splitlines()
     assert line.startswith(f"error: dataset.path={changed}: its content changed since the run"), line
-    allowed = cli("-m", "flux_lora.replay", str(alone), "--dry-run", "--outputs", str(tmp_path / "again"), "--dataset", str(changed),
-                  "--allow-changed-dataset", cwd=tmp_path)  # fmt: skip
+    allowed = run_cli(str(alone), "--dry-run", "--outputs", str(tmp_path / "again"), "--dataset", str(changed),
+                      "--allow-changed-dataset", module="flux_lora.replay", cwd=tmp_path, env=ONE_THREAD)  # fmt: skip
     assert allowed.returncode == 0 and "replaying anyway" in allowed.stdout, allowed.stdout[-2000:] + allowed.stderr[-2000:]
 
 
@@ -86,13 +82,14 @@ def test_diff_of_two_ablation_cells_shows_exactly_their_declared_change(seed_swe
     baseline, alpha = cell(seed_sweep, "baseline"), cell(seed_sweep, "a1_alpha")
     declared = json.loads((alpha / "run.json").read_text())["ablation"]["changes"]
     assert declared == ["profile.network_alpha"]
-    folders = cli("-m", "flux_lora.diff", str(baseline), str(alpha), cwd=PROJECT_ROOT)
+    folders = run_cli(str(baseline), str(alpha), module="flux_lora.diff", env=ONE_THREAD)
     assert folders.returncode == 1
     assert folders.stdout.splitlines() == ["recipe:", "  profile.network_alpha: 1.0 -> 8.0",
                                            "engine inputs:", "  native_config.json network_alpha: 1.0 -> 8.0"]  # fmt: skip
-    files = cli("-m", "flux_lora.diff", str(baseline / "output" / "flux-lora.safetensors"), str(alpha / "output" / "flux-lora.safetensors"), cwd=PROJECT_ROOT)
+    files = run_cli(str(baseline / "output" / "flux-lora.safetensors"), str(alpha / "output" / "flux-lora.safetensors"),
+                    module="flux_lora.diff", env=ONE_THREAD)  # fmt: skip
     assert files.stdout.splitlines() == ["recipe:", "  profile.network_alpha: 1.0 -> 8.0"]
-    same = cli("-m", "flux_lora.diff", str(baseline), str(baseline / "output" / "flux-lora.safetensors"), cwd=PROJECT_ROOT)
+    same = run_cli(str(baseline), str(baseline / "output" / "flux-lora.safetensors"), module="flux_lora.diff", env=ONE_THREAD)
     assert same.returncode == 0 and same.stdout.startswith("no differences")
 
 
@@ -100,7 +97,7 @@ def test_a_file_without_a_record_is_one_line(tmp_path: Path) -> None:
     foreign = tmp_path / "foreign.safetensors"
     header = json.dumps({"__metadata__": {"ss_network_dim": "4"}}).encode()
     foreign.write_bytes(len(header).to_bytes(8, "little") + header)
-    done = cli("-m", "flux_lora.replay", str(foreign), cwd=tmp_path)
+    done = run_cli(str(foreign), module="flux_lora.replay", cwd=tmp_path, env=ONE_THREAD)
     assert done.returncode == 2
     assert done.stderr.strip() == f"error: {foreign}: a LoRA without a flux-lora record (saved by kohya sd-scripts); only LoRAs saved by flux-lora can be replayed"
 
@@ -118,9 +115,8 @@ def test_a_lora_as_starting_point_is_loaded_and_recorded_as_lineage(seed_sweep: 
     start = cell(seed_sweep, "a1_alpha") / "output" / "flux-lora.safetensors"
     same = [a for a in SWEEP_ARGS if a.startswith(("profile.resolution", "dataset.min_bucket_reso"))]
     args = [*same, "ablation=a1_alpha", "profile.max_train_steps=2", "profile.lr_warmup_steps=0", "profile.learning_rate=1e-9",
-            "profile.sample_every_n_steps=100", "profile.save_every_n_steps=100", f"paths.outputs={tmp_path / 'outputs'}",
-            f"paths.cache={tmp_path / 'cache'}"]  # fmt: skip
-    done = cli(str(PROJECT_ROOT / "launch.py"), *args, f"launch.init_lora={start}", cwd=tmp_path)
+            "profile.sample_every_n_steps=100", "profile.save_every_n_steps=100"]  # fmt: skip
+    done = run_cli(*args, f"launch.init_lora={start}", folder=tmp_path, env=ONE_THREAD)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "starting from the LoRA in" in done.stdout
     (run_dir,) = [p.parent for p in (tmp_path / "outputs").rglob("run.json")]
@@ -129,5 +125,5 @@ def test_a_lora_as_starting_point_is_loaded_and_recorded_as_lineage(seed_sweep: 
     assert any(initial[k].abs().max() > 1e-3 for k in initial if k.endswith("lora_up.weight"))  # not a fresh LoRA's zeros
     lineage = json.loads((run_dir / "run.json").read_text())["lineage"]
     assert lineage["init_lora_sha256"] == hashlib.sha256(start.read_bytes()).hexdigest()
-    fresh = cli(str(PROJECT_ROOT / "launch.py"), *args, "launch.dry_run=true", cwd=tmp_path)
+    fresh = run_cli(*args, "launch.dry_run=true", folder=tmp_path, env=ONE_THREAD)
     assert json.loads((run_dir / "run.json").read_text())["run_id"] not in fresh.stdout

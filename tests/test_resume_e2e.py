@@ -16,7 +16,6 @@ import re
 import signal
 import struct
 import subprocess
-import sys
 import termios
 import threading
 import time
@@ -29,6 +28,7 @@ from flux_lora.compose import PROJECT_ROOT
 from flux_lora.lifecycle.outcome import LOSS_TAG, scalar_series
 from flux_lora.records import process_start_time
 from flux_lora.report import read_run
+from tests.cli import child_env, command, start_cli
 from tests.test_launch_e2e import run_dirs
 
 SHORT = ["ablation.baseline_steps=6", "profile.lr_warmup_steps=1", "profile.save_every_n_steps=2",
@@ -36,11 +36,8 @@ SHORT = ["ablation.baseline_steps=6", "profile.lr_warmup_steps=1", "profile.save
 
 
 def start(args: list[str], tmp_path: Path) -> subprocess.Popen[str]:
-    command = [sys.executable, str(PROJECT_ROOT / "launch.py"), *args, f"paths.outputs={tmp_path / 'outputs'}",
-               f"paths.cache={tmp_path / 'cache'}"]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "SD_SCRIPTS_DIR"}
-    return subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # fmt: skip
+    """The launcher in a session of its own, apart from pytest's, as a launch from its own terminal would be."""
+    return start_cli(*args, folder=tmp_path, new_session=True)
 
 
 def descendants(pid: int) -> list[int]:
@@ -238,8 +235,8 @@ def watch_in_a_terminal(sweep_dir: Path, *options: str) -> tuple[subprocess.Pope
     written to the returned descriptor reaches it as typed keys."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 220, 0, 0))
-    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}  # the terminal's own size, not pytest's
-    watcher = subprocess.Popen([sys.executable, "-m", "flux_lora.watch", str(sweep_dir), "--interval", "0.2", *options],
+    env = child_env(drop=["COLUMNS", "LINES"])  # the terminal's own size, not pytest's
+    watcher = subprocess.Popen(command([str(sweep_dir), "--interval", "0.2", *options], module="flux_lora.watch"), cwd=PROJECT_ROOT,
                                stdin=slave, stdout=slave, stderr=slave, close_fds=True, env=env)  # fmt: skip
     os.close(slave)
     screen: list[str] = []

@@ -8,8 +8,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from flux_lora.compose import PROJECT_ROOT
 from flux_lora.identity import record_problem
 from flux_lora.provenance import METADATA_KEY, embedded_record_text, seal
 from flux_lora.redaction import recorded_environment, redact
+from tests.cli import run_cli
 
 PASSWORD = "Pa55word-in-the-mirror-url"
 PATH_TOKEN = "tok3n-in-a-cache-path"
@@ -39,18 +38,11 @@ class SharedRun:
     output: str
 
 
-def cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env or {k: v for k, v in os.environ.items() if k != "SD_SCRIPTS_DIR"},
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def shared_run(tmp_path_factory: pytest.TempPathFactory) -> SharedRun:
     root = tmp_path_factory.mktemp("sharing")
-    env = {**{k: v for k, v in os.environ.items() if k != "SD_SCRIPTS_DIR"}, **SECRETS}
-    done = cli(str(PROJECT_ROOT / "launch.py"), "ablation=baseline", "ablation.baseline_steps=2", "profile.save_every_n_steps=1",
-               "profile.sample_steps=1", f"paths.outputs={root / 'outputs'}", f"paths.cache='{root}/cache?token={PATH_TOKEN}'",
-               cwd=root, env=env)  # fmt: skip
+    done = run_cli("ablation=baseline", "ablation.baseline_steps=2", "profile.save_every_n_steps=1", "profile.sample_steps=1",
+                   f"paths.outputs={root / 'outputs'}", f"paths.cache='{root}/cache?token={PATH_TOKEN}'", cwd=root, env=SECRETS)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (run_dir,) = [p.parent for p in (root / "outputs" / "runs").glob("*/run.json")]
     return SharedRun(root, run_dir, done.stdout + done.stderr)
@@ -89,10 +81,10 @@ def test_no_secret_is_written_printed_or_embedded_and_a_shared_lora_names_no_pat
 @pytest.mark.slow
 def test_a_shareable_lora_replays_the_same_run_given_the_dataset_folder(shared_run: SharedRun, tmp_path: Path) -> None:
     lora = shared_run.run_dir / "output" / "flux-lora.safetensors"
-    asked = cli("-m", "flux_lora.replay", str(lora), "--dry-run", "--outputs", str(tmp_path / "replay"), cwd=tmp_path)
+    asked = run_cli(str(lora), "--dry-run", "--outputs", str(tmp_path / "replay"), module="flux_lora.replay", cwd=tmp_path)
     assert asked.returncode == 2 and "withholds where the images were (dataset.path); give them with --dataset DIR" in asked.stderr
-    done = cli("-m", "flux_lora.replay", str(lora), "--dry-run", "--outputs", str(tmp_path / "replay"), "--dataset",
-               str(PROJECT_ROOT / "data" / "sample"), cwd=tmp_path)  # fmt: skip
+    done = run_cli(str(lora), "--dry-run", "--outputs", str(tmp_path / "replay"), "--dataset", str(PROJECT_ROOT / "data" / "sample"),
+                   module="flux_lora.replay", cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     (replayed,) = (tmp_path / "replay" / "runs").glob("*/run.json")
     assert json.loads(replayed.read_text())["run_id"] == json.loads((shared_run.run_dir / "run.json").read_text())["run_id"]
@@ -110,11 +102,11 @@ def test_an_edited_record_is_named_and_refused_and_a_truncated_lora_is_named_by_
         return {**metadata, METADATA_KEY: json.dumps(record)}
 
     update_safetensors_metadata(edited, raise_lr)
-    refused = cli("-m", "flux_lora.replay", str(edited), "--dry-run", "--outputs", str(tmp_path / "r"), "--dataset",
-                  str(PROJECT_ROOT / "data" / "sample"), cwd=tmp_path)  # fmt: skip
+    refused = run_cli(str(edited), "--dry-run", "--outputs", str(tmp_path / "r"), "--dataset", str(PROJECT_ROOT / "data" / "sample"),
+                      module="flux_lora.replay", cwd=tmp_path)  # fmt: skip
     assert refused.returncode == 2 and "its embedded record was edited after it was written" in refused.stderr, refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
-    compared = cli("-m", "flux_lora.diff", str(edited), str(original), cwd=tmp_path)
+    compared = run_cli(str(edited), str(original), module="flux_lora.diff", cwd=tmp_path)
     assert compared.stdout.startswith(f"warning: {edited}: its embedded record was edited") and "learning_rate" in compared.stdout
 
     # Re-sealed after the edit (the digest redone by hand): the run id no longer matches its config.
@@ -126,8 +118,8 @@ def test_an_edited_record_is_named_and_refused_and_a_truncated_lora_is_named_by_
 
     truncated = tmp_path / "half.safetensors"
     truncated.write_bytes(original.read_bytes()[: original.stat().st_size // 2])
-    for reader in (["-m", "flux_lora.replay", str(truncated), "--dry-run"], ["-m", "flux_lora.diff", str(truncated), str(original)]):
-        done = cli(*reader, cwd=tmp_path)
+    for module, args in (("flux_lora.replay", [str(truncated), "--dry-run"]), ("flux_lora.diff", [str(truncated), str(original)])):
+        done = run_cli(*args, module=module, cwd=tmp_path)
         assert done.returncode == 2 and f"{truncated}: truncated:" in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
@@ -140,7 +132,7 @@ def test_share_strips_a_lora_to_shareable_or_none_without_touching_its_tensors(s
     update_safetensors_metadata(full, lambda m: {**m, METADATA_KEY: embedded_record_text({**whole, "config": {**whole["config"], "launch": {**whole["config"]["launch"], "embed_record": "full"}}}) or ""})
     assert str(shared_run.root) in read_safetensors_metadata(full)[METADATA_KEY]
     for mode in ("shareable", "none"):
-        done = cli("-m", "flux_lora.share", str(full), "--to", mode, cwd=tmp_path)
+        done = run_cli(str(full), "--to", mode, module="flux_lora.share", cwd=tmp_path)
         assert done.returncode == 0, done.stderr
         shared = tmp_path / f"full.{mode}.safetensors"
         assert tensor_data_sha256(shared) == tensor_data_sha256(full) == tensor_data_sha256(original)

@@ -11,25 +11,19 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from flux_lora.compose import PROJECT_ROOT
 from flux_lora.lifecycle.outcome import LOSS_TAG, scalar_series
+from tests.cli import start_cli
 from tests.slurm_cluster import job_reasons, job_states, slurm, start_pending_now  # noqa: F401 - slurm is a fixture
 
 CELL = ["profile.lr_warmup_steps=1", "profile.sample_every_n_steps=1000", "profile.sample_steps=2"]
 ON_SLURM = ["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=4"]
 
 
-def launch(args: list[str], tmp_path: Path) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if k != "SD_SCRIPTS_DIR"}
-    return subprocess.Popen([sys.executable, str(PROJECT_ROOT / "launch.py"), *args, f"paths.outputs={tmp_path / 'outputs'}",
-                             f"paths.cache={tmp_path / 'cache'}"], cwd=tmp_path, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
 
 
 def finish(process: subprocess.Popen[str], timeout_s: float = 600) -> str:
@@ -101,9 +95,9 @@ def test_a_cell_that_hits_the_time_limit_or_is_requeued_resumes_in_its_folder_an
     # 30-60 s after the start. However fast this machine trains, the warning comes mid-training: the test holds the
     # trainer still (SIGSTOP) after its first steps until the warning is pending in it, then lets it go on.
     steps = 40
-    sweep = launch(["-m", "ablation=baseline", f"ablation.baseline_steps={steps}", "profile.save_every_n_steps=20",
-                    "gpu.gradient_accumulation_steps=4", *CELL,
-                    *ON_SLURM, "hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=60", f"hydra.sweep.dir={sweep_dir}"], tmp_path)  # fmt: skip
+    sweep = start_cli("-m", "ablation=baseline", f"ablation.baseline_steps={steps}", "profile.save_every_n_steps=20",
+                      "gpu.gradient_accumulation_steps=4", *CELL, *ON_SLURM, "hydra.launcher.timeout_min=2",
+                      "hydra.launcher.signal_delay_s=60", f"hydra.sweep.dir={sweep_dir}", folder=tmp_path)  # fmt: skip
     deadline = time.monotonic() + 900
     jobs: list[str] = []
     held_since: dict[str, float] = {}
@@ -153,7 +147,7 @@ def test_a_sweep_submitted_twice_trains_each_cell_once_and_detach_returns_while_
     cells = ["-m", "ablation=baseline,a1_alpha", "ablation.baseline_steps=6", "profile.save_every_n_steps=3", *CELL, *ON_SLURM]
     first_dir, second_dir = tmp_path / "first", tmp_path / "second"
     began = time.monotonic()
-    first = finish(launch([*cells, "launch.detach=true", "hydra.launcher.array_parallelism=1", f"hydra.sweep.dir={first_dir}"], tmp_path))
+    first = finish(start_cli(*cells, "launch.detach=true", "hydra.launcher.array_parallelism=1", f"hydra.sweep.dir={first_dir}", folder=tmp_path))
     assert "this command returns now (launch.detach=true)" in first and f"python -m flux_lora.report {first_dir}" in first, first[-3000:]
     assert time.monotonic() - began < 60  # returned while the jobs are queued or running
     jobs = json.loads((first_dir / "slurm_jobs.json").read_text())["jobs"]
@@ -172,7 +166,7 @@ def test_a_sweep_submitted_twice_trains_each_cell_once_and_detach_returns_while_
             time.sleep(0.1)
     os.kill(trainer, signal.SIGSTOP)
     try:
-        resubmitted = launch([*cells, f"hydra.sweep.dir={second_dir}"], tmp_path)
+        resubmitted = start_cli(*cells, f"hydra.sweep.dir={second_dir}", folder=tmp_path)
         second = finish(resubmitted, timeout_s=900)
     finally:
         os.kill(trainer, signal.SIGCONT)
@@ -193,10 +187,10 @@ def test_a_sweep_submitted_twice_trains_each_cell_once_and_detach_returns_while_
 
 
 def test_a_setting_the_cluster_rejects_is_one_line_naming_the_key(slurm, tmp_path: Path) -> None:
-    output = finish(launch(["-m", "ablation=baseline", "launch.dry_run=true", *ON_SLURM, "hydra.launcher.partition=nosuchpartition",
-                            f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path))  # fmt: skip
+    output = finish(start_cli("-m", "ablation=baseline", "launch.dry_run=true", *ON_SLURM, "hydra.launcher.partition=nosuchpartition",
+                              f"hydra.sweep.dir={tmp_path / 'sweep'}", folder=tmp_path))  # fmt: skip
     errors = [line for line in output.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and errors[0].startswith("error: hydra.launcher.partition=nosuchpartition: the cluster rejected it"), output[-2000:]
-    nodes = finish(launch(["-m", "ablation=baseline", "launch.dry_run=true", *ON_SLURM, "hydra.launcher.nodes=2",
-                           f"hydra.sweep.dir={tmp_path / 'sweep2'}"], tmp_path))  # fmt: skip
+    nodes = finish(start_cli("-m", "ablation=baseline", "launch.dry_run=true", *ON_SLURM, "hydra.launcher.nodes=2",
+                             f"hydra.sweep.dir={tmp_path / 'sweep2'}", folder=tmp_path))  # fmt: skip
     assert "error: hydra.launcher.nodes=2: one node per cell only" in nodes, nodes[-2000:]

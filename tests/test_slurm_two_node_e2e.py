@@ -13,16 +13,16 @@ A requeued job waits about two minutes (BeginTime) before SLURM starts it again;
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from flux_lora.compose import PROJECT_ROOT
 from flux_lora.lifecycle.outcome import LOSS_TAG, scalar_series
+from tests.cli import start_cli
 from tests.slurm_two_node import TwoNodeCluster  # the two_node_slurm fixture is registered in tests/conftest.py
 
 CELL = ["ablation=baseline", "profile.lr_warmup_steps=1", "profile.sample_every_n_steps=1000", "profile.sample_steps=2",
@@ -30,10 +30,9 @@ CELL = ["ablation=baseline", "profile.lr_warmup_steps=1", "profile.sample_every_
 
 
 def launch(cluster: TwoNodeCluster, args: list[str], tmp_path: Path) -> subprocess.Popen[str]:
-    env = {k: v for k, v in cluster.env().items() if k != "SD_SCRIPTS_DIR" and not k.startswith("SLURM_JOB")}
-    return subprocess.Popen([sys.executable, str(PROJECT_ROOT / "launch.py"), "-m", *args, f"paths.outputs={tmp_path / 'outputs'}",
-                             f"paths.cache={tmp_path / 'cache'}"], cwd=tmp_path, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    """A sweep submitted to this cluster (SLURM_CONF, as cluster.env() sets it), never inside a job of the shell's own."""
+    in_a_job = [k for k in os.environ if k.startswith("SLURM_JOB")]
+    return start_cli("-m", *args, folder=tmp_path, env={"SLURM_CONF": cluster.env()["SLURM_CONF"]}, drop=in_a_job)
 
 
 def status_of(cell: Path) -> dict:

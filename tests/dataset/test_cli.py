@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
+from tests.cli import run_cli
 from tests.dataset.conftest import TRIGGER
 
-REPO = Path(__file__).resolve().parents[2]
 
-
-def _run(*args: str, cache: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "XDG_CACHE_HOME": str(cache), "COLUMNS": "160"}
-    return subprocess.run(
-        [sys.executable, "-m", "flux_lora.dataset", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
-    )
+def _run(*args: str, cache: Path) -> subprocess.CompletedProcess[str]:
+    """The dataset CLI with its own cache folder, printing at a fixed width."""
+    return run_cli(*args, module="flux_lora.dataset", env={"XDG_CACHE_HOME": str(cache), "COLUMNS": "160"})
 
 
 def test_analyze_writes_report_and_sheet(good_dataset: Path, tmp_path: Path) -> None:

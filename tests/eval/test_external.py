@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,8 +17,8 @@ from safetensors.torch import load_file, save_file
 from flux_lora.compose import PROJECT_ROOT
 from flux_lora.engines.native.lora import add_flux_lora, kohya_state_dict
 from flux_lora.engines.native.models import build_tiny_flux
+from tests.cli import ONE_THREAD, run_cli
 from tests.eval.tiny_eval import EVAL_SECTIONS
-from tests.seed_sweep import ONE_THREAD_ENV
 
 CHEAP = ["--base-model", "tiny", "--resolution", "64", "--steps", "2", "--strengths", "1.0", "--seeds", "0", "--max-prompts", "1"]
 
@@ -52,9 +51,8 @@ def kohya_lora_of_another_tool(target: Path) -> Path:
 
 
 def judge(lora: Path, out: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "flux_lora.eval", "--lora", str(lora), "--dataset", str(PROJECT_ROOT / "data" / "sample"),
-                           "--out", str(out), *CHEAP], cwd=PROJECT_ROOT, env=ONE_THREAD_ENV, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    return run_cli("--lora", str(lora), "--dataset", str(PROJECT_ROOT / "data" / "sample"), "--out", str(out), *CHEAP,
+                   module="flux_lora.eval", env=ONE_THREAD)  # fmt: skip
 
 
 def assert_judged_like_a_run(source: Path, before: bytes, done: subprocess.CompletedProcess[str], judged: Path) -> None:

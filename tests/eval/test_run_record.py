@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from flux_lora.eval import EvalSettings, evaluate_run
 from flux_lora.eval.run_record import read_run
+from tests.cli import run_cli
 from tests.eval.tiny_eval import copy_run
 
 CHECKS_ONLY = EvalSettings(validation=False, likeness=False)
@@ -55,13 +56,10 @@ def test_a_directory_without_a_run_is_a_one_line_error(tmp_path: Path) -> None:
 
 
 def test_a_truncated_lora_file_is_one_line_naming_it(tiny_run: Path, tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     run_dir = copy_run(tiny_run, tmp_path / "run")
     final = run_dir / "output" / "flux-lora.safetensors"
     final.write_bytes(final.read_bytes()[: final.stat().st_size // 2])  # an interrupted copy
-    done = subprocess.run([sys.executable, "-m", "flux_lora.eval", str(run_dir)], capture_output=True, text=True, timeout=120)
+    done = run_cli(str(run_dir), module="flux_lora.eval")
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith(f"error: {final}: not a readable safetensors file") and "copy it again or delete it" in line

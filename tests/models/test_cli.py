@@ -4,31 +4,24 @@ on files with FLUX.1-dev's true headers (data regions are sparse holes)."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
-from flux_lora.compose import PROJECT_ROOT
+from tests.cli import run_cli
 from tests.models.model_stubs import DEFAULT_FILES, write_model_folder
-
-
-def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("SD_SCRIPTS_DIR", "FLUX_LORA_TRACEBACK", "CUDA_VISIBLE_DEVICES")}
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_check_cli(tmp_path: Path) -> None:
     models = tmp_path / "models"
     write_model_folder(models)
-    check = ["-m", "flux_lora.models", "check", "model=flux_dev", f"paths.models={models}"]
-    done = run(check, PROJECT_ROOT)
+    check = ["check", "model=flux_dev", f"paths.models={models}"]
+    done = run_cli(*check, module="flux_lora.models", drop=["CUDA_VISIBLE_DEVICES"])
     assert done.returncode == 0 and done.stderr == "", done.stderr
     lines = done.stdout.splitlines()
     assert [line.split(":")[0] for line in lines] == ["model.transformer", "model.vae", "model.clip_l", "model.t5xxl"]
     assert lines[0].startswith(f"model.transformer: {models / 'flux1-dev.safetensors'} ok: FLUX.1-dev transformer, bf16 (BF16), 19 double blocks")
 
     (models / DEFAULT_FILES["vae"]).rename(models / DEFAULT_FILES["transformer"])  # the ae under the transformer's name
-    done = run(check, PROJECT_ROOT)
+    done = run_cli(*check, module="flux_lora.models", drop=["CUDA_VISIBLE_DEVICES"])
     assert done.returncode == 1
     assert done.stderr.splitlines() == [
         f"error: model.transformer: {models / 'flux1-dev.safetensors'} holds the FLUX autoencoder (ae), not the FLUX.1-dev "

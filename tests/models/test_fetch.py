@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from flux_lora.compose import PROJECT_ROOT
 from flux_lora.models.fetch import fetch_model_files
 from flux_lora.models.sources import HUB_FILES
+from tests.cli import run_cli
 from tests.models.hub_standin import StandInHub
 from flux_lora.models.layout import flux_layout
 from tests.models.model_stubs import DEFAULT_FILES, TEST_SIZED, TEST_SIZED_DIMS, write_model_folder, write_part
@@ -94,13 +92,12 @@ def test_a_token_without_the_licence_is_one_line(tmp_path: Path) -> None:
 
 def test_cli_fetch_of_the_gated_repo_without_a_token(tmp_path: Path) -> None:
     """The real CLI in a subprocess, pointed at the stand-in with HF_ENDPOINT, with no token anywhere."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    no_token = [k for k in os.environ if k.startswith(("HF_", "HUGGING"))]
     models = tmp_path / "models"
     with StandInHub(hub_content(tmp_path), gated={"black-forest-labs/FLUX.1-dev": TOKEN}) as hub:
-        env.update(HF_ENDPOINT=hub.endpoint, HF_HOME=str(tmp_path / "hf_home"))
-        done = subprocess.run([sys.executable, "-m", "flux_lora.models", "fetch", "model=flux_dev", f"paths.models={models}",
-                               "model.clip_l=null", "model.t5xxl=null"], cwd=PROJECT_ROOT, env=env, capture_output=True,
-                              text=True, timeout=120)  # fmt: skip
+        env = {"HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf_home")}
+        done = run_cli("fetch", "model=flux_dev", f"paths.models={models}", "model.clip_l=null", "model.t5xxl=null",
+                       module="flux_lora.models", env=env, drop=no_token)  # fmt: skip
     assert done.returncode == 1, done.stderr
     gated = f"black-forest-labs/FLUX.1-dev is gated: set HF_TOKEN to a Hugging Face access token and accept the licence at {hub.endpoint}/black-forest-labs/FLUX.1-dev, then run fetch again"
     assert done.stderr.splitlines() == [

@@ -10,7 +10,8 @@ from typing import Iterator
 
 import pytest
 
-from tests.seed_sweep import ONE_THREAD_ENV, SWEEP_ARGS, Sweep, run_cli  # noqa: F401 - shared with the report tests
+from tests.cli import ONE_THREAD, run_cli
+from tests.seed_sweep import Sweep
 
 @pytest.fixture(scope="session")
 def evaluated_sweep(seed_sweep: Sweep) -> Path:
@@ -27,7 +28,7 @@ def evaluated_sweep(seed_sweep: Sweep) -> Path:
             evaluate_run(run_dir, settings)
     finally:
         torch.set_num_threads(threads)
-    done = run_cli("-m", "flux_lora.report", str(seed_sweep.path))
+    done = run_cli(str(seed_sweep.path), module="flux_lora.report", env=ONE_THREAD)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return seed_sweep.path
 

@@ -6,8 +6,6 @@ import json
 import re
 import select
 import shutil
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -17,16 +15,15 @@ from typing import Any, Iterator
 import pytest
 from scipy.stats import spearmanr
 
-from flux_lora.compose import PROJECT_ROOT
+from tests.cli import ONE_THREAD, run_cli, start_cli
 from tests.report.cdp import Chromium, chromium_binary
-from tests.report.conftest import ONE_THREAD_ENV, copy_sweep, md_row, run_cli
+from tests.report.conftest import copy_sweep, md_row
 
 
 class RateServer:
     def __init__(self, sweep_dir: Path) -> None:
         self.sweep_dir = sweep_dir
-        self.process = subprocess.Popen([sys.executable, "-m", "flux_lora.report", "rate", str(sweep_dir)], cwd=PROJECT_ROOT,
-                                        env=ONE_THREAD_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        self.process = start_cli("rate", str(sweep_dir), module="flux_lora.report", env=ONE_THREAD, merge_stderr=False)
         assert self.process.stdout is not None
         ready, _, _ = select.select([self.process.stdout], [], [], 60)
         self.banner = self.process.stdout.readline() if ready else ""
@@ -77,7 +74,7 @@ def test_rate_refuses_a_sweep_without_samples(evaluated_sweep: Path, tmp_path: P
     bare = copy_sweep(evaluated_sweep, tmp_path / "bare")
     for folder in bare.glob("*/output/sample"):
         shutil.rmtree(folder)
-    done = run_cli("-m", "flux_lora.report", "rate", str(bare))
+    done = run_cli("rate", str(bare), module="flux_lora.report", env=ONE_THREAD)
     assert done.returncode == 2 and done.stdout == ""
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith(f"error: {bare}: no sample images in any run") and "sample_every_n_steps" in line
@@ -144,7 +141,7 @@ def test_rating_with_keys_and_a_click_in_chromium_then_the_report_unblinds(rate_
     # A second rater over HTTP, on the same six images, for agreement; then the report unblinds.
     for score, image in zip((1, 2, 3, 4, 5, 5), rate_server.items("alice")[0]["images"]):
         assert rate_server.post({"rater": "alice", "token": image["token"], "score": score})[0] == 200
-    done = run_cli("-m", "flux_lora.report", str(rate_server.sweep_dir))
+    done = run_cli(str(rate_server.sweep_dir), module="flux_lora.report", env=ONE_THREAD)
     assert done.returncode == 0, done.stderr
     md = (rate_server.sweep_dir / "report.md").read_text()
     assert "## Blind ratings" in md and "by 3 rater(s): alice, browser, http-check" in md

@@ -16,7 +16,9 @@ from flux_lora.lifecycle.lease import Lease
 from flux_lora.report.collect import collect, find_baseline
 from flux_lora.report.stats import mean_interval
 from tests.report.cdp import Chromium, chromium_binary
-from tests.report.conftest import Sweep, copy_sweep, md_column, md_row, run_cli
+from tests.cli import ONE_THREAD, run_cli
+from tests.report.conftest import copy_sweep, md_column, md_row
+from tests.seed_sweep import Sweep
 
 
 @pytest.mark.slow
@@ -111,7 +113,7 @@ def test_partial_sweep_shows_failed_and_running_cells(sweep_copy: Path) -> None:
     outputs = Path(yaml.safe_load((running / "config.yaml").read_text())["paths"]["outputs"])
     lease = Lease.acquire(outputs, json.loads((running / "run.json").read_text())["run_id"])
     try:
-        done = run_cli("-m", "flux_lora.report", str(sweep_copy))
+        done = run_cli(str(sweep_copy), module="flux_lora.report", env=ONE_THREAD)
     finally:
         lease.release()
     assert done.returncode == 0, done.stderr
@@ -129,7 +131,7 @@ def test_one_seed_per_cell_claims_no_significance(evaluated_sweep: Path, tmp_pat
     one_seed = tmp_path / "one_seed"
     for run_dir in evaluated_sweep.glob("*-seed1"):
         shutil.copytree(run_dir, one_seed / run_dir.name, ignore=shutil.ignore_patterns("*-state"))
-    assert run_cli("-m", "flux_lora.report", str(one_seed)).returncode == 0
+    assert run_cli(str(one_seed), module="flux_lora.report", env=ONE_THREAD).returncode == 0
     md = (one_seed / "report.md").read_text()
     assert "One seed per cell: no significance can be claimed" in md
     assert md_column(md, "vs baseline (val loss final, held-out images)", "a1_alpha") == "-"
@@ -139,14 +141,14 @@ def test_one_seed_per_cell_claims_no_significance(evaluated_sweep: Path, tmp_pat
 @pytest.mark.slow
 def test_single_run_dir_and_bad_paths(evaluated_sweep: Path, tmp_path: Path) -> None:
     run_dir = copy_sweep(next(evaluated_sweep.glob("*a1_alpha-seed2")), tmp_path / "run")
-    done = run_cli("-m", "flux_lora.report", str(run_dir))
+    done = run_cli(str(run_dir), module="flux_lora.report", env=ONE_THREAD)
     assert done.returncode == 0, done.stderr
     html = (run_dir / "report.html").read_text()
     assert "Run report:" in html and (run_dir / "report_files" / "validation_loss.png").is_file()
-    missing = run_cli("-m", "flux_lora.report", str(tmp_path / "nowhere"))
+    missing = run_cli(str(tmp_path / "nowhere"), module="flux_lora.report", env=ONE_THREAD)
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1 and "no such directory" in missing.stderr
     (tmp_path / "empty").mkdir()
-    empty = run_cli("-m", "flux_lora.report", str(tmp_path / "empty"))
+    empty = run_cli(str(tmp_path / "empty"), module="flux_lora.report", env=ONE_THREAD)
     assert empty.returncode == 2 and "holds no run" in empty.stderr.strip()
 
 
@@ -166,7 +168,7 @@ def test_cells_evaluated_on_other_terms_get_no_mark_and_a_line_saying_why(sweep_
             assert evaluate_run(run_dir, settings, log=lambda _: None)["basis"]["resolution"] == 128
     finally:
         torch.set_num_threads(threads)
-    done = run_cli("-m", "flux_lora.report", str(sweep_copy))
+    done = run_cli(str(sweep_copy), module="flux_lora.report", env=ONE_THREAD)
     assert done.returncode == 0, done.stderr
     md = (sweep_copy / "report.md").read_text()
     assert md_column(md, "vs baseline (val loss final, held-out images)", "a1_alpha") == "not compared: evaluated on other terms"
@@ -178,7 +180,7 @@ def test_cells_evaluated_on_other_terms_get_no_mark_and_a_line_saying_why(sweep_
 def test_a_corrupt_status_json_is_said_not_shown_as_not_started(sweep_copy: Path) -> None:
     damaged = next(sweep_copy.glob("*baseline-seed2"))
     (damaged / "status.json").write_text('{"state": "succ')  # cut off mid-write by a full disk
-    done = run_cli("-m", "flux_lora.report", str(sweep_copy))
+    done = run_cli(str(sweep_copy), module="flux_lora.report", env=ONE_THREAD)
     assert done.returncode == 0, done.stderr
     assert f"warning: {damaged / 'status.json'}: status.json is unreadable (JSONDecodeError" in done.stderr
     md = (sweep_copy / "report.md").read_text()
@@ -192,7 +194,7 @@ def test_an_external_lora_evaluation_sits_beside_the_sweeps_cells(sweep_copy: Pa
     is a cell of its own, and, validated on another image set, is not marked against baseline."""
     _, _, done, judged = judged_diffusers_lora
     assert done.returncode == 0, done.stderr[-2000:]
-    done = run_cli("-m", "flux_lora.report", str(sweep_copy), "--with", str(judged))
+    done = run_cli(str(sweep_copy), "--with", str(judged), module="flux_lora.report", env=ONE_THREAD)
     assert done.returncode == 0, done.stderr
     md = (sweep_copy / "report.md").read_text()
     row = md_row(md, "pytorch_lora_weights (external file)")
