@@ -60,3 +60,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if TRAINED_OR_CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config) -> None:
+    """Say how many results are the sd-scripts stand-in's (marker `standin`), so that none reads as sd-scripts' own."""
+    ran = [report for outcome in ("passed", "failed") for report in terminalreporter.stats.get(outcome, [])
+           if report.when == "call" and "standin" in report.keywords]  # fmt: skip
+    if ran:
+        failed = sum(report.failed for report in ran)
+        tests = "1 test" if len(ran) == 1 else f"{len(ran)} tests"
+        terminalreporter.write_line(f"{tests} ran against the sd-scripts stand-in (tests/engines/sd_scripts_standin.py), not sd-scripts"
+                                    f"{f' ({failed} of them failed)' if failed else ''}; -m standin selects them")  # fmt: skip

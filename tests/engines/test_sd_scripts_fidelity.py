@@ -2,19 +2,23 @@
 
 sd-scripts cannot train here. The checks that need its code run against a real checkout when
 SD_SCRIPTS_DIR and SD_SCRIPTS_PYTHON point to one (tests/engines/sd_scripts_checkout.py), else against
-the stand-in, which finds images and counts resumed steps with sd-scripts' own arithmetic; each such
-test prints which one ran. The stand-in itself is started with plain python (accelerate is exercised
-by tests/test_launch_e2e.py).
+the stand-in, which finds images and counts resumed steps with its transcription of sd-scripts' arithmetic.
+A test that ran against the stand-in is marked `standin` (the tests that only ever run it, always), and the
+pytest summary counts them: their passing is the stand-in's reading of sd-scripts, not sd-scripts'.
+The stand-in itself is started with plain python (accelerate is exercised by tests/test_launch_e2e.py).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import Callable
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -28,8 +32,9 @@ from flux_lora.engines.sd_scripts_resume import adopt_resumed_outputs
 from flux_lora.lifecycle.outcome import gather_evidence, scalar_series, training_shortfall
 from flux_lora.rules import apply_rules
 from flux_lora.schema import RunConfig
+from tests.cli import run_cli
 from tests.engines.native.native_tiny_run import make_dataset
-from tests.engines.sd_scripts_checkout import STANDIN, checkout_for_tests
+from tests.engines.sd_scripts_checkout import STANDIN, Checkout, checkout_for_tests, real_checkout
 
 ABLATIONS = ("baseline", "a1_alpha", "a2_noise_offset", "a3_grad_accum", "a4_adafactor", "a5_fp8_base",
              "a6_min_snr", "a7_dropout", "a8_all")
@@ -56,6 +61,28 @@ def frozen_inputs(run: RunConfig, run_dir: Path, dataset: Path) -> list[str]:
     return inputs.script_argv[1:]
 
 
+def on_a_checkout(test: Callable[..., None]) -> Callable[..., None]:
+    """For a test taking the `checkout` fixture: marked `standin` where no real checkout is configured (decided as
+    checkout_for_tests decides, at collection, so that `-m standin` selects it)."""
+    return pytest.mark.standin(test) if real_checkout() is None else test
+
+
+@pytest.fixture
+def checkout(tmp_path: Path, request: pytest.FixtureRequest) -> Checkout:
+    found = checkout_for_tests(tmp_path / "sd-scripts")
+    # The marker was given at collection: the checkout the test gets must be the one it says.
+    assert (found.kind == "stand-in") == (request.node.get_closest_marker("standin") is not None), f"marked, but got the {found.kind} checkout"
+    return found
+
+
+def load_standin() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("standin", STANDIN)
+    assert spec is not None and spec.loader is not None
+    standin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(standin)
+    return standin
+
+
 def run_standin(argv: list[str]) -> subprocess.CompletedProcess[str]:
     done = subprocess.run([sys.executable, str(STANDIN), *argv], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -65,23 +92,22 @@ def run_standin(argv: list[str]) -> subprocess.CompletedProcess[str]:
 # ---------------------------------------------------------------- 1. bucket steps
 
 
-def test_bucket_steps_must_be_a_multiple_of_64_for_sd_scripts(tmp_path):
+@on_a_checkout
+def test_bucket_steps_must_be_a_multiple_of_64_for_sd_scripts(tmp_path, checkout):
     findings = apply_rules(compose_run("profile=fast", "gpu=h100", "dataset.bucket_reso_steps=32"))
     assert any("dataset.bucket_reso_steps=32: engine=sd_scripts needs a multiple of 64" in e for e in findings.errors)
     native = apply_rules(compose_run("profile=fast", "gpu=h100", "engine=native", "dataset.bucket_reso_steps=32"))
     assert not any("bucket_reso_steps" in e for e in native.errors)
     # The engine's own checks catch it too (the base trainer's verify_bucket_reso_steps(64)).
-    checkout = checkout_for_tests(tmp_path / "sd-scripts")
     run = compose_run("profile=fast", "gpu=h100", "dataset.bucket_reso_steps=32", f"paths.cache={tmp_path / 'cache'}")
     argv = frozen_inputs(run, tmp_path / "run", make_dataset(tmp_path / "ds", count=2))
     verdict = engine_preflight(argv, checkout.path, checkout.python)
-    print(f"engine preflight ran on the {checkout.kind} checkout")
     assert verdict.state == "failed" and "64" in verdict.problem and verdict.steps[-1] == "assert_extra_args"
 
 
-def test_all_nine_ablation_cells_pass_the_engine_preflight(tmp_path):
+@on_a_checkout
+def test_all_nine_ablation_cells_pass_the_engine_preflight(tmp_path, checkout):
     """The README's sd-scripts sweep (profile=fast gpu=h100) with 64 px bucket steps, through sd-scripts' own checks."""
-    checkout = checkout_for_tests(tmp_path / "sd-scripts")
     dataset = make_dataset(tmp_path / "ds", count=3)
     for ablation in ABLATIONS:
         run = compose_run("profile=fast", "gpu=h100", f"ablation={ablation}", "dataset.bucket_reso_steps=64",
@@ -89,32 +115,49 @@ def test_all_nine_ablation_cells_pass_the_engine_preflight(tmp_path):
         argv = frozen_inputs(run, tmp_path / ablation, dataset)
         verdict = engine_preflight(argv, checkout.path, checkout.python)
         assert verdict.state == "passed", f"{ablation} on the {checkout.kind} checkout: {verdict.problem}"
-    print(f"engine preflight ran on the {checkout.kind} checkout for all nine cells")
 
 
 # ---------------------------------------------------------------- 2. resume
 
 
+@pytest.mark.standin
 def test_the_skip_flag_trains_nothing_after_a_resume_with_accumulation(tmp_path):
-    """sd-scripts' own arithmetic (stand-in) for the issue's case: fast/h100, 200 images per epoch, resumed at 500."""
-    spec = __import__("importlib.util").util.spec_from_file_location("standin", STANDIN)
-    standin = __import__("importlib.util").util.module_from_spec(spec)
-    spec.loader.exec_module(standin)
-    args = standin.setup_parser().parse_args(
-        ["--max_train_steps", "1500", "--gradient_accumulation_steps", "4", "--train_batch_size", "2",
-         "--resume", "x", "--skip_until_initial_step"]
-    )  # fmt: skip
+    """The issue's case (fast/h100, 200 images per epoch, resumed at 500): the argv the launcher passes, and why it
+    never passes --skip_until_initial_step. The arithmetic is the stand-in's transcription of train_network.py
+    (resume_arithmetic, which cites the lines it follows), not sd-scripts running: what this checks of the launcher is
+    its argv, as that reading of sd-scripts' code takes it."""
+    standin = load_standin()
     loader_len = 100  # 20 images x 10 repeats / batch 2
-    epoch_to_start, _, global_step = standin.resume_arithmetic(args, 500, loader_len)
+    state = tmp_path / "flux-lora-step00000500-state"
+    state.mkdir()
+    (state / "train_state.json").write_text('{"current_epoch": 5, "current_step": 500}')
+    argv = SdScriptsEngine().render(compose_run("profile=fast", "gpu=h100", f"launch.resume_from={state}"), tmp_path, {}).script_argv[1:]
+    passed = standin.setup_parser().parse_args(argv)
+    # The launcher's own argv: sd-scripts' --resume with no epoch skipped, the count from 0, the remaining 1000 steps.
+    assert (passed.resume, passed.skip_until_initial_step, passed.initial_step, passed.max_train_steps) == (str(state), False, 0, 1000)
+    assert passed.gradient_accumulation_steps == 4
+    assert standin.resume_arithmetic(passed, 500, loader_len) == (0, 0, 0)  # (epoch_to_start, micro-batches skipped, global_step)
+    # What sd-scripts' own resume would do instead (the stand-in's reading of it), from the same state:
+    flag = standin.setup_parser().parse_args(
+        ["--max_train_steps", "1500", "--gradient_accumulation_steps", "4", "--train_batch_size", "2",
+         "--resume", str(state), "--skip_until_initial_step"]
+    )  # fmt: skip
+    epoch_to_start, _, global_step = standin.resume_arithmetic(flag, 500, loader_len)
     num_train_epochs = -(-1500 // -(-loader_len // 4))
     assert (epoch_to_start, num_train_epochs) == (80, 60)  # starts after the last epoch: 0 of 1000 steps train
     # Without the flag it trains from the epoch holding step 500 to max_train_steps with the count restarted at 0.
-    args.skip_until_initial_step = False
-    assert standin.resume_arithmetic(args, 500, loader_len) == (20, 0, 0)
+    flag.skip_until_initial_step = False
+    assert standin.resume_arithmetic(flag, 500, loader_len) == (20, 0, 0)
 
 
 @pytest.mark.slow
+@pytest.mark.standin
 def test_resume_trains_the_remaining_steps_exactly_once_and_continues_the_count(tmp_path):
+    """Two resumes (4 -> 8 -> 12) run on the stand-in: what the launcher owns here is the argv of each attempt (the
+    remaining steps, the count from 0) and what it does with sd-scripts' resume outputs afterwards (adopt_resumed_outputs:
+    true step names, train_state.json, ss_steps; the evidence that each step trained once). How many steps an attempt
+    trains from that argv is the stand-in's reading of sd-scripts' code (train_network.py's resume arithmetic), not
+    sd-scripts running."""
     dataset = make_dataset(tmp_path / "ds", count=3)
     settings = ["profile=smoke", "gpu=h100", "gpu.batch_size=1", "gpu.gradient_accumulation_steps=2",
                 "profile.max_train_steps=12", "profile.save_every_n_steps=4", "profile.sample_every_n_steps=100",
@@ -131,8 +174,9 @@ def test_resume_trains_the_remaining_steps_exactly_once_and_continues_the_count(
         state = resumed / "output" / f"flux-lora-step{from_step:08d}-state"
         argv = frozen_inputs(compose_run(*settings, f"launch.resume_from={state}"), resumed, dataset)
         assert "--skip_until_initial_step" not in argv
+        assert (flags(argv)["--initial_step"], flags(argv)["--max_train_steps"]) == (["0"], [str(12 - from_step)])
         done = run_standin(argv)
-        assert f"trained {12 - from_step} optimizer steps" in done.stdout  # exactly the remaining steps
+        assert f"trained {12 - from_step} optimizer steps" in done.stdout  # exactly the remaining steps (the stand-in's count)
         adopt_resumed_outputs(resumed / "output", "flux-lora")
         if from_step == 4:  # the second resume must stop at 12, so stop this attempt's files at 8 like a crash would
             shutil.rmtree(resumed / "output" / "flux-lora-step00000012-state")
@@ -172,6 +216,7 @@ def test_resume_is_refused_when_sd_scripts_cannot_continue(tmp_path):
 # ---------------------------------------------------------------- 3 and 13. subfolders
 
 
+@pytest.mark.standin
 def test_a_dataset_in_subfolders_trains_through_the_view_and_the_old_toml_trained_nothing(tmp_path):
     dataset = tmp_path / "ds"
     make_dataset(dataset / "10_tok", count=2)
@@ -230,24 +275,22 @@ def test_warmup_ends_at_the_configured_optimizer_step_on_several_gpus():
 # ---------------------------------------------------------------- 5. the engine's checks run in engine.python
 
 
-def test_engine_preflight_runs_in_engine_python_and_is_recorded(tmp_path):
-    from tests.test_launch_e2e import launch
-
-    checkout = checkout_for_tests(tmp_path / "sd-scripts")
+@on_a_checkout
+def test_engine_preflight_runs_in_engine_python_and_is_recorded(tmp_path, checkout):
     marker = tmp_path / "ran-in-engine-python"
     wrapper = tmp_path / "engine-venv-python"
     wrapper.write_text(f"#!/bin/sh\necho \"$@\" > {marker}\nexec {checkout.python} \"$@\"\n")
     wrapper.chmod(0o755)
     args = ["engine=sd_scripts", "model=flux_dev", "profile=fast", "gpu=h100", "launch.dry_run=true",
             "dataset.bucket_reso_steps=64", f"engine.python={wrapper}"]  # fmt: skip
-    done = launch(args, tmp_path, {"SD_SCRIPTS_DIR": str(checkout.path)})
+    done = run_cli(*args, folder=tmp_path, env={"SD_SCRIPTS_DIR": str(checkout.path)})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     (record,) = (tmp_path / "outputs").rglob("run.json")
     preflight = json.loads(record.read_text())["engine_preflight"]
     assert preflight["state"] == "passed" and preflight["python"] == str(wrapper), preflight
     assert "assert_extra_args" in preflight["steps"] and "sd_scripts_preflight_job.py" in marker.read_text()
     # An interpreter that does not exist refuses the run with one line naming the key.
-    done = launch([*args[:-1], f"engine.python={tmp_path / 'no-such-python'}"], tmp_path, {"SD_SCRIPTS_DIR": str(checkout.path)})
+    done = run_cli(*args[:-1], f"engine.python={tmp_path / 'no-such-python'}", folder=tmp_path, env={"SD_SCRIPTS_DIR": str(checkout.path)})
     assert done.returncode == 1 and f"engine.python={tmp_path / 'no-such-python'}: no such executable" in done.stdout + done.stderr
 
 
