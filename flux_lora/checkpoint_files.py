@@ -13,9 +13,8 @@ import json
 import os
 import shutil
 import struct
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import blake3
 
@@ -215,21 +214,6 @@ def recover_replaced_dir(final_dir: Path) -> None:
         os.replace(staging, final_dir)
     else:
         os.replace(aside, final_dir)
-
-
-@contextmanager
-def atomic_dir(final_dir: Path, step: int) -> Iterator[Path]:
-    """Yield a staging folder to fill; on success it gets a manifest and final_dir's name, on error it is removed.
-
-    A process that dies inside the block leaves only the staging folder behind, never a partial final_dir.
-    """
-    staging = begin_dir(final_dir)
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    commit_dir(staging, final_dir, step)
 
 
 def read_safetensors_metadata(path: Path) -> dict[str, str]:

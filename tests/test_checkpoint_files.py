@@ -13,22 +13,26 @@ import pytest
 
 from flux_lora.checkpoint_files import (
     MANIFEST,
-    atomic_dir,
     atomic_write_file,
+    begin_dir,
+    commit_dir,
     replaced_path,
     staging_path,
     state_problem,
     write_manifest,
 )
+from flux_lora.checkpoint_files import WriteFailed
+from flux_lora.engines.native.stopping import writing
 from flux_lora.compose import PROJECT_ROOT
 
 
 def make_state(folder: Path, marker: str = "old", step: int = 4) -> Path:
-    with atomic_dir(folder, step) as staging:
-        (staging / "weights.bin").write_bytes(os.urandom(4096))
-        (staging / "sub").mkdir()
-        (staging / "sub" / "note.txt").write_text(marker)
-    return folder
+    # As the trainer writes a state: fill a staging folder from begin_dir, then commit_dir names it.
+    staging = begin_dir(folder)
+    (staging / "weights.bin").write_bytes(os.urandom(4096))
+    (staging / "sub").mkdir()
+    (staging / "sub" / "note.txt").write_text(marker)
+    return commit_dir(staging, folder, step)
 
 
 def test_manifest_lists_every_file_and_is_written_last(tmp_path: Path) -> None:
@@ -74,10 +78,13 @@ def test_damage_and_missing_pieces_are_named(tmp_path: Path) -> None:
 
 def test_an_error_inside_the_write_keeps_the_previous_state(tmp_path: Path) -> None:
     state = make_state(tmp_path / "run-state", marker="old")
-    with pytest.raises(RuntimeError):
-        with atomic_dir(state, 8) as staging:
+    # As the trainer writes: a failure inside `writing` removes the staging folder it began and names the state.
+    staging = staging_path(state)
+    with pytest.raises(WriteFailed, match="run-state"):
+        with writing(state, cleanup=staging):
+            begin_dir(state)
             (staging / "weights.bin").write_bytes(b"partial")
-            raise RuntimeError("disk full")
+            raise OSError(28, "No space left on device")
     assert state_problem(state) is None and (state / "sub" / "note.txt").read_text() == "old"
     assert not staging_path(state).exists()
 
@@ -88,10 +95,10 @@ def test_a_killed_writer_leaves_the_previous_state_valid_and_the_next_write_succ
     code = textwrap.dedent(f"""
         import os
         from pathlib import Path
-        from flux_lora.checkpoint_files import atomic_dir
-        with atomic_dir(Path({str(state)!r}), 8) as staging:
-            (staging / "weights.bin").write_bytes(b"half of it")
-            os._exit(9)
+        from flux_lora.checkpoint_files import begin_dir
+        staging = begin_dir(Path({str(state)!r}))
+        (staging / "weights.bin").write_bytes(b"half of it")
+        os._exit(9)
     """)
     done = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True)
     assert done.returncode == 9, done.stderr

@@ -138,11 +138,3 @@ def decode_image(path: Path, min_side: int | None = None) -> DecodedImage:
             result.error = f"decoding failed: {error}"
             result.rgb = None
     return result
-
-
-def load_rgb_image(path: Path) -> Image.Image:
-    """Full-resolution RGB image with orientation applied (for prepare); raises ValueError if it cannot be decoded."""
-    decoded = decode_image(path)
-    if decoded.rgb is None:
-        raise ValueError(f"{path}: {decoded.error}")
-    return Image.fromarray(decoded.rgb)

@@ -104,10 +104,6 @@ def load_reference_options(path: Path = REFERENCE_JSON) -> dict[str, ReferenceOp
     return options
 
 
-def reference_commit(path: Path = REFERENCE_JSON) -> str:
-    return json.loads(path.read_text(encoding="utf-8"))["commit"]
-
-
 # ---------------------------------------------------------------- what the engine ignores
 
 

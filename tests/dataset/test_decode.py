@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from flux_lora.dataset.decode import decode_image, load_rgb_image
+from flux_lora.dataset.decode import decode_image
 from tests.dataset.conftest import astronaut, exif_rotated_jpeg, png_claiming_size, save_jpeg
 
 
@@ -55,4 +55,4 @@ def test_format_flags(tmp_path: Path) -> None:
     assert "alpha" in decode_image(tmp_path / "alpha.png").flags
     assert "unsupported_format" in decode_image(tmp_path / "anim.gif").flags
     assert "extension_mismatch" in decode_image(tmp_path / "really_png.jpg").flags
-    assert load_rgb_image(tmp_path / "cmyk.jpg").mode == "RGB"
+    assert decode_image(tmp_path / "cmyk.jpg").rgb.shape[2] == 3  # converted to RGB
