@@ -1,8 +1,8 @@
 """flux-lora entry point: compose -> check -> freeze -> launch (-> report after a sweep).
 
-    python launch.py                                  # embedded default: tiny FLUX, sample data, CPU
-    python launch.py profile=final gpu=h200           # with conf/local/default.yaml pointing at real weights
-    python launch.py sweep=ablation                   # the nine-cell ablation matrix
+python launch.py                                  # embedded default: tiny FLUX, sample data, CPU
+python launch.py profile=final gpu=h200           # with conf/local/default.yaml pointing at real weights
+python launch.py sweep=ablation                   # the nine-cell ablation matrix
 """
 
 import os
@@ -16,17 +16,24 @@ from omegaconf import DictConfig
 
 from flux_lora.check import check_run
 from flux_lora.check_report import print_check_report
-from flux_lora.compose import PROJECT_ROOT, describe_config_error, load_run, print_config_tree, register, resolved_container
+from flux_lora.compose import (
+    PROJECT_ROOT,
+    describe_config_error,
+    load_run,
+    print_config_tree,
+    register,
+    resolved_container,
+)
 from flux_lora.cost import estimate_cost, estimated_and_took
 from flux_lora.engines import get_engine
-from flux_lora.report.collect import run_home
-from flux_lora.report import SKIPPED_DONE, SweepDirRecorder, find_run_dirs, print_summary, read_run, write_sweep_report
 from flux_lora.lifecycle.decision import RunNotStartable, continue_known_run
 from flux_lora.lifecycle.job import ExpectedTraining, evaluate_after_run, launch_command, start_run
 from flux_lora.lifecycle.lease import Lease, LeaseHeld, LeaseLost
-from flux_lora.records import RunState, write_pointer
 from flux_lora.lifecycle.slurm import restart_count, sweep_cells_expected
+from flux_lora.records import RunState, write_pointer
 from flux_lora.redaction import redact_terminal
+from flux_lora.report import SKIPPED_DONE, SweepDirRecorder, find_run_dirs, print_summary, read_run, write_sweep_report
+from flux_lora.report.collect import run_home
 from flux_lora.rules import memory_advice
 from flux_lora.schema import ResumeMode
 from flux_lora.snapshot import dataset_fingerprint, freeze_run, run_identity
@@ -72,13 +79,24 @@ def launch_one(cfg: DictConfig) -> None:
     resolved = resolved_container(cfg)
     run_id = run_identity(resolved, report, dataset_fingerprint(run, report))
     from_step = (report.resume_source or {}).get("step", 0)
-    expect = ExpectedTraining(run.profile.max_train_steps, run.launch.output_name, from_step=from_step, memory_advice=memory_advice(run))
+    expect = ExpectedTraining(
+        run.profile.max_train_steps, run.launch.output_name, from_step=from_step, memory_advice=memory_advice(run)
+    )
     try:
         # One owner per run id, from before the skip/resume/start decision until the final status is written.
-        lease = Lease.acquire(Path(run.paths.outputs), run_id, run_dir, run.launch.lease_stale_s, say=lambda line: print(f"info: {line}"))
+        lease = Lease.acquire(
+            Path(run.paths.outputs), run_id, run_dir, run.launch.lease_stale_s, say=lambda line: print(f"info: {line}")
+        )
     except LeaseHeld as held:
         print(f"error: {held}", file=sys.stderr)
-        leave_note(run_dir, hydra_cfg.mode, "busy", Path(held.holder.run_dir or run_dir), run_id, f"{held.holder.describe()}; {held.why}")
+        leave_note(
+            run_dir,
+            hydra_cfg.mode,
+            "busy",
+            Path(held.holder.run_dir or run_dir),
+            run_id,
+            f"{held.holder.describe()}; {held.why}",
+        )
         refused_exit(hydra_cfg.mode)
         return
     try:
@@ -94,7 +112,9 @@ def run_under_lease(run, engine, report, cost, resolved, run_id, expect, lease: 
     hydra_cfg = HydraConfig.get()
     if lease.took_over:
         print(f"info: run {run_id}: took over the lease of {lease.took_over.describe()}: {lease.took_over_why}")
-    if run.launch.resume == ResumeMode.auto and not (run.launch.dry_run or run.launch.resume_from or report.errors or report.refusal):
+    if run.launch.resume == ResumeMode.auto and not (
+        run.launch.dry_run or run.launch.resume_from or report.errors or report.refusal
+    ):
         try:
             known = continue_known_run(run, engine, report, run_dir, run_id, resolved, expect, lease)
         except RunNotStartable as refusal:
@@ -111,11 +131,20 @@ def run_under_lease(run, engine, report, cost, resolved, run_id, expect, lease: 
             return
 
     overrides = list(hydra_cfg.overrides.task)
-    frozen = freeze_run(run, resolved, report, engine, run_dir, PROJECT_ROOT, launch_command, overrides, cost.as_record())
+    frozen = freeze_run(
+        run, resolved, report, engine, run_dir, PROJECT_ROOT, launch_command, overrides, cost.as_record()
+    )
     print_check_report(report)
     run_dir = frozen.run_dir
-    status = start_run(frozen, report, dry_run=run.launch.dry_run, expect=expect, lease=lease,
-                       finish=lambda: engine.finish_attempt(run, run_dir), engine_record=engine.version_record(run))  # fmt: skip
+    status = start_run(
+        frozen,
+        report,
+        dry_run=run.launch.dry_run,
+        expect=expect,
+        lease=lease,
+        finish=lambda: engine.finish_attempt(run, run_dir),
+        engine_record=engine.version_record(run),
+    )
     end_run(frozen.run_id, status, run_dir, hydra_cfg.mode, run)
 
 

@@ -51,8 +51,11 @@ def build_photo_set(folder: Path, count: int, side: int = 1024, seed: int = 0) -
         if rng.random() < 0.5:
             pixels = pixels[:, ::-1]
         scale = side / max(crop_h, crop_w)
-        resized = cv2.resize(np.clip(pixels, 0, 255).astype(np.uint8), (round(crop_w * scale), round(crop_h * scale)),
-                             interpolation=cv2.INTER_CUBIC)
+        resized = cv2.resize(
+            np.clip(pixels, 0, 255).astype(np.uint8),
+            (round(crop_w * scale), round(crop_h * scale)),
+            interpolation=cv2.INTER_CUBIC,
+        )
         path = folder / f"photo_{index:04d}.jpg"
         cv2.imwrite(str(path), cv2.cvtColor(resized, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
         path.with_suffix(".txt").write_text(f"TOK Woman, photo {index}\n", encoding="utf-8")
@@ -85,9 +88,21 @@ def naive_full_resolution(paths: list[Path]) -> float:
 def cli_seconds(dataset: Path, cache_dir: Path) -> float:
     started = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-m", "flux_lora.dataset", "analyze", str(dataset), "--trigger", "TOK Woman",
-         "--cache-dir", str(cache_dir)],
-        cwd=REPO, check=False, stdout=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "160"},
+        [
+            sys.executable,
+            "-m",
+            "flux_lora.dataset",
+            "analyze",
+            str(dataset),
+            "--trigger",
+            "TOK Woman",
+            "--cache-dir",
+            str(cache_dir),
+        ],
+        cwd=REPO,
+        check=False,
+        stdout=subprocess.DEVNULL,
+        env={**os.environ, "COLUMNS": "160"},
     )
     return time.perf_counter() - started
 

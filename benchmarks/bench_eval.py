@@ -25,8 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -47,17 +47,30 @@ VALIDATION_ONLY = ["--no-likeness", "--no-load-check"]
 
 def train_run(work: Path, steps: int) -> Path:
     """The embedded default, trained for `steps` (its LoRA saved every 50 steps)."""
-    subprocess.run([sys.executable, str(PROJECT_ROOT / "launch.py"), f"profile.max_train_steps={steps}",
-                    f"paths.outputs={work / 'outputs'}", f"paths.cache={work / 'cache'}"],
-                   cwd=work, check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            str(PROJECT_ROOT / "launch.py"),
+            f"profile.max_train_steps={steps}",
+            f"paths.outputs={work / 'outputs'}",
+            f"paths.cache={work / 'cache'}",
+        ],
+        cwd=work,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     (run_dir,) = [p.parent for p in (work / "outputs").rglob("run.json")]
     return run_dir
 
 
 def timed_eval(run_dir: Path, *extra: str) -> float:
     began = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "flux_lora.eval", str(run_dir), *VALIDATION_ONLY, *extra],
-                   cwd=PROJECT_ROOT, check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "flux_lora.eval", str(run_dir), *VALIDATION_ONLY, *extra],
+        cwd=PROJECT_ROOT,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return time.perf_counter() - began
 
 
@@ -139,7 +152,9 @@ def validation_and_cache(run_dir: Path, rounds: int) -> tuple[list[str], bool]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--source", type=Path, default=None, help="an embedded-default run directory (default: train one)")
+    parser.add_argument(
+        "--source", type=Path, default=None, help="an embedded-default run directory (default: train one)"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None, help="also write the figures to this Markdown file")
     args = parser.parse_args()

@@ -1,6 +1,6 @@
 """Dataset fingerprint: blake3, each byte read once, against the md5-of-every-file approach it replaces.
 
-    python benchmarks/bench_fingerprint.py [--images 500]
+python benchmarks/bench_fingerprint.py [--images 500]
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TARGET_S = 0.5
 
-TRIVIAL_APP = '''
+TRIVIAL_APP = """
 import hydra
 from omegaconf import DictConfig
 
@@ -38,7 +38,7 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     main()
-'''
+"""
 
 
 def seconds(argv: list[str], cwd: Path) -> float:
@@ -73,9 +73,15 @@ def main() -> None:
     try:
         (workdir / "trivial_app.py").write_text(TRIVIAL_APP)
         trivial = [sys.executable, str(workdir / "trivial_app.py")]
+
         def dry_run(root: Path, tag: str) -> list[str]:
-            return [sys.executable, str(root / "launch.py"), "launch.dry_run=true",
-                    f"paths.outputs={workdir / f'outputs-{tag}'}", f"paths.cache={workdir / f'cache-{tag}'}"]  # fmt: skip
+            return [
+                sys.executable,
+                str(root / "launch.py"),
+                "launch.dry_run=true",
+                f"paths.outputs={workdir / f'outputs-{tag}'}",
+                f"paths.cache={workdir / f'cache-{tag}'}",
+            ]
 
         launcher = dry_run(PROJECT_ROOT, "this")
         baseline = dry_run(args.baseline.resolve(), "baseline") if args.baseline else None

@@ -25,9 +25,8 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Optional
 
 import torch
 import yaml
@@ -45,8 +44,15 @@ TIERS = ("rtx4090", "a6000", "h100", "h200")
 GPU_RESOLUTIONS = (512, 768, 1024)
 TINY_RESOLUTIONS = (64, 128)
 # A FLUX.1-dev-shaped transformer a CPU steps through in well under a second.
-TINY_OVERRIDES = {"num_layers": 2, "num_single_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16,
-                  "axes_dims_rope": [4, 6, 6], "joint_attention_dim": 32, "pooled_projection_dim": 32}
+TINY_OVERRIDES = {
+    "num_layers": 2,
+    "num_single_layers": 2,
+    "num_attention_heads": 2,
+    "attention_head_dim": 16,
+    "axes_dims_rope": [4, 6, 6],
+    "joint_attention_dim": 32,
+    "pooled_projection_dim": 32,
+}
 NO_CUDA = "no CUDA device: run on a GPU box, or pass --device cpu --tiny to check the script"
 
 
@@ -62,7 +68,9 @@ def read_yaml(path: Path) -> dict:
     return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
-def settings_to_measure(tiers: list[str], resolutions: list[int], profile: str, tiny: bool, device: torch.device) -> list[Setting]:
+def settings_to_measure(
+    tiers: list[str], resolutions: list[int], profile: str, tiny: bool, device: torch.device
+) -> list[Setting]:
     """One NativeTrainConfig per (tier, resolution) the tier allows, filled from the conf files the launcher composes."""
     recipe = read_yaml(CONF / "profile" / f"{profile}.yaml")
     optimizer = read_yaml(CONF / "optimizer" / "adamw8bit.yaml")
@@ -131,7 +139,9 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def measure(setting: Setting, *, tiny: bool, device: torch.device, steps: int, warmup: int, seed: int, stage: list) -> dict:
+def measure(
+    setting: Setting, *, tiny: bool, device: torch.device, steps: int, warmup: int, seed: int, stage: list
+) -> dict:
     """Set up as run_training does, then time `warmup + steps` optimizer steps; `stage[0]` names where an OOM hit."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
@@ -140,8 +150,11 @@ def measure(setting: Setting, *, tiny: bool, device: torch.device, steps: int, w
     stage[0] = "setup"
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
-                              mixed_precision=config.mixed_precision, cpu=config.use_cpu)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        cpu=config.use_cpu,
+    )
     weight_dtype = torch.bfloat16
 
     # The job's own setup: bf16 base, LoRA in fp32, fp8 base, checkpointing, optimizer, prepare, block swap.
@@ -157,7 +170,9 @@ def measure(setting: Setting, *, tiny: bool, device: torch.device, steps: int, w
     batch = {
         "latents": torch.randn(b, 16, side, side, generator=generator).to(torch.bfloat16),
         "pooled": torch.randn(b, model_config.pooled_projection_dim, generator=generator).to(torch.bfloat16),
-        "t5": torch.randn(b, config.t5_max_length, model_config.joint_attention_dim, generator=generator).to(torch.bfloat16),
+        "t5": torch.randn(b, config.t5_max_length, model_config.joint_attention_dim, generator=generator).to(
+            torch.bfloat16
+        ),
     }
 
     micro_step = 0
@@ -199,13 +214,21 @@ def measure(setting: Setting, *, tiny: bool, device: torch.device, steps: int, w
 
 
 def measure_or_oom(setting: Setting, **kwargs) -> dict:
-    row = {"tier": setting.tier, "resolution": setting.resolution, "batch_size": setting.config.batch_size,
-           "gradient_accumulation_steps": setting.config.gradient_accumulation_steps,
-           "blocks_to_swap": setting.config.blocks_to_swap, "fp8_base": setting.config.fp8_base,
-           "network_dim": setting.config.network_dim, "network_alpha": setting.config.network_alpha,
-           "tier_memory_gb": setting.tier_memory_gb}
+    row = {
+        "tier": setting.tier,
+        "resolution": setting.resolution,
+        "batch_size": setting.config.batch_size,
+        "gradient_accumulation_steps": setting.config.gradient_accumulation_steps,
+        "blocks_to_swap": setting.config.blocks_to_swap,
+        "fp8_base": setting.config.fp8_base,
+        "network_dim": setting.config.network_dim,
+        "network_alpha": setting.config.network_alpha,
+        "tier_memory_gb": setting.tier_memory_gb,
+    }
     device = kwargs["device"]
-    row["block_swap_applied"] = bool(setting.config.blocks_to_swap) and device.type == "cuda"  # the job swaps only on CUDA
+    row["block_swap_applied"] = (
+        bool(setting.config.blocks_to_swap) and device.type == "cuda"
+    )  # the job swaps only on CUDA
     reset_peak(device)
     stage = ["setup"]
     try:
@@ -214,8 +237,12 @@ def measure_or_oom(setting: Setting, **kwargs) -> dict:
         row.update(status="OOM", stage=stage[0], peak_memory_gb=peak_memory_gb(device))
     except Exception as error:  # one broken setting (e.g. block swap) must not lose the rest of a GPU session
         traceback.print_exc()
-        row.update(status="error", stage=stage[0], error=f"{type(error).__name__}: {error}"[:500],
-                   peak_memory_gb=peak_memory_gb(device))
+        row.update(
+            status="error",
+            stage=stage[0],
+            error=f"{type(error).__name__}: {error}"[:500],
+            peak_memory_gb=peak_memory_gb(device),
+        )
     # Everything the setting allocated is unreachable once measure() has returned or its exception is gone.
     gc.collect()
     if device.type == "cuda":
@@ -229,18 +256,29 @@ def environment(device: torch.device, tiny: bool) -> dict:
     import peft
 
     record = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "device": str(device),
-        "model": "tiny FLUX (shipped config, shrunk)" if tiny else "FLUX.1-dev transformer (shipped config), random weights",
-        "torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
-        "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__, "python": platform.python_version(),
+        "model": "tiny FLUX (shipped config, shrunk)"
+        if tiny
+        else "FLUX.1-dev transformer (shipped config), random weights",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "diffusers": diffusers.__version__,
+        "peft": peft.__version__,
+        "bitsandbytes": bitsandbytes.__version__,
+        "python": platform.python_version(),
         "git_commit": _command(["git", "-C", str(REPO), "rev-parse", "HEAD"]),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        record.update(gpu_name=torch.cuda.get_device_name(device), gpu_memory_gb=props.total_memory / 2**30,
-                      compute_capability=f"{props.major}.{props.minor}",
-                      driver=_command(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", f"--id={device.index or 0}"]))
+        record.update(
+            gpu_name=torch.cuda.get_device_name(device),
+            gpu_memory_gb=props.total_memory / 2**30,
+            compute_capability=f"{props.major}.{props.minor}",
+            driver=_command(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", f"--id={device.index or 0}"]
+            ),
+        )
     else:
         record.update(gpu_name=None, cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
     return record
@@ -260,18 +298,26 @@ def slug(name: str) -> str:
 def print_table(rows: list[dict], header: str) -> None:
     baseline = next((r for r in rows if r["status"] == "ok"), None)
     print(header)
-    print(f"{'tier':8} {'px':>5} {'batch':>5} {'accum':>5} {'swap':>4} {'fp8':>3} {'s/step':>8} {'s/image':>8} "
-          f"{'x first':>7} {'peak GB':>8} {'setup GB':>8} {'tier GB':>7}  status")
+    print(
+        f"{'tier':8} {'px':>5} {'batch':>5} {'accum':>5} {'swap':>4} {'fp8':>3} {'s/step':>8} {'s/image':>8} "
+        f"{'x first':>7} {'peak GB':>8} {'setup GB':>8} {'tier GB':>7}  status"
+    )
     for r in rows:
-        head = (f"{r['tier']:8} {r['resolution']:>5} {r['batch_size']:>5} {r['gradient_accumulation_steps']:>5} "
-                f"{r['blocks_to_swap'] if r['block_swap_applied'] else '-':>4} {'yes' if r['fp8_base'] else 'no':>3}")
+        head = (
+            f"{r['tier']:8} {r['resolution']:>5} {r['batch_size']:>5} {r['gradient_accumulation_steps']:>5} "
+            f"{r['blocks_to_swap'] if r['block_swap_applied'] else '-':>4} {'yes' if r['fp8_base'] else 'no':>3}"
+        )
         if r["status"] == "ok":
             ratio = r["seconds_per_image"] / baseline["seconds_per_image"]
-            print(f"{head} {r['seconds_per_step']:8.3f} {r['seconds_per_image']:8.3f} {ratio:7.2f} "
-                  f"{r['peak_memory_gb']:8.2f} {r['setup_peak_memory_gb']:8.2f} {r['tier_memory_gb']:7.0f}  ok")
+            print(
+                f"{head} {r['seconds_per_step']:8.3f} {r['seconds_per_image']:8.3f} {ratio:7.2f} "
+                f"{r['peak_memory_gb']:8.2f} {r['setup_peak_memory_gb']:8.2f} {r['tier_memory_gb']:7.0f}  ok"
+            )
         else:
-            print(f"{head} {'-':>8} {'-':>8} {'-':>7} {r['peak_memory_gb']:8.2f} {'-':>8} {r['tier_memory_gb']:7.0f}  "
-                  f"{r['status']} in {r['stage']}" + (f": {r['error'][:80]}" if "error" in r else ""))
+            print(
+                f"{head} {'-':>8} {'-':>8} {'-':>7} {r['peak_memory_gb']:8.2f} {'-':>8} {r['tier_memory_gb']:7.0f}  "
+                f"{r['status']} in {r['stage']}" + (f": {r['error'][:80]}" if "error" in r else "")
+            )
     if baseline is not None:
         print(f"x first: s/image relative to {baseline['tier']} at {baseline['resolution']} px, measured in this run")
 
@@ -289,24 +335,40 @@ def save_results(args: argparse.Namespace, env: dict, rows: list[dict], suffix: 
     out = args.out or (None if args.tiny else RESULTS / f"{slug(env['gpu_name'])}{suffix}.json")
     if out is None:
         return
-    append_run(out, {"environment": env, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                     "rows": rows})  # fmt: skip
+    append_run(
+        out,
+        {
+            "environment": env,
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "rows": rows,
+        },
+    )
     print(f"results appended to {out}")
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, *, resolutions_help: str, steps_help: str, out_name: str) -> None:
+def add_common_arguments(
+    parser: argparse.ArgumentParser, *, resolutions_help: str, steps_help: str, out_name: str
+) -> None:
     """The options every GPU benchmark here shares (device, tiny check, resolutions, timing, seed, results file)."""
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (cpu needs --tiny)")
-    parser.add_argument("--tiny", action="store_true", help="tiny FLUX config at 64/128 px: checks the script, measures nothing useful")
-    parser.add_argument("--resolutions", nargs="+", type=int, default=None, help=f"default {resolutions_help} (tiny: 64 128)")
+    parser.add_argument(
+        "--tiny", action="store_true", help="tiny FLUX config at 64/128 px: checks the script, measures nothing useful"
+    )
+    parser.add_argument(
+        "--resolutions", nargs="+", type=int, default=None, help=f"default {resolutions_help} (tiny: 64 128)"
+    )
     parser.add_argument("--steps", type=int, default=5, help=steps_help)
     parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps before them")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"results file (default benchmarks/results/{out_name}; with --tiny, none unless given)")  # fmt: skip
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"results file (default benchmarks/results/{out_name}; with --tiny, none unless given)",
+    )
 
 
-def benchmark_device(args: argparse.Namespace) -> Optional[torch.device]:
+def benchmark_device(args: argparse.Namespace) -> torch.device | None:
     """The device to measure on, made current; None (after saying why on stderr) when the options cannot run here."""
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -319,14 +381,20 @@ def benchmark_device(args: argparse.Namespace) -> Optional[torch.device]:
         device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
         torch.cuda.set_device(device)  # accelerate places the native engine's model on the current device
     if args.tiny and device.type == "cpu":
-        torch.set_num_threads(1)  # tiny matrices: OpenMP barriers cost more than a second thread gives (20x on a busy 2-core box)
+        torch.set_num_threads(
+            1
+        )  # tiny matrices: OpenMP barriers cost more than a second thread gives (20x on a busy 2-core box)
     return device
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_arguments(parser, resolutions_help="512 768 1024", steps_help="timed optimizer steps per setting",
-                         out_name="<gpu-name>.json")  # fmt: skip
+    add_common_arguments(
+        parser,
+        resolutions_help="512 768 1024",
+        steps_help="timed optimizer steps per setting",
+        out_name="<gpu-name>.json",
+    )
     parser.add_argument("--tiers", nargs="+", default=list(TIERS), choices=TIERS)
     parser.add_argument("--profile", default="fast", help="conf/profile file for rank, alpha, dropout, noise offset")
     args = parser.parse_args()
@@ -339,14 +407,19 @@ def main() -> int:
     rows = []
     for setting in settings:
         print(f"measuring {setting.tier} at {setting.resolution} px ...", flush=True)
-        rows.append(measure_or_oom(setting, tiny=args.tiny, device=device, steps=args.steps, warmup=args.warmup, seed=args.seed))
+        rows.append(
+            measure_or_oom(setting, tiny=args.tiny, device=device, steps=args.steps, warmup=args.warmup, seed=args.seed)
+        )
 
     on = env["gpu_name"] or f"CPU ({env['threads']} threads)"
     recipe = settings[0].config if settings else NativeTrainConfig()
     memory = "CUDA max allocated, reset per setting" if device.type == "cuda" else "CPU: process max RSS, never reset"
-    print_table(rows, f"\n{env['model']} on {on}; profile {args.profile} (rank {recipe.network_dim}, alpha "
-                      f"{recipe.network_alpha:g}), {recipe.optimizer}, gradient checkpointing; mean of {args.steps} "
-                      f"optimizer steps after {args.warmup} warm-up; peak GB: {memory}")
+    print_table(
+        rows,
+        f"\n{env['model']} on {on}; profile {args.profile} (rank {recipe.network_dim}, alpha "
+        f"{recipe.network_alpha:g}), {recipe.optimizer}, gradient checkpointing; mean of {args.steps} "
+        f"optimizer steps after {args.warmup} warm-up; peak GB: {memory}",
+    )
     save_results(args, env, rows, suffix="")
     return 0
 

@@ -30,7 +30,12 @@ from PIL import Image  # noqa: E402
 from flux_lora.engines.native.config import NativeTrainConfig  # noqa: E402
 from flux_lora.engines.native.data import build_train_items, collate, epoch_batches  # noqa: E402
 from flux_lora.engines.native.setup import build_optimizer, load_parts  # noqa: E402
-from flux_lora.engines.native.train import draw_noise_and_sigmas, flow_matching_loss, run_training, step_generator  # noqa: E402
+from flux_lora.engines.native.train import (  # noqa: E402
+    draw_noise_and_sigmas,
+    flow_matching_loss,
+    run_training,
+    step_generator,
+)
 
 WARMUP_STEPS = 3
 
@@ -46,7 +51,7 @@ def return_freed_memory_to_the_os() -> None:
 class PeakRss:
     """Largest resident set size seen while active, sampled every 2 ms, minus the size at start."""
 
-    def __enter__(self) -> "PeakRss":
+    def __enter__(self) -> PeakRss:
         self.start = self.peak = self._rss()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
@@ -102,7 +107,9 @@ def plain_loop(config: NativeTrainConfig) -> list[float]:
         batch = collate(items, batches[step % len(batches)])
         noise, sigmas = draw_noise_and_sigmas(config, batch["latents"], step_generator(config.seed, step))
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = flow_matching_loss(transformer, config, batch["latents"], noise, sigmas, batch["pooled"], batch["t5"], torch.bfloat16)
+            loss = flow_matching_loss(
+                transformer, config, batch["latents"], noise, sigmas, batch["pooled"], batch["t5"], torch.bfloat16
+            )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
@@ -121,12 +128,26 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         config = NativeTrainConfig(
-            dataset_path=str(make_dataset(root / "ds", args.resolution)), resolution=args.resolution,
-            min_bucket_reso=args.resolution, max_bucket_reso=args.resolution, bucket_reso_steps=64,
-            max_train_steps=args.steps, learning_rate=1e-3, lr_scheduler="constant", network_dim=8, network_alpha=8,
-            optimizer="adamw8bit", optimizer_args={"weight_decay": 0.01}, mixed_precision="bf16",
-            gradient_checkpointing=True, save_every_n_steps=0, sample_every_n_steps=0, use_cpu=True,
-            cache_dir=str(root / "cache"), output_dir=str(root / "out"), logging_dir=str(root / "logs"),
+            dataset_path=str(make_dataset(root / "ds", args.resolution)),
+            resolution=args.resolution,
+            min_bucket_reso=args.resolution,
+            max_bucket_reso=args.resolution,
+            bucket_reso_steps=64,
+            max_train_steps=args.steps,
+            learning_rate=1e-3,
+            lr_scheduler="constant",
+            network_dim=8,
+            network_alpha=8,
+            optimizer="adamw8bit",
+            optimizer_args={"weight_decay": 0.01},
+            mixed_precision="bf16",
+            gradient_checkpointing=True,
+            save_every_n_steps=0,
+            sample_every_n_steps=0,
+            use_cpu=True,
+            cache_dir=str(root / "cache"),
+            output_dir=str(root / "out"),
+            logging_dir=str(root / "logs"),
         )
         plain_loop(config)  # fills the caches and warms the allocator for both measured runs
         timings = {}
@@ -136,12 +157,20 @@ def main() -> None:
                 seconds = plain_loop(config) if name == "plain" else run_training(config).step_seconds
             timings[name] = (statistics.median(seconds[WARMUP_STEPS:]), memory.growth_gb, memory.peak / 2**30)
     (plain_s, plain_gb, plain_peak), (engine_s, engine_gb, engine_peak) = timings["plain"], timings["engine"]
-    print(f"tiny FLUX, CPU ({torch.get_num_threads()} threads), {args.resolution} px, batch 1, {args.steps} steps, "
-          f"median after {WARMUP_STEPS} warm-up steps")
-    print(f"plain loop : {plain_s:.4f} s/step   peak RSS growth {plain_gb * 1024:.1f} MiB (peak RSS {plain_peak:.3f} GiB)")
-    print(f"engine     : {engine_s:.4f} s/step   peak RSS growth {engine_gb * 1024:.1f} MiB (peak RSS {engine_peak:.3f} GiB)")
-    print(f"ratio engine/plain: time {engine_s / plain_s:.3f}   peak RSS {engine_peak / plain_peak:.3f}"
-          f"   RSS growth {engine_gb / plain_gb if plain_gb > 0 else float('nan'):.3f} (tiny model: MiB-scale, noisy)")
+    print(
+        f"tiny FLUX, CPU ({torch.get_num_threads()} threads), {args.resolution} px, batch 1, {args.steps} steps, "
+        f"median after {WARMUP_STEPS} warm-up steps"
+    )
+    print(
+        f"plain loop : {plain_s:.4f} s/step   peak RSS growth {plain_gb * 1024:.1f} MiB (peak RSS {plain_peak:.3f} GiB)"
+    )
+    print(
+        f"engine     : {engine_s:.4f} s/step   peak RSS growth {engine_gb * 1024:.1f} MiB (peak RSS {engine_peak:.3f} GiB)"
+    )
+    print(
+        f"ratio engine/plain: time {engine_s / plain_s:.3f}   peak RSS {engine_peak / plain_peak:.3f}"
+        f"   RSS growth {engine_gb / plain_gb if plain_gb > 0 else float('nan'):.3f} (tiny model: MiB-scale, noisy)"
+    )
 
 
 if __name__ == "__main__":

@@ -36,12 +36,11 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from bench_native_gpu import (
     CONF,
     TINY_RESOLUTIONS,
@@ -54,6 +53,7 @@ from bench_native_gpu import (
     synchronize,
     transformer_config,
 )
+
 from flux_lora.engines.native.config import NativeTrainConfig
 from flux_lora.engines.native.lora import DOUBLE_BLOCK_MODULES, SINGLE_BLOCK_MODULES
 from flux_lora.engines.native.setup import prepare_lora_training, store_base_in_fp8
@@ -66,11 +66,21 @@ LEARNING_RATE = 1e-4
 MAX_GRAD_NORM = 1.0  # the engine's default; the bare loop clips at the same norm
 TARGET_RATIO = 1.10
 # Dense bf16 tensor-core TFLOP/s from the vendors' datasheets; first substring of the CUDA device name that matches.
-PEAK_BF16_TFLOPS = (("H200 NVL", 835.0), ("H200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0),
-                    ("A100", 312.0), ("RTX A6000", 155.0), ("RTX 4090", 165.0))
-BELOW_PEAK = ("below peak because: a LoRA skips the base's weight gradients (without checkpointing the base does "
-              "4NT, not 6NT), attention, norms, RoPE and modulation are not in 6NT and are memory-bound, the "
-              "rank-32 matmuls and AdamW are small kernels, and batch 1 gives 1.5k-4.6k tokens per step")
+PEAK_BF16_TFLOPS = (
+    ("H200 NVL", 835.0),
+    ("H200", 989.0),
+    ("H100 NVL", 835.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("A100", 312.0),
+    ("RTX A6000", 155.0),
+    ("RTX 4090", 165.0),
+)
+BELOW_PEAK = (
+    "below peak because: a LoRA skips the base's weight gradients (without checkpointing the base does "
+    "4NT, not 6NT), attention, norms, RoPE and modulation are not in 6NT and are memory-bound, the "
+    "rank-32 matmuls and AdamW are small kernels, and batch 1 gives 1.5k-4.6k tokens per step"
+)
 
 
 @dataclass(frozen=True)
@@ -104,10 +114,19 @@ class NativeEngineLoop:
 
         self.device = device
         self.config = NativeTrainConfig(
-            model_kind="tiny" if tiny else "flux_dev", t5_max_length=text_tokens, resolution=case.resolution,
-            network_dim=rank, network_alpha=float(rank), learning_rate=LEARNING_RATE, lr_scheduler="constant",
-            optimizer="adamw", max_grad_norm=MAX_GRAD_NORM, gradient_checkpointing=case.checkpointing,
-            fp8_base=case.fp8_base, use_cpu=device.type == "cpu", seed=seed,
+            model_kind="tiny" if tiny else "flux_dev",
+            t5_max_length=text_tokens,
+            resolution=case.resolution,
+            network_dim=rank,
+            network_alpha=float(rank),
+            learning_rate=LEARNING_RATE,
+            lr_scheduler="constant",
+            optimizer="adamw",
+            max_grad_norm=MAX_GRAD_NORM,
+            gradient_checkpointing=case.checkpointing,
+            fp8_base=case.fp8_base,
+            use_cpu=device.type == "cpu",
+            seed=seed,
         )
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
@@ -126,8 +145,18 @@ class NativeEngineLoop:
 
 def lora_target_modules(config: dict) -> list[str]:
     """Full module names, as the engine targets them: a bare suffix such as "proj_out" would also catch the output layer."""
-    doubles = [f"transformer_blocks.{i}.{m}" for i in range(config["num_layers"]) for ms in DOUBLE_BLOCK_MODULES.values() for m in ms]
-    singles = [f"single_transformer_blocks.{i}.{m}" for i in range(config["num_single_layers"]) for ms in SINGLE_BLOCK_MODULES.values() for m in ms]
+    doubles = [
+        f"transformer_blocks.{i}.{m}"
+        for i in range(config["num_layers"])
+        for ms in DOUBLE_BLOCK_MODULES.values()
+        for m in ms
+    ]
+    singles = [
+        f"single_transformer_blocks.{i}.{m}"
+        for i in range(config["num_single_layers"])
+        for ms in SINGLE_BLOCK_MODULES.values()
+        for m in ms
+    ]
     return doubles + singles
 
 
@@ -153,7 +182,9 @@ class BareDiffusersLoop:
         config = transformer_config(tiny)
         torch.manual_seed(seed)
         model = build_random_transformer(config, device, seed).requires_grad_(False)
-        model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=lora_target_modules(config)))
+        model.add_adapter(
+            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=lora_target_modules(config))
+        )
         cast_training_params(model, dtype=torch.float32)
         if case.fp8_base:
             store_base_in_fp8(model)
@@ -178,9 +209,14 @@ class BareDiffusersLoop:
         img_ids[..., 2] = torch.arange(w // 2, device=device, dtype=dtype)[None, :]
         with torch.autocast(device.type, dtype=dtype):
             prediction = self.model(
-                hidden_states=pack_2x2(noisy), encoder_hidden_states=t5, pooled_projections=pooled,
-                timestep=sigmas.to(dtype), img_ids=img_ids.reshape(-1, 3), txt_ids=torch.zeros(t5.shape[1], 3, device=device, dtype=dtype),
-                guidance=torch.ones(b, device=device, dtype=dtype), return_dict=False,
+                hidden_states=pack_2x2(noisy),
+                encoder_hidden_states=t5,
+                pooled_projections=pooled,
+                timestep=sigmas.to(dtype),
+                img_ids=img_ids.reshape(-1, 3),
+                txt_ids=torch.zeros(t5.shape[1], 3, device=device, dtype=dtype),
+                guidance=torch.ones(b, device=device, dtype=dtype),
+                return_dict=False,
             )[0]
         loss = F.mse_loss(unpack_2x2(prediction, h, w).float(), (noise - x0).float())
         loss.backward()
@@ -219,13 +255,23 @@ def time_loop(name: str, case: Case, batch: dict, *, steps: int, warmup: int, **
             losses.append(loop.step(batch, index))
             synchronize(device)
             seconds.append(time.perf_counter() - began)
-        result = {"status": "ok", "seconds_per_step": statistics.median(seconds), "step_seconds": seconds,
-                  "peak_memory_gb": peak_gb(device), "final_loss": losses[-1]}
+        result = {
+            "status": "ok",
+            "seconds_per_step": statistics.median(seconds),
+            "step_seconds": seconds,
+            "peak_memory_gb": peak_gb(device),
+            "final_loss": losses[-1],
+        }
     except torch.OutOfMemoryError:
         result = {"status": "OOM", "stage": stage, "peak_memory_gb": peak_gb(device)}
     except Exception as error:  # one broken setting must not lose the rest of a GPU session
         traceback.print_exc()
-        result = {"status": "error", "stage": stage, "error": f"{type(error).__name__}: {error}"[:500], "peak_memory_gb": peak_gb(device)}
+        result = {
+            "status": "error",
+            "stage": stage,
+            "error": f"{type(error).__name__}: {error}"[:500],
+            "peak_memory_gb": peak_gb(device),
+        }
     finally:
         if loop is not None:
             loop.close()
@@ -261,22 +307,38 @@ def environment(device: torch.device, tiny: bool, params: float) -> dict:
     import peft
 
     try:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         commit = None
     record = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "device": str(device),
-        "model": "tiny FLUX (shipped config, shrunk)" if tiny else "FLUX.1-dev transformer (shipped config), random weights",
+        "model": "tiny FLUX (shipped config, shrunk)"
+        if tiny
+        else "FLUX.1-dev transformer (shipped config), random weights",
         "flop_params": params,
-        "torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": diffusers.__version__, "peft": peft.__version__,
-        "accelerate": accelerate.__version__, "python": platform.python_version(), "git_commit": commit,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "diffusers": diffusers.__version__,
+        "peft": peft.__version__,
+        "accelerate": accelerate.__version__,
+        "python": platform.python_version(),
+        "git_commit": commit,
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         name = torch.cuda.get_device_name(device)
-        record.update(gpu_name=name, gpu_memory_gb=props.total_memory / 2**30, compute_capability=f"{props.major}.{props.minor}",
-                      datasheet_bf16_tflops=peak_tflops(name))
+        record.update(
+            gpu_name=name,
+            gpu_memory_gb=props.total_memory / 2**30,
+            compute_capability=f"{props.major}.{props.minor}",
+            datasheet_bf16_tflops=peak_tflops(name),
+        )
     else:
         record.update(gpu_name=None, cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
     return record
@@ -310,24 +372,34 @@ def print_table(rows: list[dict]) -> None:
     def cell(value, fmt):
         return format(value, fmt) if value is not None else "-"
 
-    print(f"{'px':>5} {'ckpt':>4} {'base':>4} | {'native s':>8} {'bare s':>8} {'n/b':>5} | {'native GB':>9} {'bare GB':>8} | "
-          f"{'native TF/s':>11} {'bare TF/s':>9} {'% peak':>6} | status")
+    print(
+        f"{'px':>5} {'ckpt':>4} {'base':>4} | {'native s':>8} {'bare s':>8} {'n/b':>5} | {'native GB':>9} {'bare GB':>8} | "
+        f"{'native TF/s':>11} {'bare TF/s':>9} {'% peak':>6} | status"
+    )
     for r in rows:
         native, bare, ratio = r["native"], r["bare"], r["ratio_native_over_bare"]
         share = f"{100 * native['share_of_peak']:.1f}%" if native.get("share_of_peak") else "-"
-        status = (f"{'met' if ratio <= TARGET_RATIO else 'MISSED'} (target {TARGET_RATIO:.2f}x)" if ratio is not None else
-                  "; ".join(f"{k} {r[k]['status']} in {r[k]['stage']}" for k in LOOPS if r[k]["status"] != "ok"))
-        print(f"{r['resolution']:>5} {'on' if r['checkpointing'] else 'off':>4} {'fp8' if r['fp8_base'] else 'bf16':>4} | "
-              f"{cell(native.get('seconds_per_step'), '8.3f'):>8} {cell(bare.get('seconds_per_step'), '8.3f'):>8} {cell(ratio, '5.2f'):>5} | "
-              f"{cell(native['peak_memory_gb'], '9.2f'):>9} {cell(bare['peak_memory_gb'], '8.2f'):>8} | "
-              f"{cell(native.get('tflops'), '11.4g'):>11} {cell(bare.get('tflops'), '9.4g'):>9} {share:>6} | {status}")
+        status = (
+            f"{'met' if ratio <= TARGET_RATIO else 'MISSED'} (target {TARGET_RATIO:.2f}x)"
+            if ratio is not None
+            else "; ".join(f"{k} {r[k]['status']} in {r[k]['stage']}" for k in LOOPS if r[k]["status"] != "ok")
+        )
+        print(
+            f"{r['resolution']:>5} {'on' if r['checkpointing'] else 'off':>4} {'fp8' if r['fp8_base'] else 'bf16':>4} | "
+            f"{cell(native.get('seconds_per_step'), '8.3f'):>8} {cell(bare.get('seconds_per_step'), '8.3f'):>8} {cell(ratio, '5.2f'):>5} | "
+            f"{cell(native['peak_memory_gb'], '9.2f'):>9} {cell(bare['peak_memory_gb'], '8.2f'):>8} | "
+            f"{cell(native.get('tflops'), '11.4g'):>11} {cell(bare.get('tflops'), '9.4g'):>9} {share:>6} | {status}"
+        )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_arguments(parser, resolutions_help="512 1024",
-                         steps_help="timed optimizer steps per loop and configuration (median reported)",
-                         out_name="<gpu-name>-native-vs-bare.json")  # fmt: skip
+    add_common_arguments(
+        parser,
+        resolutions_help="512 1024",
+        steps_help="timed optimizer steps per loop and configuration (median reported)",
+        out_name="<gpu-name>-native-vs-bare.json",
+    )
     parser.add_argument("--checkpointing", nargs="+", choices=("on", "off"), default=["on", "off"])
     parser.add_argument("--bases", nargs="+", choices=("bf16", "fp8"), default=["bf16", "fp8"])
     parser.add_argument("--rank", type=int, default=32, help="LoRA rank (alpha = rank)")
@@ -345,9 +417,12 @@ def main() -> int:
     peak = env.get("datasheet_bf16_tflops")
     gemm = gemm_tflops(device)
     env["measured_bf16_gemm_tflops"] = gemm
-    cases = [Case(resolution, checkpointing == "on", base == "fp8")
-             for resolution in args.resolutions or (TINY_RESOLUTIONS if args.tiny else GPU_RESOLUTIONS)
-             for checkpointing in args.checkpointing for base in args.bases]
+    cases = [
+        Case(resolution, checkpointing == "on", base == "fp8")
+        for resolution in args.resolutions or (TINY_RESOLUTIONS if args.tiny else GPU_RESOLUTIONS)
+        for checkpointing in args.checkpointing
+        for base in args.bases
+    ]
     setup = {"tiny": args.tiny, "device": device, "rank": args.rank, "text_tokens": text_tokens, "seed": args.seed}
     model_config = transformer_config(args.tiny)
 
@@ -355,9 +430,15 @@ def main() -> int:
     began = time.perf_counter()
     for index, case in enumerate(cases):
         batch = random_batch(model_config, case.resolution, text_tokens, args.seed)
-        row = {"resolution": case.resolution, "checkpointing": case.checkpointing, "fp8_base": case.fp8_base,
-               "batch_size": 1, "rank": args.rank, "tokens": (case.resolution // 16) ** 2 + text_tokens,
-               "flops_per_step": flops_per_step(params, case.resolution, text_tokens)}
+        row = {
+            "resolution": case.resolution,
+            "checkpointing": case.checkpointing,
+            "fp8_base": case.fp8_base,
+            "batch_size": 1,
+            "rank": args.rank,
+            "tokens": (case.resolution // 16) ** 2 + text_tokens,
+            "flops_per_step": flops_per_step(params, case.resolution, text_tokens),
+        }
         # Alternate which loop goes first, so neither always meets the warmer (or fuller) device.
         for name in ("native", "bare") if index % 2 == 0 else ("bare", "native"):
             print(f"[{time.perf_counter() - began:6.0f} s] {case.label}: {name} ...", flush=True)
@@ -366,14 +447,21 @@ def main() -> int:
         rows.append(row)
 
     on = env["gpu_name"] or f"CPU ({env['threads']} threads)"
-    print(f"\n{env['model']} on {on}; torch {env['torch']}, diffusers {env['diffusers']}, peft {env['peft']}; "
-          f"batch 1, LoRA rank {args.rank}, AdamW, bf16 autocast, {text_tokens} text tokens; "
-          f"median of {args.steps} optimizer steps after {args.warmup} warm-up; {time.perf_counter() - began:.0f} s in all")
-    print("peak GB: CUDA max allocated over the timed loop's steps, reset after its setup" if device.type == "cuda"
-          else "peak GB: not measured on a CPU")
-    print(f"TF/s: 6 x {params:.3g} params x tokens per step / s per step; % peak: native's TF/s over the datasheet's "
-          + (f"{peak:g} TFLOP/s bf16" if peak else "bf16 peak (unknown for this device: omitted)")
-          + (f"; measured bf16 GEMM 8192^3 here: {gemm:.0f} TFLOP/s" if gemm else ""))
+    print(
+        f"\n{env['model']} on {on}; torch {env['torch']}, diffusers {env['diffusers']}, peft {env['peft']}; "
+        f"batch 1, LoRA rank {args.rank}, AdamW, bf16 autocast, {text_tokens} text tokens; "
+        f"median of {args.steps} optimizer steps after {args.warmup} warm-up; {time.perf_counter() - began:.0f} s in all"
+    )
+    print(
+        "peak GB: CUDA max allocated over the timed loop's steps, reset after its setup"
+        if device.type == "cuda"
+        else "peak GB: not measured on a CPU"
+    )
+    print(
+        f"TF/s: 6 x {params:.3g} params x tokens per step / s per step; % peak: native's TF/s over the datasheet's "
+        + (f"{peak:g} TFLOP/s bf16" if peak else "bf16 peak (unknown for this device: omitted)")
+        + (f"; measured bf16 GEMM 8192^3 here: {gemm:.0f} TFLOP/s" if gemm else "")
+    )
     print_table(rows)
     print(BELOW_PEAK)
     save_results(args, env, rows, suffix="-native-vs-bare")

@@ -28,21 +28,66 @@ sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
 from bench_launcher_overhead import machine  # noqa: E402 - the same machine line as the other benchmarks
 
 TARGET_S = 5.0
-CELLS = ["baseline", "a1_alpha", "a2_noise_offset", "a3_grad_accum", "a4_adafactor", "a5_fp8_base", "a6_min_snr", "a7_dropout", "a8_all"]
+CELLS = [
+    "baseline",
+    "a1_alpha",
+    "a2_noise_offset",
+    "a3_grad_accum",
+    "a4_adafactor",
+    "a5_fp8_base",
+    "a6_min_snr",
+    "a7_dropout",
+    "a8_all",
+]
 SEEDS = (1, 2, 3)
-TINY_RUN = ["profile.max_train_steps=4", "profile.lr_warmup_steps=1", "profile.save_every_n_steps=2", "profile.sample_every_n_steps=2",
-            "profile.sample_steps=1", "profile.resolution=64", "dataset.min_bucket_reso=64", "eval.enabled=true", "eval.strengths=[0.5,1.0]",
-            "eval.seeds=[0,1]", "eval.max_prompts=1"]  # fmt: skip
+TINY_RUN = [
+    "profile.max_train_steps=4",
+    "profile.lr_warmup_steps=1",
+    "profile.save_every_n_steps=2",
+    "profile.sample_every_n_steps=2",
+    "profile.sample_steps=1",
+    "profile.resolution=64",
+    "dataset.min_bucket_reso=64",
+    "eval.enabled=true",
+    "eval.strengths=[0.5,1.0]",
+    "eval.seeds=[0,1]",
+    "eval.max_prompts=1",
+]
 
 
 def make_source_run(work: Path) -> Path:
     """One real 4-step tiny run, evaluated at its end (eval.enabled=true)."""
-    subprocess.run([sys.executable, str(PROJECT_ROOT / "launch.py"), *TINY_RUN, f"paths.outputs={work / 'outputs'}", f"paths.cache={work / 'cache'}"],
-                   cwd=work, check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            str(PROJECT_ROOT / "launch.py"),
+            *TINY_RUN,
+            f"paths.outputs={work / 'outputs'}",
+            f"paths.cache={work / 'cache'}",
+        ],
+        cwd=work,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     (run_dir,) = [p.parent for p in (work / "outputs").rglob("run.json")]
     if not (run_dir / "eval" / "eval.json").is_file():
-        subprocess.run([sys.executable, "-m", "flux_lora.eval", str(run_dir), "--strengths", "0.5,1.0", "--seeds", "0,1", "--max-prompts", "1"],
-                       cwd=PROJECT_ROOT, check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "flux_lora.eval",
+                str(run_dir),
+                "--strengths",
+                "0.5,1.0",
+                "--seeds",
+                "0,1",
+                "--max-prompts",
+                "1",
+            ],
+            cwd=PROJECT_ROOT,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     return run_dir
 
 
@@ -68,7 +113,11 @@ def build_sweep(source: Path, sweep: Path) -> None:
         # Cells 1-3 lower the loss, 4-5 do nothing, 6-8 raise it; seeds add noise of about a third of a step.
         effect = 1.0 + 0.002 * ([0, -3, -2, -1, 0, 0, 1, 2, 3][CELLS.index(cell)]) + rng.gauss(0, 0.0007)
         run = json.loads((target / "run.json").read_text())
-        run.update(name=f"tiny-smoke-cpu-native-{cell}-seed{seed}", run_id=f"{index:012x}", ablation={"name": cell, "changes": ["profile.network_alpha"]})
+        run.update(
+            name=f"tiny-smoke-cpu-native-{cell}-seed{seed}",
+            run_id=f"{index:012x}",
+            ablation={"name": cell, "changes": ["profile.network_alpha"]},
+        )
         (target / "run.json").write_text(json.dumps(run, indent=2))
         config = yaml.safe_load((target / "config.yaml").read_text())
         config["ablation"]["name"], config["profile"]["seed"] = cell, seed
@@ -78,20 +127,26 @@ def build_sweep(source: Path, sweep: Path) -> None:
         _scale_losses(evaluation, effect)
         (target / "eval" / "eval.json").write_text(json.dumps(evaluation))
         summary = json.loads((target / "output" / "train_summary.json").read_text())
-        summary.update(average_loss=summary["average_loss"] * effect, seconds=summary["seconds"] * rng.uniform(0.9, 1.1))
+        summary.update(
+            average_loss=summary["average_loss"] * effect, seconds=summary["seconds"] * rng.uniform(0.9, 1.1)
+        )
         (target / "output" / "train_summary.json").write_text(json.dumps(summary))
 
 
 def time_report(sweep: Path) -> float:
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "flux_lora.report", str(sweep)], cwd=PROJECT_ROOT, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "flux_lora.report", str(sweep)], cwd=PROJECT_ROOT, check=True, stdout=subprocess.DEVNULL
+    )
     return time.perf_counter() - started
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--source", type=Path, default=None, help="an evaluated run directory to copy (default: train and evaluate one)")
+    parser.add_argument(
+        "--source", type=Path, default=None, help="an evaluated run directory to copy (default: train and evaluate one)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the figures to this Markdown file")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-report-") as tmp:

@@ -28,7 +28,9 @@ def main() -> int:
     parser.add_argument("--height", type=int, default=2600, help="cut the page at this many pixels")
     args = parser.parse_args()
     if not args.html.is_file():
-        print(f"error: {args.html}: no such report; write it with python -m flux_lora.report SWEEP_DIR", file=sys.stderr)
+        print(
+            f"error: {args.html}: no such report; write it with python -m flux_lora.report SWEEP_DIR", file=sys.stderr
+        )
         return 2
     with Chromium(width=WIDTH, height=1000) as browser:
         page = browser.open_page()

@@ -13,19 +13,26 @@ import json
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
+import yaml
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from flux_lora.check_report import CheckReport
+from flux_lora.checkpoint_files import safetensors_keys
+from flux_lora.compose import describe_config_error, raise_on_keys_outside_schema
 from flux_lora.dataset import (
     AnalysisSettings,
     DatasetError,
-    DatasetReport,
-    GateResult,
     GateSettings,
     analyze_dataset,
     evaluate_gate,
 )
+from flux_lora.dataset.regularization import check_class_images
 from flux_lora.dataset.training_set import (
     AUTO_HOLD_OUT_MIN_IMAGES,
     AUTO_HOLD_OUT_SHARE,
@@ -34,25 +41,23 @@ from flux_lora.dataset.training_set import (
     training_set_from_report,
     with_class_images,
 )
-from flux_lora.dataset.regularization import check_class_images
-from hydra.experimental.callback import Callback
-import yaml
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
-from flux_lora.check_report import CheckReport
-from flux_lora.compose import describe_config_error, raise_on_keys_outside_schema
 from flux_lora.engines.base import Engine
 from flux_lora.gpu_probe import GpuProbe, probe_gpus
-from flux_lora.checkpoint_files import safetensors_keys
 from flux_lora.identity import config_differences
 from flux_lora.lifecycle.states import state_step, state_usability
 from flux_lora.models import model_file_problems
-from flux_lora.rules import apply_rules, held_out_leaves_too_few, lora_scale_line, plain_stem_problem, range_problems, recipe_effect_lines
+from flux_lora.rules import (
+    apply_rules,
+    held_out_leaves_too_few,
+    lora_scale_line,
+    plain_stem_problem,
+    range_problems,
+    recipe_effect_lines,
+)
 from flux_lora.schema import Accelerator, RunConfig
 
 
-def noop_ablation_refusal(run: RunConfig, not_applied: dict[str, str]) -> Optional[str]:
+def noop_ablation_refusal(run: RunConfig, not_applied: dict[str, str]) -> str | None:
     """A cell whose every declared change is ignored by the engine would duplicate the baseline."""
     changes = run.ablation.changes
     if not changes or run.launch.allow_noop_ablation:
@@ -96,8 +101,14 @@ def check_dataset(run: RunConfig, report: CheckReport) -> None:
     else:
         report.warnings.extend(f"dataset: {p}" for p in gate.problems)
     try:
-        report.training_set = training_set_from_report(report.dataset_report, d.caption_extension, d.class_tokens, d.num_repeats,
-                                                       d.validation_split, d.validation_path)  # fmt: skip
+        report.training_set = training_set_from_report(
+            report.dataset_report,
+            d.caption_extension,
+            d.class_tokens,
+            d.num_repeats,
+            d.validation_split,
+            d.validation_path,
+        )
     except CaptionError as exc:  # refused whatever the gate enforces: it would train on garbage
         report.errors.append(f"dataset.path: {exc}")
         return
@@ -106,7 +117,9 @@ def check_dataset(run: RunConfig, report: CheckReport) -> None:
         return
     check_held_out(run, report.training_set, report)
     if not report.training_set.examples:
-        report.errors.append(f"dataset.path: no image in {d.path} would train (all unusable or excluded); see dataset_report.json")
+        report.errors.append(
+            f"dataset.path: no image in {d.path} would train (all unusable or excluded); see dataset_report.json"
+        )
     if d.reg_path:
         check_class_images_of(run, settings, report)
 
@@ -120,15 +133,23 @@ def check_class_images_of(run: RunConfig, settings: AnalysisSettings, report: Ch
     except DatasetError as exc:
         report.errors.append(f"dataset.reg_path: {exc}")
         return
-    checked = check_class_images(report.reg_report, report.dataset_report, GateSettings(**asdict(d.gate)), d.trigger, d.class_tokens)
+    checked = check_class_images(
+        report.reg_report, report.dataset_report, GateSettings(**asdict(d.gate)), d.trigger, d.class_tokens
+    )
     report.reg_gate = checked.gate
     report.warnings.extend(f"dataset.reg_path: {w}" for w in checked.gate.warnings)
     fix = " (set dataset.gate.enforce=false to launch anyway)"
     report.errors.extend(f"dataset.reg_path: {p}{fix}" for p in checked.gate.problems)
     report.infos.extend(f"dataset.reg_path: {i}" for i in checked.infos)
     try:
-        report.training_set = with_class_images(report.training_set, report.reg_report, d.caption_extension, d.class_tokens,
-                                                d.reg_repeats, checked.copies_of_subject())  # fmt: skip
+        report.training_set = with_class_images(
+            report.training_set,
+            report.reg_report,
+            d.caption_extension,
+            d.class_tokens,
+            d.reg_repeats,
+            checked.copies_of_subject(),
+        )
     except CaptionError as exc:
         report.errors.append(f"dataset.reg_path: {exc}")
         return
@@ -144,27 +165,35 @@ def check_held_out(run: RunConfig, training_set: TrainingSet, report: CheckRepor
     """Say which images are held out for validation, and refuse a hold-out that leaves too little to train."""
     if not training_set.validation:
         if run.dataset.validation_split is None and not run.dataset.validation_path:
-            report.infos.append(f"dataset: nothing held out for validation (fewer than {AUTO_HOLD_OUT_MIN_IMAGES} distinct images): "
-                                "an evaluation measures the training images and says so")  # fmt: skip
+            report.infos.append(
+                f"dataset: nothing held out for validation (fewer than {AUTO_HOLD_OUT_MIN_IMAGES} distinct images): "
+                "an evaluation measures the training images and says so"
+            )
         return
     trained = len({e.content_hash for e in training_set.examples})
     problem = held_out_leaves_too_few(run, trained, len(training_set.validation))
     if problem:
         report.errors.append(problem)
         return
-    names = ", ".join(Path(e.image).name for e in training_set.validation[:5]) + (", ..." if len(training_set.validation) > 5 else "")
+    names = ", ".join(Path(e.image).name for e in training_set.validation[:5]) + (
+        ", ..." if len(training_set.validation) > 5 else ""
+    )
     how = ""
     if run.dataset.validation_split is None and not run.dataset.validation_path:
         how = f" by default ({AUTO_HOLD_OUT_SHARE:.0%} once a dataset has {AUTO_HOLD_OUT_MIN_IMAGES} images; dataset.validation_split=0 trains them all)"
-    report.infos.append(f"dataset: {len(training_set.validation)} image(s) held out for validation{how}, never trained "
-                        f"({trained} train): {names}")  # fmt: skip
+    report.infos.append(
+        f"dataset: {len(training_set.validation)} image(s) held out for validation{how}, never trained "
+        f"({trained} train): {names}"
+    )
     copies = [x for x in training_set.excluded if x["reason"].startswith("near-duplicate of held-out")]
     if copies:
         listed = "; ".join(f"{x['path']} ({x['reason']})" for x in copies[:5]) + ("; ..." if len(copies) > 5 else "")
-        report.infos.append(f"dataset: {len(copies)} near-duplicate(s) of held-out images kept out of training too: {listed}")
+        report.infos.append(
+            f"dataset: {len(copies)} near-duplicate(s) of held-out images kept out of training too: {listed}"
+        )
 
 
-def gpu_visibility_problem(run: RunConfig, probe: GpuProbe) -> Optional[str]:
+def gpu_visibility_problem(run: RunConfig, probe: GpuProbe) -> str | None:
     """A CUDA tier needs gpu.num_gpus visible CUDA GPUs; accelerate would otherwise fail or fall back to CPU."""
     g = run.gpu
     if not probe.gpus:
@@ -177,7 +206,7 @@ def gpu_visibility_problem(run: RunConfig, probe: GpuProbe) -> Optional[str]:
     return None
 
 
-def outputs_problem(outputs: Path, min_free_gib: float) -> Optional[str]:
+def outputs_problem(outputs: Path, min_free_gib: float) -> str | None:
     """paths.outputs must be creatable, writable and have room: found now, not after an hour of training."""
     try:
         outputs.mkdir(parents=True, exist_ok=True)
@@ -186,7 +215,11 @@ def outputs_problem(outputs: Path, min_free_gib: float) -> Optional[str]:
             pass
     except OSError as exc:
         blocker = next((p for p in (outputs, *outputs.parents) if p.exists()), None)
-        why = f"{blocker} is a file, not a folder" if blocker is not None and not blocker.is_dir() else exc.strerror or str(exc)
+        why = (
+            f"{blocker} is a file, not a folder"
+            if blocker is not None and not blocker.is_dir()
+            else exc.strerror or str(exc)
+        )
         return f"paths.outputs={outputs}: cannot write there ({why}); set paths.outputs=<a writable folder>"
     free_gib = shutil.disk_usage(outputs).free / 2**30
     if free_gib < min_free_gib:
@@ -213,7 +246,9 @@ class LaunchPreflight(Callback):
             raise_on_keys_outside_schema(config)
         except OmegaConfBaseException as exc:
             self._stop(describe_config_error(exc))
-        problem = plain_stem_problem("name", str(config.name)) or outputs_problem(Path(config.paths.outputs), self.min_free_gib)
+        problem = plain_stem_problem("name", str(config.name)) or outputs_problem(
+            Path(config.paths.outputs), self.min_free_gib
+        )
         if problem:
             self._stop(problem)
 
@@ -257,7 +292,9 @@ def check_run(run: RunConfig, engine: Engine, *, dry_run: bool) -> CheckReport:
 
     python = run.engine.python
     if python and shutil.which(python) is None:
-        report.errors.append(f"engine.python={python}: no such executable; set engine.python to the engine venv's python")
+        report.errors.append(
+            f"engine.python={python}: no such executable; set engine.python to the engine venv's python"
+        )
     check_dataset(run, report)
     if run.launch.resume_from:
         check_resume_source(run, report)
@@ -270,7 +307,9 @@ def check_init_lora(run: RunConfig, report: CheckReport) -> None:
     """launch.init_lora: a readable LoRA file (weights read by the job); its sha256 becomes part of the run's lineage."""
     path = Path(run.launch.init_lora).expanduser()
     if run.launch.resume_from:
-        report.errors.append("launch.init_lora: a resumed state already holds its LoRA; set launch.init_lora or launch.resume_from, not both")
+        report.errors.append(
+            "launch.init_lora: a resumed state already holds its LoRA; set launch.init_lora or launch.resume_from, not both"
+        )
         return
     try:
         keys = [k for k in safetensors_keys(path) if k.endswith(("lora_down.weight", "lora_up.weight"))]
@@ -285,11 +324,19 @@ def check_init_lora(run: RunConfig, report: CheckReport) -> None:
         while chunk := handle.read(8 * 2**20):
             digest.update(chunk)
     report.init_lora = {"path": str(path.resolve()), "sha256": digest.hexdigest()}
-    report.infos.append(f"launch.init_lora: the LoRA starts from {path} (sha256 {digest.hexdigest()[:12]}), recorded as lineage")
+    report.infos.append(
+        f"launch.init_lora: the LoRA starts from {path} (sha256 {digest.hexdigest()[:12]}), recorded as lineage"
+    )
 
 
 # Keys a saved LoRA state cannot be loaded across: a different network or base model.
-_STATE_SHAPE_KEYS = ("model.", "profile.network_dim", "profile.network_train_unet_only", "profile.network_module", "engine.name")
+_STATE_SHAPE_KEYS = (
+    "model.",
+    "profile.network_dim",
+    "profile.network_train_unet_only",
+    "profile.network_module",
+    "engine.name",
+)
 
 
 def check_resume_source(run: RunConfig, report: CheckReport) -> None:
@@ -311,17 +358,28 @@ def check_resume_source(run: RunConfig, report: CheckReport) -> None:
         source_id = json.loads((state.parent.parent / "run.json").read_text()).get("run_id")
     except (OSError, ValueError):
         source_id = None  # a state from elsewhere: its folder name and step still tell it apart
-    record: dict = {"state": str(state.resolve()), "step": step, "run_dir": str(state.parent.parent.resolve()), "run_id": source_id,
-                    "recipe_changes": []}  # fmt: skip
+    record: dict = {
+        "state": str(state.resolve()),
+        "step": step,
+        "run_dir": str(state.parent.parent.resolve()),
+        "run_id": source_id,
+        "recipe_changes": [],
+    }
     report.resume_source = record
     if not source.is_file():
-        report.warnings.append(f"launch.resume_from={state}: no config.yaml of the run that saved it; recipe changes cannot be checked")
+        report.warnings.append(
+            f"launch.resume_from={state}: no config.yaml of the run that saved it; recipe changes cannot be checked"
+        )
         return
     current = OmegaConf.to_container(OmegaConf.structured(run), enum_to_str=True)
-    changed = [c for c in config_differences(yaml.safe_load(source.read_text()), current) if not c.startswith("launch.")]
+    changed = [
+        c for c in config_differences(yaml.safe_load(source.read_text()), current) if not c.startswith("launch.")
+    ]
     shape = [c for c in changed if c.startswith(_STATE_SHAPE_KEYS)]
     if shape:
-        report.errors.append(f"launch.resume_from={state}: saved with another network or model ({'; '.join(shape)}); it cannot be loaded")
+        report.errors.append(
+            f"launch.resume_from={state}: saved with another network or model ({'; '.join(shape)}); it cannot be loaded"
+        )
     elif changed and not run.launch.allow_recipe_change:
         report.errors.append(
             f"launch.resume_from={state}: the recipe differs from the run that saved it ({'; '.join(changed[:5])}); "

@@ -7,7 +7,6 @@ it and the launcher prints it, without any of them importing the check itself (w
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from rich.console import Console
 
@@ -24,23 +23,25 @@ class CheckReport:
     # Config key -> why the engine does not apply it; recorded so no run claims a setting it never used.
     not_applied: dict[str, str] = field(default_factory=dict)
     # Set when an ablation cell would only change options the engine ignores (a silent baseline copy).
-    refusal: Optional[str] = None
-    dataset_report: Optional[DatasetReport] = None
-    gate: Optional[GateResult] = None
+    refusal: str | None = None
+    dataset_report: DatasetReport | None = None
+    gate: GateResult | None = None
     # dataset.reg_path: the class images' analysis and their check (regularization.py).
-    reg_report: Optional[DatasetReport] = None
-    reg_gate: Optional[GateResult] = None
+    reg_report: DatasetReport | None = None
+    reg_gate: GateResult | None = None
     # The (image, caption) pairs that train: what the gate passed is what both engines read.
-    training_set: Optional[TrainingSet] = None
+    training_set: TrainingSet | None = None
     # The engine's own checks of the rendered inputs (set at freeze, where the inputs exist); None = not run.
-    engine_preflight: Optional[dict] = None
+    engine_preflight: dict | None = None
     # launch.resume_from: the state, its step, the run that saved it and any recipe keys changed from that step.
-    resume_source: Optional[dict] = None
+    resume_source: dict | None = None
     # launch.init_lora: the LoRA file the run starts from and its sha256.
-    init_lora: Optional[dict] = None
+    init_lora: dict | None = None
 
 
-def print_check_report(report: CheckReport, console: Console | None = None, error_console: Console | None = None) -> None:
+def print_check_report(
+    report: CheckReport, console: Console | None = None, error_console: Console | None = None
+) -> None:
     console = console or Console()
     error_console = error_console or Console(stderr=True)  # errors on stderr, so a script sees just them
     for line in report.infos:

@@ -13,8 +13,8 @@ import json
 import os
 import shutil
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import blake3
 
@@ -90,7 +90,9 @@ class WriteFailed(OSError):
         elif "unexpected pos" in str(cause) or "write failed" in str(cause):
             # torch.save's writer loses the errno: "[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0".
             short = _bytes_free(path) < 16 * 2**20
-            reason = "No space left on device" if short else f"the write stopped short ({str(cause).splitlines()[0][:80]})"
+            reason = (
+                "No space left on device" if short else f"the write stopped short ({str(cause).splitlines()[0][:80]})"
+            )
         else:
             reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
         super().__init__(getattr(cause, "errno", None) or 0, f"could not write {path}: {reason} ({free_space(path)})")
@@ -123,7 +125,9 @@ def atomic_write_text(path: Path, text: str) -> Path:
 def write_manifest(state_dir: Path, step: int) -> Path:
     """List every file of state_dir (relative path, size, blake3) and the step; written last, atomically."""
     state_dir = Path(state_dir)
-    files = sorted(p for p in state_dir.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.startswith(STAGING_PREFIX))
+    files = sorted(
+        p for p in state_dir.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.startswith(STAGING_PREFIX)
+    )
     entries = [
         {"path": p.relative_to(state_dir).as_posix(), "size": p.stat().st_size, "blake3": file_blake3(p, sync=True)}
         for p in files
@@ -148,7 +152,7 @@ def read_manifest(state_dir: Path) -> dict:
     return manifest
 
 
-def state_problem(state_dir: Path) -> Optional[str]:
+def state_problem(state_dir: Path) -> str | None:
     """None when the state folder is complete and every file matches its manifest; else one line saying why not."""
     state_dir = Path(state_dir)
     if not state_dir.is_dir():
@@ -240,7 +244,7 @@ def _safetensors_header(path: Path) -> dict:
             raise ValueError(f"{path}: not a safetensors file (unreadable header)") from exc
 
 
-def safetensors_problem(path: Path) -> Optional[str]:
+def safetensors_problem(path: Path) -> str | None:
     """None when the file is a whole safetensors file (its header parses and its tensor data is all there); else
     one line saying what is wrong (truncated, not a safetensors file)."""
     path = Path(path)
@@ -252,7 +256,9 @@ def safetensors_problem(path: Path) -> Optional[str]:
     except (OSError, ValueError) as exc:
         return str(exc) if str(path) in str(exc) else f"{path}: {exc}"
     try:
-        expected = max((int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"), default=0)
+        expected = max(
+            (int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"), default=0
+        )
     except (TypeError, KeyError, ValueError, IndexError):
         return f"{path}: not a safetensors file (a tensor entry without data_offsets)"
     present = size - 8 - header_length
@@ -272,7 +278,7 @@ def tensor_data_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def update_safetensors_metadata(path: Path, update: Callable[[dict[str, str]], Optional[dict[str, str]]]) -> bool:
+def update_safetensors_metadata(path: Path, update: Callable[[dict[str, str]], dict[str, str] | None]) -> bool:
     """Rewrite a safetensors file's metadata in place and whole (a new file renamed over it; tensors copied as bytes).
     `update` gets the metadata and returns the new one, or None to leave the file as it is. Returns whether it changed."""
     path = Path(path)

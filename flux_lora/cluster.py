@@ -22,16 +22,17 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Optional, Sequence
+from typing import Any, ClassVar
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, filter_overrides
-from hydra_plugins.hydra_submitit_launcher import submitit_launcher
-from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf
 
 from flux_lora.lifecycle.slurm import JOBS_FILE
+from hydra_plugins.hydra_submitit_launcher import submitit_launcher
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 
 SCRIPT_FILE = "sbatch.sh"
 
@@ -56,14 +57,19 @@ class ClusterRefusal(RuntimeError):
 def rejected_setting(stderr: str, params: dict[str, Any]) -> str:
     """One line from sbatch's complaint, naming the hydra.launcher key it is about."""
     lines = [line.removeprefix("sbatch: error:").strip() for line in stderr.strip().splitlines() if line.strip()]
-    why = next((line for line in reversed(lines) if "Batch job submission failed" in line), lines[-1] if lines else "sbatch failed")
+    why = next(
+        (line for line in reversed(lines) if "Batch job submission failed" in line),
+        lines[-1] if lines else "sbatch failed",
+    )
     why = why.replace("Batch job submission failed:", "").strip()
     for pattern, key in _REJECTED_KEYS:
         if pattern.search(why):
             first = key.split(" ")[0]
             value = params.get(first)
-            return (f"hydra.launcher.{key}{'=' + str(value) if value is not None else ''}: the cluster rejected it ({why}); "
-                    "set it on the command line or in conf/local/ (see `sinfo`, `sacctmgr show assoc`)")  # fmt: skip
+            return (
+                f"hydra.launcher.{key}{'=' + str(value) if value is not None else ''}: the cluster rejected it ({why}); "
+                "set it on the command line or in conf/local/ (see `sinfo`, `sacctmgr show assoc`)"
+            )
     return f"hydra.launcher: sbatch rejected the sweep ({why}); check the launcher settings in conf/local/ or on the command line"
 
 
@@ -95,7 +101,7 @@ def squeue_watcher():
     from submitit.slurm.slurm import SlurmInfoWatcher
 
     class SqueueWatcher(SlurmInfoWatcher):
-        def _make_command(self) -> Optional[list[str]]:
+        def _make_command(self) -> list[str] | None:
             to_check = sorted({x.split("_")[0] for x in self._registered - self._finished})
             if not to_check:
                 return None
@@ -109,7 +115,7 @@ def squeue_watcher():
 
 
 class SlurmLauncher(submitit_launcher.SlurmLauncher):
-    detached: ClassVar[Optional[dict]] = None  # what a detached launch queued (launch.py prints how to follow it)
+    detached: ClassVar[dict | None] = None  # what a detached launch queued (launch.py prints how to follow it)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from submitit import AutoExecutor
@@ -126,26 +132,35 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         # Requeue after a node failure whatever the site's JobRequeue says (submitit does not ask for it); the job
         # comes back as itself, with a higher SLURM_RESTART_COUNT, and takes its run over from the lost node.
         params["additional_parameters"] = {"requeue": True, **(params.get("additional_parameters") or {})}
-        executor = AutoExecutor(cluster="slurm", folder=params.pop("submitit_folder"),
-                                         slurm_max_num_timeout=params.pop("max_num_timeout"))  # fmt: skip
+        executor = AutoExecutor(
+            cluster="slurm", folder=params.pop("submitit_folder"), slurm_max_num_timeout=params.pop("max_num_timeout")
+        )
         shared = set(OmegaConf.structured(BaseQueueConf).keys())
         executor.update_parameters(**{k if k in shared else f"slurm_{k}": v for k, v in params.items()})
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         numbers = range(initial_job_idx, initial_job_idx + len(job_overrides))
-        cells = [(list(overrides), "hydra.sweep.dir", n, f"job_id_for_{n}", Singleton.get_state()) for n, overrides in zip(numbers, job_overrides)]
+        cells = [
+            (list(overrides), "hydra.sweep.dir", n, f"job_id_for_{n}", Singleton.get_state())
+            for n, overrides in zip(numbers, job_overrides)
+        ]
         try:
             with contextlib.redirect_stderr(io.StringIO()):  # submitit prints sbatch's complaint; we say it in one line
                 jobs = executor.map_array(self, *zip(*cells))
         except FailedJobError as refused:
             raise ClusterRefusal(rejected_setting(str(refused), self.params)) from None
-        record = {"jobs": [job.job_id for job in jobs], "cells": [" ".join(filter_overrides(o)) for o in job_overrides],
-                  "detached": bool(OmegaConf.select(self.config, "launch.detach", default=False))}  # fmt: skip
+        record = {
+            "jobs": [job.job_id for job in jobs],
+            "cells": [" ".join(filter_overrides(o)) for o in job_overrides],
+            "detached": bool(OmegaConf.select(self.config, "launch.detach", default=False)),
+        }
         script = jobs[0].paths.submission_file
         if script.is_file():
             shutil.copyfile(script, sweep_dir / SCRIPT_FILE)
         (sweep_dir / JOBS_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        print(f"submitted {len(jobs)} cell(s) to SLURM: {', '.join(record['jobs'])} (script: {sweep_dir / SCRIPT_FILE})")
+        print(
+            f"submitted {len(jobs)} cell(s) to SLURM: {', '.join(record['jobs'])} (script: {sweep_dir / SCRIPT_FILE})"
+        )
         if record["detached"]:
             SlurmLauncher.detached = {**record, "sweep_dir": str(sweep_dir)}
             return []
@@ -175,10 +190,14 @@ class LocalGpuPoolLauncher(submitit_launcher.LocalLauncher):
         per_cell = int(self.params.get("gpus_per_node") or 1)
         devices = [int(d) for d in (self.params.get("devices") or _visible_gpu_ids())]
         if not devices:
-            raise ClusterRefusal("hydra.launcher.devices: no GPU visible on this machine; list the device ids (hydra.launcher.devices=[0,1])")
+            raise ClusterRefusal(
+                "hydra.launcher.devices: no GPU visible on this machine; list the device ids (hydra.launcher.devices=[0,1])"
+            )
         slots = [tuple(devices[i : i + per_cell]) for i in range(0, len(devices) - per_cell + 1, per_cell)]
         if not slots:
-            raise ClusterRefusal(f"gpu.num_gpus={per_cell}: a cell needs more GPUs than hydra.launcher.devices={devices} holds")
+            raise ClusterRefusal(
+                f"gpu.num_gpus={per_cell}: a cell needs more GPUs than hydra.launcher.devices={devices} holds"
+            )
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         waiting = list(zip(range(initial_job_idx, initial_job_idx + len(job_overrides)), job_overrides))
@@ -190,10 +209,16 @@ class LocalGpuPoolLauncher(submitit_launcher.LocalLauncher):
                     number, overrides = waiting.pop(0)
                     slot = free.pop(0)
                     executor = LocalExecutor(folder=self.params["submitit_folder"])
-                    executor.update_parameters(timeout_min=self.params["timeout_min"], gpus_per_node=len(slot), visible_gpus=slot)
-                    job = executor.submit(self, list(overrides), "hydra.sweep.dir", number, f"job_id_for_{number}", Singleton.get_state())
+                    executor.update_parameters(
+                        timeout_min=self.params["timeout_min"], gpus_per_node=len(slot), visible_gpus=slot
+                    )
+                    job = executor.submit(
+                        self, list(overrides), "hydra.sweep.dir", number, f"job_id_for_{number}", Singleton.get_state()
+                    )
                     running.append((job, slot, number, time.time()))
-                    print(f"cell #{number} on GPU(s) {','.join(map(str, slot))}: {' '.join(filter_overrides(overrides))}")
+                    print(
+                        f"cell #{number} on GPU(s) {','.join(map(str, slot))}: {' '.join(filter_overrides(overrides))}"
+                    )
                 time.sleep(0.5)
                 for item in [r for r in running if r[0].done()]:
                     job, slot, number, began = item
@@ -204,7 +229,9 @@ class LocalGpuPoolLauncher(submitit_launcher.LocalLauncher):
         finally:
             for job, *_ in running:
                 job.cancel(check=False)
-            (sweep_dir / "gpu_pool.json").write_text(json.dumps({"slots": [list(s) for s in slots], "cells": record}, indent=2) + "\n")
+            (sweep_dir / "gpu_pool.json").write_text(
+                json.dumps({"slots": [list(s) for s in slots], "cells": record}, indent=2) + "\n"
+            )
         return [finished[number].results()[0] for number in sorted(finished)]
 
 

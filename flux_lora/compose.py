@@ -40,11 +40,17 @@ def register() -> None:
     OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
     OmegaConf.register_new_resolver("run_name", _run_name, replace=True)
     OmegaConf.register_new_resolver("ablation_steps", _ablation_steps, replace=True)
-    OmegaConf.register_new_resolver("ablation_warmup", lambda steps, share: round(int(steps) * float(share)), replace=True)
+    OmegaConf.register_new_resolver(
+        "ablation_warmup", lambda steps, share: round(int(steps) * float(share)), replace=True
+    )
     # dataset.bucket_reso_steps' default: the step the chosen engine accepts (the fact lives in schema.py).
-    OmegaConf.register_new_resolver("engine_bucket_step", lambda engine: BUCKET_STEP_MULTIPLE[EngineName(engine)], replace=True)
+    OmegaConf.register_new_resolver(
+        "engine_bucket_step", lambda engine: BUCKET_STEP_MULTIPLE[EngineName(engine)], replace=True
+    )
     # A cluster option for GPUs only when there are some: `--gpus-per-node=0` is an error on GPU clusters.
-    OmegaConf.register_new_resolver("gpus_or_none", lambda accelerator, count: int(count) if accelerator == "cuda" else None, replace=True)
+    OmegaConf.register_new_resolver(
+        "gpus_or_none", lambda accelerator, count: int(count) if accelerator == "cuda" else None, replace=True
+    )
 
 
 def resolved_container(cfg: DictConfig) -> dict:
@@ -72,9 +78,12 @@ def raise_on_keys_outside_schema(node: DictConfig | ListConfig, skip: tuple[str,
             continue
         if known is not None and key not in known:
             node._format_and_raise(
-                key=key, value=None,
-                cause=ConfigKeyError(f"Key '{key}' not in '$OBJECT_TYPE' (a `+` override cannot add keys the schema lacks)"),
-            )  # fmt: skip
+                key=key,
+                value=None,
+                cause=ConfigKeyError(
+                    f"Key '{key}' not in '$OBJECT_TYPE' (a `+` override cannot add keys the schema lacks)"
+                ),
+            )
         if isinstance(child, (DictConfig, ListConfig)) and not child._is_missing() and not child._is_none():
             raise_on_keys_outside_schema(child, skip=())
 
@@ -118,6 +127,10 @@ def print_config_tree(cfg: DictConfig, console: Console | None = None) -> None:
     tree = Tree("[bold]config[/bold]")
     for section, value in resolved_container(cfg).items():
         branch = tree.add(f"[bold]{section}[/bold]")
-        text = yaml.safe_dump(value, sort_keys=False, allow_unicode=True).rstrip() if isinstance(value, (dict, list)) else str(value)
+        text = (
+            yaml.safe_dump(value, sort_keys=False, allow_unicode=True).rstrip()
+            if isinstance(value, (dict, list))
+            else str(value)
+        )
         branch.add(Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
     console.print(tree)

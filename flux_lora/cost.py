@@ -14,7 +14,7 @@ import json
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 from hydra.experimental.callback import Callback
@@ -63,12 +63,14 @@ def duration(seconds: float) -> str:
 
 def _read(path: Path) -> Any:
     try:
-        return yaml.load(path.read_text(), Loader=_SAFE_LOADER) if path.suffix == ".yaml" else json.loads(path.read_text())
+        return (
+            yaml.load(path.read_text(), Loader=_SAFE_LOADER) if path.suffix == ".yaml" else json.loads(path.read_text())
+        )
     except (OSError, ValueError, yaml.YAMLError):
         return None
 
 
-def run_seconds_per_step(run_dir: Path) -> Optional[float]:
+def run_seconds_per_step(run_dir: Path) -> float | None:
     """A finished run's training seconds per optimizer step over all its attempts; None when it did not succeed."""
     status = _read(run_dir / "status.json") or {}
     if status.get("state") != "succeeded":
@@ -95,18 +97,25 @@ def runs_like(outputs: Path, model: str, tier: str, resolution: int) -> list[Pat
     for index in sorted((Path(outputs) / RUN_INDEX_DIR).glob("*.txt")):
         for line in dict.fromkeys(index.read_text().splitlines()):
             config = _read(Path(line) / "config.yaml") or {}
-            same = ((config.get("model") or {}).get("name"), (config.get("gpu") or {}).get("name"), (config.get("profile") or {}).get("resolution"))
+            same = (
+                (config.get("model") or {}).get("name"),
+                (config.get("gpu") or {}).get("name"),
+                (config.get("profile") or {}).get("resolution"),
+            )
             if same == (model, tier, resolution):
                 found.append(Path(line))
     return found
 
 
-def stop_lead_needed(run: RunConfig) -> Optional[tuple[float, str]]:
+def stop_lead_needed(run: RunConfig) -> tuple[float, str] | None:
     """How long before the time limit a stop must come so the job can finish its step, a sample image and a state
     save (the longest of each in this machine's runs like this one), and what that figure is made of; None when no
     run here recorded it."""
-    leads = [lead for d in runs_like(Path(run.paths.outputs), run.model.name, run.gpu.name, run.profile.resolution)
-             if isinstance(lead := (_read(d / "output" / "train_summary.json") or {}).get("stop_lead_s"), dict)]  # fmt: skip
+    leads = [
+        lead
+        for d in runs_like(Path(run.paths.outputs), run.model.name, run.gpu.name, run.profile.resolution)
+        if isinstance(lead := (_read(d / "output" / "train_summary.json") or {}).get("stop_lead_s"), dict)
+    ]
     if not leads:
         return None
     parts = {name: max(float(lead.get(name) or 0) for lead in leads) for name in ("step", "sample_image", "save")}
@@ -114,7 +123,7 @@ def stop_lead_needed(run: RunConfig) -> Optional[tuple[float, str]]:
     return sum(parts.values()), f"the longest {made_of} in {len(leads)} run(s) here"
 
 
-def signal_delay_warning(run: RunConfig, signal_delay_s: int) -> Optional[str]:
+def signal_delay_warning(run: RunConfig, signal_delay_s: int) -> str | None:
     """A warning when SLURM's warning before the time limit may come too late for the job to save its state."""
     needed = stop_lead_needed(run)
     if needed is None:
@@ -124,8 +133,10 @@ def signal_delay_warning(run: RunConfig, signal_delay_s: int) -> Optional[str]:
     if lead >= seconds:
         return None
     advice = int(seconds + SLURM_SIGNAL_SLACK_S + 0.999)
-    return (f"hydra.launcher.signal_delay_s={signal_delay_s} leaves at worst {lead} s before the time limit, and a stop here "
-            f"needs {seconds:.0f} s ({made_of}, gpu={run.gpu.name}): the job may be killed unsaved; set it to at least {advice}")
+    return (
+        f"hydra.launcher.signal_delay_s={signal_delay_s} leaves at worst {lead} s before the time limit, and a stop here "
+        f"needs {seconds:.0f} s ({made_of}, gpu={run.gpu.name}): the job may be killed unsaved; set it to at least {advice}"
+    )
 
 
 def estimate_cost(run: RunConfig) -> CostEstimate:
@@ -142,14 +153,18 @@ def estimate_cost(run: RunConfig) -> CostEstimate:
 def sweep_cost_line(estimates: list[CostEstimate], parallel: int) -> str:
     total = sum(e.seconds for e in estimates)
     wall = total / max(1, min(parallel, len(estimates)))
-    side = f"; {min(parallel, len(estimates))} side by side: about {duration(wall)} of wall time" if parallel > 1 else ""
+    side = (
+        f"; {min(parallel, len(estimates))} side by side: about {duration(wall)} of wall time" if parallel > 1 else ""
+    )
     gpu_hours = sum(e.gpu_hours for e in estimates)
     measured = sum(e.measured for e in estimates)
-    return (f"sweep cost: {len(estimates)} cells, {duration(total)} in all{side}, {gpu_hours:.2f} GPU-hours "
-            f"({measured} of {len(estimates)} from measured runs, the rest per-tier estimates)")  # fmt: skip
+    return (
+        f"sweep cost: {len(estimates)} cells, {duration(total)} in all{side}, {gpu_hours:.2f} GPU-hours "
+        f"({measured} of {len(estimates)} from measured runs, the rest per-tier estimates)"
+    )
 
 
-def estimated_and_took(rows_dirs: list[Path]) -> Optional[str]:
+def estimated_and_took(rows_dirs: list[Path]) -> str | None:
     """After a sweep: the estimate beside what its cells took (cells that recorded an estimate and ran)."""
     estimated = took = 0.0
     counted = 0
@@ -199,10 +214,14 @@ class SweepCostPreview(Callback):
             runs = [load_run(compose(config_name=str(config.hydra.job.config_name), overrides=cell)) for cell in cells]
             estimates = [estimate_cost(run) for run in runs]
         except Exception as exc:  # noqa: BLE001 - a preview must never stop the sweep; each cell still says its own cost
-            print(f"warning: no sweep cost preview ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+            print(
+                f"warning: no sweep cost preview ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            )
             return
         print(sweep_cost_line(estimates, parallel_slots(config)))
         launcher = config.hydra.get("launcher") or {}
         if "Slurm" in str(launcher.get("_target_", "")) and launcher.get("signal_delay_s") is not None:
-            for warning in dict.fromkeys(w for run in runs if (w := signal_delay_warning(run, int(launcher.signal_delay_s)))):
+            for warning in dict.fromkeys(
+                w for run in runs if (w := signal_delay_warning(run, int(launcher.signal_delay_s)))
+            ):
                 print(f"warning: {warning}")

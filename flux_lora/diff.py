@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from flux_lora.identity import config_differences, config_leaves, record_problem
 from flux_lora.provenance import NoRecord, Provenance, load_record
@@ -25,7 +25,11 @@ LABELS = ("name", "ablation.")  # derived from the keys that differ: showing the
 
 def _leaf_changes(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
     left, right = config_leaves(a), config_leaves(b)
-    return [f"{prefix}{key}: {left.get(key)!r} -> {right.get(key)!r}" for key in sorted(left.keys() | right.keys()) if left.get(key) != right.get(key)]
+    return [
+        f"{prefix}{key}: {left.get(key)!r} -> {right.get(key)!r}"
+        for key in sorted(left.keys() | right.keys())
+        if left.get(key) != right.get(key)
+    ]
 
 
 def _settings_changes(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
@@ -33,7 +37,7 @@ def _settings_changes(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return [line for line in _leaf_changes(a, b) if line.split(":")[0] not in semantic and not line.startswith(LABELS)]
 
 
-def _engine_input(run_dir: Path, name: str) -> Optional[Any]:
+def _engine_input(run_dir: Path, name: str) -> Any | None:
     path = run_dir / name
     if not path.is_file():
         return None
@@ -54,13 +58,18 @@ def _engine_changes(a: Path, b: Path) -> list[str]:
             lines += [f"{name} - {line}" for line in left.splitlines() if line not in new]
             lines += [f"{name} + {line}" for line in right.splitlines() if line not in old]
         else:
-            lines.append(f"{name}: {'absent' if left is None else 'present'} -> {'absent' if right is None else 'present'}")
+            lines.append(
+                f"{name}: {'absent' if left is None else 'present'} -> {'absent' if right is None else 'present'}"
+            )
     return lines
 
 
 def _without_labels(lines: list[str], a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """Engine inputs repeat the run's name and ablation label (metadata, log names): not a difference of their own."""
-    pairs = [(a.get("name"), b.get("name")), ((a.get("ablation") or {}).get("name"), (b.get("ablation") or {}).get("name"))]
+    pairs = [
+        (a.get("name"), b.get("name")),
+        ((a.get("ablation") or {}).get("name"), (b.get("ablation") or {}).get("name")),
+    ]
     endings = tuple(f": {old!r} -> {new!r}" for old, new in pairs if old != new)
     return [line for line in lines if not (endings and line.endswith(endings))]
 
@@ -77,18 +86,24 @@ def differences(a: Provenance, b: Provenance) -> dict[str, list[str]]:
     withheld = set(a.withheld) | set(b.withheld) | {k for r in (ra, rb) for k in r.get("withheld") or []}
     sections = {
         "recipe": config_differences(a.config, b.config),
-        "lineage": [] if ra.get("lineage") == rb.get("lineage") else [f"lineage: {ra.get('lineage')} -> {rb.get('lineage')}"],
+        "lineage": []
+        if ra.get("lineage") == rb.get("lineage")
+        else [f"lineage: {ra.get('lineage')} -> {rb.get('lineage')}"],
         "settings outside the recipe": _settings_changes(a.config, b.config),
-        "engine inputs": _without_labels(_engine_changes(a.run_dir, b.run_dir), a.config, b.config) if a.run_dir and b.run_dir else [],
-        "environment": _leaf_changes({k: ra.get(k) for k in ("code", "packages", "python", "engine")},
-                                     {k: rb.get(k) for k in ("code", "packages", "python", "engine")}),  # fmt: skip
+        "engine inputs": _without_labels(_engine_changes(a.run_dir, b.run_dir), a.config, b.config)
+        if a.run_dir and b.run_dir
+        else [],
+        "environment": _leaf_changes(
+            {k: ra.get(k) for k in ("code", "packages", "python", "engine")},
+            {k: rb.get(k) for k in ("code", "packages", "python", "engine")},
+        ),
         "dataset": _leaf_changes({"dataset": ra.get("dataset")}, {"dataset": rb.get("dataset")}),
     }
     sections = {name: _withheld_lines(lines, withheld) for name, lines in sections.items()}
     return {name: lines for name, lines in sections.items() if lines}
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flux_lora.diff", description=__doc__.split("\n\n")[0])
     parser.add_argument("a", type=Path, help="a run folder or a LoRA file saved by flux-lora")
     parser.add_argument("b", type=Path, help="another one")

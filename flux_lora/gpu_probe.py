@@ -15,7 +15,7 @@ import shutil
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 NVIDIA_SMI_ARGS = ["--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
 NVIDIA_SMI_TIMEOUT_S = 10.0  # a wedged driver can hang nvidia-smi; the launcher must not hang with it
@@ -24,15 +24,15 @@ NVIDIA_SMI_TIMEOUT_S = 10.0  # a wedged driver can hang nvidia-smi; the launcher
 @dataclass(frozen=True)
 class Gpu:
     name: str
-    memory_mib: Optional[int]
-    driver: Optional[str]
+    memory_mib: int | None
+    driver: str | None
 
 
 @dataclass(frozen=True)
 class GpuProbe:
     gpus: tuple[Gpu, ...]  # the GPUs a CUDA job started from here would see
     source: str  # "nvml", "nvidia-smi" or "none"
-    problem: Optional[str] = None  # why none are visible, in a few words (e.g. "nvidia-smi not found")
+    problem: str | None = None  # why none are visible, in a few words (e.g. "nvidia-smi not found")
 
     def as_record(self) -> dict[str, Any]:
         return {"gpu_probe": self.source, "gpus": [asdict(g) for g in self.gpus], "gpu_problem": self.problem}
@@ -48,7 +48,7 @@ def visible_entries(value: str) -> list[str]:
     return entries
 
 
-def apply_visible_devices(gpus: list[Gpu], value: Optional[str]) -> list[Gpu]:
+def apply_visible_devices(gpus: list[Gpu], value: str | None) -> list[Gpu]:
     if value is None:
         return gpus
     chosen: list[Gpu] = []
@@ -62,7 +62,7 @@ def apply_visible_devices(gpus: list[Gpu], value: Optional[str]) -> list[Gpu]:
     return chosen
 
 
-def _memory_mib(text: str) -> Optional[int]:
+def _memory_mib(text: str) -> int | None:
     digits = text.replace("MiB", "").strip()
     return int(digits) if digits.isdigit() else None
 
@@ -76,12 +76,14 @@ def parse_nvidia_smi(stdout: str) -> list[Gpu]:
     return gpus
 
 
-def _from_nvidia_smi() -> tuple[list[Gpu], Optional[str]]:
+def _from_nvidia_smi() -> tuple[list[Gpu], str | None]:
     executable = shutil.which("nvidia-smi")
     if executable is None:
         return [], "nvidia-smi not found"
     try:
-        done = subprocess.run([executable, *NVIDIA_SMI_ARGS], capture_output=True, text=True, timeout=NVIDIA_SMI_TIMEOUT_S)
+        done = subprocess.run(
+            [executable, *NVIDIA_SMI_ARGS], capture_output=True, text=True, timeout=NVIDIA_SMI_TIMEOUT_S
+        )
     except subprocess.TimeoutExpired:
         return [], f"nvidia-smi did not answer in {NVIDIA_SMI_TIMEOUT_S:.0f} s"
     except OSError as exc:
@@ -97,7 +99,7 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _from_nvml() -> tuple[list[Gpu], Optional[str]]:
+def _from_nvml() -> tuple[list[Gpu], str | None]:
     try:
         import pynvml
     except ImportError as exc:
@@ -137,11 +139,13 @@ def probe_gpus() -> GpuProbe:
         return GpuProbe(gpus=(), source="none", problem=problem)
     shown = apply_visible_devices(gpus, visible)
     if not shown:
-        return GpuProbe(gpus=(), source=source, problem=f"CUDA_VISIBLE_DEVICES={visible!r} names none of the {len(gpus)} GPUs")
+        return GpuProbe(
+            gpus=(), source=source, problem=f"CUDA_VISIBLE_DEVICES={visible!r} names none of the {len(gpus)} GPUs"
+        )
     return GpuProbe(gpus=tuple(shown), source=source)
 
 
-def torch_cuda_build() -> Optional[str]:
+def torch_cuda_build() -> str | None:
     """The CUDA version torch was built for, read from torch/version.py without importing torch."""
     spec = importlib.util.find_spec("torch")
     if spec is None or spec.origin is None:
@@ -151,7 +155,13 @@ def torch_cuda_build() -> Optional[str]:
     except (OSError, SyntaxError):
         return None
     for node in tree.body:
-        target = node.target if isinstance(node, ast.AnnAssign) else node.targets[0] if isinstance(node, ast.Assign) else None
+        target = (
+            node.target
+            if isinstance(node, ast.AnnAssign)
+            else node.targets[0]
+            if isinstance(node, ast.Assign)
+            else None
+        )
         if isinstance(target, ast.Name) and target.id == "cuda" and isinstance(node.value, ast.Constant):
             return node.value.value
     return None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Optional
+from typing import Any
 
 from flux_lora.provenance import seal
 from flux_lora.schema import NON_SEMANTIC_KEYS
@@ -47,10 +47,12 @@ def config_leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """`key: old -> new` for every semantic key that differs between two resolved configs."""
     a, b = config_leaves(semantic_config(old, "")), config_leaves(semantic_config(new, ""))
-    return [f"{key}: {a.get(key)!r} -> {b.get(key)!r}" for key in sorted(a.keys() | b.keys()) if a.get(key) != b.get(key)]
+    return [
+        f"{key}: {a.get(key)!r} -> {b.get(key)!r}" for key in sorted(a.keys() | b.keys()) if a.get(key) != b.get(key)
+    ]
 
 
-def compute_run_id(resolved: dict[str, Any], dataset_content_hash: str, lineage: Optional[dict[str, Any]] = None) -> str:
+def compute_run_id(resolved: dict[str, Any], dataset_content_hash: str, lineage: dict[str, Any] | None = None) -> str:
     tree = semantic_config(resolved, dataset_content_hash)
     if lineage:
         tree["lineage"] = lineage
@@ -61,7 +63,7 @@ def compute_run_id(resolved: dict[str, Any], dataset_content_hash: str, lineage:
 # ------------------------------------------------------------------------------------------ a record's integrity
 
 
-def record_problem(record: dict[str, Any]) -> Optional[str]:
+def record_problem(record: dict[str, Any]) -> str | None:
     """One line when the record was edited or does not match its run id; None when it checks out (or predates seals)."""
     digest = record.get("digest")
     if digest is None:

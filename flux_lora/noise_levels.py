@@ -41,6 +41,7 @@ def sample_sigmas_np(
     rng: np.random.Generator,
 ) -> np.ndarray:
     """The distribution flow.sample_sigmas draws (same modes and formulas), from a numpy generator."""
+
     def sigmoid_normal() -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-sigmoid_scale * rng.standard_normal(count)))
 

@@ -19,7 +19,7 @@ import socket
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -30,11 +30,26 @@ RECORD_FILE = "lora_record.json"
 METADATA_KEY = "flux_lora.record"
 RECORD_FORMAT = 1
 # Packages whose versions change what trains (the full list stays in repro.json).
-TRAINING_PACKAGES = ("torch", "diffusers", "peft", "accelerate", "transformers", "bitsandbytes", "safetensors", "flux-lora")
+TRAINING_PACKAGES = (
+    "torch",
+    "diffusers",
+    "peft",
+    "accelerate",
+    "transformers",
+    "bitsandbytes",
+    "safetensors",
+    "flux-lora",
+)
 
 
-def build_record(run_id: str, lineage: Optional[dict], resolved: dict[str, Any], repro: dict[str, Any],
-                 fingerprint: Optional[dict], id_inputs: Optional[dict] = None) -> dict[str, Any]:  # fmt: skip
+def build_record(
+    run_id: str,
+    lineage: dict | None,
+    resolved: dict[str, Any],
+    repro: dict[str, Any],
+    fingerprint: dict | None,
+    id_inputs: dict | None = None,
+) -> dict[str, Any]:
     """The run's full record (secrets redacted), sealed with its digest."""
     git = repro.get("git") or {}
     packages = repro.get("packages") or {}
@@ -45,14 +60,23 @@ def build_record(run_id: str, lineage: Optional[dict], resolved: dict[str, Any],
         "run_id_inputs": id_inputs,
         "lineage": lineage,
         "config": resolved,
-        "code": {"commit": git.get("commit"), "dirty": git.get("dirty"),
-                 "diff_sha256": hashlib.sha256((git.get("diff") or "").encode()).hexdigest() if git.get("diff") else None},  # fmt: skip
+        "code": {
+            "commit": git.get("commit"),
+            "dirty": git.get("dirty"),
+            "diff_sha256": hashlib.sha256((git.get("diff") or "").encode()).hexdigest() if git.get("diff") else None,
+        },
         "packages": {name: packages.get(name) for name in TRAINING_PACKAGES if name in packages},
         "python": (repro.get("python") or "").split()[0] or None,
         "engine": repro.get("engine"),
-        "dataset": {"content_hash": (fingerprint or {}).get("content_hash"), "n_files": (fingerprint or {}).get("n_files")},
-        **({"class_images": {"content_hash": classes["content_hash"], "n_files": classes["n_files"]}}
-           if (classes := (fingerprint or {}).get("regularization")) else {}),  # fmt: skip
+        "dataset": {
+            "content_hash": (fingerprint or {}).get("content_hash"),
+            "n_files": (fingerprint or {}).get("n_files"),
+        },
+        **(
+            {"class_images": {"content_hash": classes["content_hash"], "n_files": classes["n_files"]}}
+            if (classes := (fingerprint or {}).get("regularization"))
+            else {}
+        ),
     }
     return seal(json.loads(redact(json.dumps(record))))
 
@@ -83,7 +107,7 @@ def _private_markers() -> list[str]:
     return [m for m in dict.fromkeys(markers) if m and len(m) >= 3 and m not in ("/", "root", "localhost")]
 
 
-def is_private_value(value: Any, markers: Optional[list[str]] = None) -> bool:
+def is_private_value(value: Any, markers: list[str] | None = None) -> bool:
     """A value that tells where or by whom a run was trained: an absolute path, a host or user name."""
     if not isinstance(value, str):
         return False
@@ -93,7 +117,7 @@ def is_private_value(value: Any, markers: Optional[list[str]] = None) -> bool:
     return any(marker in text for marker in (_private_markers() if markers is None else markers))
 
 
-def withhold_private(tree: Any, prefix: str = "", markers: Optional[list[str]] = None) -> tuple[Any, list[str]]:
+def withhold_private(tree: Any, prefix: str = "", markers: list[str] | None = None) -> tuple[Any, list[str]]:
     """A copy of a nested record with every private value replaced by None, and the dotted keys it withheld."""
     markers = _private_markers() if markers is None else markers
     if isinstance(tree, dict):
@@ -116,7 +140,7 @@ def shareable_record(record: dict[str, Any]) -> dict[str, Any]:
     return seal({**kept, "shareable": True, "withheld": withheld, "full_digest": record.get("digest")})
 
 
-def embedded_record_text(record: dict[str, Any]) -> Optional[str]:
+def embedded_record_text(record: dict[str, Any]) -> str | None:
     """The record text a LoRA of this run carries under its launch.embed_record (None: no record)."""
     mode = EmbedRecord(((record.get("config") or {}).get("launch") or {}).get("embed_record") or EmbedRecord.full.value)
     if mode == EmbedRecord.none:
@@ -127,7 +151,9 @@ def embedded_record_text(record: dict[str, Any]) -> Optional[str]:
 def shareable_metadata(metadata: dict[str, str]) -> dict[str, str]:
     """kohya's ss_* and modelspec.* keys without private values (sd-scripts records its dataset and model paths)."""
     markers = _private_markers()
-    return {k: v for k, v in metadata.items() if not (k.startswith(("ss_", "modelspec.")) and is_private_value(v, markers))}
+    return {
+        k: v for k, v in metadata.items() if not (k.startswith(("ss_", "modelspec.")) and is_private_value(v, markers))
+    }
 
 
 @dataclass(frozen=True)
@@ -136,7 +162,7 @@ class Provenance:
 
     source: Path
     record: dict[str, Any]
-    run_dir: Optional[Path]  # the run folder when read from one (its engine inputs and command can be compared)
+    run_dir: Path | None  # the run folder when read from one (its engine inputs and command can be compared)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -161,9 +187,15 @@ def load_record(path: Path) -> Provenance:
         if (path / "config.yaml").is_file() and (path / "run.json").is_file():  # frozen before records existed
             run = json.loads((path / "run.json").read_text())
             repro = json.loads((path / "repro.json").read_text()) if (path / "repro.json").is_file() else {}
-            fingerprint = json.loads((path / "dataset_fingerprint.json").read_text()) if (path / "dataset_fingerprint.json").is_file() else None
+            fingerprint = (
+                json.loads((path / "dataset_fingerprint.json").read_text())
+                if (path / "dataset_fingerprint.json").is_file()
+                else None
+            )
             config = yaml.safe_load((path / "config.yaml").read_text())
-            return Provenance(path, build_record(run.get("run_id", ""), run.get("lineage"), config, repro, fingerprint), path)
+            return Provenance(
+                path, build_record(run.get("run_id", ""), run.get("lineage"), config, repro, fingerprint), path
+            )
         raise NoRecord(f"{path}: not a run folder (no config.yaml and run.json); give a run folder or a LoRA file")
     if not path.is_file():
         raise NoRecord(f"{path}: no such file or folder")
@@ -175,16 +207,20 @@ def load_record(path: Path) -> Provenance:
     except (OSError, ValueError) as exc:
         raise NoRecord(f"{path}: cannot read it as a LoRA ({exc})") from None
     if METADATA_KEY not in metadata:
-        trainer = metadata.get("ss_training_engine") or ("kohya sd-scripts" if any(k.startswith("ss_") for k in metadata) else "another tool")
-        raise NoRecord(f"{path}: a LoRA without a flux-lora record (saved by {trainer}); only LoRAs saved by flux-lora can be replayed")
+        trainer = metadata.get("ss_training_engine") or (
+            "kohya sd-scripts" if any(k.startswith("ss_") for k in metadata) else "another tool"
+        )
+        raise NoRecord(
+            f"{path}: a LoRA without a flux-lora record (saved by {trainer}); only LoRAs saved by flux-lora can be replayed"
+        )
     return Provenance(path, json.loads(metadata[METADATA_KEY]), None)
 
 
-def embed_record(lora: Path, record_text: Optional[str], shareable: bool = False) -> bool:
+def embed_record(lora: Path, record_text: str | None, shareable: bool = False) -> bool:
     """Give a LoRA file the run's record as its launch.embed_record says (sd-scripts writes its own files, with its
     own paths among the ss_* keys); returns whether the file changed."""
 
-    def update(meta: dict[str, str]) -> Optional[dict[str, str]]:
+    def update(meta: dict[str, str]) -> dict[str, str] | None:
         if METADATA_KEY in meta:
             return None  # the trainer embedded it already
         new = shareable_metadata(meta) if shareable else dict(meta)

@@ -9,10 +9,9 @@ import json
 import os
 import socket
 from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
-from typing import Optional
 
 from flux_lora.checkpoint_files import WriteFailed, fsync_dir
 
@@ -34,21 +33,21 @@ class RunState(str, Enum):
 @dataclass
 class RunStatus:
     state: RunState
-    exit_code: Optional[int] = None
-    started: Optional[str] = None
-    ended: Optional[str] = None
-    duration_s: Optional[float] = None  # over all attempts
-    reason: Optional[str] = None
-    host: Optional[str] = None
-    pid: Optional[int] = None  # the launcher's, while it runs the job
-    heartbeat: Optional[str] = None
+    exit_code: int | None = None
+    started: str | None = None
+    ended: str | None = None
+    duration_s: float | None = None  # over all attempts
+    reason: str | None = None
+    host: str | None = None
+    pid: int | None = None  # the launcher's, while it runs the job
+    heartbeat: str | None = None
     # One entry per start of the job: started, ended, duration_s, state, exit_code, from_step, steps_trained,
     # host, pid, command, python, engine, slurm, reason.
     attempts: list[dict] = field(default_factory=list)
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def write_json_atomic(path: Path, data: object) -> None:
@@ -73,7 +72,7 @@ def write_status(run_dir: Path, status: RunStatus) -> None:
     write_json_atomic(run_dir / STATUS_FILE, data)
 
 
-def read_status(run_dir: Path) -> Optional[RunStatus]:
+def read_status(run_dir: Path) -> RunStatus | None:
     """The run's status; None when there is none or it cannot be read (a corrupt file is not a state)."""
     try:
         data = json.loads((run_dir / STATUS_FILE).read_text())
@@ -85,12 +84,12 @@ def read_status(run_dir: Path) -> Optional[RunStatus]:
         return None
 
 
-def total_duration(attempts: list[dict]) -> Optional[float]:
+def total_duration(attempts: list[dict]) -> float | None:
     durations = [a["duration_s"] for a in attempts if a.get("duration_s") is not None]
     return round(sum(durations), 2) if durations else None
 
 
-def close_dead_attempt(run_dir: Path, why: str) -> Optional[RunStatus]:
+def close_dead_attempt(run_dir: Path, why: str) -> RunStatus | None:
     """A `running` status whose owner is gone: end its open attempt as interrupted, saying why. None if not running."""
     status = read_status(run_dir)
     if status is None or status.state != RunState.running:
@@ -104,8 +103,15 @@ def close_dead_attempt(run_dir: Path, why: str) -> Optional[RunStatus]:
                 attempt["duration_s"] = round(datetime.fromisoformat(ended).timestamp() - began, 2)
             except (KeyError, TypeError, ValueError):
                 pass
-    closed = RunStatus(state=RunState.interrupted, started=status.started, ended=ended, reason=why, host=status.host,
-                       duration_s=total_duration(status.attempts), attempts=status.attempts)  # fmt: skip
+    closed = RunStatus(
+        state=RunState.interrupted,
+        started=status.started,
+        ended=ended,
+        reason=why,
+        host=status.host,
+        duration_s=total_duration(status.attempts),
+        attempts=status.attempts,
+    )
     write_status(run_dir, closed)
     return closed
 
@@ -113,7 +119,9 @@ def close_dead_attempt(run_dir: Path, why: str) -> Optional[RunStatus]:
 def write_pointer(cell_dir: Path, state: str, run_dir: Path, run_id: str, note: str = "") -> None:
     """Leave a note in a sweep cell's folder that its run lives in run_dir (the summary follows it)."""
     cell_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(cell_dir / POINTER_FILE, {"state": state, "run_dir": str(run_dir), "run_id": run_id, "note": note})
+    write_json_atomic(
+        cell_dir / POINTER_FILE, {"state": state, "run_dir": str(run_dir), "run_id": run_id, "note": note}
+    )
 
 
 RUN_INDEX_DIR = ".runs"  # paths.outputs/.runs/<run id>.txt: every folder that froze that run id, wherever it lies
@@ -155,7 +163,7 @@ def boot_id() -> str:
         return ""
 
 
-def process_start_time(pid: int) -> Optional[int]:
+def process_start_time(pid: int) -> int | None:
     """When the process started (clock ticks since boot, /proc/<pid>/stat field 22); None when it does not exist
     or has exited and waits to be reaped (a zombie holds nothing).
 
@@ -182,7 +190,7 @@ def _pid_exists(pid: int) -> bool:
     return True
 
 
-def same_process_alive(pid: Optional[int], start_time: Optional[int]) -> bool:
+def same_process_alive(pid: int | None, start_time: int | None) -> bool:
     """Whether the process recorded as (pid, start time) on this host still runs; -1 means "not readable here"."""
     if pid is None:
         return False

@@ -13,25 +13,49 @@ from __future__ import annotations
 import io
 import os
 import re
-from typing import Iterable, Mapping, Optional, TextIO
+from collections.abc import Iterable, Mapping
+from typing import TextIO
 
 REDACTED = "***"
 SECRET_NAME_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH", "COOKIE", "SIGNATURE")
 # Recorded in repro.json (values redacted all the same): what changes how a run trains, or where it ran.
 RECORDED_ENV = (
-    "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "CUDA_LAUNCH_BLOCKING", "CUBLAS_WORKSPACE_CONFIG", "NVIDIA_VISIBLE_DEVICES",
-    "PYTORCH_CUDA_ALLOC_CONF", "TORCH_CUDNN_V8_API_ENABLED", "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "OMP_NUM_THREADS",
-    "MKL_NUM_THREADS", "ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_CPU", "HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT",
-    "HF_HUB_ENABLE_HF_TRANSFER", "SD_SCRIPTS_DIR", "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID",
-    "SLURM_RESTART_COUNT", "SLURM_JOB_PARTITION", "SLURM_CPUS_PER_TASK", "SLURM_GPUS_ON_NODE", "SLURM_JOB_NUM_NODES",
-)  # fmt: skip
+    "CUDA_VISIBLE_DEVICES",
+    "CUDA_DEVICE_ORDER",
+    "CUDA_LAUNCH_BLOCKING",
+    "CUBLAS_WORKSPACE_CONFIG",
+    "NVIDIA_VISIBLE_DEVICES",
+    "PYTORCH_CUDA_ALLOC_CONF",
+    "TORCH_CUDNN_V8_API_ENABLED",
+    "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "ACCELERATE_MIXED_PRECISION",
+    "ACCELERATE_USE_CPU",
+    "HF_HOME",
+    "HF_HUB_OFFLINE",
+    "HF_ENDPOINT",
+    "HF_HUB_ENABLE_HF_TRANSFER",
+    "SD_SCRIPTS_DIR",
+    "SLURM_JOB_ID",
+    "SLURM_ARRAY_JOB_ID",
+    "SLURM_ARRAY_TASK_ID",
+    "SLURM_RESTART_COUNT",
+    "SLURM_JOB_PARTITION",
+    "SLURM_CPUS_PER_TASK",
+    "SLURM_GPUS_ON_NODE",
+    "SLURM_JOB_NUM_NODES",
+)
 _URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^\s/?#@\"'<>]+)@")
 _CREDENTIAL_PARAM = re.compile(
     r"(?P<name>[?&;][\w.-]*(?:token|key|sig|signature|password|passwd|pwd|secret|auth|credential|session)[\w.-]*=)"
-    r"(?P<value>[^&#\s\"'<>]+)", re.IGNORECASE)  # fmt: skip
+    r"(?P<value>[^&#\s\"'<>]+)",
+    re.IGNORECASE,
+)
 _TOKEN_SHAPES = re.compile(
     r"\b(?:hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}|sk-[A-Za-z0-9_-]{20,}"
-    r"|xox[abpors]-[A-Za-z0-9-]{10,}|AKIA[0-9A-Z]{16})\b")  # fmt: skip
+    r"|xox[abpors]-[A-Za-z0-9-]{10,}|AKIA[0-9A-Z]{16})\b"
+)
 _MIN_SECRET_LENGTH = 6  # shorter values would over-match ordinary text
 
 
@@ -40,7 +64,7 @@ def is_secret_name(name: str) -> bool:
     return any(marker in upper for marker in SECRET_NAME_MARKERS)
 
 
-def secret_values(environ: Optional[Mapping[str, str]] = None) -> list[str]:
+def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
     """Values to redact wherever they appear, longest first: secret-named variables, and the user-info and credential
     parameters inside any variable's value (HF_ENDPOINT=https://user:pass@mirror carries no secret name)."""
     env = os.environ if environ is None else environ
@@ -53,7 +77,7 @@ def secret_values(environ: Optional[Mapping[str, str]] = None) -> list[str]:
     return sorted((v for v in found if len(v) >= _MIN_SECRET_LENGTH), key=len, reverse=True)
 
 
-def redact(text: str, secrets: Optional[Iterable[str]] = None) -> str:
+def redact(text: str, secrets: Iterable[str] | None = None) -> str:
     """The text with every secret replaced by ***: the given values (default: this environment's), then anything
     shaped like a credential."""
     for value in secret_values() if secrets is None else secrets:
@@ -63,11 +87,13 @@ def redact(text: str, secrets: Optional[Iterable[str]] = None) -> str:
     return _TOKEN_SHAPES.sub(REDACTED, text)
 
 
-def recorded_environment(environ: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+def recorded_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The allow-listed environment, values redacted."""
     env = os.environ if environ is None else environ
     secrets = secret_values(env)
-    return {name: redact(env[name], secrets) for name in sorted(RECORDED_ENV) if name in env and not is_secret_name(name)}
+    return {
+        name: redact(env[name], secrets) for name in sorted(RECORDED_ENV) if name in env and not is_secret_name(name)
+    }
 
 
 class RedactingStream(io.TextIOBase):

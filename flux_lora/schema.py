@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Optional
 
 from omegaconf import II, MISSING
 
@@ -119,13 +118,13 @@ class ProfileConfig:
     max_train_steps: int = MISSING
     network_dim: int = MISSING
     network_alpha: float = MISSING
-    network_dropout: Optional[float] = None
+    network_dropout: float | None = None
     learning_rate: float = 1e-4
     lr_scheduler: LrScheduler = LrScheduler.constant_with_warmup
     lr_warmup_steps: int = 0
     lr_scheduler_num_cycles: int = 1
     noise_offset: float = 0.0
-    min_snr_gamma: Optional[float] = None
+    min_snr_gamma: float | None = None
     min_snr_variant: MinSnrVariant = MinSnrVariant.flow_min_snr
     loss_type: LossType = LossType.l2
     huber_schedule: HuberSchedule = HuberSchedule.snr
@@ -203,11 +202,11 @@ class EngineConfig:
     name: EngineName = MISSING
     # Interpreter that runs `accelerate launch` for this engine; null = the launcher's own. sd-scripts pins
     # older diffusers/transformers than the native engine, so it usually lives in a venv of its own.
-    python: Optional[str] = None
+    python: str | None = None
     # sd-scripts only: a checkout of kohya-ss/sd-scripts (flux_train_network.py).
-    sd_scripts_dir: Optional[str] = None
-    pinned_commit: Optional[str] = None
-    tokenizer_cache_dir: Optional[str] = None
+    sd_scripts_dir: str | None = None
+    pinned_commit: str | None = None
+    tokenizer_cache_dir: str | None = None
 
 
 @dataclass
@@ -215,12 +214,12 @@ class ModelConfig:
     name: str = MISSING
     kind: ModelKind = MISSING
     # flux_dev: the four single files a kohya user has, or one diffusers-format folder.
-    transformer: Optional[str] = None
-    vae: Optional[str] = None
-    clip_l: Optional[str] = None
-    t5xxl: Optional[str] = None
-    diffusers_dir: Optional[str] = None
-    tokenizer_dir: Optional[str] = None
+    transformer: str | None = None
+    vae: str | None = None
+    clip_l: str | None = None
+    t5xxl: str | None = None
+    diffusers_dir: str | None = None
+    tokenizer_dir: str | None = None
     t5xxl_max_token_length: int = 512
     # tiny: weights are drawn in code from this seed.
     init_seed: int = 0
@@ -268,12 +267,12 @@ class DatasetConfig:
     # Held out from training for the evaluator's validation loss (flux_lora/dataset/training_set.py): a share of
     # the images, the same ones for every run of this dataset (chosen by content hash), or a folder of its own.
     # null: 10% (at least one image) once the dataset has 8 distinct images, none below that; 0: none.
-    validation_split: Optional[float] = None
-    validation_path: Optional[str] = None
+    validation_split: float | None = None
+    validation_path: str | None = None
     # Regularization (class) images: photos of the class (any woman, not the subject) trained beside the subject's, so
     # the LoRA keeps what the class looks like (DreamBooth's prior preservation; kohya's `is_reg` subsets). Each epoch
     # they fill as many places as the subject's images with repeats, as kohya fills them (training_set.py). null: none.
-    reg_path: Optional[str] = None
+    reg_path: str | None = None
     reg_repeats: int = 1  # repeats of each class image; a subfolder named `N_name` sets its own, as for the subject's
     prior_loss_weight: float = 1.0  # a class image's loss against a subject image's (kohya's --prior_loss_weight)
     analysis: DatasetAnalysisConfig = field(default_factory=DatasetAnalysisConfig)
@@ -296,17 +295,17 @@ class LaunchConfig:
     # Run an ablation cell even if every change it declares is a no-op for the chosen engine.
     allow_noop_ablation: bool = False
     # Resume from a saved training state folder (an engine's `*-state` directory).
-    resume_from: Optional[str] = None
+    resume_from: str | None = None
     # Start from the weights of a LoRA file (kohya FLUX format, the same rank) instead of a fresh LoRA. Recorded with
     # its sha256 as the run's lineage, so the run id tells such a run apart from a fresh one.
-    init_lora: Optional[str] = None
+    init_lora: str | None = None
     output_name: str = "flux-lora"
     # Step states (`*-stepNNNNNNNN-state`) kept on disk: the newest N; 0 keeps all.
     keep_last_states: int = 2
     # A launch whose run id ran before: `auto` skips it if it succeeded and resumes it (in its own folder) if it
     # was interrupted, failed after a checkpoint, or its owner died; `never` always starts a new run.
     # null: `auto` in a multirun (a sweep run again finishes what it started), `never` for a single run.
-    resume: Optional[ResumeMode] = None
+    resume: ResumeMode | None = None
     # With launch.resume_from: allow recipe keys to differ from the run that saved the state (recorded per key).
     allow_recipe_change: bool = False
     # A run's lease holder that neither this machine nor SLURM can speak for (another host, no SLURM job) is taken
@@ -327,7 +326,7 @@ class EvalConfig:
     lora: str = "final"  # which LoRA generates: final or best (lowest validation loss)
     strengths: list[float] = field(default_factory=lambda: [0.5, 0.8, 1.0, 1.2])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
-    max_prompts: Optional[int] = None  # at most N sample and N held-out prompts; None: all
+    max_prompts: int | None = None  # at most N sample and N held-out prompts; None: all
     heldout_prompts: bool = True
 
 

@@ -15,9 +15,13 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Optional
 
-from flux_lora.checkpoint_files import read_safetensors_metadata, safetensors_problem, tensor_data_sha256, update_safetensors_metadata
+from flux_lora.checkpoint_files import (
+    read_safetensors_metadata,
+    safetensors_problem,
+    tensor_data_sha256,
+    update_safetensors_metadata,
+)
 from flux_lora.provenance import METADATA_KEY, EmbedRecord, compact, shareable_metadata, shareable_record
 
 
@@ -42,10 +46,12 @@ def share(source: Path, target: Path, to: EmbedRecord) -> str:
     return after
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flux_lora.share", description=__doc__.split("\n\n")[0])
     parser.add_argument("lora", type=Path, help="a LoRA file (.safetensors)")
-    parser.add_argument("--to", choices=[EmbedRecord.shareable.value, EmbedRecord.none.value], default=EmbedRecord.shareable.value)
+    parser.add_argument(
+        "--to", choices=[EmbedRecord.shareable.value, EmbedRecord.none.value], default=EmbedRecord.shareable.value
+    )
     parser.add_argument("-o", "--output", type=Path, help="where the shared copy goes (default: beside the file)")
     args = parser.parse_args(argv)
     problem = safetensors_problem(args.lora) if args.lora.is_file() else f"{args.lora}: no such file"

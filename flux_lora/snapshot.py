@@ -22,10 +22,11 @@ import platform
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import yaml
 
@@ -35,12 +36,11 @@ from flux_lora.dataset import DatasetError, fingerprint_dataset, write_contact_s
 from flux_lora.dataset.training_set import TRAINING_SET_FILE
 from flux_lora.engines.base import Engine, EngineInputs
 from flux_lora.gpu_probe import probe_gpus, torch_cuda_build
-from flux_lora.records import POINTER_FILE, register_run_dir
-from flux_lora.provenance import RECORD_FILE, build_record
 from flux_lora.identity import compute_run_id
+from flux_lora.provenance import RECORD_FILE, build_record
+from flux_lora.records import POINTER_FILE, register_run_dir
 from flux_lora.redaction import is_secret_name, recorded_environment, redact
 from flux_lora.schema import RunConfig
-
 
 
 @dataclass(frozen=True)
@@ -83,11 +83,13 @@ def claim_run_dir(run_dir: Path) -> Path:
                 continue
 
 
-def dataset_fingerprint(run: RunConfig, report: CheckReport) -> Optional[dict]:
+def dataset_fingerprint(run: RunConfig, report: CheckReport) -> dict | None:
     if report.dataset_report is not None:
         fingerprint = report.dataset_report.fingerprint  # the preflight already hashed every byte
         if report.reg_report is not None:  # the class images' files, apart: the subject's hash stays what it was
-            fingerprint = fingerprint | {"regularization": report.reg_report.fingerprint | {"path": report.reg_report.dataset_path}}
+            fingerprint = fingerprint | {
+                "regularization": report.reg_report.fingerprint | {"path": report.reg_report.dataset_path}
+            }
         return fingerprint
     try:
         return fingerprint_dataset(Path(run.dataset.path), run.dataset.caption_extension)
@@ -95,23 +97,32 @@ def dataset_fingerprint(run: RunConfig, report: CheckReport) -> Optional[dict]:
         return None  # missing or empty: the check has already refused the run with that reason
 
 
-def run_lineage(report: CheckReport) -> Optional[dict[str, Any]]:
+def run_lineage(report: CheckReport) -> dict[str, Any] | None:
     """Where the run's weights come from when not all from its own recipe: the run and step it resumes from and the
     recipe keys changed there. Part of the run id, so such a run is never taken for a clean run of its recipe."""
     lineage: dict[str, Any] = {}
     source = report.resume_source
     if source:
-        lineage.update(from_run=source.get("run_id"), from_run_dir=source.get("run_dir"), from_step=source.get("step"),
-                       state=source.get("state"), recipe_changes=list(source.get("recipe_changes", [])))  # fmt: skip
+        lineage.update(
+            from_run=source.get("run_id"),
+            from_run_dir=source.get("run_dir"),
+            from_step=source.get("step"),
+            state=source.get("state"),
+            recipe_changes=list(source.get("recipe_changes", [])),
+        )
     if report.init_lora:
         lineage.update(init_lora=report.init_lora["path"], init_lora_sha256=report.init_lora["sha256"])
     return lineage or None
 
 
-def run_id_inputs(report: CheckReport, fingerprint: Optional[dict]) -> dict[str, Any]:
+def run_id_inputs(report: CheckReport, fingerprint: dict | None) -> dict[str, Any]:
     """What the run id hashes besides the semantic config: the training set's content and the lineage's identity."""
     # The dataset as it trains (images, captions, repeats), else the folder's bytes.
-    content = report.training_set.content_hash if report.training_set is not None else (fingerprint["content_hash"] if fingerprint else "missing")
+    content = (
+        report.training_set.content_hash
+        if report.training_set is not None
+        else (fingerprint["content_hash"] if fingerprint else "missing")
+    )
     lineage = run_lineage(report)
     # A run without lineage keeps the id it always had; one with lineage is told apart by where it came from.
     # Where files lie is not what the weights are: the source run's id and step, the LoRA's hash are.
@@ -119,7 +130,7 @@ def run_id_inputs(report: CheckReport, fingerprint: Optional[dict]) -> dict[str,
     return {"training_set": content, "lineage": identity}
 
 
-def run_identity(resolved: dict[str, Any], report: CheckReport, fingerprint: Optional[dict]) -> str:
+def run_identity(resolved: dict[str, Any], report: CheckReport, fingerprint: dict | None) -> str:
     inputs = run_id_inputs(report, fingerprint)
     return compute_run_id(resolved, inputs["training_set"], inputs["lineage"])
 
@@ -133,7 +144,7 @@ def earlier_runs_with_id(outputs: Path, run_id: str, exclude: Path) -> list[Path
     return sorted(found)
 
 
-def _git(args: list[str], cwd: Path) -> Optional[str]:
+def _git(args: list[str], cwd: Path) -> str | None:
     if shutil.which("git") is None:
         return None
     done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=False)
@@ -171,7 +182,7 @@ def package_versions() -> dict[str, str]:
     return dict(sorted(versions.items(), key=lambda kv: kv[0].lower()))
 
 
-def installed_version(package: str) -> Optional[str]:
+def installed_version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
@@ -203,7 +214,7 @@ def repro_record(run: RunConfig, engine: Engine, project_root: Path) -> dict[str
 class FrozenRun:
     run_dir: Path
     run_id: str
-    command: Optional[LaunchCommand]  # None when errors stopped the engine from rendering
+    command: LaunchCommand | None  # None when errors stopped the engine from rendering
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -233,12 +244,14 @@ def freeze_run(
     project_root: Path,
     launch_command: LaunchCommandBuilder,
     overrides: list[str],
-    cost_estimate: Optional[dict[str, Any]] = None,
+    cost_estimate: dict[str, Any] | None = None,
 ) -> FrozenRun:
     """Write the run's record; render the engine's inputs unless config errors make that meaningless."""
     asked, run_dir = run_dir, claim_run_dir(run_dir)
     if run_dir != asked:
-        report.infos.append(f"{asked} holds another launch's run; flux-lora never shares or overwrites one: this run is in {run_dir}")
+        report.infos.append(
+            f"{asked} holds another launch's run; flux-lora never shares or overwrites one: this run is in {run_dir}"
+        )
     dataset_path = Path(run.dataset.path)
     fingerprint = dataset_fingerprint(run, report)
     run_id = run_identity(resolved, report, fingerprint)
@@ -250,14 +263,16 @@ def freeze_run(
     if fingerprint is not None:
         _write_json(run_dir / "dataset_fingerprint.json", fingerprint)
     if report.training_set is not None:
-        _write_text(run_dir / TRAINING_SET_FILE, json.dumps(report.training_set.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        _write_text(
+            run_dir / TRAINING_SET_FILE, json.dumps(report.training_set.to_dict(), indent=2, ensure_ascii=False) + "\n"
+        )
     if report.dataset_report is not None:
         report.dataset_report.write_json(run_dir / "dataset_report.json")
         write_contact_sheet(report.dataset_report, dataset_path, run_dir / "dataset_contact_sheet.png")
     if report.reg_report is not None:
         report.reg_report.write_json(run_dir / "reg_dataset_report.json")
 
-    command: Optional[LaunchCommand] = None
+    command: LaunchCommand | None = None
     if not report.errors:
         inputs = engine.render(run, run_dir, report.not_applied)
         for name, text in inputs.files.items():
@@ -266,20 +281,25 @@ def freeze_run(
         if not report.errors:
             report.engine_preflight = engine.preflight(run, inputs)
             if report.engine_preflight["state"] == "failed":
-                report.errors.append(f"engine preflight ({run.engine.name.value}, in {report.engine_preflight.get('python')}): {report.engine_preflight['problem']}")
+                report.errors.append(
+                    f"engine preflight ({run.engine.name.value}, in {report.engine_preflight.get('python')}): {report.engine_preflight['problem']}"
+                )
         command = launch_command(run, inputs)
         _write_json(run_dir / "command.json", {"argv": command.argv, "cwd": command.cwd, "env": _safe_env(command.env)})
 
     repro = repro_record(run, engine, project_root)
     _write_json(run_dir / "repro.json", repro)
     # What every LoRA of this run carries in its metadata, so the file alone can be replayed or diffed.
-    _write_json(run_dir / RECORD_FILE, build_record(run_id, run_lineage(report), resolved, repro, fingerprint, run_id_inputs(report, fingerprint)))
+    _write_json(
+        run_dir / RECORD_FILE,
+        build_record(run_id, run_lineage(report), resolved, repro, fingerprint, run_id_inputs(report, fingerprint)),
+    )
     _write_json(
         run_dir / "run.json",
         {
             "run_id": run_id,
             "name": run.name,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "overrides": overrides,
             "dry_run": run.launch.dry_run,
             "engine": run.engine.name.value,

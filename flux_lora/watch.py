@@ -23,10 +23,10 @@ import sys
 import termios
 import time
 import tty
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -34,14 +34,18 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from flux_lora.records import LOG_FILE
 from flux_lora.lifecycle.slurm import sweep_cells_expected
+from flux_lora.records import LOG_FILE
 from flux_lora.report.summary import find_run_dirs, read_json, read_run
 
 # Progress lines of both engines: the native job's "step 12/100 loss 0.41 avg 0.43 1.9 it/s ETA 0:46" and
 # sd-scripts' tqdm bar "steps:  12%|...| 12/100 [00:06<00:46, 1.9it/s, avr_loss=0.43]".
-_NATIVE = re.compile(r"step (?P<step>\d+)/(?P<total>\d+) loss (?P<loss>[-+\w.]+) avg (?P<avg>[-+\w.]+) (?P<rate>[\d.]+) it/s")
-_TQDM = re.compile(r"(?P<step>\d+)/(?P<total>\d+) \[[^,\]]*(?:<[^,\]]*)?,\s*(?P<rate>[\d.]+)(?:it/s|s/it)[^\]]*avr_loss=(?P<avg>[-+\w.]+)")
+_NATIVE = re.compile(
+    r"step (?P<step>\d+)/(?P<total>\d+) loss (?P<loss>[-+\w.]+) avg (?P<avg>[-+\w.]+) (?P<rate>[\d.]+) it/s"
+)
+_TQDM = re.compile(
+    r"(?P<step>\d+)/(?P<total>\d+) \[[^,\]]*(?:<[^,\]]*)?,\s*(?P<rate>[\d.]+)(?:it/s|s/it)[^\]]*avr_loss=(?P<avg>[-+\w.]+)"
+)
 ENDED = ("succeeded", "failed", "interrupted", "refused", "dry_run", "skipped: done", "busy", "owner gone")
 TAIL_BYTES = 64 * 1024
 
@@ -49,13 +53,13 @@ TAIL_BYTES = 64 * 1024
 @dataclass
 class CellView:
     run_dir: Path
-    home: Optional[Path] = None  # where the run's files are: the cell, or where its run_pointer.json points
+    home: Path | None = None  # where the run's files are: the cell, or where its run_pointer.json points
     name: str = ""
     state: str = "not started"
     step: int = 0
     total: int = 0
-    loss: Optional[float] = None  # the moving average the job reports
-    rate: Optional[float] = None  # optimizer steps per second
+    loss: float | None = None  # the moving average the job reports
+    rate: float | None = None  # optimizer steps per second
     attempts: int = 0
     history: list[float] = field(default_factory=list)  # earlier smoothed losses, for the trend
 
@@ -74,7 +78,7 @@ class CellView:
         return f"{seconds // 60}:{seconds % 60:02d}"
 
 
-def last_progress(log: Path) -> Optional[re.Match]:
+def last_progress(log: Path) -> re.Match | None:
     try:
         with open(log, "rb") as handle:
             handle.seek(max(0, log.stat().st_size - TAIL_BYTES))
@@ -89,7 +93,11 @@ def last_progress(log: Path) -> Optional[re.Match]:
 
 def refresh(view: CellView) -> None:
     row = read_run(view.run_dir)
-    home = view.run_dir if (view.run_dir / "run.json").exists() else Path(read_json(view.run_dir / "run_pointer.json").get("run_dir", view.run_dir))
+    home = (
+        view.run_dir
+        if (view.run_dir / "run.json").exists()
+        else Path(read_json(view.run_dir / "run_pointer.json").get("run_dir", view.run_dir))
+    )
     view.name, view.state, view.home = view.run_dir.name, row.state, home
     view.attempts = len(read_json(home / "status.json").get("attempts", []))
     progress = last_progress(home / LOG_FILE)
@@ -108,7 +116,7 @@ def refresh(view: CellView) -> None:
         view.step = view.total
 
 
-def expected_cells(root: Path) -> Optional[int]:
+def expected_cells(root: Path) -> int | None:
     """How many cells the sweep will have: SLURM's record, else Hydra's multirun.yaml; None for a single run."""
     slurm = sweep_cells_expected(root)
     if slurm is not None:
@@ -139,65 +147,94 @@ def gpu_lines() -> list[str]:
         handle = pynvml.nvmlDeviceGetHandleByIndex(index)
         use, memory = pynvml.nvmlDeviceGetUtilizationRates(handle), pynvml.nvmlDeviceGetMemoryInfo(handle)
         temperature = pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)
-        lines.append(f"GPU {index}: {use.gpu}% busy, {memory.used / 2**30:.1f}/{memory.total / 2**30:.1f} GiB, {temperature} C")
+        lines.append(
+            f"GPU {index}: {use.gpu}% busy, {memory.used / 2**30:.1f}/{memory.total / 2**30:.1f} GiB, {temperature} C"
+        )
     return lines or ["GPUs: none visible here (NVML reports 0 devices)"]
 
 
-def newest_sample(cell: Optional[CellView]) -> Optional[Path]:
+def newest_sample(cell: CellView | None) -> Path | None:
     if cell is None:
         return None
     samples = sorted(((cell.home or cell.run_dir) / "output" / "sample").glob("*.png"), key=lambda p: p.stat().st_mtime)
     return samples[-1] if samples else None
 
 
-def default_selection(cells: list[CellView]) -> Optional[Path]:
+def default_selection(cells: list[CellView]) -> Path | None:
     """The first running cell, else the first cell."""
     running = [c for c in cells if c.state == "running"] or cells
     return running[0].run_dir if running else None
 
 
-def frame(root: Path, cells: list[CellView], expected: Optional[int], gpus: list[str], selected: Optional[Path] = None,
-          keys: bool = False, message: str = "") -> Group:
+def frame(
+    root: Path,
+    cells: list[CellView],
+    expected: int | None,
+    gpus: list[str],
+    selected: Path | None = None,
+    keys: bool = False,
+    message: str = "",
+) -> Group:
     table = Table(title=f"{root}  ({len(cells)}{'/' + str(expected) if expected else ''} cells)", expand=False)
     for column in ("", "cell", "state", "progress", "steps", "loss (avg)", "trend", "it/s", "ETA", "attempts"):
         table.add_column(column)
     for c in cells:
         bar = ProgressBar(total=max(c.total, 1), completed=c.step, width=20)
-        table.add_row("›" if c.run_dir == selected else "", c.name, c.state, bar, f"{c.step}/{c.total or '?'}",
-                      "-" if c.loss is None else f"{c.loss:.4f}", c.trend, "-" if c.rate is None else f"{c.rate:.2f}", c.eta,
-                      str(c.attempts))  # fmt: skip
+        table.add_row(
+            "›" if c.run_dir == selected else "",
+            c.name,
+            c.state,
+            bar,
+            f"{c.step}/{c.total or '?'}",
+            "-" if c.loss is None else f"{c.loss:.4f}",
+            c.trend,
+            "-" if c.rate is None else f"{c.rate:.2f}",
+            c.eta,
+            str(c.attempts),
+        )
     chosen = next((c for c in cells if c.run_dir == selected), None)
     sample = newest_sample(chosen)
     notes = [Text(line) for line in gpus]
     notes.append(Text(f"newest sample of {chosen.name if chosen else '-'}: {sample if sample else 'none yet'}"))
     if keys:
-        notes.append(Text("keys: ↑/↓ or k/j select a cell · o open its newest sample · q quit" + (f"   {message}" if message else ""), style="dim"))
+        notes.append(
+            Text(
+                "keys: ↑/↓ or k/j select a cell · o open its newest sample · q quit"
+                + (f"   {message}" if message else ""),
+                style="dim",
+            )
+        )
     return Group(table, *notes)
 
 
-def opener(program: Optional[str]) -> Optional[str]:
+def opener(program: str | None) -> str | None:
     """The program that shows an image on this desktop, or None when there is none."""
     if program:
         return program
     return shutil.which("open" if sys.platform == "darwin" else "xdg-open")
 
 
-def open_sample(sample: Optional[Path], program: Optional[str]) -> str:
+def open_sample(sample: Path | None, program: str | None) -> str:
     """Open the sample in the viewer, detached (the watch keeps refreshing); the line to show about it."""
     if sample is None:
         return "no sample yet in this cell"
     if program is None:
         return "no image viewer here (xdg-open not found): give one with --open-with"
     try:
-        subprocess.Popen([program, str(sample)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)  # fmt: skip
+        subprocess.Popen(
+            [program, str(sample)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     except OSError as exc:
         return f"could not start {program}: {exc.strerror}"
     return f"opened {sample.name} with {Path(program).name}"
 
 
 @contextmanager
-def keystrokes(enabled: bool) -> Iterator[Optional[int]]:
+def keystrokes(enabled: bool) -> Iterator[int | None]:
     """stdin in cbreak mode (keys arrive one by one, unechoed) while watching; restored however the watch ends."""
     if not enabled:
         yield None
@@ -211,7 +248,7 @@ def keystrokes(enabled: bool) -> Iterator[Optional[int]]:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
-def read_keys(fd: Optional[int], timeout_s: float) -> str:
+def read_keys(fd: int | None, timeout_s: float) -> str:
     """Keys typed within timeout_s ("" if none); arrow keys come as escape sequences."""
     if fd is None:
         time.sleep(timeout_s)
@@ -220,7 +257,7 @@ def read_keys(fd: Optional[int], timeout_s: float) -> str:
     return os.read(fd, 64).decode("utf-8", errors="replace") if ready else ""
 
 
-def move(cells: list[CellView], selected: Optional[Path], by: int) -> Optional[Path]:
+def move(cells: list[CellView], selected: Path | None, by: int) -> Path | None:
     if not cells:
         return selected
     names = [c.run_dir for c in cells]
@@ -228,16 +265,18 @@ def move(cells: list[CellView], selected: Optional[Path], by: int) -> Optional[P
     return names[max(0, min(len(names) - 1, index + by))]
 
 
-def all_ended(cells: list[CellView], expected: Optional[int]) -> bool:
+def all_ended(cells: list[CellView], expected: int | None) -> bool:
     return bool(cells) and len(cells) >= (expected or 1) and all(c.state in ENDED for c in cells)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flux_lora.watch", description=__doc__.split("\n\n")[0])
     parser.add_argument("root", type=Path, help="a sweep folder or a run folder")
     parser.add_argument("--once", action="store_true", help="print one frame and exit")
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
-    parser.add_argument("--open-with", metavar="PROGRAM", help="the image viewer `o` starts (default: xdg-open, or open on macOS)")
+    parser.add_argument(
+        "--open-with", metavar="PROGRAM", help="the image viewer `o` starts (default: xdg-open, or open on macOS)"
+    )
     args = parser.parse_args(argv)
     if not args.root.is_dir():
         print(f"error: {args.root}: no such folder; give a sweep or run folder (outputs/sweeps/<dir>)", file=sys.stderr)
@@ -246,7 +285,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     views: dict[Path, CellView] = {}
     gpus = gpu_lines()
 
-    def update() -> tuple[list[CellView], Optional[int]]:
+    def update() -> tuple[list[CellView], int | None]:
         for run_dir in find_run_dirs(args.root):
             refresh(views.setdefault(run_dir, CellView(run_dir)))
         return [views[d] for d in sorted(views, key=lambda d: d.name)], expected_cells(args.root)
@@ -256,7 +295,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         console.print(frame(args.root, cells, expected, gpus, default_selection(cells)))
         return 0
     interactive = sys.stdin.isatty()
-    chosen: Optional[Path] = None  # the user's choice; until there is one, the first running cell
+    chosen: Path | None = None  # the user's choice; until there is one, the first running cell
     message = ""
     with keystrokes(interactive) as fd, Live(console=console, refresh_per_second=4, screen=False) as live:
         while True:
@@ -274,7 +313,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                         chosen = selected = move(cells, selected, -1 if key in ("\x1b[A", "k") else 1)
                         message = ""
                     elif key == "o":
-                        message = open_sample(newest_sample(next((c for c in cells if c.run_dir == selected), None)), opener(args.open_with))
+                        message = open_sample(
+                            newest_sample(next((c for c in cells if c.run_dir == selected), None)),
+                            opener(args.open_with),
+                        )
                 if typed:
                     live.update(frame(args.root, cells, expected, gpus, selected, interactive, message))
             cells, expected = update()

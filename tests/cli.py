@@ -50,7 +50,9 @@ def in_folder(args: Sequence[str], folder: Path) -> list[str]:
     return [*args[:lead], f"paths.outputs={folder / 'outputs'}", f"paths.cache={folder / 'cache'}", *args[lead:]]
 
 
-def _argv_and_cwd(args: Sequence[str], module: str | None, folder: Path | None, cwd: Path | None) -> tuple[list[str], Path]:
+def _argv_and_cwd(
+    args: Sequence[str], module: str | None, folder: Path | None, cwd: Path | None
+) -> tuple[list[str], Path]:
     if folder is not None:
         if module:
             raise ValueError("folder= sets the launcher's paths; pass another tool's paths as its own arguments")
@@ -58,21 +60,43 @@ def _argv_and_cwd(args: Sequence[str], module: str | None, folder: Path | None, 
     return command(args, module), cwd or folder or PROJECT_ROOT
 
 
-def run_cli(*args: str, module: str | None = None, folder: Path | None = None, cwd: Path | None = None,
-            env: Mapping[str, str] | None = None, drop: Iterable[str] = (), timeout: float = TIMEOUT_S,
-            check: bool = False) -> subprocess.CompletedProcess[str]:  # fmt: skip
+def run_cli(
+    *args: str,
+    module: str | None = None,
+    folder: Path | None = None,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    drop: Iterable[str] = (),
+    timeout: float = TIMEOUT_S,
+    check: bool = False,
+) -> subprocess.CompletedProcess[str]:
     """Run the launcher (or `module`) to the end. folder: the test's tmp folder, which holds paths.outputs and
     paths.cache and is the working directory unless cwd says otherwise (default: the project root)."""
     argv, where = _argv_and_cwd(args, module, folder, cwd)
-    return subprocess.run(argv, cwd=where, env=child_env(env, drop), capture_output=True, text=True, timeout=timeout, check=check)
+    return subprocess.run(
+        argv, cwd=where, env=child_env(env, drop), capture_output=True, text=True, timeout=timeout, check=check
+    )
 
 
-def start_cli(*args: str, module: str | None = None, folder: Path | None = None, cwd: Path | None = None,
-              env: Mapping[str, str] | None = None, drop: Iterable[str] = (), merge_stderr: bool = True,
-              new_session: bool = False) -> subprocess.Popen[str]:  # fmt: skip
+def start_cli(
+    *args: str,
+    module: str | None = None,
+    folder: Path | None = None,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    drop: Iterable[str] = (),
+    merge_stderr: bool = True,
+    new_session: bool = False,
+) -> subprocess.Popen[str]:
     """Start the launcher (or `module`) and return it running, stdout piped (stderr into it, or piped apart with
     merge_stderr=False). new_session: in a session of its own, so a test can kill its whole tree as a crash would."""
     argv, where = _argv_and_cwd(args, module, folder, cwd)
-    return subprocess.Popen(argv, cwd=where, env=child_env(env, drop), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, text=True,
-                            start_new_session=new_session)  # fmt: skip
+    return subprocess.Popen(
+        argv,
+        cwd=where,
+        env=child_env(env, drop),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+        text=True,
+        start_new_session=new_session,
+    )

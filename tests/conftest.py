@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -11,7 +11,10 @@ from omegaconf import DictConfig
 from flux_lora.compose import CONF_DIR, load_run, register
 from flux_lora.schema import RunConfig
 from tests.seed_sweep import Sweep, make_seed_sweep
-# A session fixture defined once here: imported into each test module, it would be set up (and torn down) per module.
+
+# Cluster fixtures registered once here: imported into each test module, a session fixture would be set up
+# (and torn down) per module, and ruff would read each use as a redefinition.
+from tests.slurm_cluster import slurm  # noqa: F401
 from tests.slurm_two_node import two_node_slurm  # noqa: F401
 
 register()
@@ -50,10 +53,22 @@ def judged_diffusers_lora(tmp_path_factory: pytest.TempPathFactory):
 
 # Fixtures that train, evaluate or start a cluster: a test that takes one is in the full suite only (it is marked
 # `slow`), so `python -m pytest -m "not slow"` is the fast tier. Each is shared by the tests that take it.
-TRAINED_OR_CLUSTER_FIXTURES = frozenset({
-    "seed_sweep", "judged_diffusers_lora", "evaluated_sweep", "rate_server", "tiny_run", "evaluated_run", "runs", "curves",
-    "matrix", "shared_run", "slurm", "two_node_slurm",
-})  # fmt: skip
+TRAINED_OR_CLUSTER_FIXTURES = frozenset(
+    {
+        "seed_sweep",
+        "judged_diffusers_lora",
+        "evaluated_sweep",
+        "rate_server",
+        "tiny_run",
+        "evaluated_run",
+        "runs",
+        "curves",
+        "matrix",
+        "shared_run",
+        "slurm",
+        "two_node_slurm",
+    }
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -64,10 +79,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config) -> None:
     """Say how many results are the sd-scripts stand-in's (marker `standin`), so that none reads as sd-scripts' own."""
-    ran = [report for outcome in ("passed", "failed") for report in terminalreporter.stats.get(outcome, [])
-           if report.when == "call" and "standin" in report.keywords]  # fmt: skip
+    ran = [
+        report
+        for outcome in ("passed", "failed")
+        for report in terminalreporter.stats.get(outcome, [])
+        if report.when == "call" and "standin" in report.keywords
+    ]
     if ran:
         failed = sum(report.failed for report in ran)
         tests = "1 test" if len(ran) == 1 else f"{len(ran)} tests"
-        terminalreporter.write_line(f"{tests} ran against the sd-scripts stand-in (tests/engines/sd_scripts_standin.py), not sd-scripts"
-                                    f"{f' ({failed} of them failed)' if failed else ''}; -m standin selects them")  # fmt: skip
+        terminalreporter.write_line(
+            f"{tests} ran against the sd-scripts stand-in (tests/engines/sd_scripts_standin.py), not sd-scripts"
+            f"{f' ({failed} of them failed)' if failed else ''}; -m standin selects them"
+        )

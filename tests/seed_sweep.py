@@ -38,5 +38,3 @@ def make_seed_sweep(tmp_path_factory: pytest.TempPathFactory) -> Sweep:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     md = (sweep_dir / "report.md").read_text()
     return Sweep(sweep_dir, done.stdout + done.stderr, md)
-
-

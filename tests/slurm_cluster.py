@@ -39,9 +39,7 @@ _cached: object = _UNSET
 def _run(args: list[str], *, timeout: float = 20.0, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run a command (argument list, never a shell string); a timeout or a missing binary reads as rc 127."""
     try:
-        return subprocess.run(
-            args, input=stdin, capture_output=True, text=True, timeout=timeout, check=False
-        )
+        return subprocess.run(args, input=stdin, capture_output=True, text=True, timeout=timeout, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return subprocess.CompletedProcess(args, 127, "", f"{args[0]}: {exc}")
 

@@ -66,8 +66,9 @@ while True:
 """
 
 
-def _run(args: list[str], *, timeout: float = 20.0, env: dict[str, str] | None = None,
-         stdin: str | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
+def _run(
+    args: list[str], *, timeout: float = 20.0, env: dict[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run a command (argument list, never a shell string); a timeout or a missing binary reads as rc 127."""
     try:
         return subprocess.run(args, input=stdin, capture_output=True, text=True, timeout=timeout, check=False, env=env)
@@ -315,8 +316,11 @@ class TwoNodeCluster:
         netns_links = {f"net:[{os.stat(path).st_ino}]" for path in self._netns_paths() if path.exists()}
         # SIGKILL for all (the state is thrown away): node PID 1s (that kills every process of the node), slurmctld,
         # munged, and anything else started with our paths or in our network namespaces.
-        strays = [pid for pid in _pids() if pid not in spared
-                  and (str(self.work) in _cmdline(pid) or _ns_link(pid, "net") in netns_links)]  # fmt: skip
+        strays = [
+            pid
+            for pid in _pids()
+            if pid not in spared and (str(self.work) in _cmdline(pid) or _ns_link(pid, "net") in netns_links)
+        ]
         strays += [pid for pid in _pids() if _ppid(pid) in strays and pid not in strays]  # slurmctld's slurmscriptd
         _kill_and_wait(strays)
         for proc in self._unshare.values():
@@ -346,13 +350,24 @@ class TwoNodeCluster:
         os.chmod(key, 0o600)
         os.chmod(key.parent, 0o755)
         sock = str(self.munge_socket)
-        started = _run(["munged", "--force", f"--socket={sock}", f"--key-file={key}",
-                        f"--pid-file={self.work / 'run' / 'munged.pid'}", f"--log-file={self.work / 'log' / 'munged.log'}",
-                        f"--seed-file={self.work / 'munge' / 'munged.seed'}"])  # fmt: skip
+        started = _run(
+            [
+                "munged",
+                "--force",
+                f"--socket={sock}",
+                f"--key-file={key}",
+                f"--pid-file={self.work / 'run' / 'munged.pid'}",
+                f"--log-file={self.work / 'log' / 'munged.log'}",
+                f"--seed-file={self.work / 'munge' / 'munged.seed'}",
+            ]
+        )
         deadline = time.monotonic() + 10.0
         while time.monotonic() < deadline:
             cred = _run(["munge", "-n", f"--socket={sock}"], timeout=5)
-            if cred.returncode == 0 and _run(["unmunge", f"--socket={sock}"], timeout=5, stdin=cred.stdout).returncode == 0:
+            if (
+                cred.returncode == 0
+                and _run(["unmunge", f"--socket={sock}"], timeout=5, stdin=cred.stdout).returncode == 0
+            ):
                 return
             time.sleep(0.1)
         raise RuntimeError(f"munged ({sock}) does not authenticate: {started.stderr.strip()[:300]}")
@@ -414,8 +429,10 @@ class TwoNodeCluster:
             f"SlurmdPidFile={w / 'run' / 'slurmd-%n.pid'}",
             f"SlurmctldLogFile={w / 'log' / 'slurmctld.log'}",
             f"SlurmdLogFile={w / 'log' / 'slurmd-%n.log'}",
-            *(f"NodeName={n} NodeHostname={n} NodeAddr={NODE_ADDRS[n]} CPUs={cpus} RealMemory={real_mb} State=UNKNOWN"
-              for n in self.nodes),  # fmt: skip
+            *(
+                f"NodeName={n} NodeHostname={n} NodeAddr={NODE_ADDRS[n]} CPUs={cpus} RealMemory={real_mb} State=UNKNOWN"
+                for n in self.nodes
+            ),
             f"PartitionName=two Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP",
             "",
         ]
@@ -424,13 +441,41 @@ class TwoNodeCluster:
     def _start_node(self, node: str) -> None:
         """A fresh PID 1 (uts/mount/pid namespaces) in the node's network namespace, slurmd inside it."""
         log = self.work / "log"
-        args = ["nsenter", f"--net={NETNS_DIR / (NETNS_PREFIX + node)}",
-                "unshare", "--uts", "--mount", "--pid", "--fork", "--mount-proc", "--propagation", "private",
-                sys.executable, "-I", "-S", "-c", _PID1, node, str(self.work / "etc" / "hosts"), str(log / f"{node}.out"),
-                "slurmd", "-D", "-f", str(self.conf), "-N", node]  # fmt: skip
+        args = [
+            "nsenter",
+            f"--net={NETNS_DIR / (NETNS_PREFIX + node)}",
+            "unshare",
+            "--uts",
+            "--mount",
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            "--propagation",
+            "private",
+            sys.executable,
+            "-I",
+            "-S",
+            "-c",
+            _PID1,
+            node,
+            str(self.work / "etc" / "hosts"),
+            str(log / f"{node}.out"),
+            "slurmd",
+            "-D",
+            "-f",
+            str(self.conf),
+            "-N",
+            node,
+        ]
         with open(log / f"{node}.unshare.err", "ab") as err:
-            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                                    env=self.env(), start_new_session=True)  # fmt: skip
+            proc = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                env=self.env(),
+                start_new_session=True,
+            )
         self._unshare[node] = proc
         deadline = time.monotonic() + 10.0
         while time.monotonic() < deadline:

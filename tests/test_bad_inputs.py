@@ -81,12 +81,18 @@ def test_key_added_with_plus_is_refused(tmp_path: Path) -> None:
 
 def test_wrong_type(tmp_path: Path) -> None:
     line = the_error(launch(["profile.max_train_steps=abc"], tmp_path), 2)
-    assert line == "error: profile.max_train_steps: wrong value: Value 'abc' of type 'str' could not be converted to Integer" + HINT
+    assert (
+        line
+        == "error: profile.max_train_steps: wrong value: Value 'abc' of type 'str' could not be converted to Integer"
+        + HINT
+    )
 
 
 def test_missing_group_option(tmp_path: Path) -> None:
     line = the_error(launch(["gpu=rtx5090"], tmp_path), 2)
-    assert line == "error: gpu=rtx5090: no such option in conf/gpu/; choose one of: a6000, cpu, h100, h200, rtx4090" + HINT
+    assert (
+        line == "error: gpu=rtx5090: no such option in conf/gpu/; choose one of: a6000, cpu, h100, h200, rtx4090" + HINT
+    )
 
 
 def test_missing_dataset_folder(tmp_path: Path) -> None:
@@ -121,7 +127,10 @@ def test_missing_sd_scripts_checkout(tmp_path: Path) -> None:
     models = placeholder_models(tmp_path)
     args = ["engine=sd_scripts", "model=flux_dev", f"paths.models={models}", "dataset.bucket_reso_steps=64"]
     line = the_error(launch(args, tmp_path), 1)
-    assert line == "error: engine.sd_scripts_dir: no sd-scripts checkout at (unset); set SD_SCRIPTS_DIR or engine.sd_scripts_dir=/path/to/sd-scripts"
+    assert (
+        line
+        == "error: engine.sd_scripts_dir: no sd-scripts checkout at (unset); set SD_SCRIPTS_DIR or engine.sd_scripts_dir=/path/to/sd-scripts"
+    )
     assert_nothing_trained(tmp_path)
 
 
@@ -131,7 +140,10 @@ def test_missing_sd_scripts_checkout(tmp_path: Path) -> None:
 )
 def test_gpu_tier_on_a_machine_without_cuda(tmp_path: Path) -> None:
     line = the_error(launch(["gpu=h100"], tmp_path), 1)
-    assert line == "error: gpu=h100: no CUDA GPU visible on this machine (nvidia-smi not found); use gpu=cpu or run on a GPU node"
+    assert (
+        line
+        == "error: gpu=h100: no CUDA GPU visible on this machine (nvidia-smi not found); use gpu=cpu or run on a GPU node"
+    )
     assert_nothing_trained(tmp_path)
     # A dry run of the same cluster config still works: the line is a warning there.
     done = launch(["gpu=h100", "launch.dry_run=true"], tmp_path)
@@ -141,7 +153,10 @@ def test_gpu_tier_on_a_machine_without_cuda(tmp_path: Path) -> None:
 
 def test_gpu_tier_with_every_gpu_hidden(tmp_path: Path) -> None:
     line = the_error(launch(["gpu=a6000"], tmp_path, {"CUDA_VISIBLE_DEVICES": "-1"}), 1)
-    assert line == "error: gpu=a6000: no CUDA GPU visible on this machine (CUDA_VISIBLE_DEVICES='-1' hides every GPU); use gpu=cpu or run on a GPU node"
+    assert (
+        line
+        == "error: gpu=a6000: no CUDA GPU visible on this machine (CUDA_VISIBLE_DEVICES='-1' hides every GPU); use gpu=cpu or run on a GPU node"
+    )
     assert_nothing_trained(tmp_path)
 
 
@@ -156,7 +171,10 @@ def test_outputs_that_cannot_be_created(tmp_path: Path) -> None:
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     line = the_error(launch(["launch.dry_run=true", f"paths.outputs={blocker / 'outputs'}"], tmp_path), 2)
-    assert line == f"error: paths.outputs={blocker / 'outputs'}: cannot write there ({blocker} is a file, not a folder); set paths.outputs=<a writable folder>"
+    assert (
+        line
+        == f"error: paths.outputs={blocker / 'outputs'}: cannot write there ({blocker} is a file, not a folder); set paths.outputs=<a writable folder>"
+    )
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders; the regular-file case covers it")
@@ -164,13 +182,18 @@ def test_outputs_in_a_read_only_folder(tmp_path: Path) -> None:
     read_only = tmp_path / "read_only"
     read_only.mkdir(mode=0o555)
     line = the_error(launch(["launch.dry_run=true", f"paths.outputs={read_only}"], tmp_path), 2)
-    assert line == f"error: paths.outputs={read_only}: cannot write there (Permission denied); set paths.outputs=<a writable folder>"
+    assert (
+        line
+        == f"error: paths.outputs={read_only}: cannot write there (Permission denied); set paths.outputs=<a writable folder>"
+    )
 
 
 def test_outputs_on_a_nearly_full_disk(tmp_path: Path) -> None:
     # The threshold is settable, so a real disk is "nearly full" against a threshold above its size.
     line = the_error(launch(["launch.dry_run=true", "hydra.callbacks.preflight.min_free_gib=1000000"], tmp_path), 2)
-    assert line.startswith(f"error: paths.outputs={tmp_path / 'outputs'}: only ") and "GiB free (below 1e+06 GiB)" in line
+    assert (
+        line.startswith(f"error: paths.outputs={tmp_path / 'outputs'}: only ") and "GiB free (below 1e+06 GiB)" in line
+    )
 
 
 @pytest.mark.parametrize("name", ["../escaped", "/tmp/absolute", "sub/dir", ""])
@@ -202,8 +225,14 @@ def test_a_second_launch_into_the_same_run_directory_gets_its_own(tmp_path: Path
     first = launch(["launch.dry_run=true", f"hydra.run.dir={run_dir}"], tmp_path)
     second = launch(["launch.dry_run=true", f"hydra.run.dir={run_dir}", "profile.learning_rate=2e-3"], tmp_path)
     assert first.returncode == second.returncode == 0, second.stderr
-    assert f"{run_dir} holds another launch's run; flux-lora never shares or overwrites one: this run is in {run_dir}-2" in second.stdout
-    assert json.loads((run_dir / "run.json").read_text())["run_id"] != json.loads((run_dir.with_name("same-2") / "run.json").read_text())["run_id"]
+    assert (
+        f"{run_dir} holds another launch's run; flux-lora never shares or overwrites one: this run is in {run_dir}-2"
+        in second.stdout
+    )
+    assert (
+        json.loads((run_dir / "run.json").read_text())["run_id"]
+        != json.loads((run_dir.with_name("same-2") / "run.json").read_text())["run_id"]
+    )
     assert "learning_rate: 0.001" in (run_dir / "config.yaml").read_text()  # the first run's record is untouched
 
 
@@ -215,7 +244,9 @@ def test_a_caption_with_terminal_escapes_is_refused_with_its_file_and_never_echo
     done = launch([f"dataset.path={dataset}", "launch.dry_run=true"], tmp_path)
     assert "\x1b" not in done.stdout + done.stderr and "\x07" not in done.stdout + done.stderr
     line = the_error(done, 1)
-    assert line.startswith(f"error: dataset.path: {caption}: caption holds a control character (\\x1b at character 11)"), line
+    assert line.startswith(
+        f"error: dataset.path: {caption}: caption holds a control character (\\x1b at character 11)"
+    ), line
     report = json.loads(next((tmp_path / "outputs").rglob("dataset_report.json")).read_text())
     (flagged,) = [image for image in report["images"] if "caption_control_chars" in image["caption"]["flags"]]
     assert "\\x1b[31mred" in flagged["caption"]["text"]  # kept written out, never raw
@@ -242,4 +273,7 @@ def test_a_link_out_of_the_dataset_folder_is_named(tmp_path: Path) -> None:
     photo.symlink_to(elsewhere / photo.name)
     done = launch([f"dataset.path={dataset}", "launch.dry_run=true"], tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert f"1 file(s) are links out of the dataset folder (they train, but the folder alone is not the dataset): {photo.name} -> {elsewhere / photo.name}" in done.stdout + done.stderr
+    assert (
+        f"1 file(s) are links out of the dataset folder (they train, but the folder alone is not the dataset): {photo.name} -> {elsewhere / photo.name}"
+        in done.stdout + done.stderr
+    )

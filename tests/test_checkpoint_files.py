@@ -13,6 +13,7 @@ import pytest
 
 from flux_lora.checkpoint_files import (
     MANIFEST,
+    WriteFailed,
     atomic_write_file,
     begin_dir,
     commit_dir,
@@ -21,9 +22,8 @@ from flux_lora.checkpoint_files import (
     state_problem,
     write_manifest,
 )
-from flux_lora.checkpoint_files import WriteFailed
-from flux_lora.engines.native.stopping import writing
 from flux_lora.compose import PROJECT_ROOT
+from flux_lora.engines.native.stopping import writing
 
 
 def make_state(folder: Path, marker: str = "old", step: int = 4) -> Path:

@@ -30,8 +30,16 @@ def _plan(run_dir: Path) -> dict[str, int]:
 def test_native_trains_the_class_images_at_their_weight(tmp_path: Path) -> None:
     classes = write_class_images(tmp_path / "classes")
     # prior_loss_weight=0 makes the weight visible in the log: a step on a class image (batch size 1) has loss 0.
-    args = [f"dataset.reg_path={classes}", "dataset.prior_loss_weight=0", "profile.max_train_steps=14", "profile.lr_warmup_steps=1",
-            "profile.save_every_n_steps=100", "profile.sample_every_n_steps=100", "profile.resolution=64", "dataset.min_bucket_reso=64"]  # fmt: skip
+    args = [
+        f"dataset.reg_path={classes}",
+        "dataset.prior_loss_weight=0",
+        "profile.max_train_steps=14",
+        "profile.lr_warmup_steps=1",
+        "profile.save_every_n_steps=100",
+        "profile.sample_every_n_steps=100",
+        "profile.resolution=64",
+        "dataset.min_bucket_reso=64",
+    ]
     done = run_cli(*args, folder=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (run_dir,) = run_dirs(tmp_path)
@@ -42,10 +50,16 @@ def test_native_trains_the_class_images_at_their_weight(tmp_path: Path) -> None:
     assert "dataset.prior_loss_weight=0 with dataset.reg_path" in done.stdout  # the warning that it teaches nothing
     per_step = {step: value for step, value, _ in scalar_series(run_dir / "logs", "data/class_images")}
     losses = {step: value for step, value, _ in scalar_series(run_dir / "logs", "loss/current")}
-    assert sorted(per_step) == list(range(1, 15)) and sum(per_step.values()) == 7  # one epoch: 14 places, 7 of them class
+    assert (
+        sorted(per_step) == list(range(1, 15)) and sum(per_step.values()) == 7
+    )  # one epoch: 14 places, 7 of them class
     assert all((losses[step] == 0.0) == (per_step[step] == 1.0) for step in per_step), (per_step, losses)
     metadata = read_safetensors_metadata(run_dir / "output" / "flux-lora.safetensors")
-    assert (metadata["ss_num_train_images"], metadata["ss_num_reg_images"], metadata["ss_prior_loss_weight"]) == ("7", "4", "0.0")
+    assert (metadata["ss_num_train_images"], metadata["ss_num_reg_images"], metadata["ss_prior_loss_weight"]) == (
+        "7",
+        "4",
+        "0.0",
+    )
     fingerprint = json.loads((run_dir / "dataset_fingerprint.json").read_text())
     assert fingerprint["regularization"]["n_files"] == 5 and fingerprint["regularization"]["path"] == str(classes)
     assert json.loads((run_dir / "reg_dataset_report.json").read_text())["summary"]["n_usable"] == 4
@@ -57,8 +71,9 @@ def test_native_trains_the_class_images_at_their_weight(tmp_path: Path) -> None:
     prov = load_record(run_dir)  # the run folder's whole record: where the class images are
     assert dataset_problem(prov, prov.record["config"]) is None
     (classes / "class_3.jpg").unlink()
-    assert dataset_problem(prov, prov.record["config"]).startswith(f"dataset.reg_path={classes}: the class images changed since the run")
-
+    assert dataset_problem(prov, prov.record["config"]).startswith(
+        f"dataset.reg_path={classes}: the class images changed since the run"
+    )
 
 
 @pytest.mark.slow
@@ -66,9 +81,20 @@ def test_sd_scripts_gets_is_reg_subsets_and_the_prior_loss_weight(tmp_path: Path
     classes = write_class_images(tmp_path / "classes")
     models = tmp_path / "models"
     write_model_folder(models)  # real headers over sparse holes: the launch checks them, the stand-in loads no weights
-    args = ["engine=sd_scripts", "model=flux_dev", f"paths.models={models}", "profile=final", "gpu=cpu", "profile.resolution=256",
-            "profile.max_train_steps=4", "profile.lr_warmup_steps=1", "profile.save_every_n_steps=2",
-            f"dataset.reg_path={classes}", "dataset.reg_repeats=2", "dataset.prior_loss_weight=0.5"]  # fmt: skip
+    args = [
+        "engine=sd_scripts",
+        "model=flux_dev",
+        f"paths.models={models}",
+        "profile=final",
+        "gpu=cpu",
+        "profile.resolution=256",
+        "profile.max_train_steps=4",
+        "profile.lr_warmup_steps=1",
+        "profile.save_every_n_steps=2",
+        f"dataset.reg_path={classes}",
+        "dataset.reg_repeats=2",
+        "dataset.prior_loss_weight=0.5",
+    ]
     done = run_cli(*args, folder=tmp_path, env={"SD_SCRIPTS_DIR": str(standin_checkout(tmp_path / "sd-scripts"))})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (run_dir,) = run_dirs(tmp_path)
@@ -78,7 +104,9 @@ def test_sd_scripts_gets_is_reg_subsets_and_the_prior_loss_weight(tmp_path: Path
     subsets = tomllib.loads((run_dir / "dataset.toml").read_text())["datasets"][0]["subsets"]
     assert [(s.get("is_reg", False), s["num_repeats"]) for s in subsets] == [(False, 1), (True, 2)]
     view_classes = Path(subsets[1]["image_dir"])
-    assert sorted(p.name for p in view_classes.iterdir()) == [f"class_{i}.{x}" for i in range(4) for x in ("jpg", "txt")]
+    assert sorted(p.name for p in view_classes.iterdir()) == [
+        f"class_{i}.{x}" for i in range(4) for x in ("jpg", "txt")
+    ]
     assert (view_classes / "class_2.txt").read_text() == "woman\n"  # no caption file: the class tokens, written out
     argv = json.loads((run_dir / "command.json").read_text())["argv"]
     assert argv[argv.index("--prior_loss_weight") + 1] == "0.5"

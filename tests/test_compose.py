@@ -9,12 +9,20 @@ import pytest
 import yaml
 
 from flux_lora.compose import CONF_DIR, describe_config_error, resolved_container
-from flux_lora.schema import OWNER_GROUPS
 from flux_lora.identity import config_leaves
+from flux_lora.schema import OWNER_GROUPS
 from tests.conftest import compose_config
 
 GROUPS = ("profile", "gpu", "optimizer", "engine", "model", "dataset", "ablation", "sweep")
-ABLATION_CELLS = ("a1_alpha", "a2_noise_offset", "a3_grad_accum", "a4_adafactor", "a5_fp8_base", "a6_min_snr", "a7_dropout")
+ABLATION_CELLS = (
+    "a1_alpha",
+    "a2_noise_offset",
+    "a3_grad_accum",
+    "a4_adafactor",
+    "a5_fp8_base",
+    "a6_min_snr",
+    "a7_dropout",
+)
 
 
 def options(group: str) -> list[str]:
@@ -36,7 +44,12 @@ def test_every_group_option_composes(group: str) -> None:
 
 def test_default_is_the_embedded_default() -> None:
     cfg = resolved_container(compose_config())
-    assert (cfg["model"]["kind"], cfg["engine"]["name"], cfg["gpu"]["name"], cfg["dataset"]["name"]) == ("tiny", "native", "cpu", "sample")
+    assert (cfg["model"]["kind"], cfg["engine"]["name"], cfg["gpu"]["name"], cfg["dataset"]["name"]) == (
+        "tiny",
+        "native",
+        "cpu",
+        "sample",
+    )
     assert Path(cfg["dataset"]["path"]).is_absolute()
     assert cfg["name"] == "tiny-smoke-cpu-native"
 
@@ -95,7 +108,9 @@ def test_ablation_cells_differ_from_baseline_in_exactly_their_declared_keys(prof
         assert diff, f"{cell} does not differ from baseline"
         assert _covered(diff, declared), f"{cell} changes {diff}, declares {declared}"
         for d in declared:  # every declared key really changes
-            assert any(k == d or k.startswith(d + ".") for k in diff), f"{cell} declares {d} but leaves it as in baseline"
+            assert any(k == d or k.startswith(d + ".") for k in diff), (
+                f"{cell} declares {d} but leaves it as in baseline"
+            )
         union += declared
     a8 = resolved_container(compose_config([f"profile={profile}", "ablation=a8_all"]))
     assert sorted(a8["ablation"]["changes"]) == sorted(union)
@@ -110,21 +125,49 @@ def test_baseline_is_the_old_defaults() -> None:
     assert cfg["profile"]["max_train_steps"] == 500
     assert cfg["gpu"]["gradient_accumulation_steps"] == 1
     assert cfg["optimizer"]["name"] == "adamw8bit"
-    assert (cfg["profile"]["noise_offset"], cfg["profile"]["min_snr_gamma"], cfg["profile"]["network_dropout"]) == (0.0, None, None)
+    assert (cfg["profile"]["noise_offset"], cfg["profile"]["min_snr_gamma"], cfg["profile"]["network_dropout"]) == (
+        0.0,
+        None,
+        None,
+    )
     assert cfg["gpu"]["fp8_base"] is False
 
 
 def test_profiles_match_the_original_recipe() -> None:
     fast = resolved_container(compose_config(["profile=fast"]))["profile"]
     final = resolved_container(compose_config(["profile=final"]))["profile"]
-    assert (fast["resolution"], fast["max_train_steps"], fast["network_dim"], fast["network_alpha"]) == (512, 1500, 32, 32)
+    assert (fast["resolution"], fast["max_train_steps"], fast["network_dim"], fast["network_alpha"]) == (
+        512,
+        1500,
+        32,
+        32,
+    )
     assert (fast["lr_scheduler"], fast["lr_warmup_steps"], fast["noise_offset"]) == ("constant_with_warmup", 100, 0.05)
-    assert (final["resolution"], final["max_train_steps"], final["network_dim"], final["network_alpha"]) == (768, 2500, 64, 64)
-    assert (final["lr_scheduler"], final["lr_warmup_steps"], final["noise_offset"]) == ("cosine_with_restarts", 500, 0.1)
+    assert (final["resolution"], final["max_train_steps"], final["network_dim"], final["network_alpha"]) == (
+        768,
+        2500,
+        64,
+        64,
+    )
+    assert (final["lr_scheduler"], final["lr_warmup_steps"], final["noise_offset"]) == (
+        "cosine_with_restarts",
+        500,
+        0.1,
+    )
     assert (final["network_dropout"], final["min_snr_gamma"]) == (0.1, 5.0)
     for p in (fast, final):
-        assert (p["guidance_scale"], p["timestep_sampling"], p["model_prediction_type"], p["discrete_flow_shift"]) == (1.0, "flux_shift", "raw", 1.0)
-        assert (p["mixed_precision"], p["seed"], p["save_every_n_steps"], p["sample_every_n_steps"]) == ("bf16", 42, 500, 250)
+        assert (p["guidance_scale"], p["timestep_sampling"], p["model_prediction_type"], p["discrete_flow_shift"]) == (
+            1.0,
+            "flux_shift",
+            "raw",
+            1.0,
+        )
+        assert (p["mixed_precision"], p["seed"], p["save_every_n_steps"], p["sample_every_n_steps"]) == (
+            "bf16",
+            42,
+            500,
+            250,
+        )
 
 
 def test_sample_prompts_carry_trigger_and_fixed_seeds() -> None:
@@ -175,7 +218,12 @@ def test_local_config_selects_the_real_setup_and_the_command_line_still_wins(tmp
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         local = resolved_container(compose("config"))
         chosen = resolved_container(compose("config", overrides=["profile=final", "gpu=h200"]))
-    assert (local["model"]["name"], local["engine"]["name"], local["profile"]["name"], local["gpu"]["name"]) == ("flux_dev", "sd_scripts", "fast", "h100")
+    assert (local["model"]["name"], local["engine"]["name"], local["profile"]["name"], local["gpu"]["name"]) == (
+        "flux_dev",
+        "sd_scripts",
+        "fast",
+        "h100",
+    )
     assert local["model"]["transformer"] == "/models/flux1-dev.safetensors"
     assert local["dataset"]["path"] == "/data/subject"
     assert (chosen["profile"]["name"], chosen["gpu"]["name"], chosen["model"]["name"]) == ("final", "h200", "flux_dev")
@@ -185,7 +233,11 @@ def test_key_added_with_plus_is_refused_by_the_schema() -> None:
     # `+` composes (Hydra adds the key with struct mode off); the typed run must still refuse it by name.
     from flux_lora.compose import load_run
 
-    for override, key in [("+profile.max_steps=5", "profile.max_steps"), ("+foo=1", "foo"), ("+dataset.gate.x=1", "dataset.gate.x")]:
+    for override, key in [
+        ("+profile.max_steps=5", "profile.max_steps"),
+        ("+foo=1", "foo"),
+        ("+dataset.gate.x=1", "dataset.gate.x"),
+    ]:
         cfg = compose_config([override])
         with pytest.raises(Exception) as info:
             load_run(cfg)
@@ -220,9 +272,13 @@ def test_help_shows_readme_usage_and_the_config_groups() -> None:
 def test_ablation_step_basis_is_declared_and_holds_images_or_updates_equal(profile: str) -> None:
     """a3/a8 change the accumulation; the declared basis says what else follows, and nothing more changes."""
     for basis in ("optimizer_steps", "images_seen"):
-        base = resolved_container(compose_config([f"profile={profile}", "ablation=baseline", f"ablation.step_basis={basis}"]))
+        base = resolved_container(
+            compose_config([f"profile={profile}", "ablation=baseline", f"ablation.step_basis={basis}"])
+        )
         for cell in ABLATION_CELLS:
-            cfg = resolved_container(compose_config([f"profile={profile}", f"ablation={cell}", f"ablation.step_basis={basis}"]))
+            cfg = resolved_container(
+                compose_config([f"profile={profile}", f"ablation={cell}", f"ablation.step_basis={basis}"])
+            )
             accumulation = cfg["gpu"]["gradient_accumulation_steps"]
             updates, base_updates = cfg["profile"]["max_train_steps"], base["profile"]["max_train_steps"]
             images = updates * accumulation * cfg["gpu"]["batch_size"]
@@ -232,7 +288,10 @@ def test_ablation_step_basis_is_declared_and_holds_images_or_updates_equal(profi
                 assert "profile.max_train_steps" not in _diff(base, cfg), cell
             else:  # equal images seen: a quarter of the updates (and of the warmup), the only undeclared differences
                 assert images == base_images and updates == 125 and cfg["profile"]["lr_warmup_steps"] == 12, cell
-                assert _covered(_diff(base, cfg) - {"profile.max_train_steps", "profile.lr_warmup_steps"}, cfg["ablation"]["changes"]), cell
+                assert _covered(
+                    _diff(base, cfg) - {"profile.max_train_steps", "profile.lr_warmup_steps"},
+                    cfg["ablation"]["changes"],
+                ), cell
 
 
 @pytest.mark.parametrize("profile", ["fast", "final"])
@@ -244,10 +303,17 @@ def test_the_ablation_sweep_composes_into_runnable_cells_on_every_profile_and_ti
 
     # Every cell on the largest tier, and baseline (the cells differ from it only in their declared keys, tested
     # above) on the smallest that holds 768 px: rules depend on the tier through memory and resolution.
-    combinations = [("h200", ablation) for ablation in ["baseline", *ABLATION_CELLS, "a8_all"]] + [("a6000", "baseline"), ("a6000", "a8_all")]
+    combinations = [("h200", ablation) for ablation in ["baseline", *ABLATION_CELLS, "a8_all"]] + [
+        ("a6000", "baseline"),
+        ("a6000", "a8_all"),
+    ]
     for gpu, ablation in combinations:
         for engine in ("native", "sd_scripts"):
-            run = load_run(compose_config([f"profile={profile}", f"gpu={gpu}", f"engine={engine}", "model=flux_dev", f"ablation={ablation}"]))
+            run = load_run(
+                compose_config(
+                    [f"profile={profile}", f"gpu={gpu}", f"engine={engine}", "model=flux_dev", f"ablation={ablation}"]
+                )
+            )
             errors = apply_rules(run).errors
             assert errors == [], (gpu, engine, ablation, errors)
             assert run.profile.lr_warmup_steps == round(run.profile.max_train_steps * 0.1) < run.profile.max_train_steps

@@ -28,19 +28,27 @@ def test_a_dry_run_prices_itself_from_the_machines_finished_runs(seed_sweep: Swe
         attempts = json.loads(status.read_text())["attempts"]
         rates.append(sum(a["train_seconds"] for a in attempts) / sum(a["steps_trained"] for a in attempts))
     same = [a for a in SWEEP_ARGS if a.startswith(("profile.resolution", "dataset.min_bucket_reso"))]
-    line = next(l for l in dry_run(seed_sweep, *same, "profile.max_train_steps=200").splitlines() if l.startswith("cost:"))
+    line = next(
+        text
+        for text in dry_run(seed_sweep, *same, "profile.max_train_steps=200").splitlines()
+        if text.startswith("cost:")
+    )
     figure = float(re.search(r"x ([\d.]+) s/step", line).group(1))
-    assert abs(figure - statistics.median(rates)) <= 0.006 and "median of 6 finished run(s) here: tiny, gpu=cpu, 64 px" in line, line
+    assert (
+        abs(figure - statistics.median(rates)) <= 0.006
+        and "median of 6 finished run(s) here: tiny, gpu=cpu, 64 px" in line
+    ), line
     assert line.startswith("cost: 200 steps x ")
     # Another resolution has no history here: a per-tier estimate, said as such.
-    other = next(l for l in dry_run(seed_sweep).splitlines() if l.startswith("cost:"))
+    other = next(text for text in dry_run(seed_sweep).splitlines() if text.startswith("cost:"))
     assert "per-tier estimate for gpu=cpu, not measured here" in other
 
 
 def test_side_by_side_cells_shorten_the_wall_time_not_the_gpu_hours() -> None:
     cells = [CostEstimate(1000, 3.6, "estimate", False, 2) for _ in range(4)]
-    assert sweep_cost_line(cells, 1) == ("sweep cost: 4 cells, 4.0 h in all, 8.00 GPU-hours "
-                                         "(0 of 4 from measured runs, the rest per-tier estimates)")  # fmt: skip
+    assert sweep_cost_line(cells, 1) == (
+        "sweep cost: 4 cells, 4.0 h in all, 8.00 GPU-hours (0 of 4 from measured runs, the rest per-tier estimates)"
+    )
     assert "2 side by side: about 2.0 h of wall time, 8.00 GPU-hours" in sweep_cost_line(cells, 2)
 
 
@@ -56,7 +64,9 @@ def test_after_the_sweep_the_estimate_stands_beside_what_it_took(seed_sweep: Swe
         estimated += json.loads(cell.read_text())["cost_estimate"]["seconds"]
         took += json.loads((cell.parent / "status.json").read_text())["duration_s"]
     # Any unit: a busy machine takes minutes where an idle one takes seconds.
-    pattern = r"[Cc]ost: estimated ([\d.]+) (s|min|h) for the 6 cell\(s\) that ran, took ([\d.]+) (s|min|h) \(([\d.]+)x\)"
+    pattern = (
+        r"[Cc]ost: estimated ([\d.]+) (s|min|h) for the 6 cell\(s\) that ran, took ([\d.]+) (s|min|h) \(([\d.]+)x\)"
+    )
     for text in (seed_sweep.launch_output, seed_sweep.report_md_at_sweep_end):  # the terminal, then the report's notes
         found = re.search(pattern, text)
         assert found, text[-2000:]
@@ -75,7 +85,13 @@ def test_a_signal_delay_too_short_for_a_stop_measured_here_is_warned_about(seed_
     needed = sum(max(s[name] for s in summaries) for name in ("step", "sample_image", "save"))
     run = compose_run("profile.resolution=64", f"paths.outputs={outputs}")
     warning = signal_delay_warning(run, 30)
-    assert warning and warning.startswith("hydra.launcher.signal_delay_s=30 leaves at worst 0 s") and "in 6 run(s) here" in warning
+    assert (
+        warning
+        and warning.startswith("hydra.launcher.signal_delay_s=30 leaves at worst 0 s")
+        and "in 6 run(s) here" in warning
+    )
     assert f"set it to at least {int(needed + 30 + 0.999)}" in warning, (warning, needed)
     assert signal_delay_warning(run, int(needed + 31)) is None
-    assert signal_delay_warning(compose_run("profile.resolution=512", f"paths.outputs={outputs}"), 30) is None  # nothing measured
+    assert (
+        signal_delay_warning(compose_run("profile.resolution=512", f"paths.outputs={outputs}"), 30) is None
+    )  # nothing measured

@@ -29,7 +29,10 @@ def test_run_id_depends_on_semantics_not_paths_or_launch_switches() -> None:
     assert len(base) == 12
 
 
-@pytest.mark.parametrize("name", ["HF_TOKEN", "WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "DB_PASSWORD", "GOOGLE_APPLICATION_CREDENTIALS", "hf_token"])
+@pytest.mark.parametrize(
+    "name",
+    ["HF_TOKEN", "WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "DB_PASSWORD", "GOOGLE_APPLICATION_CREDENTIALS", "hf_token"],
+)
 def test_secret_names(name: str) -> None:
     assert is_secret_name(name)
 

@@ -24,7 +24,9 @@ H100_LINE = "NVIDIA H100 80GB HBM3, 81559 MiB, 550.54.15"
 DRIVER_FAILURE = "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver."
 
 # With pynvml installed the probe asks NVML first, and a fake nvidia-smi would not be consulted.
-needs_nvidia_smi_path = pytest.mark.skipif(importlib.util.find_spec("pynvml") is not None, reason="pynvml installed: the probe asks NVML")
+needs_nvidia_smi_path = pytest.mark.skipif(
+    importlib.util.find_spec("pynvml") is not None, reason="pynvml installed: the probe asks NVML"
+)
 
 
 def fake_nvidia_smi(tmp_path: Path, stdout: str, exit_code: int = 0) -> Path:
@@ -33,7 +35,9 @@ def fake_nvidia_smi(tmp_path: Path, stdout: str, exit_code: int = 0) -> Path:
     bin_dir.mkdir(exist_ok=True)
     script = bin_dir / "nvidia-smi"
     lines = " ".join(shlex.quote(line) for line in stdout.splitlines())
-    script.write_text(f"#!/bin/sh\nprintf '%s\\n' {lines}\nexit {exit_code}\n")  # builtins only: PATH may hold just this folder
+    script.write_text(
+        f"#!/bin/sh\nprintf '%s\\n' {lines}\nexit {exit_code}\n"
+    )  # builtins only: PATH may hold just this folder
     script.chmod(0o755)
     return bin_dir
 
@@ -84,7 +88,9 @@ def test_visible_devices_follow_cuda_rules() -> None:
 
 def test_torch_cuda_build_read_without_importing_torch() -> None:
     code = "import sys; from flux_lora.gpu_probe import torch_cuda_build; print(repr(torch_cuda_build()), 'torch' in sys.modules)"
-    done = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60, check=True
+    )
     import torch
 
     assert done.stdout.split() == [repr(torch.version.cuda), "False"]
@@ -105,11 +111,20 @@ sys.exit(code)
 """
 
 
-@pytest.mark.parametrize("setup", [[], ["model=flux_dev"], ["engine=sd_scripts", "model=flux_dev", "dataset.bucket_reso_steps=64"]])
+@pytest.mark.parametrize(
+    "setup", [[], ["model=flux_dev"], ["engine=sd_scripts", "model=flux_dev", "dataset.bucket_reso_steps=64"]]
+)
 def test_launcher_dry_run_imports_no_torch_diffusers_or_transformers(tmp_path: Path, setup: list[str]) -> None:
     # torch alone cost 2 s of a 3.7 s dry run; the training job imports it, the launcher has no use for it.
     # Not run_cli: launch.py runs inside the probe (runpy), which then lists the modules it loaded.
-    args = [sys.executable, "-c", IMPORT_PROBE, str(PROJECT_ROOT), str(LAUNCH_PY), *in_folder(["launch.dry_run=true", *setup], tmp_path)]
+    args = [
+        sys.executable,
+        "-c",
+        IMPORT_PROBE,
+        str(PROJECT_ROOT),
+        str(LAUNCH_PY),
+        *in_folder(["launch.dry_run=true", *setup], tmp_path),
+    ]
     done = subprocess.run(args, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "HEAVY_MODULES=\n" in done.stdout, done.stdout.splitlines()[-1]
@@ -126,4 +141,7 @@ def test_cuda_tier_launch_is_refused_by_gpu_count(tmp_path: Path) -> None:
     # ... and a real launch asking for two is refused before anything starts.
     done = run_cli("gpu=h100", "gpu.num_gpus=2", folder=tmp_path, env=fake, drop=["CUDA_VISIBLE_DEVICES"])
     assert done.returncode == 1
-    assert done.stderr.strip() == "error: gpu.num_gpus=2: only 1 CUDA GPU(s) visible on this machine (per nvidia-smi); set gpu.num_gpus=1 or run on a node with 2"
+    assert (
+        done.stderr.strip()
+        == "error: gpu.num_gpus=2: only 1 CUDA GPU(s) visible on this machine (per nvidia-smi); set gpu.num_gpus=1 or run on a node with 2"
+    )

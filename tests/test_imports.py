@@ -30,9 +30,13 @@ def import_graph() -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
-                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                    base = ".".join(
+                        package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                    )
                 # `from pkg import module` imports the module; `from module import name` imports the module.
-                targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
+                targets = [
+                    f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names
+                ]
             for target in targets:
                 while target and target not in modules:
                     target = target.rpartition(".")[0]
@@ -50,7 +54,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str]:
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         stack.pop()
@@ -71,20 +75,47 @@ def test_the_package_has_no_import_cycle() -> None:
 # The package's layers, bottom first: a module may import its own layer and those below it, never one above.
 # The order is the pipeline's (compose, check, freeze, launch, report) over the files and records they share.
 LAYERS: list[tuple[str, list[str]]] = [
-    ("file formats and text", [
-        "flux_lora", "flux_lora.checkpoint_files", "flux_lora.redaction", "flux_lora.buckets", "flux_lora.noise_levels",
-        "flux_lora.gpu_probe", "flux_lora.models.header", "flux_lora.models.layout", "flux_lora.models.sources",
-    ]),
-    ("run records and ownership", [
-        "flux_lora.records", "flux_lora.provenance", "flux_lora.share", "flux_lora.lifecycle.slurm",
-        "flux_lora.lifecycle.job_guard", "flux_lora.lifecycle.lease", "flux_lora.lifecycle.states",
-        "flux_lora.lifecycle.outcome", "flux_lora.engines.sd_scripts_resume",
-    ]),
+    (
+        "file formats and text",
+        [
+            "flux_lora",
+            "flux_lora.checkpoint_files",
+            "flux_lora.redaction",
+            "flux_lora.buckets",
+            "flux_lora.noise_levels",
+            "flux_lora.gpu_probe",
+            "flux_lora.models.header",
+            "flux_lora.models.layout",
+            "flux_lora.models.sources",
+        ],
+    ),
+    (
+        "run records and ownership",
+        [
+            "flux_lora.records",
+            "flux_lora.provenance",
+            "flux_lora.share",
+            "flux_lora.lifecycle.slurm",
+            "flux_lora.lifecycle.job_guard",
+            "flux_lora.lifecycle.lease",
+            "flux_lora.lifecycle.states",
+            "flux_lora.lifecycle.outcome",
+            "flux_lora.engines.sd_scripts_resume",
+        ],
+    ),
     ("dataset", ["flux_lora.dataset"]),
-    ("config", [
-        "flux_lora.schema", "flux_lora.compose", "flux_lora.identity", "flux_lora.rules", "flux_lora.diff",
-        "flux_lora.models", "flux_lora.check_report",
-    ]),
+    (
+        "config",
+        [
+            "flux_lora.schema",
+            "flux_lora.compose",
+            "flux_lora.identity",
+            "flux_lora.rules",
+            "flux_lora.diff",
+            "flux_lora.models",
+            "flux_lora.check_report",
+        ],
+    ),
     ("engines", ["flux_lora.engines"]),
     ("check", ["flux_lora.check"]),
     ("freeze", ["flux_lora.snapshot"]),
@@ -108,8 +139,10 @@ def upward_imports(graph: dict[str, set[str]], layers: list[tuple[str, list[str]
     for module, targets in sorted(graph.items()):
         for target in sorted(targets):
             if layer_of(target, layers) > layer_of(module, layers):
-                found.append(f"{module} ({layers[layer_of(module, layers)][0]}) imports {target} "
-                             f"({layers[layer_of(target, layers)][0]})")
+                found.append(
+                    f"{module} ({layers[layer_of(module, layers)][0]}) imports {target} "
+                    f"({layers[layer_of(target, layers)][0]})"
+                )
     return found
 
 
@@ -125,7 +158,9 @@ def test_the_package_layers_depend_one_way() -> None:
 
 def test_an_import_up_the_layers_is_found(tmp_path: Path) -> None:
     layers = [("low", ["pkg.low"]), ("high", ["pkg.high"])]
-    assert upward_imports({"pkg.low": {"pkg.high"}, "pkg.high": {"pkg.low"}}, layers) == ["pkg.low (low) imports pkg.high (high)"]
+    assert upward_imports({"pkg.low": {"pkg.high"}, "pkg.high": {"pkg.low"}}, layers) == [
+        "pkg.low (low) imports pkg.high (high)"
+    ]
     assert upward_imports({"pkg.high": {"pkg.low"}}, layers) == []
 
 
@@ -139,8 +174,10 @@ def test_the_lifecycle_layers_depend_one_way() -> None:
 
 def test_the_lifecycle_and_the_snapshot_load_neither_hydra_nor_the_check() -> None:
     # They run inside the job and on SLURM nodes; Hydra belongs to composing, the check to launching.
-    code = ("import sys, flux_lora.lifecycle.decision, flux_lora.lifecycle.job, flux_lora.snapshot; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'hydra' or m == 'flux_lora.check'))")
+    code = (
+        "import sys, flux_lora.lifecycle.decision, flux_lora.lifecycle.job, flux_lora.snapshot; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'hydra' or m == 'flux_lora.check'))"
+    )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "[]"
 

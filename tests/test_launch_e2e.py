@@ -33,7 +33,9 @@ FAST_NATIVE = [
 ]
 
 
-def launch(args: list[str], tmp_path: Path, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def launch(
+    args: list[str], tmp_path: Path, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """The launcher with a secret in its environment (HF_TOKEN), which no file of the run may hold (assert_no_secret)."""
     return run_cli(*args, folder=tmp_path, env={"HF_TOKEN": SECRET, **(extra_env or {})})
 
@@ -49,8 +51,17 @@ def assert_no_secret(run_dir: Path) -> None:
 
 
 def assert_complete_snapshot(run_dir: Path, engine_files: list[str]) -> dict:
-    for name in ["config.yaml", "run.json", "status.json", "command.json", "repro.json",
-                 "dataset_fingerprint.json", "dataset_report.json", "dataset_contact_sheet.png", *engine_files]:  # fmt: skip
+    for name in [
+        "config.yaml",
+        "run.json",
+        "status.json",
+        "command.json",
+        "repro.json",
+        "dataset_fingerprint.json",
+        "dataset_report.json",
+        "dataset_contact_sheet.png",
+        *engine_files,
+    ]:
         assert (run_dir / name).is_file(), f"{run_dir.name} lacks {name}"
     repro = json.loads((run_dir / "repro.json").read_text())
     assert repro["packages"] and repro["seed"] == 42 and "git" in repro
@@ -62,7 +73,13 @@ def assert_complete_snapshot(run_dir: Path, engine_files: list[str]) -> dict:
 
 @pytest.mark.slow
 def test_embedded_default_trains_end_to_end(tmp_path: Path) -> None:
-    evaluation = ["eval.enabled=true", "eval.strengths=[1.0]", "eval.seeds=[0]", "eval.max_prompts=1", "eval.heldout_prompts=false"]
+    evaluation = [
+        "eval.enabled=true",
+        "eval.strengths=[1.0]",
+        "eval.seeds=[0]",
+        "eval.max_prompts=1",
+        "eval.heldout_prompts=false",
+    ]
     done = launch([*FAST_NATIVE, *evaluation], tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (run_dir,) = run_dirs(tmp_path)
@@ -72,18 +89,29 @@ def test_embedded_default_trains_end_to_end(tmp_path: Path) -> None:
     assert evaluation_record["schema_version"] == 1 and evaluation_record["load_check"]["passed"] is True
     # Held out by default (8 sample photos: one), never trained, and every place that shows the number says so.
     held_out = json.loads((run_dir / "training_set.json").read_text())["validation"]
-    assert len(held_out) == 1 and held_out[0]["image"] not in {e["image"] for e in json.loads((run_dir / "training_set.json").read_text())["examples"]}
+    assert len(held_out) == 1 and held_out[0]["image"] not in {
+        e["image"] for e in json.loads((run_dir / "training_set.json").read_text())["examples"]
+    }
     assert "1 image(s) held out for validation by default" in done.stdout
     validation = evaluation_record["validation"]
-    assert validation["images"] == "held-out" and validation["count"] == 1 and evaluation_record["basis"]["images"] == "held-out"
-    assert "validation loss on held-out images (never trained)" in " ".join(done.stdout.split())  # the evaluator's summary (wrapped at 80)
+    assert (
+        validation["images"] == "held-out"
+        and validation["count"] == 1
+        and evaluation_record["basis"]["images"] == "held-out"
+    )
+    assert "validation loss on held-out images (never trained)" in " ".join(
+        done.stdout.split()
+    )  # the evaluator's summary (wrapped at 80)
     report = run_cli(str(run_dir), module="flux_lora.report", cwd=tmp_path)
     assert report.returncode == 0, report.stdout[-2000:] + report.stderr[-2000:]
     assert "val loss final (held-out images)" in (run_dir / "report.md").read_text()
     assert_complete_snapshot(run_dir, ["native_config.json", "train.log"])
     assert json.loads((run_dir / "status.json").read_text())["state"] == "succeeded"
     command = json.loads((run_dir / "command.json").read_text())
-    assert command["argv"][1:3] == ["-m", "accelerate.commands.launch"] and command["env"] == {"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    assert command["argv"][1:3] == ["-m", "accelerate.commands.launch"] and command["env"] == {
+        "PYTHONUNBUFFERED": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
     assert command["argv"][-3:] == ["-m", "flux_lora.engines.native.train", str(run_dir)]
     output = run_dir / "output"
     assert (output / "flux-lora.safetensors").is_file()
@@ -100,9 +128,17 @@ def test_sd_scripts_ablation_sweep_dry_run(tmp_path: Path) -> None:
 
     # A secret pasted into a config value is redacted from every snapshot file (assert_no_secret).
     # No dataset.bucket_reso_steps: the sample dataset's buckets take sd-scripts' step (64) by default.
-    args = ["sweep=ablation", "engine=sd_scripts", "model=flux_dev", "launch.dry_run=true", f"dataset.class_tokens={SECRET}"]
+    args = [
+        "sweep=ablation",
+        "engine=sd_scripts",
+        "model=flux_dev",
+        "launch.dry_run=true",
+        f"dataset.class_tokens={SECRET}",
+    ]
     done = launch(args, tmp_path)
-    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]  # a2 and a6 are refused: not a finished sweep
+    assert done.returncode == 1, (
+        done.stdout[-3000:] + done.stderr[-3000:]
+    )  # a2 and a6 are refused: not a finished sweep
     dirs = run_dirs(tmp_path)
     assert len(dirs) == 9
     states = {}
@@ -124,8 +160,17 @@ def test_sd_scripts_ablation_sweep_dry_run(tmp_path: Path) -> None:
 def test_sd_scripts_engine_runs_through_accelerate_with_standin(tmp_path: Path) -> None:
     models = tmp_path / "models"
     write_model_folder(models)  # real headers over sparse holes: the launch checks them, the stand-in loads no weights
-    args = ["engine=sd_scripts", "model=flux_dev", f"paths.models={models}", "profile=final", "gpu=cpu",
-            "profile.resolution=256", "profile.max_train_steps=4", "profile.lr_warmup_steps=1", "profile.save_every_n_steps=2"]  # fmt: skip
+    args = [
+        "engine=sd_scripts",
+        "model=flux_dev",
+        f"paths.models={models}",
+        "profile=final",
+        "gpu=cpu",
+        "profile.resolution=256",
+        "profile.max_train_steps=4",
+        "profile.lr_warmup_steps=1",
+        "profile.save_every_n_steps=2",
+    ]
     checkout = standin_checkout(tmp_path / "sd-scripts")
     # The stand-in writes real kohya LoRA files for the tiny model, so the evaluator can judge this run below.
     done = launch(args, tmp_path, {"SD_SCRIPTS_DIR": str(checkout), STANDIN_LORA_ENV: "tiny"})
@@ -153,11 +198,25 @@ def test_sd_scripts_engine_runs_through_accelerate_with_standin(tmp_path: Path) 
     assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
     result = json.loads((run_dir / "eval" / "eval.json").read_text())
     assert set(result) == EVAL_SECTIONS
-    assert result["run"]["engine"] == "sd_scripts" and result["run"]["model"] == "flux_dev" and result["run"]["base_model_stand_in"]
-    assert [(p["step"], p.get("final")) for p in result["validation"]["curve"]] == [(0, False), (2, False), (4, False), (4, True)]
-    assert result["validation"]["images"] == "held-out" and result["validation"]["final"]["loss"] != result["validation"]["base_loss"]
+    assert (
+        result["run"]["engine"] == "sd_scripts"
+        and result["run"]["model"] == "flux_dev"
+        and result["run"]["base_model_stand_in"]
+    )
+    assert [(p["step"], p.get("final")) for p in result["validation"]["curve"]] == [
+        (0, False),
+        (2, False),
+        (4, False),
+        (4, True),
+    ]
+    assert (
+        result["validation"]["images"] == "held-out"
+        and result["validation"]["final"]["loss"] != result["validation"]["base_loss"]
+    )
     assert result["load_check"]["passed"] and result["comfy_keys"]["passed"]
-    assert len(result["samples"]) == 2 * 3 * 2 and result["likeness"]["ceiling"]["faces_found"] == 7  # one photo held out
+    assert (
+        len(result["samples"]) == 2 * 3 * 2 and result["likeness"]["ceiling"]["faces_found"] == 7
+    )  # one photo held out
 
 
 def test_config_errors_are_one_line(tmp_path: Path) -> None:
@@ -191,8 +250,14 @@ def test_failing_dataset_gate_stops_before_anything_starts(tmp_path: Path) -> No
 def test_sweep_through_submitit_launcher(tmp_path: Path) -> None:
     # submitit's local executor runs each cell as its own process, the same path SLURM jobs take
     # (the scheduler itself cannot run here).
-    args = ["-m", "hydra/launcher=submitit_local", "ablation=baseline,a6_min_snr", "engine=sd_scripts", "model=flux_dev",
-            "launch.dry_run=true"]  # fmt: skip
+    args = [
+        "-m",
+        "hydra/launcher=submitit_local",
+        "ablation=baseline,a6_min_snr",
+        "engine=sd_scripts",
+        "model=flux_dev",
+        "launch.dry_run=true",
+    ]
     done = launch(args, tmp_path)
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]  # a refused cell: the sweep is not done
     states = {d.name.split("-")[-1]: json.loads((d / "status.json").read_text())["state"] for d in run_dirs(tmp_path)}

@@ -25,13 +25,19 @@ from tests.test_resume_e2e import SHORT, descendants, finish, start, wait_for_st
 
 def _files(folder: Path) -> dict[str, tuple[int, int]]:
     """Every file under folder: its size and modification time (a byte written changes one of them)."""
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _is_trainer(pid: int) -> bool:
     """A training worker itself (not the guard or accelerate's launcher, whose arguments name the module too)."""
     argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    return b"flux_lora.engines.native.train" in argv and not any(b"launch" in a or b"job_guard" in a or b"torchrun" in a for a in argv)
+    return b"flux_lora.engines.native.train" in argv and not any(
+        b"launch" in a or b"job_guard" in a or b"torchrun" in a for a in argv
+    )
 
 
 def _read_until(process, pattern: str, timeout_s: float = 240) -> list[str]:
@@ -86,7 +92,7 @@ def test_a_stop_signal_after_the_last_step_leaves_a_finished_run_that_no_launch_
 
     again = start(args, tmp_path)
     output = finish(again)
-    assert again.returncode == 0 and f"skipped: done: run" in output and "resuming" not in output, output[-3000:]
+    assert again.returncode == 0 and "skipped: done: run" in output and "resuming" not in output, output[-3000:]
     assert hashlib.sha256(lora.read_bytes()).hexdigest() == digest
     assert len(json.loads((run_dir / "status.json").read_text())["attempts"]) == 1  # nothing trained
     assert [step for step, _, _ in scalar_series(run_dir / "logs", LOSS_TAG)] == list(range(1, 7))
@@ -95,7 +101,13 @@ def test_a_stop_signal_after_the_last_step_leaves_a_finished_run_that_no_launch_
 @pytest.mark.slow
 def test_a_zero_length_status_beside_saved_states_resumes_from_the_newest_in_the_same_folder(tmp_path: Path) -> None:
     """A crash while status.json was replaced (power cut): the states at steps 4 and 8 beside it are what counts."""
-    args = [*SHORT, "ablation=baseline", "ablation.baseline_steps=12", "profile.save_every_n_steps=4", "launch.resume=auto"]
+    args = [
+        *SHORT,
+        "ablation=baseline",
+        "ablation.baseline_steps=12",
+        "profile.save_every_n_steps=4",
+        "launch.resume=auto",
+    ]
     launcher = start(args, tmp_path)
     wait_for_state(tmp_path, "step00000008", launcher)
     tree = [launcher.pid, *descendants(launcher.pid)]
@@ -104,14 +116,16 @@ def test_a_zero_length_status_beside_saved_states_resumes_from_the_newest_in_the
     launcher.wait(timeout=30)
     wait_until_gone(tree)
     (run_dir,) = run_dirs(tmp_path)
-    newest = max(int(p.name[len("flux-lora-step"):][:8]) for p in (run_dir / "output").glob("flux-lora-step*-state"))
+    newest = max(int(p.name[len("flux-lora-step") :][:8]) for p in (run_dir / "output").glob("flux-lora-step*-state"))
     assert newest >= 8
     (run_dir / "status.json").write_bytes(b"")
 
     again = start(args, tmp_path)
     output = finish(again)
     assert again.returncode == 0, output[-3000:]
-    assert f"resuming run" in output and f"in {run_dir} from flux-lora-step{newest:08d}-state (step {newest})" in output, output[-3000:]
+    assert (
+        "resuming run" in output and f"in {run_dir} from flux-lora-step{newest:08d}-state (step {newest})" in output
+    ), output[-3000:]
     assert "status.json cannot be read" in output and run_dirs(tmp_path) == [run_dir]  # the same folder, no `-2`
     (kept,) = run_dir.glob("status.json.unreadable-*")
     assert kept.stat().st_size == 0
@@ -121,12 +135,20 @@ def test_a_zero_length_status_beside_saved_states_resumes_from_the_newest_in_the
 
 
 @pytest.mark.slow
-def test_a_sigusr2_reaches_both_processes_of_a_two_process_job_which_save_once_and_resume_to_the_last_step(tmp_path: Path) -> None:
+def test_a_sigusr2_reaches_both_processes_of_a_two_process_job_which_save_once_and_resume_to_the_last_step(
+    tmp_path: Path,
+) -> None:
     """Two CPU processes (gloo) under torch elastic, which starts its workers in sessions of their own: the guard
     passes SLURM's warning to every process of the job, both stop at the same step, one state is saved, and the run
     resumes to exactly max_train_steps."""
-    args = [*SHORT, "ablation=baseline", "ablation.baseline_steps=16", "profile.save_every_n_steps=1000", "gpu.num_gpus=2",
-            "launch.resume=auto"]  # fmt: skip
+    args = [
+        *SHORT,
+        "ablation=baseline",
+        "ablation.baseline_steps=16",
+        "profile.save_every_n_steps=1000",
+        "gpu.num_gpus=2",
+        "launch.resume=auto",
+    ]
     launcher = start(args, tmp_path)
     lines = _read_until(launcher, r"^step [2-9]/16")
     workers = [pid for pid in descendants(launcher.pid) if _is_trainer(pid)]
@@ -138,7 +160,10 @@ def test_a_sigusr2_reaches_both_processes_of_a_two_process_job_which_save_once_a
     (run_dir,) = run_dirs(tmp_path)
     states = sorted(p.name for p in (run_dir / "output").glob("flux-lora-step*-state"))
     assert states == [f"flux-lora-step{int(stop_line):08d}-state"]  # saved once, at one step
-    assert sorted(p.name for p in (run_dir / "output" / states[0]).glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    assert sorted(p.name for p in (run_dir / "output" / states[0]).glob("random_states_*.pkl")) == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
     assert json.loads((run_dir / "status.json").read_text())["state"] == "interrupted"
 
     again = start(args, tmp_path)
@@ -149,25 +174,43 @@ def test_a_sigusr2_reaches_both_processes_of_a_two_process_job_which_save_once_a
 
 
 @pytest.mark.slow
-def test_a_full_disk_during_training_fails_the_run_in_one_line_keeps_its_states_and_the_next_launch_resumes(tmp_path: Path) -> None:
+def test_a_full_disk_during_training_fails_the_run_in_one_line_keeps_its_states_and_the_next_launch_resumes(
+    tmp_path: Path,
+) -> None:
     """paths.outputs on a small tmpfs, filled once the run saved its step-4 state so that the next state (460 kB on
     the tiny model) no longer fits while small records still do: failed, the file and the free space named, no
     traceback; after freeing the space the same command resumes from the saved state."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], capture_output=True).returncode:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], capture_output=True
+        ).returncode
+    ):
         pytest.skip("mounting a small tmpfs needs root")
     try:
-        args = [*SHORT, "ablation=baseline", "ablation.baseline_steps=12", "profile.save_every_n_steps=2", "launch.resume=auto",
-                "hydra.callbacks.preflight.min_free_gib=0.01",  # the 24 MB disk is what this test is about
-                f"paths.outputs={disk / 'outputs'}", f"paths.cache={tmp_path / 'cache'}"]  # fmt: skip
+        args = [
+            *SHORT,
+            "ablation=baseline",
+            "ablation.baseline_steps=12",
+            "profile.save_every_n_steps=2",
+            "launch.resume=auto",
+            "hydra.callbacks.preflight.min_free_gib=0.01",  # the 24 MB disk is what this test is about
+            f"paths.outputs={disk / 'outputs'}",
+            f"paths.cache={tmp_path / 'cache'}",
+        ]
         launcher = start_cli(*args, cwd=tmp_path)
         deadline = time.monotonic() + 240
         while not list(disk.rglob("flux-lora-step00000004-state/manifest.json")):
-            assert launcher.poll() is None and time.monotonic() < deadline, launcher.stdout.read() if launcher.stdout else ""
+            assert launcher.poll() is None and time.monotonic() < deadline, (
+                launcher.stdout.read() if launcher.stdout else ""
+            )
             time.sleep(0.1)
         filler = disk / "filler"
-        with open(filler, "wb") as handle:  # fill the disk, then give back 200 kB: less than a state, more than a record
+        with open(
+            filler, "wb"
+        ) as handle:  # fill the disk, then give back 200 kB: less than a state, more than a record
             try:
                 while True:
                     handle.write(b"\0" * (1 << 16))
@@ -180,7 +223,9 @@ def test_a_full_disk_during_training_fails_the_run_in_one_line_keeps_its_states_
         (run_dir,) = [p.parent for p in (disk / "outputs").rglob("run.json")]
         status = json.loads((run_dir / "status.json").read_text())
         assert status["state"] == "failed", status
-        assert re.search(r"could not write \S+-state: No space left on device \([\d.]+ \w?B free\)", status["reason"]), status["reason"]
+        assert re.search(
+            r"could not write \S+-state: No space left on device \([\d.]+ \w?B free\)", status["reason"]
+        ), status["reason"]
         saved = sorted(p.name for p in (run_dir / "output").glob("flux-lora-step*-state"))
         assert "flux-lora-step00000004-state" in saved and not list((run_dir / "output").glob(".*staging*"))
 

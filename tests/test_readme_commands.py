@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import shlex
-from pathlib import Path
 
 import pytest
 
@@ -66,17 +65,26 @@ def test_the_readme_shows_launch_commands() -> None:
 
 
 @pytest.mark.parametrize("command", [c for c in COMMANDS if not needs_the_reader(c)])
-def test_each_readme_launch_command_composes_and_passes_a_dry_runs_checks(command: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_each_readme_launch_command_composes_and_passes_a_dry_runs_checks(
+    command: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     work = tmp_path_factory.getbasetemp() / "readme-commands"  # one dataset-analysis cache for every command
     arguments = shlex.split(command)[2:]
     multirun = "-m" in arguments or any(a.startswith("sweep=") for a in arguments)
-    overrides = [a for a in arguments if a != "-m"] + [f"paths.outputs={work / 'outputs'}", f"paths.cache={work / 'cache'}"]
+    overrides = [a for a in arguments if a != "-m"] + [
+        f"paths.outputs={work / 'outputs'}",
+        f"paths.cache={work / 'cache'}",
+    ]
     cells = expand_multirun(overrides) if multirun else [overrides]
     assert cells, command
     for cell in cells:
         run = load_run(compose_config(cell))
         report = check_run(run, get_engine(run.engine.name.value), dry_run=True)
         if (run.engine.name.value, run.ablation.name) in REFUSED_AS_DOCUMENTED:
-            assert report.refusal and "launch.allow_noop_ablation=true" in report.refusal, (command, cell, report.refusal)
+            assert report.refusal and "launch.allow_noop_ablation=true" in report.refusal, (
+                command,
+                cell,
+                report.refusal,
+            )
             continue
         assert report.errors == [] and not report.refusal, (command, cell, report.errors, report.refusal)

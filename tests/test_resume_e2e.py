@@ -31,8 +31,13 @@ from flux_lora.report import read_run
 from tests.cli import child_env, command, start_cli
 from tests.test_launch_e2e import run_dirs
 
-SHORT = ["ablation.baseline_steps=6", "profile.lr_warmup_steps=1", "profile.save_every_n_steps=2",
-         "profile.sample_every_n_steps=100", "profile.sample_steps=2"]  # fmt: skip
+SHORT = [
+    "ablation.baseline_steps=6",
+    "profile.lr_warmup_steps=1",
+    "profile.save_every_n_steps=2",
+    "profile.sample_every_n_steps=100",
+    "profile.sample_steps=2",
+]
 
 
 def start(args: list[str], tmp_path: Path) -> subprocess.Popen[str]:
@@ -129,9 +134,13 @@ def test_kill_9_of_the_launcher_then_an_immediate_relaunch_resumes_from_what_the
     launcher.wait(timeout=30)
     relaunch = start(args, tmp_path)  # at once, while the orphaned job is still saving
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text() for pid in job):
+    while time.monotonic() < deadline and any(
+        Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text() for pid in job
+    ):
         time.sleep(0.2)
-    assert not [pid for pid in job if Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()]
+    assert not [
+        pid for pid in job if Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    ]
     (run_dir,) = run_dirs(tmp_path)
     dead = json.loads((run_dir / "output" / "train_summary.json").read_text())
     assert dead["stop_reason"] == "signal"  # the guard stopped it gracefully: state saved at the step it reached
@@ -143,7 +152,10 @@ def test_kill_9_of_the_launcher_then_an_immediate_relaunch_resumes_from_what_the
     assert status["state"] == "succeeded", status
     assert [a["state"] for a in status["attempts"]] == ["interrupted", "succeeded"]
     assert "owner" in status["attempts"][0]["reason"] and status["attempts"][1]["from_step"] == dead["steps"]
-    assert status["attempts"][1]["command"][-2:] == ["--resume", str(run_dir / "output" / f"flux-lora-step{dead['steps']:08d}-state")]
+    assert status["attempts"][1]["command"][-2:] == [
+        "--resume",
+        str(run_dir / "output" / f"flux-lora-step{dead['steps']:08d}-state"),
+    ]
     # Every step trained once: TensorBoard's steps 1-10 descend from one line of attempts, none set aside.
     losses = scalar_series(run_dir / "logs", LOSS_TAG)
     assert [step for step, _, _ in losses] == list(range(1, 11))
@@ -153,8 +165,19 @@ def test_kill_9_of_the_launcher_then_an_immediate_relaunch_resumes_from_what_the
     # An allowed recipe change from step 8 of that run: steps 9-10 train with the new learning rate (read back from
     # TensorBoard), and the run is labelled with its lineage under an id of its own (never the clean recipe's).
     state = run_dir / "output" / "flux-lora-step00000008-state"
-    changed = finish(start([*SHORT, "ablation=baseline", "ablation.baseline_steps=10", f"launch.resume_from={state}",
-                            "launch.allow_recipe_change=true", "profile.learning_rate=5e-4"], tmp_path))  # fmt: skip
+    changed = finish(
+        start(
+            [
+                *SHORT,
+                "ablation=baseline",
+                "ablation.baseline_steps=10",
+                f"launch.resume_from={state}",
+                "launch.allow_recipe_change=true",
+                "profile.learning_rate=5e-4",
+            ],
+            tmp_path,
+        )
+    )
     assert "with this run's recipe: base lr 0.001 -> 0.0005" in changed, changed[-3000:]
     (lineage_dir,) = [d for d in run_dirs(tmp_path) if d != run_dir]
     record = json.loads((lineage_dir / "run.json").read_text())
@@ -166,8 +189,18 @@ def test_kill_9_of_the_launcher_then_an_immediate_relaunch_resumes_from_what_the
     assert all(trained_lr[s] == pytest.approx(source_lr[s] / 2) for s in (9, 10)), (trained_lr, source_lr)
     lineage_status = json.loads((lineage_dir / "status.json").read_text())
     assert lineage_status["state"] == "succeeded" and lineage_status["attempts"][0]["from_step"] == 8
-    clean = finish(start([*SHORT, "ablation=baseline", "ablation.baseline_steps=10", "profile.learning_rate=5e-4",
-                          "launch.dry_run=true"], tmp_path))  # fmt: skip
+    clean = finish(
+        start(
+            [
+                *SHORT,
+                "ablation=baseline",
+                "ablation.baseline_steps=10",
+                "profile.learning_rate=5e-4",
+                "launch.dry_run=true",
+            ],
+            tmp_path,
+        )
+    )
     assert record["run_id"] not in clean and "lineage: from run" in read_run(lineage_dir).note
 
 
@@ -178,13 +211,23 @@ def test_nan_fails_within_steps_and_a_rerun_retries_only_the_failed_cell(tmp_pat
     real pseudo-terminal, shows both cells moving while the sweep runs, moves its selection with the arrow keys, opens
     the selected cell's newest sample with `o`, and exits by itself when they have ended."""
     sweep_dir = tmp_path / "outputs" / "sweeps" / "nan"
-    args = ["-m", "ablation=baseline", "profile.learning_rate=1e-3,1e12", "launch.resume=auto", *SHORT,
-            "ablation.baseline_steps=8", "profile.sample_every_n_steps=4", f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
+    args = [
+        "-m",
+        "ablation=baseline",
+        "profile.learning_rate=1e-3,1e12",
+        "launch.resume=auto",
+        *SHORT,
+        "ablation.baseline_steps=8",
+        "profile.sample_every_n_steps=4",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
     sweep = start(args, tmp_path)
     while not (sweep_dir / "multirun.yaml").is_file():
         assert sweep.poll() is None
         time.sleep(0.1)
-    viewer = tmp_path / "viewer.sh"  # stands in for xdg-open (no desktop here): it writes down what it was asked to show
+    viewer = (
+        tmp_path / "viewer.sh"
+    )  # stands in for xdg-open (no desktop here): it writes down what it was asked to show
     viewer.write_text('#!/bin/sh\nprintf "%s\\n" "$1" >> "$(dirname "$0")/opened.txt"\n')
     viewer.chmod(0o755)
     watcher, screen, keyboard = watch_in_a_terminal(sweep_dir, "--open-with", str(viewer))
@@ -205,12 +248,20 @@ def test_nan_fails_within_steps_and_a_rerun_retries_only_the_failed_cell(tmp_pat
     watcher.wait(timeout=60)  # by itself: every cell has ended
     frames = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", "".join(screen))
     assert watcher.returncode == 0, frames[-3000:]
-    assert re.search(r"›\s*│\s*1_tiny-smoke-cpu-native-baseline", frames) and f"opened {Path(opened).name} with viewer.sh" in frames
-    steps = {cell: {int(m) for m in re.findall(rf"{cell}\s+│[^│]*│[^│]*│\s*(\d+)/8", frames)}
-             for cell in ("0_tiny-smoke-cpu-native-baseline", "1_tiny-smoke-cpu-native-baseline")}  # fmt: skip
+    assert (
+        re.search(r"›\s*│\s*1_tiny-smoke-cpu-native-baseline", frames)
+        and f"opened {Path(opened).name} with viewer.sh" in frames
+    )
+    steps = {
+        cell: {int(m) for m in re.findall(rf"{cell}\s+│[^│]*│[^│]*│\s*(\d+)/8", frames)}
+        for cell in ("0_tiny-smoke-cpu-native-baseline", "1_tiny-smoke-cpu-native-baseline")
+    }
     # The good cell moved while it was watched; the NaN cell (it fails within ~3 steps, a second or two) showed up
     # training and ended failed in the last frame.
-    assert len(steps["0_tiny-smoke-cpu-native-baseline"]) >= 2 and steps["1_tiny-smoke-cpu-native-baseline"], (steps, frames[-3000:])
+    assert len(steps["0_tiny-smoke-cpu-native-baseline"]) >= 2 and steps["1_tiny-smoke-cpu-native-baseline"], (
+        steps,
+        frames[-3000:],
+    )
     states = re.findall(r"1_tiny-smoke-cpu-native-baseline\s+│\s*([^│]*?)\s*│", frames)
     assert states and states[-1] == "failed", (states[-3:], frames[-3000:])
     by_lr = {yaml.safe_load((d / "config.yaml").read_text())["profile"]["learning_rate"]: d for d in run_dirs(tmp_path)}
@@ -236,8 +287,15 @@ def watch_in_a_terminal(sweep_dir: Path, *options: str) -> tuple[subprocess.Pope
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 220, 0, 0))
     env = child_env(drop=["COLUMNS", "LINES"])  # the terminal's own size, not pytest's
-    watcher = subprocess.Popen(command([str(sweep_dir), "--interval", "0.2", *options], module="flux_lora.watch"), cwd=PROJECT_ROOT,
-                               stdin=slave, stdout=slave, stderr=slave, close_fds=True, env=env)  # fmt: skip
+    watcher = subprocess.Popen(
+        command([str(sweep_dir), "--interval", "0.2", *options], module="flux_lora.watch"),
+        cwd=PROJECT_ROOT,
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        close_fds=True,
+        env=env,
+    )
     os.close(slave)
     screen: list[str] = []
 
@@ -258,12 +316,21 @@ def watch_in_a_terminal(sweep_dir: Path, *options: str) -> tuple[subprocess.Pope
 @pytest.mark.slow
 def test_a_sweep_run_again_into_its_folder_with_a_changed_cell_is_refused_with_the_keys(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "outputs" / "sweeps" / "fixed"
-    args = ["-m", "ablation=baseline", "launch.resume=auto", "launch.dry_run=true", f"hydra.sweep.dir={sweep_dir}", *SHORT]
+    args = [
+        "-m",
+        "ablation=baseline",
+        "launch.resume=auto",
+        "launch.dry_run=true",
+        f"hydra.sweep.dir={sweep_dir}",
+        *SHORT,
+    ]
     assert finish(start(args, tmp_path)) and (sweep_dir / "0_tiny-smoke-cpu-native-baseline" / "run.json").is_file()
     # Dry runs are never resumed, so freeze a real-looking earlier cell: same folder, now another learning rate.
     output = finish(start([a for a in args if a != "launch.dry_run=true"] + ["profile.learning_rate=5e-4"], tmp_path))
     assert "holds a run of another config (profile.learning_rate: 0.001 -> 0.0005)" in output, output[-2000:]
-    assert json.loads((sweep_dir / "0_tiny-smoke-cpu-native-baseline" / "status.json").read_text())["state"] == "dry_run"
+    assert (
+        json.loads((sweep_dir / "0_tiny-smoke-cpu-native-baseline" / "status.json").read_text())["state"] == "dry_run"
+    )
 
 
 @pytest.mark.slow
@@ -271,12 +338,26 @@ def test_a_sweep_submitted_twice_at_once_trains_each_cell_once_and_reruns_skip_i
     """Two submissions of one sweep race for its cells: the lease gives each cell one owner. Run again into their
     fixed folders (one outside paths.outputs), every cell is skipped as done, never refused."""
     outside, inside = tmp_path / "elsewhere" / "sweep", tmp_path / "outputs" / "sweeps" / "fixed"
-    sweep = ["-m", "ablation=baseline,a1_alpha", *SHORT, "ablation.baseline_steps=4"]  # no launch.resume: a multirun means auto
-    first, second = start([*sweep, f"hydra.sweep.dir={outside}"], tmp_path), start([*sweep, f"hydra.sweep.dir={inside}"], tmp_path)
+    sweep = [
+        "-m",
+        "ablation=baseline,a1_alpha",
+        *SHORT,
+        "ablation.baseline_steps=4",
+    ]  # no launch.resume: a multirun means auto
+    first, second = (
+        start([*sweep, f"hydra.sweep.dir={outside}"], tmp_path),
+        start([*sweep, f"hydra.sweep.dir={inside}"], tmp_path),
+    )
     outputs = [finish(first), finish(second)]
     assert any("is held by pid" in output for output in outputs), outputs[0][-2000:] + outputs[1][-2000:]
-    trained = sorted((json.loads((d / "run.json").read_text())["ablation"]["name"], len(json.loads((d / "status.json").read_text())["attempts"]))
-                     for d in {p.parent for p in tmp_path.rglob("status.json")} if (d / "run.json").is_file())  # fmt: skip
+    trained = sorted(
+        (
+            json.loads((d / "run.json").read_text())["ablation"]["name"],
+            len(json.loads((d / "status.json").read_text())["attempts"]),
+        )
+        for d in {p.parent for p in tmp_path.rglob("status.json")}
+        if (d / "run.json").is_file()
+    )
     assert trained == [("a1_alpha", 1), ("baseline", 1)], trained  # each cell trained once, by one of the two
     assert {first.returncode, second.returncode} & {1}  # a sweep whose cell was busy elsewhere is not done
 

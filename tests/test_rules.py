@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 from flux_lora.compose import PROJECT_ROOT
-
 from flux_lora.rules import RULES, apply_rules, lora_scale_line
 from flux_lora.schema import RunConfig
 
@@ -42,7 +41,10 @@ def test_shipped_combinations_pass(compose_run: ComposeRun, overrides: list[str]
         (["dataset.bucket_reso_steps=48"], "dataset.bucket_reso_steps=48"),
         (["profile=final", "gpu=rtx4090"], "profile.resolution=768: gpu=rtx4090 holds at most 512 px"),
         (["gpu=h100", "profile=fast", "gpu.blocks_to_swap=36"], "gpu.blocks_to_swap=36"),
-        (["gpu=rtx4090", "profile=fast", "gpu.cpu_offload_checkpointing=true"], "gpu.cpu_offload_checkpointing=true: excluded"),
+        (
+            ["gpu=rtx4090", "profile=fast", "gpu.cpu_offload_checkpointing=true"],
+            "gpu.cpu_offload_checkpointing=true: excluded",
+        ),
         (["gpu=rtx4090", "profile=fast", "gpu.num_gpus=2"], "gpu.blocks_to_swap=22: not supported with gpu.num_gpus=2"),
         (["gpu.fp8_base=true", "profile.mixed_precision=no"], "gpu.fp8_base=true: needs profile.mixed_precision=bf16"),
         (["profile.shuffle_caption=true"], "profile.shuffle_caption/caption_dropout_rate"),
@@ -53,7 +55,10 @@ def test_shipped_combinations_pass(compose_run: ComposeRun, overrides: list[str]
         (["profile.lr_warmup_steps=100"], "profile.lr_warmup_steps=100"),
         (["gpu.num_gpus=3"], "gpu.num_gpus=3: the cpu tier runs one or two processes (gloo)"),
         (["dataset.validation_split=0.6"], "dataset.validation_split=0.6: must be in [0, 0.5]"),
-        (["dataset.validation_split=0.2", "dataset.validation_path=/data/holdout"], "dataset.validation_split=0.2 and dataset.validation_path"),
+        (
+            ["dataset.validation_split=0.2", "dataset.validation_path=/data/holdout"],
+            "dataset.validation_split=0.2 and dataset.validation_path",
+        ),
         # Ranges the engines require: checked first and alone (the other rules divide by some of these).
         (["profile.learning_rate=-1"], "profile.learning_rate=-1: must be positive"),
         (["profile.resolution=0"], "profile.resolution=0: must be positive"),
@@ -61,7 +66,10 @@ def test_shipped_combinations_pass(compose_run: ComposeRun, overrides: list[str]
         (["profile.max_train_steps=0"], "profile.max_train_steps=0: must be positive"),
         (["gpu.batch_size=0"], "gpu.batch_size=0: must be positive"),
         (["dataset.num_repeats=0"], "dataset.num_repeats=0: must be positive"),
-        (["profile.caption_dropout_rate=1.0", "profile.cache_text_encoder_outputs_to_disk=false"], "profile.caption_dropout_rate=1: must be in [0, 1)"),
+        (
+            ["profile.caption_dropout_rate=1.0", "profile.cache_text_encoder_outputs_to_disk=false"],
+            "profile.caption_dropout_rate=1: must be in [0, 1)",
+        ),
         (["optimizer.betas=[0.9,1.5]"], "optimizer.betas=[0.9, 1.5]: each must be in [0, 1)"),
         (["dataset.reg_path=/x", "dataset.reg_repeats=0"], "dataset.reg_repeats=0: must be positive"),
         (["dataset.reg_path=/x", "dataset.prior_loss_weight=-1"], "dataset.prior_loss_weight=-1: must be 0 or more"),
@@ -85,8 +93,10 @@ def test_alpha_one_is_flagged_as_shrinking_updates(compose_run: ComposeRun) -> N
 
 def test_class_image_settings_without_class_images_are_named(compose_run: ComposeRun) -> None:
     warnings = apply_rules(compose_run("dataset.prior_loss_weight=0.5", "dataset.reg_repeats=3")).warnings
-    assert "dataset.reg_repeats=3, dataset.prior_loss_weight=0.5: no effect without class images; set dataset.reg_path" \
-           "=<folder of class images> or drop it" in warnings  # fmt: skip
+    assert (
+        "dataset.reg_repeats=3, dataset.prior_loss_weight=0.5: no effect without class images; set dataset.reg_path"
+        "=<folder of class images> or drop it" in warnings
+    )
     assert not [w for w in apply_rules(compose_run()).warnings if "reg_path" in w]
 
 
@@ -95,19 +105,29 @@ def test_every_rule_has_a_reason() -> None:
     assert all(r.reason and "\n" not in r.reason for r in RULES)
 
 
-def test_check_holds_out_a_split_and_refuses_one_that_leaves_a_single_image(compose_run: ComposeRun, tmp_path: Path) -> None:
+def test_check_holds_out_a_split_and_refuses_one_that_leaves_a_single_image(
+    compose_run: ComposeRun, tmp_path: Path
+) -> None:
     from flux_lora.check import check_run
     from flux_lora.engines import get_engine
 
-    report = check_run(compose_run("dataset.validation_split=0.25", f"paths.cache={tmp_path}"), get_engine("native"), dry_run=True)
+    report = check_run(
+        compose_run("dataset.validation_split=0.25", f"paths.cache={tmp_path}"), get_engine("native"), dry_run=True
+    )
     assert report.errors == [] and len(report.training_set.validation) == 2 and len(report.training_set.examples) == 6
-    assert any(line.startswith("dataset: 2 image(s) held out for validation, never trained (6 train)") for line in report.infos)
+    assert any(
+        line.startswith("dataset: 2 image(s) held out for validation, never trained (6 train)") for line in report.infos
+    )
 
     two = tmp_path / "two"
     two.mkdir()
     for photo in sorted((PROJECT_ROOT / "data" / "sample").glob("*.jpg"))[:2]:
         shutil.copy(photo, two / photo.name)
-    run = compose_run("dataset.validation_split=0.5", f"dataset.path={two}", f"paths.cache={tmp_path}", "dataset.gate.enforce=false")
+    run = compose_run(
+        "dataset.validation_split=0.5", f"dataset.path={two}", f"paths.cache={tmp_path}", "dataset.gate.enforce=false"
+    )
     errors = check_run(run, get_engine("native"), dry_run=True).errors
-    assert "dataset.validation_split=0.5: holds out 1 image(s) and leaves 1 to train (at least 2 needed); lower " \
-           "dataset.validation_split or add images to dataset.path" in errors  # fmt: skip
+    assert (
+        "dataset.validation_split=0.5: holds out 1 image(s) and leaves 1 to train (at least 2 needed); lower "
+        "dataset.validation_split or add images to dataset.path" in errors
+    )

@@ -18,12 +18,10 @@ import pytest
 
 from flux_lora.lifecycle.outcome import LOSS_TAG, scalar_series
 from tests.cli import start_cli
-from tests.slurm_cluster import job_reasons, job_states, slurm, start_pending_now  # noqa: F401 - slurm is a fixture
+from tests.slurm_cluster import job_reasons, job_states, start_pending_now
 
 CELL = ["profile.lr_warmup_steps=1", "profile.sample_every_n_steps=1000", "profile.sample_steps=2"]
 ON_SLURM = ["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=4"]
-
-
 
 
 def finish(process: subprocess.Popen[str], timeout_s: float = 600) -> str:
@@ -56,7 +54,11 @@ def trainer_pid(cell: Path) -> int:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"flux_lora.engines.native.train" in argv and str(cell).encode() in argv and not any(b"launch" in a or b"job_guard" in a for a in argv):
+        if (
+            b"flux_lora.engines.native.train" in argv
+            and str(cell).encode() in argv
+            and not any(b"launch" in a or b"job_guard" in a for a in argv)
+        ):
             return int(entry.name)
     raise AssertionError(f"no trainer of {cell} running")
 
@@ -74,7 +76,10 @@ def hold_until_the_warning_is_pending(pid: int, timeout_s: float = 150) -> None:
             except FileNotFoundError:
                 return  # continued by SLURM, stopped by its warning, exited
             status = dict(line.split(":\t", 1) for line in lines if ":\t" in line)
-            if not status.get("State", "T").startswith("T") or (int(status["SigPnd"], 16) | int(status["ShdPnd"], 16)) & usr2:
+            if (
+                not status.get("State", "T").startswith("T")
+                or (int(status["SigPnd"], 16) | int(status["ShdPnd"], 16)) & usr2
+            ):
                 return  # pending, or SLURM's SIGCONT woke it to handle the warning
             assert time.monotonic() < deadline, f"no SIGUSR2 reached the trainer within {timeout_s:.0f} s"
             time.sleep(0.2)
@@ -86,7 +91,9 @@ def hold_until_the_warning_is_pending(pid: int, timeout_s: float = 150) -> None:
 
 
 @pytest.mark.slow
-def test_a_cell_that_hits_the_time_limit_or_is_requeued_resumes_in_its_folder_and_trains_every_step(slurm, tmp_path: Path) -> None:
+def test_a_cell_that_hits_the_time_limit_or_is_requeued_resumes_in_its_folder_and_trains_every_step(
+    slurm, tmp_path: Path
+) -> None:
     """Two-minute limit with the warning 60 s before it: the trainer saves at the step reached, submitit requeues the
     job, and the restarted job resumes from that state in the same folder. Then `scontrol requeue` from outside
     (a preemption) mid-training does the same."""
@@ -95,9 +102,19 @@ def test_a_cell_that_hits_the_time_limit_or_is_requeued_resumes_in_its_folder_an
     # 30-60 s after the start. However fast this machine trains, the warning comes mid-training: the test holds the
     # trainer still (SIGSTOP) after its first steps until the warning is pending in it, then lets it go on.
     steps = 40
-    sweep = start_cli("-m", "ablation=baseline", f"ablation.baseline_steps={steps}", "profile.save_every_n_steps=20",
-                      "gpu.gradient_accumulation_steps=4", *CELL, *ON_SLURM, "hydra.launcher.timeout_min=2",
-                      "hydra.launcher.signal_delay_s=60", f"hydra.sweep.dir={sweep_dir}", folder=tmp_path)  # fmt: skip
+    sweep = start_cli(
+        "-m",
+        "ablation=baseline",
+        f"ablation.baseline_steps={steps}",
+        "profile.save_every_n_steps=20",
+        "gpu.gradient_accumulation_steps=4",
+        *CELL,
+        *ON_SLURM,
+        "hydra.launcher.timeout_min=2",
+        "hydra.launcher.signal_delay_s=60",
+        f"hydra.sweep.dir={sweep_dir}",
+        folder=tmp_path,
+    )
     deadline = time.monotonic() + 900
     jobs: list[str] = []
     held_since: dict[str, float] = {}
@@ -113,7 +130,12 @@ def test_a_cell_that_hits_the_time_limit_or_is_requeued_resumes_in_its_folder_an
         keep_requeued_jobs_moving(jobs, held_since)
         attempts = status_of(cell).get("attempts", [])
         # Once it came back from the time limit and trains again: requeue it from outside, as a preemption would.
-        if not preempted and len(attempts) >= 2 and attempts[-1]["state"] == "running" and attempts[-1]["from_step"] > 0:
+        if (
+            not preempted
+            and len(attempts) >= 2
+            and attempts[-1]["state"] == "running"
+            and attempts[-1]["from_step"] > 0
+        ):
             live = scalar_series(cell / "logs", LOSS_TAG)
             if live and live[-1][0] > attempts[-1]["from_step"] + 2:
                 subprocess.run(["scontrol", "requeue", jobs[0]], check=True, timeout=30)
@@ -123,7 +145,9 @@ def test_a_cell_that_hits_the_time_limit_or_is_requeued_resumes_in_its_folder_an
     status = status_of(cell)
     assert status.get("state") == "succeeded", output[-4000:] + json.dumps(status, indent=1)[-3000:]
     attempts = status["attempts"]
-    assert attempts[0]["state"] == "interrupted", f"trained all {steps} steps before SLURM's warning came: {attempts[0]}"
+    assert attempts[0]["state"] == "interrupted", (
+        f"trained all {steps} steps before SLURM's warning came: {attempts[0]}"
+    )
     assert preempted and len(attempts) >= 3, json.dumps(attempts, indent=1)
     assert attempts[0]["state"] == "interrupted" and attempts[0].get("requeued"), attempts[0]
     assert "SLURM's warning" in attempts[0]["reason"]
@@ -132,7 +156,9 @@ def test_a_cell_that_hits_the_time_limit_or_is_requeued_resumes_in_its_folder_an
     assert {a["slurm"]["job_id"] for a in attempts} == {jobs[0]}  # one cell: a plain job, requeued under its id
     for before, after in zip(attempts, attempts[1:]):
         assert after["from_step"] >= before["from_step"]
-    assert attempts[1]["from_step"] > 0  # the time limit lost at most the steps since the signal: a state was saved on it
+    assert (
+        attempts[1]["from_step"] > 0
+    )  # the time limit lost at most the steps since the signal: a state was saved on it
     losses = scalar_series(cell / "logs", LOSS_TAG)
     assert [step for step, _, _ in losses] == list(range(1, steps + 1))  # every step, once, in the final lineage
     assert (cell / "output" / "flux-lora.safetensors").is_file()
@@ -144,11 +170,28 @@ def test_a_sweep_submitted_twice_trains_each_cell_once_and_detach_returns_while_
     """The first submission is detached and runs one cell at a time; a second submission of the same sweep meets
     its running cell (busy, with its job) and trains the other; the first one's pending cell then finds it done.
     The report of the detached sweep is written by its last cell."""
-    cells = ["-m", "ablation=baseline,a1_alpha", "ablation.baseline_steps=6", "profile.save_every_n_steps=3", *CELL, *ON_SLURM]
+    cells = [
+        "-m",
+        "ablation=baseline,a1_alpha",
+        "ablation.baseline_steps=6",
+        "profile.save_every_n_steps=3",
+        *CELL,
+        *ON_SLURM,
+    ]
     first_dir, second_dir = tmp_path / "first", tmp_path / "second"
     began = time.monotonic()
-    first = finish(start_cli(*cells, "launch.detach=true", "hydra.launcher.array_parallelism=1", f"hydra.sweep.dir={first_dir}", folder=tmp_path))
-    assert "this command returns now (launch.detach=true)" in first and f"python -m flux_lora.report {first_dir}" in first, first[-3000:]
+    first = finish(
+        start_cli(
+            *cells,
+            "launch.detach=true",
+            "hydra.launcher.array_parallelism=1",
+            f"hydra.sweep.dir={first_dir}",
+            folder=tmp_path,
+        )
+    )
+    assert (
+        "this command returns now (launch.detach=true)" in first and f"python -m flux_lora.report {first_dir}" in first
+    ), first[-3000:]
     assert time.monotonic() - began < 60  # returned while the jobs are queued or running
     jobs = json.loads((first_dir / "slurm_jobs.json").read_text())["jobs"]
     assert (first_dir / "sbatch.sh").is_file() and "--cpus-per-task=1" in (first_dir / "sbatch.sh").read_text()
@@ -172,25 +215,52 @@ def test_a_sweep_submitted_twice_trains_each_cell_once_and_detach_returns_while_
         os.kill(trainer, signal.SIGCONT)
     # Its summary reports the cell the first submission is training as busy, with that job; the sweep is not done.
     busy = [line for line in second.splitlines() if "│ busy" in line]
-    assert busy and "SLURM job " in " ".join(second.splitlines()[second.splitlines().index(busy[0]):][:2]), second[-4000:]
+    assert busy and "SLURM job " in " ".join(second.splitlines()[second.splitlines().index(busy[0]) :][:2]), second[
+        -4000:
+    ]
     assert resubmitted.returncode == 1
 
     deadline = time.monotonic() + 600
-    while any(state not in ("COMPLETED", "FAILED", "CANCELLED") for state in job_states(jobs[0].split("_")[0]).values()):
+    while any(
+        state not in ("COMPLETED", "FAILED", "CANCELLED") for state in job_states(jobs[0].split("_")[0]).values()
+    ):
         assert time.monotonic() < deadline, job_states(jobs[0])
         time.sleep(2)
-    trained = sorted(json.loads((d / "run.json").read_text())["ablation"]["name"] for d in {p.parent for p in tmp_path.rglob("status.json")}
-                     if (d / "run.json").is_file() and status_of(d).get("state") == "succeeded")  # fmt: skip
+    trained = sorted(
+        json.loads((d / "run.json").read_text())["ablation"]["name"]
+        for d in {p.parent for p in tmp_path.rglob("status.json")}
+        if (d / "run.json").is_file() and status_of(d).get("state") == "succeeded"
+    )
     assert trained == ["a1_alpha", "baseline"], trained  # each cell trained once, by one of the two submissions
     assert all(len(status_of(d)["attempts"]) == 1 for d in {p.parent for p in tmp_path.rglob("run.json")})
     assert (first_dir / "report.html").is_file()  # written by the detached sweep's last cell
 
 
 def test_a_setting_the_cluster_rejects_is_one_line_naming_the_key(slurm, tmp_path: Path) -> None:
-    output = finish(start_cli("-m", "ablation=baseline", "launch.dry_run=true", *ON_SLURM, "hydra.launcher.partition=nosuchpartition",
-                              f"hydra.sweep.dir={tmp_path / 'sweep'}", folder=tmp_path))  # fmt: skip
+    output = finish(
+        start_cli(
+            "-m",
+            "ablation=baseline",
+            "launch.dry_run=true",
+            *ON_SLURM,
+            "hydra.launcher.partition=nosuchpartition",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+            folder=tmp_path,
+        )
+    )
     errors = [line for line in output.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and errors[0].startswith("error: hydra.launcher.partition=nosuchpartition: the cluster rejected it"), output[-2000:]
-    nodes = finish(start_cli("-m", "ablation=baseline", "launch.dry_run=true", *ON_SLURM, "hydra.launcher.nodes=2",
-                             f"hydra.sweep.dir={tmp_path / 'sweep2'}", folder=tmp_path))  # fmt: skip
+    assert len(errors) == 1 and errors[0].startswith(
+        "error: hydra.launcher.partition=nosuchpartition: the cluster rejected it"
+    ), output[-2000:]
+    nodes = finish(
+        start_cli(
+            "-m",
+            "ablation=baseline",
+            "launch.dry_run=true",
+            *ON_SLURM,
+            "hydra.launcher.nodes=2",
+            f"hydra.sweep.dir={tmp_path / 'sweep2'}",
+            folder=tmp_path,
+        )
+    )
     assert "error: hydra.launcher.nodes=2: one node per cell only" in nodes, nodes[-2000:]

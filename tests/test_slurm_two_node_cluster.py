@@ -39,14 +39,28 @@ def wait_starts(out: Path, count: int, timeout_s: float = 20) -> list[list[str]]
 
 
 @pytest.mark.slow
-def test_a_power_cut_requeues_the_job_onto_the_other_node_and_the_node_comes_back(two_node_slurm: TwoNodeCluster,
-                                                                                  tmp_path: Path) -> None:  # fmt: skip
+def test_a_power_cut_requeues_the_job_onto_the_other_node_and_the_node_comes_back(
+    two_node_slurm: TwoNodeCluster, tmp_path: Path
+) -> None:
     cluster = two_node_slurm
     out = tmp_path / "starts.txt"
     script = tmp_path / "job.sh"
     script.write_text(JOB.format(python=sys.executable, out=out))
-    submitted = cluster.run(["sbatch", "--parsable", "--requeue", "-J", "two-node-test", "-c", "1", "--mem=1G",
-                             "-o", str(tmp_path / "slurm-%j.out"), str(script)])  # fmt: skip
+    submitted = cluster.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--requeue",
+            "-J",
+            "two-node-test",
+            "-c",
+            "1",
+            "--mem=1G",
+            "-o",
+            str(tmp_path / "slurm-%j.out"),
+            str(script),
+        ]
+    )
     assert submitted.returncode == 0, submitted.stderr
     job = submitted.stdout.strip().split(";")[0]
     try:

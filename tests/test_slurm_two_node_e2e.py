@@ -25,8 +25,15 @@ from flux_lora.lifecycle.outcome import LOSS_TAG, scalar_series
 from tests.cli import start_cli
 from tests.slurm_two_node import TwoNodeCluster  # the two_node_slurm fixture is registered in tests/conftest.py
 
-CELL = ["ablation=baseline", "profile.lr_warmup_steps=1", "profile.sample_every_n_steps=1000", "profile.sample_steps=2",
-        "hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=4"]  # fmt: skip
+CELL = [
+    "ablation=baseline",
+    "profile.lr_warmup_steps=1",
+    "profile.sample_every_n_steps=1000",
+    "profile.sample_steps=2",
+    "hydra/launcher=slurm",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=4",
+]
 
 
 def launch(cluster: TwoNodeCluster, args: list[str], tmp_path: Path) -> subprocess.Popen[str]:
@@ -55,22 +62,36 @@ def wait_until(what: str, check, timeout_s: float = 300, every_s: float = 0.5):
 
 
 def job_of(sweep_dir: Path) -> str:
-    return wait_until("the sweep's job id", lambda: (sweep_dir / "slurm_jobs.json").is_file()
-                      and json.loads((sweep_dir / "slurm_jobs.json").read_text())["jobs"][0])  # fmt: skip
+    return wait_until(
+        "the sweep's job id",
+        lambda: (sweep_dir / "slurm_jobs.json").is_file()
+        and json.loads((sweep_dir / "slurm_jobs.json").read_text())["jobs"][0],
+    )
 
 
 def newest_state_step(cell: Path) -> int:
-    steps = [int(m[1]) for p in (cell / "output").glob("flux-lora-step*-state") if (m := re.search(r"step(\d{8})-state$", p.name))]
+    steps = [
+        int(m[1])
+        for p in (cell / "output").glob("flux-lora-step*-state")
+        if (m := re.search(r"step(\d{8})-state$", p.name))
+    ]
     return max(steps, default=0)
 
 
 @pytest.mark.slow
-def test_scancel_then_the_same_command_resumes_and_a_node_failure_resumes_on_the_other_node(two_node_slurm, tmp_path: Path) -> None:
+def test_scancel_then_the_same_command_resumes_and_a_node_failure_resumes_on_the_other_node(
+    two_node_slurm, tmp_path: Path
+) -> None:
     cluster: TwoNodeCluster = two_node_slurm
     steps = 40
     sweep_dir = tmp_path / "sweep"
-    args = [*CELL, f"ablation.baseline_steps={steps}", "profile.save_every_n_steps=5", "launch.detach=true",
-            f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
+    args = [
+        *CELL,
+        f"ablation.baseline_steps={steps}",
+        "profile.save_every_n_steps=5",
+        "launch.detach=true",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
     cell = sweep_dir / "0_tiny-smoke-cpu-native-baseline"
 
     # 1. scancel mid-training: SIGTERM reaches the launcher, the trainer saves at the step reached.
@@ -80,7 +101,9 @@ def test_scancel_then_the_same_command_resumes_and_a_node_failure_resumes_on_the
     assert cluster.run(["scancel", job]).returncode == 0
     wait_until("the cancelled attempt's record", lambda: status_of(cell).get("state") == "interrupted", timeout_s=120)
     cancelled = status_of(cell)["attempts"][0]
-    assert "stopped by a signal; resume from:" in cancelled["reason"] and "nothing saved" not in cancelled["reason"], cancelled
+    assert "stopped by a signal; resume from:" in cancelled["reason"] and "nothing saved" not in cancelled["reason"], (
+        cancelled
+    )
     saved = newest_state_step(cell)
 
     # 2. The same command: a new job resumes the run in its folder from that state.
@@ -88,7 +111,10 @@ def test_scancel_then_the_same_command_resumes_and_a_node_failure_resumes_on_the
     second_job = json.loads((sweep_dir / "slurm_jobs.json").read_text())["jobs"][0]
     assert second_job != job, output[-2000:]
     node = wait_until("the resumed job on a node", lambda: cluster.node_of(second_job))
-    wait_until("the resumed attempt training", lambda: len(status_of(cell).get("attempts", [])) == 2 and trained_steps(cell)[-1:] > [saved + 3])
+    wait_until(
+        "the resumed attempt training",
+        lambda: len(status_of(cell).get("attempts", [])) == 2 and trained_steps(cell)[-1:] > [saved + 3],
+    )
     assert status_of(cell)["attempts"][1]["from_step"] == saved
 
     # 3. Power cut of its node, marked down: SLURM requeues the job; it starts on the other node as restart 1, whose
@@ -120,13 +146,17 @@ def test_scancel_then_the_same_command_resumes_and_a_node_failure_resumes_on_the
 
 
 @pytest.mark.slow
-def test_a_suspended_job_keeps_its_run_from_a_second_submission_and_finishes_alone(two_node_slurm, tmp_path: Path) -> None:
+def test_a_suspended_job_keeps_its_run_from_a_second_submission_and_finishes_alone(
+    two_node_slurm, tmp_path: Path
+) -> None:
     cluster: TwoNodeCluster = two_node_slurm
     steps = 25
     # The heartbeat limit lowered to 5 s: the suspended job is silent far longer, and still nobody takes its run.
     common = [*CELL, f"ablation.baseline_steps={steps}", "profile.save_every_n_steps=10", "launch.lease_stale_s=5"]
     first_dir, second_dir = tmp_path / "first", tmp_path / "second"
-    assert launch(cluster, [*common, "launch.detach=true", f"hydra.sweep.dir={first_dir}"], tmp_path).communicate(timeout=120)[0]
+    assert launch(cluster, [*common, "launch.detach=true", f"hydra.sweep.dir={first_dir}"], tmp_path).communicate(
+        timeout=120
+    )[0]
     job = job_of(first_dir)
     cell = first_dir / "0_tiny-smoke-cpu-native-baseline"
     wait_until("training", lambda: len(trained_steps(cell)) >= 3)
@@ -140,14 +170,19 @@ def test_a_suspended_job_keeps_its_run_from_a_second_submission_and_finishes_alo
     second = launch(cluster, [*common, f"hydra.launcher.exclude={node}", f"hydra.sweep.dir={second_dir}"], tmp_path)
     output = second.communicate(timeout=300)[0]
     assert second.returncode == 1, output[-3000:]
-    assert re.search(rf"│ busy .*", output) and (second_dir / "0_tiny-smoke-cpu-native-baseline" / "run_pointer.json").is_file(), output[-3000:]
+    assert (
+        re.search(r"│ busy .*", output)
+        and (second_dir / "0_tiny-smoke-cpu-native-baseline" / "run_pointer.json").is_file()
+    ), output[-3000:]
     pointer = json.loads((second_dir / "0_tiny-smoke-cpu-native-baseline" / "run_pointer.json").read_text())
     assert f"SLURM job {job} is SUSPENDED" in pointer["note"] and f"on {node}" in pointer["note"], pointer
     assert trained_steps(cell) == before  # nobody trained it meanwhile
     assert not list(second_dir.rglob("events.out.tfevents.*"))
 
     assert cluster.run(["scontrol", "resume", job]).returncode == 0
-    wait_until("the first job's run finished", lambda: status_of(cell).get("state") in ("succeeded", "failed"), timeout_s=600)
+    wait_until(
+        "the first job's run finished", lambda: status_of(cell).get("state") in ("succeeded", "failed"), timeout_s=600
+    )
     status = status_of(cell)
     assert status["state"] == "succeeded" and len(status["attempts"]) == 1, json.dumps(status, indent=1)[-3000:]
     assert trained_steps(cell) == list(range(1, steps + 1))

@@ -75,8 +75,16 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     if sys.platform == "linux":
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(
-            ["numpy", "cv2", "PIL.Image", "imagehash", "scipy.fftpack", "flux_lora.dataset.decode",
-             "flux_lora.dataset.faces", "flux_lora.dataset.image_analysis"]
+            [
+                "numpy",
+                "cv2",
+                "PIL.Image",
+                "imagehash",
+                "scipy.fftpack",
+                "flux_lora.dataset.decode",
+                "flux_lora.dataset.faces",
+                "flux_lora.dataset.image_analysis",
+            ]
         )
         return context
     return multiprocessing.get_context("spawn")
@@ -169,7 +177,9 @@ def analyze_dataset(path: Path, settings: AnalysisSettings) -> DatasetReport:
     fingerprint = fingerprint_files(files, hashes)
     measurements, thumbnails, cache, cache_hits = _measure_with_cache(files, hashes, settings)
 
-    sizes = bucket_sizes(settings.resolution, settings.bucket_reso_steps, settings.min_bucket_reso, settings.max_bucket_reso)
+    sizes = bucket_sizes(
+        settings.resolution, settings.bucket_reso_steps, settings.min_bucket_reso, settings.max_bucket_reso
+    )
     records: list[ImageRecord] = []
     for image in files.images:
         relative = files.relative(image)

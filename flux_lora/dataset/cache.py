@@ -18,7 +18,11 @@ def measurement_settings_key(detect_faces: bool) -> str:
     parts = [f"v{MEASUREMENT_VERSION}", f"w{image_analysis.WORKING_SIDE}", f"t{image_analysis.BLUR_TILES}"]
     if detect_faces:
         detector = faces.detector_name()
-        parts.append(f"f{detector}-{faces.FACE_WORKING_SIDE}-{faces.FACE_MIN_CONFIDENCE}" if detector == faces.YUNET else f"f{detector}")
+        parts.append(
+            f"f{detector}-{faces.FACE_WORKING_SIDE}-{faces.FACE_MIN_CONFIDENCE}"
+            if detector == faces.YUNET
+            else f"f{detector}"
+        )
     return "-".join(parts)
 
 

@@ -93,4 +93,3 @@ def write_contact_sheet(report: DatasetReport, dataset_path: Path, out_png: Path
     out_png.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out_png, compress_level=1)  # fast compression: the sheet is looked at, not archived
     return out_png
-

@@ -11,7 +11,23 @@ SUPPORTED_IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp"})
 # Images in the root and in direct subfolders train; sd-scripts reads each subset folder without recursion.
 MAX_SUBSET_DEPTH = 1
 UNSUPPORTED_IMAGE_EXTENSIONS = frozenset(
-    {".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".ico", ".psd", ".raw", ".dng", ".cr2", ".nef"}
+    {
+        ".bmp",
+        ".gif",
+        ".tif",
+        ".tiff",
+        ".heic",
+        ".heif",
+        ".avif",
+        ".jxl",
+        ".jp2",
+        ".ico",
+        ".psd",
+        ".raw",
+        ".dng",
+        ".cr2",
+        ".nef",
+    }
 )
 
 
@@ -61,7 +77,9 @@ def _visible_files(root: Path) -> tuple[list[Path], list[str], list[str]]:
                 broken.append(f"{relative} (a link loop)")
                 continue
             except OSError as exc:
-                broken.append(f"{relative} ({'a link loop' if exc.errno == 40 else 'dangling: -> ' + os.readlink(path)})")
+                broken.append(
+                    f"{relative} ({'a link loop' if exc.errno == 40 else 'dangling: -> ' + os.readlink(path)})"
+                )
                 continue
             if inside not in target.parents and target != inside:
                 outside.append(f"{relative} -> {target}")
@@ -84,10 +102,15 @@ def discover_dataset(root: Path, caption_extension: str = ".txt") -> DatasetFile
         raise DatasetError(f"dataset path {root} is a file, not a folder: point it at the folder that holds the images")
     visible, broken, outside = _visible_files(root)
     if broken:
-        raise DatasetError(f"dataset folder {root}: {len(broken)} link(s) lead to no file: {'; '.join(broken[:5])}"
-                           f"{' ...' if len(broken) > 5 else ''}; remove or repair them")  # fmt: skip
+        raise DatasetError(
+            f"dataset folder {root}: {len(broken)} link(s) lead to no file: {'; '.join(broken[:5])}"
+            f"{' ...' if len(broken) > 5 else ''}; remove or repair them"
+        )
     files = [p for p in visible if folder_depth(p, root) <= MAX_SUBSET_DEPTH]
-    nested = sorted((p for p in visible if folder_depth(p, root) > MAX_SUBSET_DEPTH and is_image_like(p)), key=lambda p: p.as_posix())
+    nested = sorted(
+        (p for p in visible if folder_depth(p, root) > MAX_SUBSET_DEPTH and is_image_like(p)),
+        key=lambda p: p.as_posix(),
+    )
     images = sorted((p for p in files if is_image_like(p)), key=lambda p: p.relative_to(root).as_posix())
     if not images:
         deeper = f" ({len(nested)} images sit more than one folder deep, which no trainer reads)" if nested else ""
@@ -99,4 +122,11 @@ def discover_dataset(root: Path, caption_extension: str = ".txt") -> DatasetFile
     caption_files = [p for p in files if p.suffix == caption_extension]
     captions = sorted((p for p in caption_files if p.with_suffix("") in image_stems), key=lambda p: p.as_posix())
     orphans = sorted((p for p in caption_files if p.with_suffix("") not in image_stems), key=lambda p: p.as_posix())
-    return DatasetFiles(root=root, images=images, captions=captions, orphan_captions=orphans, nested_images=nested, links_outside=outside)
+    return DatasetFiles(
+        root=root,
+        images=images,
+        captions=captions,
+        orphan_captions=orphans,
+        nested_images=nested,
+        links_outside=outside,
+    )

@@ -59,7 +59,9 @@ def _cascade() -> cv2.CascadeClassifier:
 
     cascade = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
     if cascade.empty():
-        raise RuntimeError("OpenCV's haarcascade_frontalface_default.xml is missing: install opencv-python-headless < 5")
+        raise RuntimeError(
+            "OpenCV's haarcascade_frontalface_default.xml is missing: install opencv-python-headless < 5"
+        )
     return cascade
 
 
@@ -85,8 +87,12 @@ def _cascade_boxes(gray: np.ndarray) -> tuple[list[tuple[int, int, int, int]], t
     import cv2
 
     small, size = _resized(gray, CASCADE_WORKING_SIDE)
-    boxes = _cascade().detectMultiScale(cv2.equalizeHist(small), scaleFactor=CASCADE_SCALE_FACTOR,
-                                        minNeighbors=CASCADE_MIN_NEIGHBORS, minSize=(CASCADE_MIN_SIZE_PX, CASCADE_MIN_SIZE_PX))  # fmt: skip
+    boxes = _cascade().detectMultiScale(
+        cv2.equalizeHist(small),
+        scaleFactor=CASCADE_SCALE_FACTOR,
+        minNeighbors=CASCADE_MIN_NEIGHBORS,
+        minSize=(CASCADE_MIN_SIZE_PX, CASCADE_MIN_SIZE_PX),
+    )
     return [tuple(int(v) for v in box) for box in boxes], size
 
 
@@ -98,6 +104,8 @@ def detect_faces(gray: np.ndarray) -> list[dict]:
         left, top = max(0, x), max(0, y)
         right, bottom = min(size[0], x + w), min(size[1], y + h)
         if right > left and bottom > top:
-            faces.append({"x": left / size[0], "y": top / size[1], "w": (right - left) / size[0], "h": (bottom - top) / size[1]})
+            faces.append(
+                {"x": left / size[0], "y": top / size[1], "w": (right - left) / size[0], "h": (bottom - top) / size[1]}
+            )
     faces.sort(key=lambda face: face["w"] * face["h"], reverse=True)
     return [{key: round(value, 4) for key, value in face.items()} for face in faces]

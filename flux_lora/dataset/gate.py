@@ -12,9 +12,22 @@ _UNUSABLE_FLAGS = tuple(flag for flag, info in FLAGS.items() if info.severity ==
 _MISSING_CAPTION_FLAGS = ("caption_missing", "caption_empty", "caption_not_utf8")
 # Warnings that the gate reports but never counts against a launch: each is worth a look, none is fatal alone.
 _ADVISORY_FLAGS = (
-    "exif_rotated", "cmyk", "16_bit", "alpha", "greyscale", "extension_mismatch", "upscaled", "extreme_aspect",
-    "no_face", "several_faces", "trigger_not_first", "caption_bom", "caption_too_long_clip", "caption_too_long_t5",
-    "caption_duplicate", "caption_near_duplicate",
+    "exif_rotated",
+    "cmyk",
+    "16_bit",
+    "alpha",
+    "greyscale",
+    "extension_mismatch",
+    "upscaled",
+    "extreme_aspect",
+    "no_face",
+    "several_faces",
+    "trigger_not_first",
+    "caption_bom",
+    "caption_too_long_clip",
+    "caption_too_long_t5",
+    "caption_duplicate",
+    "caption_near_duplicate",
 )
 
 
@@ -109,8 +122,10 @@ def evaluate_gate(report: DatasetReport, gate: GateSettings) -> GateResult:
     if report.orphan_captions:
         warnings.append(f"{len(report.orphan_captions)} captions without an image: {_names(report.orphan_captions)}")
     if report.links_outside:
-        warnings.append(f"{len(report.links_outside)} file(s) are links out of the dataset folder (they train, but the folder "
-                        f"alone is not the dataset): {'; '.join(report.links_outside[:5])}")  # fmt: skip
+        warnings.append(
+            f"{len(report.links_outside)} file(s) are links out of the dataset folder (they train, but the folder "
+            f"alone is not the dataset): {'; '.join(report.links_outside[:5])}"
+        )
     if report.nested_images:
         warnings.append(
             f"{len(report.nested_images)} images more than one folder deep are not trained (each direct subfolder is "

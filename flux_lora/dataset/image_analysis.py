@@ -37,8 +37,12 @@ def blur_score(gray_working: np.ndarray) -> float:
     height, width = laplacian.shape
     variances = sorted(
         (
-            float(laplacian[i * height // BLUR_TILES : (i + 1) * height // BLUR_TILES,
-                            j * width // BLUR_TILES : (j + 1) * width // BLUR_TILES].var())
+            float(
+                laplacian[
+                    i * height // BLUR_TILES : (i + 1) * height // BLUR_TILES,
+                    j * width // BLUR_TILES : (j + 1) * width // BLUR_TILES,
+                ].var()
+            )
             for i in range(BLUR_TILES)
             for j in range(BLUR_TILES)
         ),

@@ -42,7 +42,9 @@ def parse_aspect(text: str) -> float:
     return aspect
 
 
-def face_centred_crop_box(width: int, height: int, aspect: float, faces: list[dict] | None) -> tuple[int, int, int, int]:
+def face_centred_crop_box(
+    width: int, height: int, aspect: float, faces: list[dict] | None
+) -> tuple[int, int, int, int]:
     """Largest box of the given aspect inside the image, centred on the largest face (or the image) and kept inside."""
     if width / height > aspect:
         crop_width, crop_height = round(height * aspect), height
@@ -106,21 +108,25 @@ def prepare_dataset(
         resolution=512, trigger=settings.trigger, caption_extension=settings.caption_extension
     )
     report = analyze_dataset(source, analysis)
-    dropped_as_duplicate = {
-        path: group[0] for group in report.duplicate_groups for path in group[1:]
-    } if settings.drop_duplicates else {}
+    dropped_as_duplicate = (
+        {path: group[0] for group in report.duplicate_groups for path in group[1:]} if settings.drop_duplicates else {}
+    )
 
     destination.mkdir(parents=True, exist_ok=True)
     files, dropped, taken = [], [], set()
     for record in report.images:
         if record.path in dropped_as_duplicate:
-            dropped.append({"source": record.path, "reason": f"near-duplicate of the sharper {dropped_as_duplicate[record.path]}"})
+            dropped.append(
+                {"source": record.path, "reason": f"near-duplicate of the sharper {dropped_as_duplicate[record.path]}"}
+            )
             continue
         decoded = decode_image(source / record.path)
         if decoded.rgb is None:
             dropped.append({"source": record.path, "reason": record.error or "cannot be decoded"})
             continue
-        actions = [flag for flag in ("exif_rotated", "cmyk", "16_bit", "alpha", "unsupported_format") if flag in decoded.flags]
+        actions = [
+            flag for flag in ("exif_rotated", "cmyk", "16_bit", "alpha", "unsupported_format") if flag in decoded.flags
+        ]
         image = Image.fromarray(decoded.rgb)
         if settings.crop_aspect is not None:
             box = face_centred_crop_box(image.width, image.height, settings.crop_aspect, record.faces)
@@ -138,27 +144,35 @@ def prepare_dataset(
         actions.extend(caption_actions + (["trigger_inserted"] if inserted else []))
         caption_output = Path(output).with_suffix(settings.caption_extension).as_posix()
         (destination / caption_output).write_text(text + "\n", encoding="utf-8")
-        files.append({
-            "output": output,
-            "output_hash": hash_file(output_path)[0],
-            "caption_output": caption_output,
-            "caption_hash": hash_file(destination / caption_output)[0],
-            "source": record.path,
-            "source_hash": record.content_hash,
-            "source_caption": record.caption.path,
-            "width": image.width,
-            "height": image.height,
-            "actions": actions,
-        })
+        files.append(
+            {
+                "output": output,
+                "output_hash": hash_file(output_path)[0],
+                "caption_output": caption_output,
+                "caption_hash": hash_file(destination / caption_output)[0],
+                "source": record.path,
+                "source_hash": record.content_hash,
+                "source_caption": record.caption.path,
+                "width": image.width,
+                "height": image.height,
+                "actions": actions,
+            }
+        )
 
     manifest = {
         "source": str(source.resolve()),
         "source_fingerprint": report.fingerprint["content_hash"],
         "hash_algorithm": report.fingerprint["algorithm"],
-        "settings": {"trigger": settings.trigger, "crop_aspect": settings.crop_aspect,
-                     "drop_duplicates": settings.drop_duplicates, "jpeg_quality": settings.jpeg_quality},
+        "settings": {
+            "trigger": settings.trigger,
+            "crop_aspect": settings.crop_aspect,
+            "drop_duplicates": settings.drop_duplicates,
+            "jpeg_quality": settings.jpeg_quality,
+        },
         "files": files,
         "dropped": dropped,
     }
-    (destination / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (destination / MANIFEST_NAME).write_text(
+        json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
     return manifest

@@ -19,8 +19,19 @@ from flux_lora.dataset.report import DatasetReport, ImageRecord
 _NAMES_SHOWN = 5
 # The subject gate's advisories that mean the same for a class image; faces, triggers and caption repetition do not
 # (class images are many people, carry no trigger, and "a photo of a woman" for all of them is kohya's own default).
-_ADVISORY_FLAGS = ("exif_rotated", "cmyk", "16_bit", "alpha", "greyscale", "extension_mismatch", "upscaled", "extreme_aspect",
-                   "caption_bom", "caption_too_long_clip", "caption_too_long_t5")  # fmt: skip
+_ADVISORY_FLAGS = (
+    "exif_rotated",
+    "cmyk",
+    "16_bit",
+    "alpha",
+    "greyscale",
+    "extension_mismatch",
+    "upscaled",
+    "extreme_aspect",
+    "caption_bom",
+    "caption_too_long_clip",
+    "caption_too_long_t5",
+)
 
 
 @dataclass(frozen=True)
@@ -45,7 +56,9 @@ class ClassImagesCheck:
 
 
 def _names(paths: list[str]) -> str:
-    return ", ".join(paths[:_NAMES_SHOWN]) + (f" (+{len(paths) - _NAMES_SHOWN} more)" if len(paths) > _NAMES_SHOWN else "")
+    return ", ".join(paths[:_NAMES_SHOWN]) + (
+        f" (+{len(paths) - _NAMES_SHOWN} more)" if len(paths) > _NAMES_SHOWN else ""
+    )
 
 
 def subject_copies(class_images: DatasetReport, subject: DatasetReport, max_distance: int) -> list[SubjectCopy]:
@@ -61,7 +74,9 @@ def subject_copies(class_images: DatasetReport, subject: DatasetReport, max_dist
         if not record.phash:
             continue
         direct, mirrored = int(record.phash, 16), int(record.phash_mirrored, 16)
-        distance, photo = min(((min((direct ^ h).bit_count(), (mirrored ^ h).bit_count()), p) for p, h in hashed), default=(None, None))
+        distance, photo = min(
+            ((min((direct ^ h).bit_count(), (mirrored ^ h).bit_count()), p) for p, h in hashed), default=(None, None)
+        )
         if distance is not None and distance <= max_distance:
             copies.append(SubjectCopy(record.path, photo, distance))
     return copies
@@ -71,8 +86,9 @@ def _with_any(images: list[ImageRecord], flags: tuple[str, ...]) -> list[ImageRe
     return [image for image in images if any(flag in image.flags for flag in flags)]
 
 
-def check_class_images(class_images: DatasetReport, subject: DatasetReport, gate: GateSettings, trigger: str,
-                       class_tokens: str) -> ClassImagesCheck:  # fmt: skip
+def check_class_images(
+    class_images: DatasetReport, subject: DatasetReport, gate: GateSettings, trigger: str, class_tokens: str
+) -> ClassImagesCheck:
     """Problems (refused when gate.enforce), warnings and infos for a class-image folder, and its copies of the subject."""
     problems: list[str] = []
     warnings: list[str] = []
@@ -80,39 +96,57 @@ def check_class_images(class_images: DatasetReport, subject: DatasetReport, gate
     usable = class_images.usable_images
     unusable = [image for image in class_images.images if image.unusable]
     if len(unusable) > gate.max_unreadable:
-        details = "; ".join(f"{i.path} ({', '.join(FLAGS[f].meaning for f in i.flags if severity_of(f) == 'error')})"
-                            for i in unusable[:_NAMES_SHOWN])  # fmt: skip
-        problems.append(f"{len(unusable)} unreadable or unsupported class images (max {gate.max_unreadable}): {details}")
+        details = "; ".join(
+            f"{i.path} ({', '.join(FLAGS[f].meaning for f in i.flags if severity_of(f) == 'error')})"
+            for i in unusable[:_NAMES_SHOWN]
+        )
+        problems.append(
+            f"{len(unusable)} unreadable or unsupported class images (max {gate.max_unreadable}): {details}"
+        )
     if not usable:
         problems.append("no usable class image: add images of the class, or drop dataset.reg_path")
     copies = subject_copies(class_images, subject, int(class_images.settings.get("duplicate_max_distance", 6)))
     if copies:
         listed = "; ".join(f"{c.class_image} = {c.subject_image}" for c in copies[:_NAMES_SHOWN])
-        problems.append(f"{len(copies)} class image(s) copy a subject photo (the subject would be taught as the class; "
-                        f"they never train): {listed}")  # fmt: skip
+        problems.append(
+            f"{len(copies)} class image(s) copy a subject photo (the subject would be taught as the class; "
+            f"they never train): {listed}"
+        )
     with_trigger = [i.path for i in usable if i.caption.text and trigger and contains_trigger(i.caption.text, trigger)]
     if with_trigger:
-        problems.append(f"{len(with_trigger)} class-image caption(s) name the trigger '{trigger}' (the class prior would "
-                        f"learn the subject's token): {_names(with_trigger)}; caption them with the class only")  # fmt: skip
+        problems.append(
+            f"{len(with_trigger)} class-image caption(s) name the trigger '{trigger}' (the class prior would "
+            f"learn the subject's token): {_names(with_trigger)}; caption them with the class only"
+        )
     blurry = [i.path for i in usable if "blurry" in i.flags]
     if usable and len(blurry) / len(usable) > gate.max_blurry_share:
-        problems.append(f"{len(blurry)} of {len(usable)} class images are blurry (max {gate.max_blurry_share:.0%}): {_names(blurry)}")
+        problems.append(
+            f"{len(blurry)} of {len(usable)} class images are blurry (max {gate.max_blurry_share:.0%}): {_names(blurry)}"
+        )
     elif blurry:
         warnings.append(f"{len(blurry)} blurry class images: {_names(blurry)}")
     if len(class_images.duplicate_groups) > gate.max_duplicate_groups:
         groups = "; ".join(" = ".join(group) for group in class_images.duplicate_groups[:_NAMES_SHOWN])
-        problems.append(f"{len(class_images.duplicate_groups)} groups of near-duplicate class images (max "
-                        f"{gate.max_duplicate_groups}): {groups}")  # fmt: skip
+        problems.append(
+            f"{len(class_images.duplicate_groups)} groups of near-duplicate class images (max "
+            f"{gate.max_duplicate_groups}): {groups}"
+        )
     for flag in _ADVISORY_FLAGS:
         flagged = [i.path for i in class_images.images if flag in i.flags]
         if flagged:
-            warnings.append(f"{len(flagged)} class images: {FLAGS[flag].meaning} ({FLAGS[flag].fix}): {_names(flagged)}")
+            warnings.append(
+                f"{len(flagged)} class images: {FLAGS[flag].meaning} ({FLAGS[flag].fix}): {_names(flagged)}"
+            )
     uncaptioned = [i.path for i in usable if not i.caption.text]
     if uncaptioned:
-        infos.append(f"{len(uncaptioned)} class image(s) without a caption train as the class tokens '{class_tokens}' (as in kohya)")
+        infos.append(
+            f"{len(uncaptioned)} class image(s) without a caption train as the class tokens '{class_tokens}' (as in kohya)"
+        )
     if class_images.nested_images:
-        warnings.append(f"{len(class_images.nested_images)} class images more than one folder deep are not trained: "
-                        f"{_names(class_images.nested_images)}")  # fmt: skip
+        warnings.append(
+            f"{len(class_images.nested_images)} class images more than one folder deep are not trained: "
+            f"{_names(class_images.nested_images)}"
+        )
     warnings = [f"class images: {w}" for w in warnings]
     if not gate.enforce:
         return ClassImagesCheck(GateResult(passed=True, warnings=problems + warnings), copies, infos)

@@ -40,8 +40,15 @@ def print_report(report: DatasetReport, console: Console | None = None) -> None:
         f"analysed in {report.analysis['seconds']:.2f} s ({report.analysis['cache_hits']} from cache)"
     )
     table = Table(show_lines=False, header_style="bold")
-    for column, justify in (("image", "left"), ("size", "right"), ("bucket", "right"), ("blur", "right"),
-                            ("faces", "right"), ("caption tokens", "right"), ("flags", "left")):
+    for column, justify in (
+        ("image", "left"),
+        ("size", "right"),
+        ("bucket", "right"),
+        ("blur", "right"),
+        ("faces", "right"),
+        ("caption tokens", "right"),
+        ("flags", "left"),
+    ):
         table.add_column(column, justify=justify, overflow="fold")
     shown = report.images if len(report.images) <= LIST_ALL_UP_TO else [i for i in report.images if i.flags]
     for image in shown:

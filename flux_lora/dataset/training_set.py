@@ -22,7 +22,6 @@ import json
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Optional
 
 import blake3
 
@@ -56,7 +55,7 @@ class TrainingSet:
     # `examples`; from dataset.validation_path: absolute paths (image_path serves both).
     validation: list[TrainingExample] = field(default_factory=list)
     # Class images (dataset.reg_path): paths relative to reg_root; trained with dataset.prior_loss_weight, never validated.
-    reg_root: Optional[str] = None
+    reg_root: str | None = None
     regularization: list[TrainingExample] = field(default_factory=list)
 
     @property
@@ -65,11 +64,18 @@ class TrainingSet:
         images (a run holding out other images is another run; without any the hash is what it always was)."""
         hasher = blake3.blake3()
         for e in sorted(self.examples, key=lambda e: e.image):
-            hasher.update(json.dumps([e.image, e.content_hash, e.caption, e.repeats], ensure_ascii=False).encode() + b"\n")
+            hasher.update(
+                json.dumps([e.image, e.content_hash, e.caption, e.repeats], ensure_ascii=False).encode() + b"\n"
+            )
         for e in sorted(self.validation, key=lambda e: e.image):
-            hasher.update(json.dumps(["validation", e.image, e.content_hash, e.caption], ensure_ascii=False).encode() + b"\n")
+            hasher.update(
+                json.dumps(["validation", e.image, e.content_hash, e.caption], ensure_ascii=False).encode() + b"\n"
+            )
         for e in sorted(self.regularization, key=lambda e: e.image):
-            hasher.update(json.dumps(["class", e.image, e.content_hash, e.caption, e.repeats], ensure_ascii=False).encode() + b"\n")
+            hasher.update(
+                json.dumps(["class", e.image, e.content_hash, e.caption, e.repeats], ensure_ascii=False).encode()
+                + b"\n"
+            )
         return hasher.hexdigest()
 
     def subsets(self) -> dict[str, list[TrainingExample]]:
@@ -93,7 +99,9 @@ class TrainingSet:
         in order, then file names): kohya's DreamBoothDataset gives the class images as many places per epoch as the
         subject's images with repeats, each its repeats in turn until they are filled (the rest never train), or,
         when they run out first, one more repeat each in turn (library/train_util.py, "reg images")."""
-        ordered = [e for _, subset in self.reg_subsets().items() for e in sorted(subset, key=lambda e: Path(e.image).name)]
+        ordered = [
+            e for _, subset in self.reg_subsets().items() for e in sorted(subset, key=lambda e: Path(e.image).name)
+        ]
         counts = [0] * len(ordered)
         places, filled, first_pass = self.images_per_epoch, 0, True
         while ordered and filled < places:
@@ -135,16 +143,21 @@ class TrainingSet:
         path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainingSet":
+    def from_dict(cls, data: dict) -> TrainingSet:
         def example(entry: dict) -> TrainingExample:
             return TrainingExample(**{k: v for k, v in entry.items() if k != "per_epoch"})
 
-        return cls(root=data["root"], examples=[example(e) for e in data["examples"]], excluded=data.get("excluded", []),
-                   validation=[example(e) for e in data.get("validation", [])], reg_root=data.get("reg_root"),
-                   regularization=[example(e) for e in data.get("regularization", [])])  # fmt: skip
+        return cls(
+            root=data["root"],
+            examples=[example(e) for e in data["examples"]],
+            excluded=data.get("excluded", []),
+            validation=[example(e) for e in data.get("validation", [])],
+            reg_root=data.get("reg_root"),
+            regularization=[example(e) for e in data.get("regularization", [])],
+        )
 
     @classmethod
-    def read_json(cls, path: Path) -> "TrainingSet":
+    def read_json(cls, path: Path) -> TrainingSet:
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
 
 
@@ -174,14 +187,18 @@ def read_training_caption(caption_file: Path, class_tokens: str) -> tuple[str, s
     try:
         text, source = raw.decode("utf-8-sig"), "file"
     except UnicodeDecodeError as exc:
-        raise CaptionError(f"{caption_file}: caption is not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}); {fix}") from None
+        raise CaptionError(
+            f"{caption_file}: caption is not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}); {fix}"
+        ) from None
     if "\x00" in text:
         raise CaptionError(f"{caption_file}: caption holds a NUL byte at offset {raw.index(0)}; {fix}")
     if has_control_characters(text):
         where = next(i for i, c in enumerate(text) if has_control_characters(c))
-        raise CaptionError(f"{escape_control_characters(str(caption_file))}: caption holds a control character "
-                           f"({escape_control_characters(text[where])} at character {where}), as in a terminal escape sequence; remove it "
-                           f"(python -m flux_lora.dataset prepare {caption_file.parent} OUT writes a copy with it escaped)")
+        raise CaptionError(
+            f"{escape_control_characters(str(caption_file))}: caption holds a control character "
+            f"({escape_control_characters(text[where])} at character {where}), as in a terminal escape sequence; remove it "
+            f"(python -m flux_lora.dataset prepare {caption_file.parent} OUT writes a copy with it escaped)"
+        )
     text = " ".join(text.split())
     if not text:
         return class_tokens, "class tokens: empty caption file"
@@ -209,7 +226,11 @@ def _select(
         caption, source = read_training_caption(caption_path_for(root / relative, caption_extension), class_tokens)
         subset = Path(relative).parent.as_posix()
         subset = "" if subset == "." else subset
-        examples.append(TrainingExample(relative, hashes[relative], caption, source, subset, subset_repeats(subset, default_repeats)))
+        examples.append(
+            TrainingExample(
+                relative, hashes[relative], caption, source, subset, subset_repeats(subset, default_repeats)
+            )
+        )
     return TrainingSet(root=str(root.resolve()), examples=examples, excluded=excluded)
 
 
@@ -220,7 +241,7 @@ AUTO_HOLD_OUT_SHARE = 0.1
 AUTO_HOLD_OUT_MIN_IMAGES = 8
 
 
-def effective_validation_split(validation_split: Optional[float], distinct_images: int) -> float:
+def effective_validation_split(validation_split: float | None, distinct_images: int) -> float:
     """The share that is held out: the configured one, or for null the automatic one for this many images."""
     if validation_split is not None:
         return validation_split
@@ -232,7 +253,7 @@ def held_out_count(distinct_images: int, validation_split: float) -> int:
     return max(1, int(distinct_images * validation_split)) if validation_split > 0 else 0
 
 
-def split_by_content(examples: list[TrainingExample], validation_split: Optional[float]) -> list[TrainingExample]:
+def split_by_content(examples: list[TrainingExample], validation_split: float | None) -> list[TrainingExample]:
     """The held-out examples: the images with the lowest content hashes, so every run of the same images holds out the
     same ones whatever their names or order, and a larger split holds out a superset of a smaller one."""
     hashes = sorted({e.content_hash for e in examples})
@@ -245,9 +266,12 @@ def split_by_content(examples: list[TrainingExample], validation_split: Optional
 
 
 def hold_out(
-    training_set: TrainingSet, caption_extension: str, class_tokens: str, validation_split: Optional[float],
-    validation_path: Optional[str | Path],
-) -> TrainingSet:  # fmt: skip
+    training_set: TrainingSet,
+    caption_extension: str,
+    class_tokens: str,
+    validation_split: float | None,
+    validation_path: str | Path | None,
+) -> TrainingSet:
     """The training set with its validation images moved to `validation`: a folder's images when validation_path
     is given, else the validation_split share of its own (null: the automatic share). An example whose image content
     is held out never trains."""
@@ -257,22 +281,31 @@ def hold_out(
     else:
         validation = split_by_content(training_set.examples, validation_split)
     held = {e.content_hash for e in validation}
-    return replace(training_set, examples=[e for e in training_set.examples if e.content_hash not in held], validation=validation)
+    return replace(
+        training_set, examples=[e for e in training_set.examples if e.content_hash not in held], validation=validation
+    )
 
 
 def training_set_from_report(
-    report: DatasetReport, caption_extension: str, class_tokens: str, default_repeats: int,
-    validation_split: Optional[float] = 0.0, validation_path: Optional[str | Path] = None,
-) -> TrainingSet:  # fmt: skip
+    report: DatasetReport,
+    caption_extension: str,
+    class_tokens: str,
+    default_repeats: int,
+    validation_split: float | None = 0.0,
+    validation_path: str | Path | None = None,
+) -> TrainingSet:
     """The training set of an analysed dataset: the report's images minus those it found unusable and those held out."""
     root = Path(report.dataset_path)
     unusable = {r.path: ", ".join(f for f in r.flags if severity_of(f) == "error") for r in report.images if r.unusable}
     hashes = {r.path: r.content_hash for r in report.images}
-    selected = _select(root, [r.path for r in report.images], hashes, unusable, caption_extension, class_tokens, default_repeats)
+    selected = _select(
+        root, [r.path for r in report.images], hashes, unusable, caption_extension, class_tokens, default_repeats
+    )
     nested = [{"path": p, "reason": "more than one folder deep"} for p in report.nested_images]
     selected = TrainingSet(root=selected.root, examples=selected.examples, excluded=selected.excluded + nested)
-    return without_near_copies_of_held_out(hold_out(selected, caption_extension, class_tokens, validation_split, validation_path),
-                                           report.duplicate_groups)  # fmt: skip
+    return without_near_copies_of_held_out(
+        hold_out(selected, caption_extension, class_tokens, validation_split, validation_path), report.duplicate_groups
+    )
 
 
 def without_near_copies_of_held_out(training_set: TrainingSet, duplicate_groups: list[list[str]]) -> TrainingSet:
@@ -287,14 +320,22 @@ def without_near_copies_of_held_out(training_set: TrainingSet, duplicate_groups:
     if not copy_of:
         return training_set
     kept = [e for e in training_set.examples if e.image not in copy_of]
-    excluded = [{"path": e.image, "reason": f"near-duplicate of held-out {copy_of[e.image]}"} for e in training_set.examples if e.image in copy_of]
+    excluded = [
+        {"path": e.image, "reason": f"near-duplicate of held-out {copy_of[e.image]}"}
+        for e in training_set.examples
+        if e.image in copy_of
+    ]
     return replace(training_set, examples=kept, excluded=training_set.excluded + excluded)
 
 
 def training_set_from_folder(
-    root: Path, caption_extension: str, class_tokens: str, default_repeats: int = 1,
-    validation_split: Optional[float] = 0.0, validation_path: Optional[str | Path] = None,
-) -> TrainingSet:  # fmt: skip
+    root: Path,
+    caption_extension: str,
+    class_tokens: str,
+    default_repeats: int = 1,
+    validation_split: float | None = 0.0,
+    validation_path: str | Path | None = None,
+) -> TrainingSet:
     """The same selection without the analysis (no decoding): for tools and tests that train a folder directly."""
     files = discover_dataset(Path(root), caption_extension)
     relatives = [files.relative(p) for p in files.images]
@@ -305,8 +346,14 @@ def training_set_from_folder(
     return hold_out(selected, caption_extension, class_tokens, validation_split, validation_path)
 
 
-def with_class_images(training_set: TrainingSet, report: DatasetReport, caption_extension: str, class_tokens: str,
-                      reg_repeats: int, copies_of_subject: dict[str, str]) -> TrainingSet:  # fmt: skip
+def with_class_images(
+    training_set: TrainingSet,
+    report: DatasetReport,
+    caption_extension: str,
+    class_tokens: str,
+    reg_repeats: int,
+    copies_of_subject: dict[str, str],
+) -> TrainingSet:
     """The training set with the analysed class-image folder as its `regularization`: the images the analysis found
     usable, captions as for the subject's (missing: the class tokens), minus copies of subject photos
     (`copies_of_subject`: class image -> the subject photo it copies), which would teach the subject as the class."""
@@ -314,7 +361,13 @@ def with_class_images(training_set: TrainingSet, report: DatasetReport, caption_
     unusable = {r.path: ", ".join(f for f in r.flags if severity_of(f) == "error") for r in report.images if r.unusable}
     unusable.update({path: f"copy of subject photo {photo}" for path, photo in copies_of_subject.items()})
     hashes = {r.path: r.content_hash for r in report.images}
-    selected = _select(root, [r.path for r in report.images], hashes, unusable, caption_extension, class_tokens, reg_repeats)
+    selected = _select(
+        root, [r.path for r in report.images], hashes, unusable, caption_extension, class_tokens, reg_repeats
+    )
     excluded = selected.excluded + [{"path": p, "reason": "more than one folder deep"} for p in report.nested_images]
-    return replace(training_set, reg_root=selected.root, regularization=selected.examples,
-                   excluded=training_set.excluded + [x | {"set": "regularization"} for x in excluded])  # fmt: skip
+    return replace(
+        training_set,
+        reg_root=selected.root,
+        regularization=selected.examples,
+        excluded=training_set.excluded + [x | {"set": "regularization"} for x in excluded],
+    )

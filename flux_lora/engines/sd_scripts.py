@@ -17,7 +17,6 @@ import sys
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Optional
 
 import tomli_w
 
@@ -88,8 +87,8 @@ class ReferenceOption:
     """One option of the pinned parser, as recorded in the reference JSON."""
 
     flag: str
-    type: Optional[str]  # "int", "float", "str", "Path", "int_or_float" or None (a string)
-    choices: Optional[list]
+    type: str | None  # "int", "float", "str", "Path", "int_or_float" or None (a string)
+    choices: list | None
     action: str  # "store" or "store_true"
     nargs: object  # None (one value), 0, "*", "+", "?" or a count
 
@@ -165,11 +164,11 @@ class _Argv:
         self.tokens: list[str] = []
         self._unapplied = unapplied
 
-    def value(self, flag: str, *values: object, key: Optional[str] = None) -> None:
+    def value(self, flag: str, *values: object, key: str | None = None) -> None:
         if key not in self._unapplied:
             self.tokens += [flag, *(_text(v) for v in values)]
 
-    def switch(self, flag: str, on: bool, key: Optional[str] = None) -> None:
+    def switch(self, flag: str, on: bool, key: str | None = None) -> None:
         if on and key not in self._unapplied:
             self.tokens.append(flag)
 
@@ -198,7 +197,7 @@ def has_sample_prompts(run: RunConfig) -> bool:
     return bool(run.dataset.sample_prompts) and run.profile.sample_every_n_steps > 0
 
 
-def resume_of(run: RunConfig) -> Optional[ResumePlan]:
+def resume_of(run: RunConfig) -> ResumePlan | None:
     """The resume plan when launch.resume_from names a readable state; None otherwise (the check reports why)."""
     state = run.launch.resume_from
     if not state or resume_problem(Path(_absolute(state)), run.profile.max_train_steps, run.profile.lr_scheduler.value):
@@ -309,7 +308,7 @@ def render_sd_scripts_args(run: RunConfig, run_dir: Path, unapplied: dict[str, s
     return a.tokens
 
 
-def render_dataset_toml(run: RunConfig, subsets: Optional[list[tuple[Path, int, bool]]] = None) -> str:
+def render_dataset_toml(run: RunConfig, subsets: list[tuple[Path, int, bool]] | None = None) -> str:
     """The `--dataset_config` TOML; every key is one sd-scripts' strict dataset schema accepts.
 
     `subsets` are (folder, num_repeats, is_reg) of the training set's view (sd_scripts_dataset.py); without one
@@ -334,7 +333,12 @@ def render_dataset_toml(run: RunConfig, subsets: Optional[list[tuple[Path, int, 
         # Small photos are upscaled to their bucket (sd-scripts' default), so every step trains at profile.resolution.
         "bucket_no_upscale": False,
         "subsets": [
-            {"image_dir": str(folder), "class_tokens": ds.class_tokens, "num_repeats": repeats, **({"is_reg": True} if is_reg else {})}
+            {
+                "image_dir": str(folder),
+                "class_tokens": ds.class_tokens,
+                "num_repeats": repeats,
+                **({"is_reg": True} if is_reg else {}),
+            }
             for folder, repeats, is_reg in subsets
         ],
     }
@@ -373,7 +377,7 @@ def split_flags(argv: list[str]) -> tuple[list[tuple[str, list[str]]], list[str]
     return groups, stray
 
 
-def _convert(type_name: Optional[str], text: str) -> object:
+def _convert(type_name: str | None, text: str) -> object:
     """The value argparse would store, or ValueError; `int_or_float` mirrors sd-scripts' train_util."""
     if type_name == "int":
         return int(text)
@@ -386,7 +390,7 @@ def _convert(type_name: Optional[str], text: str) -> object:
     return text  # str, Path and untyped options take any string
 
 
-def _count_problem(flag: str, option: ReferenceOption, count: int) -> Optional[str]:
+def _count_problem(flag: str, option: ReferenceOption, count: int) -> str | None:
     nargs = option.nargs
     if option.action == "store_true":
         return None if count == 0 else f"{flag}: a switch (store_true) given {count} value(s)"
@@ -401,9 +405,7 @@ def _count_problem(flag: str, option: ReferenceOption, count: int) -> Optional[s
     return None
 
 
-def check_args_against_reference(
-    argv: list[str], options: Optional[dict[str, ReferenceOption]] = None
-) -> list[str]:
+def check_args_against_reference(argv: list[str], options: dict[str, ReferenceOption] | None = None) -> list[str]:
     """Problems of an argv (script path excluded) against the pinned parser's option table."""
     options = options if options is not None else load_reference_options()
     groups, stray = split_flags(argv)
@@ -438,32 +440,45 @@ class PreflightVerdict:
     """What sd-scripts' own checks said: passed, failed (with the first problem) or skipped (and why)."""
 
     state: str
-    problem: Optional[str] = None
+    problem: str | None = None
     steps: tuple[str, ...] = ()
-    python: Optional[str] = None
+    python: str | None = None
 
     def record(self) -> dict[str, object]:
         return {"state": self.state, "problem": self.problem, "steps": list(self.steps), "python": self.python}
 
 
-def engine_preflight(argv: list[str], sd_scripts_dir: str | Path, python: Optional[str] = None,
-                     timeout_s: float = 600.0) -> PreflightVerdict:
+def engine_preflight(
+    argv: list[str], sd_scripts_dir: str | Path, python: str | None = None, timeout_s: float = 600.0
+) -> PreflightVerdict:
     """Run sd-scripts' checks on the argv in the interpreter that will train (engine.python), in the checkout."""
     checkout = Path(sd_scripts_dir)
     interpreter = python or sys.executable
     if not (checkout / SCRIPT_NAME).is_file():
-        return PreflightVerdict("skipped", f"no {SCRIPT_NAME} in {checkout} (engine.sd_scripts_dir)", python=interpreter)
+        return PreflightVerdict(
+            "skipped", f"no {SCRIPT_NAME} in {checkout} (engine.sd_scripts_dir)", python=interpreter
+        )
     command = [interpreter, str(PREFLIGHT_JOB), *argv]
     try:
         done = subprocess.run(command, cwd=checkout, capture_output=True, text=True, timeout=timeout_s)
     except FileNotFoundError:
-        return PreflightVerdict("failed", f"engine.python={interpreter}: no such interpreter; set engine.python to sd-scripts' venv python", python=interpreter)
+        return PreflightVerdict(
+            "failed",
+            f"engine.python={interpreter}: no such interpreter; set engine.python to sd-scripts' venv python",
+            python=interpreter,
+        )
     except subprocess.TimeoutExpired:
-        return PreflightVerdict("failed", f"sd-scripts checks at {checkout} did not finish in {timeout_s:.0f} s", python=interpreter)
-    verdicts = [line[len(PREFLIGHT_MARKER):] for line in done.stdout.splitlines() if line.startswith(PREFLIGHT_MARKER)]
+        return PreflightVerdict(
+            "failed", f"sd-scripts checks at {checkout} did not finish in {timeout_s:.0f} s", python=interpreter
+        )
+    verdicts = [line[len(PREFLIGHT_MARKER) :] for line in done.stdout.splitlines() if line.startswith(PREFLIGHT_MARKER)]
     if not verdicts:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return PreflightVerdict("failed", f"sd-scripts checks in {interpreter} ended without a verdict (exit {done.returncode}): {last}", python=interpreter)
+        return PreflightVerdict(
+            "failed",
+            f"sd-scripts checks in {interpreter} ended without a verdict (exit {done.returncode}): {last}",
+            python=interpreter,
+        )
     data = json.loads(verdicts[-1])
     return PreflightVerdict(data["state"], data.get("problem"), tuple(data.get("steps", ())), python=interpreter)
 
@@ -471,7 +486,7 @@ def engine_preflight(argv: list[str], sd_scripts_dir: str | Path, python: Option
 # ---------------------------------------------------------------- checkout and version
 
 
-def checkout_dir(run: RunConfig) -> Optional[Path]:
+def checkout_dir(run: RunConfig) -> Path | None:
     return Path(run.engine.sd_scripts_dir).expanduser().absolute() if run.engine.sd_scripts_dir else None
 
 
@@ -480,7 +495,7 @@ def has_checkout(run: RunConfig) -> bool:
     return checkout is not None and (checkout / SCRIPT_NAME).is_file()
 
 
-def checkout_commit(sd_scripts_dir: str | Path) -> Optional[str]:
+def checkout_commit(sd_scripts_dir: str | Path) -> str | None:
     """HEAD of the checkout; None unless the folder is the top of its own git repository."""
     command = ["git", "-C", str(sd_scripts_dir), "rev-parse", "--show-toplevel", "HEAD"]
     try:
@@ -509,7 +524,7 @@ def version_record(run: RunConfig) -> dict[str, object]:
     }
 
 
-def commit_warning(run: RunConfig) -> Optional[str]:
+def commit_warning(run: RunConfig) -> str | None:
     """A warning when the checkout is not at the pinned commit (flags and no-op facts were read there)."""
     if not has_checkout(run):
         return None
@@ -527,7 +542,7 @@ def commit_warning(run: RunConfig) -> Optional[str]:
     return None
 
 
-def tokenizer_cache_problem(run: RunConfig) -> Optional[str]:
+def tokenizer_cache_problem(run: RunConfig) -> str | None:
     """sd-scripts asks the hub for CLIP-L's and T5's tokenizers unless both folders are in tokenizer_cache_dir."""
     cache = run.engine.tokenizer_cache_dir
     missing = [name for name in TOKENIZER_FOLDERS if not cache or not (Path(cache).expanduser() / name).is_dir()]
@@ -540,7 +555,9 @@ def tokenizer_cache_problem(run: RunConfig) -> Optional[str]:
 
 
 def is_offline() -> bool:
-    return any(os.environ.get(name, "").lower() in ("1", "true", "yes") for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(name, "").lower() in ("1", "true", "yes") for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def missing_requirements(run: RunConfig) -> list[str]:
@@ -608,7 +625,9 @@ class SdScriptsEngine:
         """The argv against the pinned parser's option table, and a resume that sd-scripts cannot continue."""
         problems = check_args_against_reference(inputs.script_argv[1:])
         if run.launch.resume_from:
-            problem = resume_problem(Path(_absolute(run.launch.resume_from)), run.profile.max_train_steps, run.profile.lr_scheduler.value)
+            problem = resume_problem(
+                Path(_absolute(run.launch.resume_from)), run.profile.max_train_steps, run.profile.lr_scheduler.value
+            )
             if problem:
                 problems.append(problem)
         return problems

@@ -47,8 +47,13 @@ def subset_folder_name(index: int, subset: str, is_reg: bool = False) -> str:
 def view_layout(training_set: TrainingSet) -> list[ViewSubset]:
     """The subject's subsets, then the class images' (sd-scripts registers class images after the subject's, in
     the order of their subsets: training_set.reg_epoch_plan follows that order)."""
-    groups = [(s, e, False) for s, e in training_set.subsets().items()] + [(s, e, True) for s, e in training_set.reg_subsets().items()]
-    return [ViewSubset(subset_folder_name(i, subset, is_reg), examples, is_reg) for i, (subset, examples, is_reg) in enumerate(groups)]
+    groups = [(s, e, False) for s, e in training_set.subsets().items()] + [
+        (s, e, True) for s, e in training_set.reg_subsets().items()
+    ]
+    return [
+        ViewSubset(subset_folder_name(i, subset, is_reg), examples, is_reg)
+        for i, (subset, examples, is_reg) in enumerate(groups)
+    ]
 
 
 def _fill_view(folder: Path, training_set: TrainingSet, caption_extension: str) -> None:

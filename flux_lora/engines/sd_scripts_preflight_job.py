@@ -23,7 +23,9 @@ VERDICT_MARKER = "FLUX_LORA_PREFLIGHT_VERDICT "
 
 
 def _verdict(state: str, steps: list[str], problem: str | None = None, detail: str | None = None) -> None:
-    print(VERDICT_MARKER + json.dumps({"state": state, "steps": steps, "problem": problem, "detail": detail}), flush=True)
+    print(
+        VERDICT_MARKER + json.dumps({"state": state, "steps": steps, "problem": problem, "detail": detail}), flush=True
+    )
 
 
 def _last_line(text: str) -> str:
@@ -61,17 +63,24 @@ def main(argv: list[str]) -> int:
         step("prepare_dataset_args", lambda: train_util.prepare_dataset_args(args, True))
         trainer = flux_train_network.FluxNetworkTrainer()
         # The dataset needs the latent caching strategy; the tokenizer strategy would load tokenizers (hub), so it is left out.
-        step("latents_caching_strategy", lambda: strategy_base.LatentsCachingStrategy.set_strategy(trainer.get_latents_caching_strategy(args)))
+        step(
+            "latents_caching_strategy",
+            lambda: strategy_base.LatentsCachingStrategy.set_strategy(trainer.get_latents_caching_strategy(args)),
+        )
         sanitizer = config_util.ConfigSanitizer(True, True, args.masked_loss, True)
         user_config = step("dataset_config", lambda: config_util.load_user_config(args.dataset_config))
-        blueprint = step("dataset_blueprint", lambda: config_util.BlueprintGenerator(sanitizer).generate(user_config, args))
+        blueprint = step(
+            "dataset_blueprint", lambda: config_util.BlueprintGenerator(sanitizer).generate(user_config, args)
+        )
         train_group, val_group = step(
             "dataset_group", lambda: config_util.generate_dataset_group_by_blueprint(blueprint.dataset_group)
         )
         steps.append("data_found")
         if len(train_group) == 0:
             # sd-scripts logs "No data found" here and returns with exit code 0 (train_network.py:575-579).
-            _verdict("failed", steps, "No data found: sd-scripts finds no image in any subset folder of the dataset config")
+            _verdict(
+                "failed", steps, "No data found: sd-scripts finds no image in any subset folder of the dataset config"
+            )
             return 0
         if args.cache_latents:
             steps.append("latents_cacheable")
@@ -81,7 +90,12 @@ def main(argv: list[str]) -> int:
         step("assert_extra_args", lambda: trainer.assert_extra_args(args, train_group, val_group))
     except (Exception, SystemExit) as error:  # noqa: BLE001 - every failure is the verdict
         message = str(error) or type(error).__name__
-        _verdict("failed", steps, f"{steps[-1]}: {type(error).__name__}: {_last_line(message)}", traceback.format_exc(limit=3))
+        _verdict(
+            "failed",
+            steps,
+            f"{steps[-1]}: {type(error).__name__}: {_last_line(message)}",
+            traceback.format_exc(limit=3),
+        )
         return 0
     _verdict("passed", steps, None, f"{len(train_group)} batches in the training dataset group")
     return 0

@@ -23,7 +23,6 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from flux_lora.checkpoint_files import update_safetensors_metadata
 
@@ -60,7 +59,7 @@ def plan_resume(state_dir: Path, max_train_steps: int) -> ResumePlan:
     return ResumePlan(state_dir=Path(state_dir), from_step=step, remaining_steps=max_train_steps - step)
 
 
-def resume_problem(state_dir: Path, max_train_steps: int, lr_scheduler: str) -> Optional[str]:
+def resume_problem(state_dir: Path, max_train_steps: int, lr_scheduler: str) -> str | None:
     """One line if sd-scripts cannot continue from this state as configured; None if it can."""
     state = Path(state_dir)
     if not (state / TRAIN_STATE_FILE).is_file():
@@ -97,10 +96,14 @@ def offset_saved_steps(lora: Path, offset: int) -> bool:
     """Rewrite a LoRA file's `ss_steps` metadata (the attempt's count) to the true global step, in place and whole:
     the evaluator reads a checkpoint's step from it. Only the header changes; returns whether it did."""
 
-    def offset_steps(metadata: dict[str, str]) -> Optional[dict[str, str]]:
+    def offset_steps(metadata: dict[str, str]) -> dict[str, str] | None:
         if "ss_steps" not in metadata or "ss_attempt_steps" in metadata:
             return None
-        return {**metadata, "ss_attempt_steps": metadata["ss_steps"], "ss_steps": str(int(metadata["ss_steps"]) + offset)}
+        return {
+            **metadata,
+            "ss_attempt_steps": metadata["ss_steps"],
+            "ss_steps": str(int(metadata["ss_steps"]) + offset),
+        }
 
     return update_safetensors_metadata(lora, offset_steps)
 

@@ -5,9 +5,9 @@ Reuses the native engine's loaders and LoRA code, so sd-scripts and native runs 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
 
 import torch
 from safetensors import safe_open
@@ -48,10 +48,15 @@ def load_base_parts(model: dict, dtype: torch.dtype) -> FluxParts:
     if model.get("kind") == "tiny":
         return build_tiny_flux(init_seed=int(model.get("init_seed") or 0), t5_max_length=t5_max_length)
     return load_flux_dev(
-        transformer=model.get("transformer"), vae=model.get("vae"), clip_l=model.get("clip_l"), t5xxl=model.get("t5xxl"),
-        diffusers_dir=model.get("diffusers_dir"), tokenizer_dir=model.get("tokenizer_dir"),
-        t5_max_length=t5_max_length, dtype=dtype,
-    )  # fmt: skip
+        transformer=model.get("transformer"),
+        vae=model.get("vae"),
+        clip_l=model.get("clip_l"),
+        t5xxl=model.get("t5xxl"),
+        diffusers_dir=model.get("diffusers_dir"),
+        tokenizer_dir=model.get("tokenizer_dir"),
+        t5_max_length=t5_max_length,
+        dtype=dtype,
+    )
 
 
 def place(parts: FluxParts, device: torch.device, dtype: torch.dtype) -> FluxParts:
@@ -108,12 +113,13 @@ def attach_lora(transformer, path: Path) -> None:
     if ADAPTER in (getattr(transformer, "peft_config", None) or {}):
         transformer.delete_adapters(ADAPTER)
     state = FluxLoraLoaderMixin.lora_state_dict(str(path))
-    transformer.load_lora_adapter({k: v for k, v in state.items() if k.startswith("transformer.")}, prefix="transformer",
-                                  adapter_name=ADAPTER)  # fmt: skip
+    transformer.load_lora_adapter(
+        {k: v for k, v in state.items() if k.startswith("transformer.")}, prefix="transformer", adapter_name=ADAPTER
+    )
     transformer.requires_grad_(False)
 
 
-def _our_kohya_layout(path: Path, transformer) -> Optional[tuple[int, float]]:
+def _our_kohya_layout(path: Path, transformer) -> tuple[int, float] | None:
     """(rank, alpha) when the file holds exactly the modules this project trains (its own loader applies), else None."""
     with safe_open(str(path), framework="pt") as handle:
         modules = {key.split(".", 1)[0] for key in handle.keys()}
@@ -123,7 +129,7 @@ def _our_kohya_layout(path: Path, transformer) -> Optional[tuple[int, float]]:
 
 
 @contextmanager
-def lora_strength(transformer, strength: Optional[float]) -> Iterator[None]:
+def lora_strength(transformer, strength: float | None) -> Iterator[None]:
     """Inside: the LoRA at `strength` (its delta times strength), or switched off for None (the base model)."""
     if strength is None:
         transformer.disable_adapters()

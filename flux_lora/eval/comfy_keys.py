@@ -9,8 +9,8 @@ table of the pattern, with the shapes FLUX gives them), so a file can be checked
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -31,11 +31,19 @@ class FluxShape:
     single_blocks: int  # 38
 
     @classmethod
-    def of(cls, transformer) -> "FluxShape":
+    def of(cls, transformer) -> FluxShape:
         c = transformer.config
         hidden = c.num_attention_heads * c.attention_head_dim
-        return cls(hidden, hidden * 4, c.in_channels, c.patch_size**2 * (c.out_channels or c.in_channels),
-                   c.joint_attention_dim, c.pooled_projection_dim, c.num_layers, c.num_single_layers)  # fmt: skip
+        return cls(
+            hidden,
+            hidden * 4,
+            c.in_channels,
+            c.patch_size**2 * (c.out_channels or c.in_channels),
+            c.joint_attention_dim,
+            c.pooled_projection_dim,
+            c.num_layers,
+            c.num_single_layers,
+        )
 
 
 Shape = Callable[[FluxShape], tuple[int, int]]  # (out_features, in_features) of the Linear

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import combinations
 from statistics import fmean
-from typing import Optional
 
 import cv2
 import numpy as np
@@ -39,7 +38,7 @@ def hamming(a: str, b: str) -> int:
     return (int(a, 16) ^ int(b, 16)).bit_count()
 
 
-def seed_diversity(hashes: list[ImageHash], faces: list[Optional[np.ndarray]]) -> dict:
+def seed_diversity(hashes: list[ImageHash], faces: list[np.ndarray | None]) -> dict:
     """Mean pairwise distances between the seeds' images of one prompt at one strength."""
     pairs = list(combinations(hashes, 2))
     face_pairs = list(combinations([f for f in faces if f is not None], 2))
@@ -64,9 +63,9 @@ def summarize_rows(rows: list[dict]) -> dict:
     }
 
 
-def nearest_training_image(generated: ImageHash, training: dict[str, ImageHash]) -> tuple[Optional[str], Optional[int]]:
+def nearest_training_image(generated: ImageHash, training: dict[str, ImageHash]) -> tuple[str | None, int | None]:
     """(file, bits) of the closest training image, the mirror image counting as a copy too."""
-    best: tuple[Optional[str], Optional[int]] = (None, None)
+    best: tuple[str | None, int | None] = (None, None)
     for name, known in training.items():
         bits = min(hamming(generated.direct, known.direct), hamming(generated.direct, known.mirrored))
         if best[1] is None or bits < best[1]:

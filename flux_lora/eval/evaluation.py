@@ -12,9 +12,9 @@ import json
 import os
 import tempfile
 import time
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable, Optional
 
 import blake3
 
@@ -53,7 +53,7 @@ def _referenced_files(result: dict) -> list[str]:
     return grids + [s["image"] for s in result.get("samples", [])]
 
 
-def read_cached(eval_file: Path, key: str) -> Optional[dict]:
+def read_cached(eval_file: Path, key: str) -> dict | None:
     """The earlier result when its key matches and every image it names is still there."""
     try:
         result = json.loads(eval_file.read_text(encoding="utf-8"))
@@ -82,8 +82,10 @@ def base_model_config(run: RunRecord, settings: EvalSettings) -> dict:
 
 
 def run_section(run: RunRecord, settings: EvalSettings) -> dict:
-    label = "succeeded" if run.succeeded else f"evaluated a run that did not succeed (state {run.state}" + (
-        f": {run.reason})" if run.reason else ")"
+    label = (
+        "succeeded"
+        if run.succeeded
+        else f"evaluated a run that did not succeed (state {run.state}" + (f": {run.reason})" if run.reason else ")")
     )
     if run.state == "external":  # python -m flux_lora.eval --lora FILE: a file, not a run (flux_lora/eval/external.py)
         label = f"a LoRA file from elsewhere: {run.reason}"
@@ -100,8 +102,9 @@ def run_section(run: RunRecord, settings: EvalSettings) -> dict:
     }
 
 
-def evaluate_run(run_dir: Path, settings: Optional[EvalSettings] = None, *, force: bool = False,
-                 log: Callable[[str], None] = _print) -> dict:  # fmt: skip
+def evaluate_run(
+    run_dir: Path, settings: EvalSettings | None = None, *, force: bool = False, log: Callable[[str], None] = _print
+) -> dict:
     """Evaluate a run directory; returns what RUN_DIR/eval/eval.json holds (plus "cached": true on a cache hit)."""
     settings = settings or EvalSettings()
     if settings.lora == "best" and not settings.validation:
@@ -126,7 +129,7 @@ def evaluate_run(run_dir: Path, settings: Optional[EvalSettings] = None, *, forc
     result = {
         "schema_version": SCHEMA_VERSION,
         "cache_key": key,
-        "evaluated_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S+00:00"),
+        "evaluated_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S+00:00"),
         "run_dir": str(run.run_dir),
         "settings": settings.to_record(),
         "device": device,

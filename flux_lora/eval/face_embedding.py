@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -42,7 +41,7 @@ class FaceEmbedder:
         self._landmarks = dlib.shape_predictor(str(folder / _LANDMARKS))
         self._recognition = dlib.face_recognition_model_v1(str(folder / _RECOGNITION))
 
-    def embed(self, rgb: np.ndarray) -> Optional[np.ndarray]:
+    def embed(self, rgb: np.ndarray) -> np.ndarray | None:
         """The largest face's descriptor for an RGB uint8 image [H, W, 3], or None when no face is found."""
         rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
         faces = self._detector(rgb, DETECTOR_UPSAMPLE)

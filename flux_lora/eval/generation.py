@@ -6,9 +6,9 @@ noise from a CPU generator per seed), so the same seed gives the same start for 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 from PIL import Image
@@ -37,12 +37,12 @@ class EvalPrompt:
 @dataclass(frozen=True)
 class GeneratedImage:
     prompt: EvalPrompt
-    strength: Optional[float]  # None: the base model without the LoRA
+    strength: float | None  # None: the base model without the LoRA
     seed: int
     path: Path
 
 
-def eval_prompts(dataset: dict, heldout: bool, limit: Optional[int]) -> list[EvalPrompt]:
+def eval_prompts(dataset: dict, heldout: bool, limit: int | None) -> list[EvalPrompt]:
     """The run's sample prompts (dataset.sample_prompts) and the held-out set, at most `limit` of each."""
     sample = [p["text"] if isinstance(p, dict) else str(p) for p in dataset.get("sample_prompts") or []]
     trigger = dataset.get("trigger") or dataset.get("class_tokens") or ""
@@ -53,11 +53,11 @@ def eval_prompts(dataset: dict, heldout: bool, limit: Optional[int]) -> list[Eva
     return prompts
 
 
-def row_label(strength: Optional[float]) -> str:
+def row_label(strength: float | None) -> str:
     return "no LoRA" if strength is None else f"LoRA x{strength:g}"
 
 
-def row_slug(strength: Optional[float]) -> str:
+def row_slug(strength: float | None) -> str:
     return "base" if strength is None else f"strength{strength:g}"
 
 
@@ -68,10 +68,19 @@ def to_uint8(pixels: torch.Tensor):
 
 @torch.no_grad()
 def generate_images(
-    parts: FluxParts, prompts: list[EvalPrompt], embeddings: dict[str, TextEmbedding],
-    strengths: list[Optional[float]], seeds: list[int], *, resolution: int, steps: int, out_dir: Path,
-    device: torch.device, dtype: torch.dtype, log: Callable[[str], None] = lambda _: None,
-) -> list[GeneratedImage]:  # fmt: skip
+    parts: FluxParts,
+    prompts: list[EvalPrompt],
+    embeddings: dict[str, TextEmbedding],
+    strengths: list[float | None],
+    seeds: list[int],
+    *,
+    resolution: int,
+    steps: int,
+    out_dir: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    log: Callable[[str], None] = lambda _: None,
+) -> list[GeneratedImage]:
     images = []
     for number, prompt in enumerate(prompts, start=1):
         log(f"eval: prompt {number}/{len(prompts)} ({prompt.key}): {prompt.text}")
@@ -81,8 +90,17 @@ def generate_images(
         for strength in strengths:
             with lora_strength(parts.transformer, strength):
                 for seed in seeds:
-                    latents = sample_latents(parts.transformer, pooled, t5, seed=seed, width=resolution,
-                                             height=resolution, steps=steps, device=device, dtype=dtype)  # fmt: skip
+                    latents = sample_latents(
+                        parts.transformer,
+                        pooled,
+                        t5,
+                        seed=seed,
+                        width=resolution,
+                        height=resolution,
+                        steps=steps,
+                        device=device,
+                        dtype=dtype,
+                    )
                     path = folder / f"{row_slug(strength)}_seed{seed}.png"
                     Image.fromarray(to_uint8(decode_latents(parts, latents)[0])).save(path)
                     images.append(GeneratedImage(prompt, strength, seed, path))

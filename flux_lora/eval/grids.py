@@ -45,7 +45,9 @@ def write_prompt_grid(
         draw.text((LABEL_WIDTH + column * cell + 4, HEADER_HEIGHT - 18), f"seed {seed}", fill=_TEXT, font=label_font)
     for row, label in enumerate(row_labels):
         top = HEADER_HEIGHT + row * cell
-        draw.text((6, top + cell // 2 - 7), _fit(label, LABEL_WIDTH - 10, draw, label_font), fill=_TEXT, font=label_font)
+        draw.text(
+            (6, top + cell // 2 - 7), _fit(label, LABEL_WIDTH - 10, draw, label_font), fill=_TEXT, font=label_font
+        )
         for column, path in enumerate(cells[row]):
             with Image.open(path) as image:
                 thumbnail = image.convert("RGB").resize((cell, cell), Image.Resampling.LANCZOS)

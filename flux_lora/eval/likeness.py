@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 from statistics import fmean
-from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -22,8 +21,8 @@ from flux_lora.eval.face_embedding import SAME_PERSON_DISTANCE, FaceEmbedder, co
 @dataclass(frozen=True)
 class FaceScore:
     found: bool
-    distance: Optional[float] = None  # mean Euclidean distance to the reference faces
-    cosine: Optional[float] = None  # mean cosine similarity to the reference faces
+    distance: float | None = None  # mean Euclidean distance to the reference faces
+    cosine: float | None = None  # mean cosine similarity to the reference faces
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -41,7 +40,7 @@ def reference_faces(embedder: FaceEmbedder, images: dict[str, Path]) -> dict[str
     return found
 
 
-def score_face(embedding: Optional[np.ndarray], reference: list[np.ndarray]) -> FaceScore:
+def score_face(embedding: np.ndarray | None, reference: list[np.ndarray]) -> FaceScore:
     if embedding is None or not reference:
         return FaceScore(found=embedding is not None)
     return FaceScore(
@@ -51,7 +50,7 @@ def score_face(embedding: Optional[np.ndarray], reference: list[np.ndarray]) -> 
     )
 
 
-def _mean(values: list[float]) -> Optional[float]:
+def _mean(values: list[float]) -> float | None:
     return fmean(values) if values else None
 
 
@@ -84,7 +83,9 @@ def ceiling(reference: dict[str, np.ndarray], image_count: int) -> dict:
     }
 
 
-def against_training_and_held_out(faces: list[Optional[np.ndarray]], training: list[np.ndarray], held_out: list[np.ndarray]) -> dict:
+def against_training_and_held_out(
+    faces: list[np.ndarray | None], training: list[np.ndarray], held_out: list[np.ndarray]
+) -> dict:
     """The same generated faces scored against the training faces and, apart, against the held-out faces. A LoRA that
     pastes its training photos scores high on the first only: `copy_indicator` is set when the generated faces are the
     same person as the training faces on average but not as the held-out ones (None when either cannot be told)."""
@@ -96,7 +97,7 @@ def against_training_and_held_out(faces: list[Optional[np.ndarray]], training: l
     return {"training_faces": trained, "held_out_faces": held, "copy_indicator": copy}
 
 
-def best_step_by_likeness(points: list[dict]) -> tuple[Optional[int], Optional[str]]:
+def best_step_by_likeness(points: list[dict]) -> tuple[int | None, str | None]:
     """The step whose faces are closest to the held-out faces (to the training faces when none are held out); None
     when no generated image had a face."""
     for block, words in (("held_out_faces", "held-out faces"), ("training_faces", "training faces")):

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
 
 import torch
 from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
@@ -62,7 +62,11 @@ def _split_linear1(module: str, tensors: dict[str, torch.Tensor], split: tuple[i
 def convert_module(module: str, tensors: dict[str, torch.Tensor], transformer) -> dict[str, torch.Tensor]:
     """One kohya module's tensors -> diffusers peft keys ("transformer.<module>.lora_A.weight", ...)."""
     split = linear1_split(transformer)
-    if module.startswith("lora_unet_single_blocks_") and module.endswith("_linear1") and split != FLUX_DEV_LINEAR1_SPLIT:
+    if (
+        module.startswith("lora_unet_single_blocks_")
+        and module.endswith("_linear1")
+        and split != FLUX_DEV_LINEAR1_SPLIT
+    ):
         return _split_linear1(module, dict(tensors), split)
     return FluxLoraLoaderMixin.lora_state_dict(dict(tensors))
 
@@ -100,7 +104,7 @@ def captured_warnings() -> Iterator[list[str]]:
 
 
 @torch.no_grad()
-def probe_output(transformer, conditioning: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+def probe_output(transformer, conditioning: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The transformer's output for a fixed-seed input (sigma 0.5, guidance 3.5)."""
     param = next(transformer.parameters())
     device, dtype = param.device, param.dtype
@@ -112,13 +116,20 @@ def probe_output(transformer, conditioning: Optional[tuple[torch.Tensor, torch.T
         t5 = torch.randn(_PROBE_TEXT_TOKENS, transformer.config.joint_attention_dim, generator=generator)
     else:
         pooled, t5 = conditioning
-    return transformer(
-        hidden_states=flow.pack_latents(latents).to(device, dtype),
-        encoder_hidden_states=t5[None].to(device, dtype), pooled_projections=pooled[None].to(device, dtype),
-        timestep=torch.tensor([0.5], device=device, dtype=dtype),
-        img_ids=flow.image_ids(side, side, device, dtype), txt_ids=flow.text_ids(t5.shape[0], device, dtype),
-        guidance=torch.tensor([3.5], device=device, dtype=dtype), return_dict=False,
-    )[0].float().cpu()  # fmt: skip
+    return (
+        transformer(
+            hidden_states=flow.pack_latents(latents).to(device, dtype),
+            encoder_hidden_states=t5[None].to(device, dtype),
+            pooled_projections=pooled[None].to(device, dtype),
+            timestep=torch.tensor([0.5], device=device, dtype=dtype),
+            img_ids=flow.image_ids(side, side, device, dtype),
+            txt_ids=flow.text_ids(t5.shape[0], device, dtype),
+            guidance=torch.tensor([3.5], device=device, dtype=dtype),
+            return_dict=False,
+        )[0]
+        .float()
+        .cpu()
+    )
 
 
 def _group_by_module(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -129,11 +140,13 @@ def _group_by_module(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, to
 
 
 def _wrapped_modules(transformer) -> set[str]:
-    return {name for name, module in transformer.named_modules() if CHECK_ADAPTER in (getattr(module, "lora_A", None) or {})}
+    return {
+        name for name, module in transformer.named_modules() if CHECK_ADAPTER in (getattr(module, "lora_A", None) or {})
+    }
 
 
 def check_lora_loads(
-    transformer, path: Path, min_output_change: float, conditioning: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    transformer, path: Path, min_output_change: float, conditioning: tuple[torch.Tensor, torch.Tensor] | None = None
 ) -> dict:
     """Load `path` into `transformer` (which must carry no LoRA) with diffusers, measure, and unload again."""
     if getattr(transformer, "peft_config", None):
@@ -143,7 +156,7 @@ def check_lora_loads(
     converted: dict[str, torch.Tensor] = {}
     targets: set[str] = set()
     base = probe_output(transformer, conditioning)
-    load_error: Optional[str] = None
+    load_error: str | None = None
     with captured_warnings() as messages:
         if lora_key_format(path) == DIFFUSERS:  # diffusers' own key names: its loader reads the file as it is
             out = FluxLoraLoaderMixin.lora_state_dict(dict(tensors))
@@ -154,7 +167,9 @@ def check_lora_loads(
             try:
                 out = convert_module(module, module_tensors, transformer)
             except Exception as error:  # noqa: BLE001 - each failure is reported against its keys
-                unconsumed += [f"{k}: {type(error).__name__}: {str(error).strip()[:200]}" for k in sorted(module_tensors)]
+                unconsumed += [
+                    f"{k}: {type(error).__name__}: {str(error).strip()[:200]}" for k in sorted(module_tensors)
+                ]
                 continue
             loadable = {k: v for k, v in out.items() if k.startswith("transformer.") and ".lora_" in k}
             if not loadable or len(loadable) != len(out):
@@ -181,8 +196,11 @@ def check_lora_loads(
     return {
         "file": str(path),
         "loader": "diffusers FluxLoraLoaderMixin.lora_state_dict + FluxTransformer2DModel.load_lora_adapter",
-        "linear1_split": ("diffusers" if linear1_split(transformer) == FLUX_DEV_LINEAR1_SPLIT
-                          else "flux_lora (model size differs from FLUX.1-dev)"),  # fmt: skip
+        "linear1_split": (
+            "diffusers"
+            if linear1_split(transformer) == FLUX_DEV_LINEAR1_SPLIT
+            else "flux_lora (model size differs from FLUX.1-dev)"
+        ),
         "keys": len(tensors),
         "modules_loaded": len(wrapped),
         "unconsumed_keys": unconsumed,

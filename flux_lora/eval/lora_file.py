@@ -22,11 +22,15 @@ def lora_key_format(path: Path) -> str:
         with safe_open(str(path), framework="numpy") as handle:
             keys = list(handle.keys())
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
-        raise ValueError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise ValueError(
+            f"{path}: not a readable safetensors file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        ) from None
     if any(key.startswith("lora_unet_") for key in keys):
         return KOHYA
     if any((".lora_A." in key or ".lora_B." in key or ".lora.down." in key) for key in keys):
         return DIFFUSERS
     example = keys[0] if keys else "(no tensors)"
-    raise ValueError(f"{path}: LoRA key format not recognised (e.g. {example!r}); read are kohya (lora_unet_*.lora_down/up) and "
-                     "diffusers/peft (transformer.*.lora_A/lora_B)")  # fmt: skip
+    raise ValueError(
+        f"{path}: LoRA key format not recognised (e.g. {example!r}); read are kohya (lora_unet_*.lora_down/up) and "
+        "diffusers/peft (transformer.*.lora_A/lora_B)"
+    )

@@ -11,7 +11,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import blake3
 import yaml
@@ -44,7 +44,7 @@ class ValidationSource:
 @dataclass(frozen=True)
 class LoraCheckpoint:
     path: Path
-    step: Optional[int]  # training step it was saved at (from ss_steps, else the file name); None if unknown
+    step: int | None  # training step it was saved at (from ss_steps, else the file name); None if unknown
     final: bool
     content_hash: str  # blake3 of the file
 
@@ -57,7 +57,7 @@ class RunRecord:
     run_dir: Path
     config: dict[str, Any]
     state: str
-    reason: Optional[str]
+    reason: str | None
     checkpoints: list[LoraCheckpoint]  # by step; the final file last
 
     @property
@@ -78,23 +78,34 @@ class RunRecord:
         if frozen.is_file():
             return TrainingSet.read_json(frozen)
         dataset = self.section("dataset")
-        return folder_examples_set(Path(dataset.get("path") or ""), dataset, dataset.get("validation_split", 0.0),
-                                   dataset.get("validation_path"))  # fmt: skip
+        return folder_examples_set(
+            Path(dataset.get("path") or ""),
+            dataset,
+            dataset.get("validation_split", 0.0),
+            dataset.get("validation_path"),
+        )
 
     def training_examples(self) -> list[EvalImage]:
         """The pairs that trained."""
         training_set = self.training_set()
-        return _on_disk([EvalImage(training_set.image_path(e), e.caption, e.image) for e in training_set.examples], "training")
+        return _on_disk(
+            [EvalImage(training_set.image_path(e), e.caption, e.image) for e in training_set.examples], "training"
+        )
 
     def held_out_examples(self) -> list[EvalImage]:
         """The pairs held out from training (dataset.validation_split or dataset.validation_path); empty without."""
         training_set = self.training_set()
         folder = self.section("dataset").get("validation_path")
-        return _on_disk([EvalImage(training_set.image_path(e), e.caption, _key_in(e.image, folder)) for e in training_set.validation],
-                        "held-out")  # fmt: skip
+        return _on_disk(
+            [
+                EvalImage(training_set.image_path(e), e.caption, _key_in(e.image, folder))
+                for e in training_set.validation
+            ],
+            "held-out",
+        )
 
 
-def _key_in(image: str, folder: Optional[str]) -> str:
+def _key_in(image: str, folder: str | None) -> str:
     """A held-out image's key: relative to the dataset (a split) or to the validation folder (absolute in the record)."""
     path = Path(image)
     if path.is_absolute() and folder:
@@ -108,17 +119,27 @@ def _key_in(image: str, folder: Optional[str]) -> str:
 def _on_disk(examples: list[EvalImage], kind: str) -> list[EvalImage]:
     missing = [str(e.image) for e in examples if not e.image.is_file()]
     if missing:
-        raise FileNotFoundError(f"{missing[0]}: a {kind} image of this run is gone ({len(missing)} missing); restore it to evaluate")
+        raise FileNotFoundError(
+            f"{missing[0]}: a {kind} image of this run is gone ({len(missing)} missing); restore it to evaluate"
+        )
     return examples
 
 
-def folder_examples_set(folder: Path, dataset: dict[str, Any], validation_split: float = 0.0,
-                        validation_path: Optional[str] = None) -> TrainingSet:  # fmt: skip
+def folder_examples_set(
+    folder: Path, dataset: dict[str, Any], validation_split: float = 0.0, validation_path: str | None = None
+) -> TrainingSet:
     """A folder's (image, caption) pairs selected as training selects them (captions beside the images)."""
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: image folder not found; check dataset.path in config.yaml or --validation-path")
-    return training_set_from_folder(folder, dataset.get("caption_extension") or ".txt", dataset.get("class_tokens") or "",
-                                    validation_split=validation_split, validation_path=validation_path)  # fmt: skip
+        raise FileNotFoundError(
+            f"{folder}: image folder not found; check dataset.path in config.yaml or --validation-path"
+        )
+    return training_set_from_folder(
+        folder,
+        dataset.get("caption_extension") or ".txt",
+        dataset.get("class_tokens") or "",
+        validation_split=validation_split,
+        validation_path=validation_path,
+    )
 
 
 def folder_examples(folder: Path, dataset: dict[str, Any]) -> list[EvalImage]:
@@ -128,7 +149,7 @@ def folder_examples(folder: Path, dataset: dict[str, Any]) -> list[EvalImage]:
     return [EvalImage(training_set.image_path(e), e.caption, e.image) for e in training_set.examples]
 
 
-def validation_examples(run: RunRecord, validation_path: Optional[str]) -> ValidationSource:
+def validation_examples(run: RunRecord, validation_path: str | None) -> ValidationSource:
     """The validation images: the given folder, else the run's held-out images, else its training images."""
     dataset = run.section("dataset")
     if validation_path:
@@ -148,13 +169,15 @@ def file_hash(path: Path) -> str:
     return hasher.hexdigest()
 
 
-def _saved_step(path: Path) -> Optional[int]:
+def _saved_step(path: Path) -> int | None:
     try:
         with safe_open(str(path), framework="numpy") as handle:  # "pt" would import torch (1.6 s) to read a string
             steps = (handle.metadata() or {}).get("ss_steps")
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError (and OSError) for a bad file
-        raise ValueError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-                         "it is truncated or damaged: copy it again or delete it") from None
+        raise ValueError(
+            f"{path}: not a readable safetensors file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+            "it is truncated or damaged: copy it again or delete it"
+        ) from None
     if steps is not None and steps.isdigit():
         return int(steps)
     match = _STEP_IN_NAME.search(path.stem)
@@ -163,8 +186,9 @@ def _saved_step(path: Path) -> Optional[int]:
 
 def find_checkpoints(output_dir: Path, output_name: str) -> list[LoraCheckpoint]:
     """`<name>.safetensors` (final) and `<name>-*.safetensors` (intermediate) directly in output/."""
-    files = sorted(p for p in output_dir.glob("*.safetensors")
-                   if p.stem == output_name or p.stem.startswith(f"{output_name}-"))  # fmt: skip
+    files = sorted(
+        p for p in output_dir.glob("*.safetensors") if p.stem == output_name or p.stem.startswith(f"{output_name}-")
+    )
     checkpoints = [LoraCheckpoint(p, _saved_step(p), p.stem == output_name, file_hash(p)) for p in files]
     return sorted(checkpoints, key=lambda c: (c.final, c.step if c.step is not None else float("inf"), c.path.name))
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import blake3
 import numpy as np
@@ -48,7 +48,9 @@ FLUX_DEV_VALIDATION_BATCH = 3
 
 
 def eval_resolution(settings: EvalSettings, profile: dict) -> int:
-    return max(SIDE_MULTIPLE, int(settings.resolution or profile.get("resolution") or 512) // SIDE_MULTIPLE * SIDE_MULTIPLE)
+    return max(
+        SIDE_MULTIPLE, int(settings.resolution or profile.get("resolution") or 512) // SIDE_MULTIPLE * SIDE_MULTIPLE
+    )
 
 
 def eval_steps(settings: EvalSettings, profile: dict) -> int:
@@ -56,14 +58,22 @@ def eval_steps(settings: EvalSettings, profile: dict) -> int:
 
 
 def _lora_entry(run: RunRecord, checkpoint: LoraCheckpoint) -> dict:
-    return {"file": checkpoint.relative_to(run.run_dir), "step": checkpoint.step, "final": checkpoint.final,
-            "blake3": checkpoint.content_hash}  # fmt: skip
+    return {
+        "file": checkpoint.relative_to(run.run_dir),
+        "step": checkpoint.step,
+        "final": checkpoint.final,
+        "blake3": checkpoint.content_hash,
+    }
 
 
 def comfy_section(path: Path, transformer) -> dict:
     if lora_key_format(path) == DIFFUSERS:
-        return {"passed": None, "modules": 0, "problems": [],
-                "note": "diffusers/peft keys: ComfyUI's LoRA loader reads them as they are; the kohya key map does not apply"}  # fmt: skip
+        return {
+            "passed": None,
+            "modules": 0,
+            "problems": [],
+            "note": "diffusers/peft keys: ComfyUI's LoRA loader reads them as they are; the kohya key map does not apply",
+        }
     with safe_open(str(path), framework="pt") as handle:
         shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
     return comfy_keys.check_keys(shapes, comfy_keys.FluxShape.of(transformer))
@@ -75,18 +85,41 @@ def validation_batch(settings: EvalSettings, model: dict) -> int:
     return len(settings.validation_sigmas) if model.get("kind") == "tiny" else FLUX_DEV_VALIDATION_BATCH
 
 
-def validation_section(run: RunRecord, settings: EvalSettings, model: dict, parts, embeddings: dict[str, TextEmbedding],
-                       validation_set: ValidationSource, resolution: int, device, dtype, log) -> dict:  # fmt: skip
+def validation_section(
+    run: RunRecord,
+    settings: EvalSettings,
+    model: dict,
+    parts,
+    embeddings: dict[str, TextEmbedding],
+    validation_set: ValidationSource,
+    resolution: int,
+    device,
+    dtype,
+    log,
+) -> dict:
     began = time.perf_counter()
     dataset, profile = run.section("dataset"), run.section("profile")
     sigmas = tuple(settings.validation_sigmas)
     images = build_validation_set(parts, validation_set.images, resolution, dataset, sigmas)
-    kwargs = dict(guidance=float(profile.get("guidance_scale", 1.0)),
-                  prediction_type=profile.get("model_prediction_type") or "raw",
-                  batch_size=validation_batch(settings, model), device=device, dtype=dtype)  # fmt: skip
-    log(f"eval: validation loss, base + {len(run.checkpoints)} LoRA files x {len(images)} images x {len(sigmas)} sigmas")
-    curve = [{"step": 0, "file": None, "final": False, "label": "base (no LoRA)",
-              **validation_point(parts.transformer, images, embeddings, sigmas, **kwargs)}]  # fmt: skip
+    kwargs = dict(
+        guidance=float(profile.get("guidance_scale", 1.0)),
+        prediction_type=profile.get("model_prediction_type") or "raw",
+        batch_size=validation_batch(settings, model),
+        device=device,
+        dtype=dtype,
+    )
+    log(
+        f"eval: validation loss, base + {len(run.checkpoints)} LoRA files x {len(images)} images x {len(sigmas)} sigmas"
+    )
+    curve = [
+        {
+            "step": 0,
+            "file": None,
+            "final": False,
+            "label": "base (no LoRA)",
+            **validation_point(parts.transformer, images, embeddings, sigmas, **kwargs),
+        }
+    ]
     for checkpoint in run.checkpoints:
         attach_lora(parts.transformer, checkpoint.path)
         point = validation_point(parts.transformer, images, embeddings, sigmas, **kwargs)
@@ -107,14 +140,14 @@ def validation_section(run: RunRecord, settings: EvalSettings, model: dict, part
     }
 
 
-def _generation_lora(run: RunRecord, settings: EvalSettings, validation: Optional[dict]) -> LoraCheckpoint:
+def _generation_lora(run: RunRecord, settings: EvalSettings, validation: dict | None) -> LoraCheckpoint:
     if settings.lora == "best":
         best_file = validation["best"]["file"]
         return next(c for c in run.checkpoints if c.relative_to(run.run_dir) == best_file)
     return run.final
 
 
-def _strength_key(strength: Optional[float]) -> str:
+def _strength_key(strength: float | None) -> str:
     return "base" if strength is None else f"{strength:g}"
 
 
@@ -123,7 +156,7 @@ class Measured:
     """What was measured on each generated image, in the order of `images`."""
 
     images: list[GeneratedImage]
-    faces: list[Optional[np.ndarray]]
+    faces: list[np.ndarray | None]
     scores: list[likeness.FaceScore]
     hashes: list[diversity.ImageHash]
 
@@ -141,13 +174,22 @@ def sample_records(run: RunRecord, measured: Measured, training_hashes: dict, co
     records = []
     for image, face, score, hashed in zip(measured.images, measured.faces, measured.scores, measured.hashes):
         nearest, bits = diversity.nearest_training_image(hashed, training_hashes)
-        records.append({
-            "prompt": image.prompt.key, "set": image.prompt.set, "strength": image.strength, "seed": image.seed,
-            "image": str(image.path.relative_to(run.run_dir)), "face_found": face is not None,
-            "face_distance": score.distance, "face_cosine": score.cosine, "phash": hashed.direct,
-            "nearest_training_image": nearest, "nearest_training_bits": bits,
-            "copy": bits is not None and bits <= copy_bits,
-        })  # fmt: skip
+        records.append(
+            {
+                "prompt": image.prompt.key,
+                "set": image.prompt.set,
+                "strength": image.strength,
+                "seed": image.seed,
+                "image": str(image.path.relative_to(run.run_dir)),
+                "face_found": face is not None,
+                "face_distance": score.distance,
+                "face_cosine": score.cosine,
+                "phash": hashed.direct,
+                "nearest_training_image": nearest,
+                "nearest_training_bits": bits,
+                "copy": bits is not None and bits <= copy_bits,
+            }
+        )
     return records
 
 
@@ -158,13 +200,18 @@ def likeness_summary(measured: Measured, reference: dict, references: dict[str, 
     result = {
         "embedder": EMBEDDER_NAME,
         "same_person_distance": SAME_PERSON_DISTANCE,
-        "reference": {"images": len(references), "faces_found": len(reference),
-                      "without_face": sorted(key for key in references if key not in reference)},  # fmt: skip
+        "reference": {
+            "images": len(references),
+            "faces_found": len(reference),
+            "without_face": sorted(key for key in references if key not in reference),
+        },
         "ceiling": likeness.ceiling(reference, len(references)),
         "floor": block(lambda i: i.strength is None),
         "by_strength": {_strength_key(s): block(lambda i, s=s: i.strength == s) for s in strengths if s is not None},
         "by_set": {
-            name: {_strength_key(s): block(lambda i, s=s, n=name: i.prompt.set == n and i.strength == s) for s in strengths}
+            name: {
+                _strength_key(s): block(lambda i, s=s, n=name: i.prompt.set == n and i.strength == s) for s in strengths
+            }
             for name in sorted({i.prompt.set for i in measured.images})
         },
     }
@@ -183,19 +230,26 @@ def diversity_summary(measured: Measured, samples: list[dict], strengths: list, 
     return {
         "collapse_max_mean_bits": diversity.COLLAPSE_MAX_MEAN_BITS,
         "copy_max_bits": copy_bits,
-        "by_strength": {_strength_key(s): diversity.summarize_rows([r for r in rows if r["strength"] == s])
-                        for s in strengths},  # fmt: skip
+        "by_strength": {
+            _strength_key(s): diversity.summarize_rows([r for r in rows if r["strength"] == s]) for s in strengths
+        },
         "rows": rows,
         "collapsed_rows": [{"prompt": r["prompt"], "strength": r["strength"]} for r in rows if r["collapsed"]],
-        "copies": [{"image": s["image"], "training_image": s["nearest_training_image"], "bits": s["nearest_training_bits"]}
-                   for s in samples if s["copy"]],  # fmt: skip
+        "copies": [
+            {"image": s["image"], "training_image": s["nearest_training_image"], "bits": s["nearest_training_bits"]}
+            for s in samples
+            if s["copy"]
+        ],
     }
 
 
-def likeness_and_diversity(run: RunRecord, images: list[GeneratedImage], strengths: list[Optional[float]],
-                           log: Callable[[str], None]) -> tuple[dict, dict, list[dict]]:  # fmt: skip
+def likeness_and_diversity(
+    run: RunRecord, images: list[GeneratedImage], strengths: list[float | None], log: Callable[[str], None]
+) -> tuple[dict, dict, list[dict]]:
     """(likeness, diversity, per-image records): faces against the training faces, seeds against each other."""
-    references = {e.key: e.image for e in run.training_examples()}  # keyed by relative path: names repeat across folders
+    references = {
+        e.key: e.image for e in run.training_examples()
+    }  # keyed by relative path: names repeat across folders
     embedder = FaceEmbedder()
     log(f"eval: faces in {len(references)} training images and {len(images)} generated images")
     reference = likeness.reference_faces(embedder, references)
@@ -207,15 +261,25 @@ def likeness_and_diversity(run: RunRecord, images: list[GeneratedImage], strengt
     samples = sample_records(run, measured, training_hashes, copy_bits)
     summary = likeness_summary(measured, reference, references, strengths)
     # The same faces against the training faces and, apart, the held-out ones, with the copy indicator.
-    summary["apart"] = {_strength_key(s): likeness.against_training_and_held_out(
-        [f for f, i in zip(measured.faces, measured.images) if i.strength == s], list(reference.values()), held_out)
-        for s in strengths if s is not None}  # fmt: skip
+    summary["apart"] = {
+        _strength_key(s): likeness.against_training_and_held_out(
+            [f for f, i in zip(measured.faces, measured.images) if i.strength == s], list(reference.values()), held_out
+        )
+        for s in strengths
+        if s is not None
+    }
     summary["held_out_reference_faces"] = len(held_out)
     return summary, diversity_summary(measured, samples, strengths, copy_bits), samples
 
 
-def grids_section(run: RunRecord, images: list[GeneratedImage], strengths: list[Optional[float]], seeds: list[int],
-                  resolution: int, out_dir: Path) -> dict:  # fmt: skip
+def grids_section(
+    run: RunRecord,
+    images: list[GeneratedImage],
+    strengths: list[float | None],
+    seeds: list[int],
+    resolution: int,
+    out_dir: Path,
+) -> dict:
     cell = min(CELL_MAX, resolution)
     entries = []
     for prompt in dict.fromkeys(i.prompt for i in images):
@@ -223,26 +287,58 @@ def grids_section(run: RunRecord, images: list[GeneratedImage], strengths: list[
         cells = [[by_cell[(s, seed)] for seed in seeds] for s in strengths]
         labels = [row_label(s) for s in strengths]
         path = write_prompt_grid(prompt.text, labels, seeds, cells, out_dir / f"{prompt.key}.png", cell)
-        entries.append({"prompt": prompt.key, "set": prompt.set, "text": prompt.text,
-                        "grid": str(path.relative_to(run.run_dir)), "rows": labels, "seeds": seeds})  # fmt: skip
+        entries.append(
+            {
+                "prompt": prompt.key,
+                "set": prompt.set,
+                "text": prompt.text,
+                "grid": str(path.relative_to(run.run_dir)),
+                "rows": labels,
+                "seeds": seeds,
+            }
+        )
     sheet = run.run_dir / CONTACT_SHEET
     return {"contact_sheet": CONTACT_SHEET if sheet.is_file() else None, "cell": cell, "prompts": entries}
 
 
-def generation_sections(run: RunRecord, settings: EvalSettings, parts, prompts: list[EvalPrompt],
-                        embeddings: dict[str, TextEmbedding], validation: Optional[dict], resolution: int, steps: int,
-                        out_dir: Path, device, dtype, log) -> dict:  # fmt: skip
+def generation_sections(
+    run: RunRecord,
+    settings: EvalSettings,
+    parts,
+    prompts: list[EvalPrompt],
+    embeddings: dict[str, TextEmbedding],
+    validation: dict | None,
+    resolution: int,
+    steps: int,
+    out_dir: Path,
+    device,
+    dtype,
+    log,
+) -> dict:
     """Generate with the chosen LoRA (and without it), then likeness, diversity, grids and per-image records."""
     lora = _generation_lora(run, settings, validation)
     attach_lora(parts.transformer, lora.path)
-    strengths: list[Optional[float]] = [None, *settings.strengths]
+    strengths: list[float | None] = [None, *settings.strengths]
     seeds = list(settings.seeds)
-    log(f"eval: generating {len(prompts)} prompts x {len(strengths)} rows x {len(seeds)} seeds "
-        f"at {resolution} px, {steps} steps with {lora.path.name}")  # fmt: skip
+    log(
+        f"eval: generating {len(prompts)} prompts x {len(strengths)} rows x {len(seeds)} seeds "
+        f"at {resolution} px, {steps} steps with {lora.path.name}"
+    )
     for stale in ("images", "grids"):  # an earlier evaluation's pictures would read as this one's
         shutil.rmtree(out_dir / stale, ignore_errors=True)
-    images = generate_images(parts, prompts, embeddings, strengths, seeds, resolution=resolution, steps=steps,
-                             out_dir=out_dir / "images", device=device, dtype=dtype, log=log)  # fmt: skip
+    images = generate_images(
+        parts,
+        prompts,
+        embeddings,
+        strengths,
+        seeds,
+        resolution=resolution,
+        steps=steps,
+        out_dir=out_dir / "images",
+        device=device,
+        dtype=dtype,
+        log=log,
+    )
     likeness_result, diversity_result, samples = likeness_and_diversity(run, images, strengths, log)
     return {
         "likeness": {"lora": _lora_entry(run, lora), "resolution": resolution, "steps": steps, **likeness_result},
@@ -252,8 +348,15 @@ def generation_sections(run: RunRecord, settings: EvalSettings, parts, prompts: 
     }
 
 
-def evaluation_basis(settings: EvalSettings, model: dict, validation_set: Optional[ValidationSource], resolution: int,
-                     steps: int, device: torch.device, dtype: torch.dtype) -> dict:  # fmt: skip
+def evaluation_basis(
+    settings: EvalSettings,
+    model: dict,
+    validation_set: ValidationSource | None,
+    resolution: int,
+    steps: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict:
     """What two evaluations must share for their numbers to be compared: the images (by content), resolution, noise
     levels, base model (or its stand-in), device, dtype, and the seeds, strengths and steps of generation."""
     images = sorted([file_hash(e.image), e.caption] for e in validation_set.images) if validation_set else []
@@ -277,8 +380,19 @@ def evaluation_basis(settings: EvalSettings, model: dict, validation_set: Option
 BY_STEP_PROMPTS = 2
 
 
-def likeness_by_step(run: RunRecord, settings: EvalSettings, parts, prompts: list[EvalPrompt], embeddings: dict[str, TextEmbedding],
-                     resolution: int, steps: int, out_dir: Path, device, dtype, log) -> dict:  # fmt: skip
+def likeness_by_step(
+    run: RunRecord,
+    settings: EvalSettings,
+    parts,
+    prompts: list[EvalPrompt],
+    embeddings: dict[str, TextEmbedding],
+    resolution: int,
+    steps: int,
+    out_dir: Path,
+    device,
+    dtype,
+    log,
+) -> dict:
     """Identity similarity for every saved LoRA (which checkpoint to keep), against the training faces and, apart,
     the held-out faces; the best step by it sits beside the best step by validation loss."""
     chosen, seed = prompts[:BY_STEP_PROMPTS], settings.seeds[0]
@@ -291,29 +405,59 @@ def likeness_by_step(run: RunRecord, settings: EvalSettings, parts, prompts: lis
     for checkpoint in run.checkpoints:
         attach_lora(parts.transformer, checkpoint.path)
         label = "final" if checkpoint.final else f"step{checkpoint.step}"
-        images = generate_images(parts, chosen, embeddings, [1.0], [seed], resolution=resolution, steps=steps,
-                                 out_dir=out_dir / label, device=device, dtype=dtype)  # fmt: skip
+        images = generate_images(
+            parts,
+            chosen,
+            embeddings,
+            [1.0],
+            [seed],
+            resolution=resolution,
+            steps=steps,
+            out_dir=out_dir / label,
+            device=device,
+            dtype=dtype,
+        )
         faces = [embedder.embed(likeness.read_rgb(image.path)) for image in images]
-        points.append({**_lora_entry(run, checkpoint), **likeness.against_training_and_held_out(faces, training, held_out)})
+        points.append(
+            {**_lora_entry(run, checkpoint), **likeness.against_training_and_held_out(faces, training, held_out)}
+        )
     best, by = likeness.best_step_by_likeness(points)
-    result = {"prompts": len(chosen), "seeds": [seed], "strength": 1.0,
-              "settings_note": f"cheaper than the final likeness: {len(chosen)} prompts, 1 seed, strength 1",
-              "reference_faces": {"training": len(training), "held_out": len(held_out)},
-              "points": points, "best_step": best, "best_by": by}  # fmt: skip
+    result = {
+        "prompts": len(chosen),
+        "seeds": [seed],
+        "strength": 1.0,
+        "settings_note": f"cheaper than the final likeness: {len(chosen)} prompts, 1 seed, strength 1",
+        "reference_faces": {"training": len(training), "held_out": len(held_out)},
+        "points": points,
+        "best_step": best,
+        "best_by": by,
+    }
     if best is None:
         result["note"] = "no face found in any generated image: no best step by likeness"
     return result
 
 
-def compute_sections(run: RunRecord, settings: EvalSettings, model: dict, validation_set: Optional[ValidationSource],
-                     log: Callable[[str], None]) -> dict:  # fmt: skip
+def compute_sections(
+    run: RunRecord,
+    settings: EvalSettings,
+    model: dict,
+    validation_set: ValidationSource | None,
+    log: Callable[[str], None],
+) -> dict:
     """Every section of eval.json that needs the model, on the base model `model` (a config.yaml model section)."""
     device = pick_device(settings.device)
     return _sections(run, settings, model, validation_set, device, compute_dtype(device), log)
 
 
-def _sections(run: RunRecord, settings: EvalSettings, model: dict, validation_set: Optional[ValidationSource],
-              device: torch.device, dtype: torch.dtype, log: Callable[[str], None]) -> dict:  # fmt: skip
+def _sections(
+    run: RunRecord,
+    settings: EvalSettings,
+    model: dict,
+    validation_set: ValidationSource | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    log: Callable[[str], None],
+) -> dict:
     """In the order the base transformer allows: the diffusers load check needs it without a LoRA, so it runs before
     the peft LoRA is attached for validation and generation."""
     dataset, profile = run.section("dataset"), run.section("profile")
@@ -335,16 +479,40 @@ def _sections(run: RunRecord, settings: EvalSettings, model: dict, validation_se
         check = check_lora_loads(parts.transformer, run.final.path, settings.min_output_change, conditioning)
         result["load_check"] = {**check, "file": run.final.relative_to(run.run_dir)}
     if settings.validation:
-        result["validation"] = validation_section(run, settings, model, parts, embeddings, validation_set, resolution,
-                                                  device, dtype, log)  # fmt: skip
+        result["validation"] = validation_section(
+            run, settings, model, parts, embeddings, validation_set, resolution, device, dtype, log
+        )
     if settings.likeness:
         # Sampling runs one image at a time: on the tiny model a second CPU thread only waits. Validation batches
         # every sigma of an image and gains from it (8 images x 11 LoRA files at 256 px: 2.3 s with 2, 3.3 s with 1).
         with tiny_model_threads(model, device):
-            result["likeness_by_step"] = likeness_by_step(run, settings, parts, prompts, embeddings, resolution, steps,
-                                                          run.run_dir / EVAL_DIR / "by_step", device, dtype, log)  # fmt: skip
-            result.update(generation_sections(run, settings, parts, prompts, embeddings, result.get("validation"),
-                                              resolution, steps, run.run_dir / EVAL_DIR, device, dtype, log))  # fmt: skip
+            result["likeness_by_step"] = likeness_by_step(
+                run,
+                settings,
+                parts,
+                prompts,
+                embeddings,
+                resolution,
+                steps,
+                run.run_dir / EVAL_DIR / "by_step",
+                device,
+                dtype,
+                log,
+            )
+            result.update(
+                generation_sections(
+                    run,
+                    settings,
+                    parts,
+                    prompts,
+                    embeddings,
+                    result.get("validation"),
+                    resolution,
+                    steps,
+                    run.run_dir / EVAL_DIR,
+                    device,
+                    dtype,
+                    log,
+                )
+            )
     return result
-
-

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
 
 # Device nodes without which torch cannot see a GPU: NVIDIA, WSL2's GPU bridge, AMD ROCm.
 GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
 
 
 def device_type(name: str) -> str:
-    """"cuda" or "cpu" for a device name ("auto": cuda when torch sees a GPU). Without a GPU device node the answer is
+    """ "cuda" or "cpu" for a device name ("auto": cuda when torch sees a GPU). Without a GPU device node the answer is
     cpu without importing torch (1.6 s), so a cached re-run stays fast on a CPU machine."""
     if name != "auto":
         return name.split(":")[0]
@@ -30,11 +29,11 @@ VALIDATION_SIGMAS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 
 class EvalSettings:
     # Validation loss over every saved LoRA.
     validation: bool = True
-    validation_path: Optional[str] = None  # a folder of images (+ captions); None: the run's training images
+    validation_path: str | None = None  # a folder of images (+ captions); None: the run's training images
     validation_sigmas: tuple[float, ...] = VALIDATION_SIGMAS
     # (image, sigma) pairs per forward pass; None: 3 for FLUX.1-dev (its 1024 px activations need it small), every
     # sigma of an image at once for the tiny model (half the time of 3 on a CPU).
-    validation_batch_size: Optional[int] = None
+    validation_batch_size: int | None = None
 
     # Generation for likeness, diversity and grids (one LoRA file, several strengths and seeds).
     likeness: bool = True
@@ -42,9 +41,9 @@ class EvalSettings:
     strengths: tuple[float, ...] = (0.5, 0.8, 1.0, 1.2)
     seeds: tuple[int, ...] = (0, 1, 2, 3)
     heldout_prompts: bool = True
-    max_prompts_per_set: Optional[int] = None  # None: every sample prompt and every held-out prompt
-    sample_steps: Optional[int] = None  # None: the run's profile.sample_steps
-    resolution: Optional[int] = None  # None: the run's profile.resolution (generation and validation)
+    max_prompts_per_set: int | None = None  # None: every sample prompt and every held-out prompt
+    sample_steps: int | None = None  # None: the run's profile.sample_steps
+    resolution: int | None = None  # None: the run's profile.resolution (generation and validation)
 
     # Does the exported file load elsewhere and change the model?
     load_check: bool = True
@@ -53,7 +52,7 @@ class EvalSettings:
     device: str = "auto"  # "auto": cuda when available, else cpu
     # "tiny": judge the LoRA files on the tiny model instead of the run's base model (FLUX.1-dev weights cannot be
     # loaded on a CPU test machine); the numbers then test the pipeline, not the LoRA. None: the run's model.
-    base_model: Optional[str] = None
+    base_model: str | None = None
 
     def __post_init__(self) -> None:
         if self.lora not in ("final", "best"):

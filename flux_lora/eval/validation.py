@@ -70,9 +70,17 @@ def build_validation_set(
 
 @torch.no_grad()
 def image_losses(
-    transformer, image: ValidationImage, embedding: TextEmbedding, sigmas: tuple[float, ...], *,
-    guidance: float, prediction_type: str, batch_size: int, device: torch.device, dtype: torch.dtype,
-) -> list[float]:  # fmt: skip
+    transformer,
+    image: ValidationImage,
+    embedding: TextEmbedding,
+    sigmas: tuple[float, ...],
+    *,
+    guidance: float,
+    prediction_type: str,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> list[float]:
     """MSE of the predicted velocity against eps - x0 at each sigma, for one image."""
     pooled, t5 = embedding
     _, h, w = image.latents.shape
@@ -88,9 +96,12 @@ def image_losses(
             hidden_states=flow.pack_latents(noisy).to(device, dtype),
             encoder_hidden_states=t5[None].expand(b, -1, -1).to(device, dtype),
             pooled_projections=pooled[None].expand(b, -1).to(device, dtype),
-            timestep=s.to(device, dtype), img_ids=img_ids, txt_ids=txt_ids,
-            guidance=torch.full((b,), guidance, device=device, dtype=dtype), return_dict=False,
-        )[0]  # fmt: skip
+            timestep=s.to(device, dtype),
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            guidance=torch.full((b,), guidance, device=device, dtype=dtype),
+            return_dict=False,
+        )[0]
         prediction = flow.unpack_latents(prediction.float().cpu(), h, w)
         prediction = flow.apply_prediction_type(prediction_type, prediction, noisy, s)
         loss = flow.per_sample_loss(prediction, flow.velocity_target(x0, noise), s, loss_type="l2")
@@ -99,7 +110,11 @@ def image_losses(
 
 
 def validation_point(
-    transformer, images: list[ValidationImage], embeddings: dict[str, TextEmbedding], sigmas: tuple[float, ...], **kwargs
+    transformer,
+    images: list[ValidationImage],
+    embeddings: dict[str, TextEmbedding],
+    sigmas: tuple[float, ...],
+    **kwargs,
 ) -> dict:
     """{"loss": overall mean, "per_sigma": {sigma: mean over images}, "per_image": {file: mean over sigmas}}."""
     table = torch.tensor([image_losses(transformer, im, embeddings[im.caption], sigmas, **kwargs) for im in images])

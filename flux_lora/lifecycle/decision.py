@@ -21,17 +21,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from datetime import datetime, timezone
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
-from typing import Iterable, Optional
 
 import yaml
 
 from flux_lora.check_report import print_check_report
+from flux_lora.identity import config_differences
 from flux_lora.lifecycle.job import ExpectedTraining, launch_command, launch_run
 from flux_lora.lifecycle.lease import Lease
+from flux_lora.lifecycle.slurm import queued_elsewhere
+from flux_lora.lifecycle.states import SavedState, StateChoice, choose_state, finished_state, set_aside_strays
 from flux_lora.records import (
     STATUS_FILE,
     RunState,
@@ -43,9 +46,6 @@ from flux_lora.records import (
     write_pointer,
     write_status,
 )
-from flux_lora.lifecycle.slurm import queued_elsewhere
-from flux_lora.lifecycle.states import SavedState, StateChoice, choose_state, finished_state, set_aside_strays
-from flux_lora.identity import config_differences
 from flux_lora.redaction import redact, secret_values
 
 
@@ -58,8 +58,8 @@ class Decision(str, Enum):
 @dataclass(frozen=True)
 class ResumeDecision:
     decision: Decision
-    run_dir: Optional[Path] = None
-    state: Optional[SavedState] = None
+    run_dir: Path | None = None
+    state: SavedState | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -67,7 +67,7 @@ class RunNotStartable(RuntimeError):
     """This launch cannot go on (its run cannot be resumed as recorded, or the cell's folder holds another config)."""
 
 
-def _run_id_of(folder: Path) -> Optional[str]:
+def _run_id_of(folder: Path) -> str | None:
     try:
         return json.loads((folder / "run.json").read_text()).get("run_id")
     except (OSError, ValueError):
@@ -78,33 +78,42 @@ def find_runs_with_id(outputs: Path, run_id: str, also: Iterable[Path] = ()) -> 
     """Run folders whose run.json holds this id: under the outputs root, in its index of run folders (a sweep
     outside it), and any of `also` (the cell's own folder)."""
     found = {record.parent for record in outputs.rglob("run.json")} if outputs.is_dir() else set()
-    found |= {Path(folder) for folder in [*registered_run_dirs(outputs, run_id), *also] if (Path(folder) / "run.json").is_file()}
+    found |= {
+        Path(folder)
+        for folder in [*registered_run_dirs(outputs, run_id), *also]
+        if (Path(folder) / "run.json").is_file()
+    }
     return sorted(folder for folder in found if _run_id_of(folder) == run_id)
 
 
 def close_dead_attempts(folders: list[Path], why: str) -> list[str]:
     """With the lease held, a folder of this id still `running` was left by an owner that is gone: close it."""
-    return [f"{folder}: closed the attempt left running ({why})" for folder in folders if close_dead_attempt(folder, why)]
+    return [
+        f"{folder}: closed the attempt left running ({why})" for folder in folders if close_dead_attempt(folder, why)
+    ]
 
 
-def decide(earlier: list[Path], output_name: str, max_train_steps: Optional[int] = None) -> ResumeDecision:
+def decide(earlier: list[Path], output_name: str, max_train_steps: int | None = None) -> ResumeDecision:
     """What a launch of an already-known run id does, given the folders that froze it (their owners are gone).
     A folder whose status.json cannot be read (a crash while it was replaced) is judged by the states beside it."""
-    statuses: list[tuple[Path, Optional[RunStatus]]] = [(d, read_status(d)) for d in earlier]
+    statuses: list[tuple[Path, RunStatus | None]] = [(d, read_status(d)) for d in earlier]
     done = [d for d, s in statuses if s is not None and s.state == RunState.succeeded]
     if done:
         return ResumeDecision(Decision.skip, done[0])
-    notes: list[str] = [f"{d.name}: {STATUS_FILE} cannot be read; going by the states saved beside it" for d, s in statuses
-                        if s is None and (d / STATUS_FILE).exists()]  # fmt: skip
+    notes: list[str] = [
+        f"{d.name}: {STATUS_FILE} cannot be read; going by the states saved beside it"
+        for d, s in statuses
+        if s is None and (d / STATUS_FILE).exists()
+    ]
     if max_train_steps is not None:
-        for d, s in statuses:
+        for d, _ in statuses:
             final = finished_state(d / "output", output_name, max_train_steps)
             if final is not None:  # stopped (or its record lost) after the final save: done, never trained again
                 notes.append(f"{d.name}: finished (final state at step {final.step} and the final LoRA are complete)")
                 return ResumeDecision(Decision.skip, d, final, notes)
     resumable = (RunState.interrupted, RunState.failed, RunState.running)
-    best: Optional[tuple[Path, StateChoice]] = None
-    unsaved: Optional[Path] = None  # stopped before its first state: trained again in its own folder
+    best: tuple[Path, StateChoice] | None = None
+    unsaved: Path | None = None  # stopped before its first state: trained again in its own folder
     for d, s in statuses:
         if s is not None and s.state not in resumable:
             continue
@@ -123,12 +132,12 @@ def decide(earlier: list[Path], output_name: str, max_train_steps: Optional[int]
     return ResumeDecision(Decision.resume, best[0], best[1].state, notes)
 
 
-def keep_unreadable_status(run_dir: Path) -> Optional[Path]:
+def keep_unreadable_status(run_dir: Path) -> Path | None:
     """Move an unreadable status.json aside (never deleted: it may hold what a person can still read); its path."""
     path = run_dir / STATUS_FILE
     if not path.exists() or read_status(run_dir) is not None:
         return None
-    aside = run_dir / f"{STATUS_FILE}.unreadable-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}"
+    aside = run_dir / f"{STATUS_FILE}.unreadable-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}"
     os.replace(path, aside)
     return aside
 
@@ -136,26 +145,40 @@ def keep_unreadable_status(run_dir: Path) -> Optional[Path]:
 def record_finished(run_dir: Path, why: str) -> None:
     """A run found finished whose status says otherwise: say succeeded, keeping its attempts."""
     previous = read_status(run_dir)
-    write_status(run_dir, RunStatus(state=RunState.succeeded, exit_code=previous.exit_code if previous else None,
-                                    started=previous.started if previous else None, ended=now_iso(),
-                                    duration_s=previous.duration_s if previous else None, reason=why,
-                                    host=previous.host if previous else None,
-                                    attempts=previous.attempts if previous else []))  # fmt: skip
+    write_status(
+        run_dir,
+        RunStatus(
+            state=RunState.succeeded,
+            exit_code=previous.exit_code if previous else None,
+            started=previous.started if previous else None,
+            ended=now_iso(),
+            duration_s=previous.duration_s if previous else None,
+            reason=why,
+            host=previous.host if previous else None,
+            attempts=previous.attempts if previous else [],
+        ),
+    )
 
 
-def changed_cell(cell_dir: Path, resolved: dict, run_id: str) -> Optional[str]:
+def changed_cell(cell_dir: Path, resolved: dict, run_id: str) -> str | None:
     """A sweep run again into its own folder whose cell's config changed since: what changed (nothing is touched)."""
-    if not ((cell_dir / "config.yaml").is_file() and (cell_dir / "run.json").is_file()) or _run_id_of(cell_dir) == run_id:
+    if (
+        not ((cell_dir / "config.yaml").is_file() and (cell_dir / "run.json").is_file())
+        or _run_id_of(cell_dir) == run_id
+    ):
         return None
     changed = config_differences(yaml.safe_load((cell_dir / "config.yaml").read_text()), resolved)
-    what = "; ".join(changed[:6]) or "the same config, another training set (the dataset's content or a held-out image changed)"
+    what = (
+        "; ".join(changed[:6])
+        or "the same config, another training set (the dataset's content or a held-out image changed)"
+    )
     return (
         f"{cell_dir}: holds a run of another config ({what}); "
         "launch into a new folder (omit hydra.run.dir / hydra.sweep.dir) or restore those values"
     )
 
 
-def inputs_drift(run, engine, home: Path, inputs) -> Optional[str]:
+def inputs_drift(run, engine, home: Path, inputs) -> str | None:
     """Why this attempt would not train what the run's record says (its frozen inputs, its engine's code); None if it would."""
     secrets = secret_values()
     for name, text in inputs.files.items():
@@ -168,11 +191,17 @@ def inputs_drift(run, engine, home: Path, inputs) -> Optional[str]:
         return None
     current = engine.version_record(run)
     ignore = ("sd_scripts_dir", "matches_pin", "pinned_commit")  # where the checkout lies is not what it trains
-    changed = [f"{k}: {recorded.get(k)!r} -> {current.get(k)!r}" for k in sorted(current) if k not in ignore and recorded.get(k) != current.get(k)]
+    changed = [
+        f"{k}: {recorded.get(k)!r} -> {current.get(k)!r}"
+        for k in sorted(current)
+        if k not in ignore and recorded.get(k) != current.get(k)
+    ]
     return f"the engine's code changed since the run started ({'; '.join(changed)})" if changed else None
 
 
-def continue_known_run(run, engine, report, cell_dir: Path, run_id: str, resolved: dict, expect: ExpectedTraining, lease: Lease):
+def continue_known_run(
+    run, engine, report, cell_dir: Path, run_id: str, resolved: dict, expect: ExpectedTraining, lease: Lease
+):
     """For launch.resume=auto: None when the run id is new here (start it); else (its folder, status) where status is
     None for a run skipped as done and the resumed attempt's status otherwise. Raises RunNotStartable."""
     earlier = find_runs_with_id(Path(run.paths.outputs), run_id, also=[cell_dir])
@@ -181,11 +210,17 @@ def continue_known_run(run, engine, report, cell_dir: Path, run_id: str, resolve
         print(f"info: {note}")
     for folder in earlier:
         status = read_status(folder)
-        queued = queued_elsewhere(status.attempts[-1]) if status and status.state == RunState.interrupted and status.attempts else None
+        queued = (
+            queued_elsewhere(status.attempts[-1])
+            if status and status.state == RunState.interrupted and status.attempts
+            else None
+        )
         if queued:  # requeued by SLURM and waiting to start again: it resumes itself
             if folder != cell_dir:
                 write_pointer(cell_dir, "busy", folder, run_id, note=f"queued as SLURM job {queued}")
-            raise RunNotStartable(f"run {run_id} in {folder} is queued as SLURM job {queued} to resume; it will go on by itself")
+            raise RunNotStartable(
+                f"run {run_id} in {folder} is queued as SLURM job {queued} to resume; it will go on by itself"
+            )
     decision = decide(earlier, run.launch.output_name, run.profile.max_train_steps)
     for note in decision.notes:
         print(f"info: {note}")
@@ -202,7 +237,9 @@ def continue_known_run(run, engine, report, cell_dir: Path, run_id: str, resolve
     if decision.decision == Decision.skip:
         previous = read_status(home)
         if previous is None or previous.state != RunState.succeeded:
-            record_finished(home, f"finished: the final state at step {run.profile.max_train_steps} and the final LoRA are complete")
+            record_finished(
+                home, f"finished: the final state at step {run.profile.max_train_steps} and the final LoRA are complete"
+            )
         print(f"skipped: done: run {run_id} succeeded in {home}")
         if home != cell_dir:
             write_pointer(cell_dir, "skipped: done", home, run_id)
@@ -210,7 +247,9 @@ def continue_known_run(run, engine, report, cell_dir: Path, run_id: str, resolve
     state = decision.state
     assert home is not None
     from_step = (state.step or 0) if state else 0
-    resumed = dataclasses.replace(run, launch=dataclasses.replace(run.launch, resume_from=str(state.path) if state else None))
+    resumed = dataclasses.replace(
+        run, launch=dataclasses.replace(run.launch, resume_from=str(state.path) if state else None)
+    )
     inputs = engine.render(resumed, home, report.not_applied)
     problems = engine.check_inputs(resumed, inputs)
     drift = inputs_drift(resumed, engine, home, inputs)
@@ -221,7 +260,9 @@ def continue_known_run(run, engine, report, cell_dir: Path, run_id: str, resolve
     attempt = len(previous.attempts) if previous else 0
     aside = set_aside_strays(home / "output", run.launch.output_name, from_step, attempt)
     if aside:
-        print(f"info: set aside what attempt {attempt} left past step {from_step}: {', '.join(aside)} (output/set-aside/attempt-{attempt})")
+        print(
+            f"info: set aside what attempt {attempt} left past step {from_step}: {', '.join(aside)} (output/set-aside/attempt-{attempt})"
+        )
     if state:
         print(f"resuming run {run_id} in {home} from {state.path.name} (step {state.step})")
     else:
@@ -229,6 +270,12 @@ def continue_known_run(run, engine, report, cell_dir: Path, run_id: str, resolve
     if home != cell_dir:
         write_pointer(cell_dir, "resumed", home, run_id)
     expect = dataclasses.replace(expect, from_step=from_step)
-    status = launch_run(home, launch_command(resumed, inputs), expect, finish=lambda: engine.finish_attempt(resumed, home),
-                        lease=lease, engine_record=engine.version_record(resumed))  # fmt: skip
+    status = launch_run(
+        home,
+        launch_command(resumed, inputs),
+        expect,
+        finish=lambda: engine.finish_attempt(resumed, home),
+        lease=lease,
+        engine_record=engine.version_record(resumed),
+    )
     return home, status

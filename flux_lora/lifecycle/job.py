@@ -23,17 +23,27 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Callable, Optional, TextIO
+from typing import TextIO
 
 from flux_lora.check_report import CheckReport
-from flux_lora.engines.base import EngineInputs
 from flux_lora.checkpoint_files import WriteFailed
+from flux_lora.engines.base import EngineInputs
 from flux_lora.lifecycle.job_guard import LEASE_LOST_EXIT_CODE
 from flux_lora.lifecycle.lease import HEARTBEAT_S, Lease, LeaseLost, read_holder
-from flux_lora.lifecycle.outcome import KILLED_EXIT_CODE, STOPPED_EXIT_CODES, JobWatch, gather_evidence, training_shortfall
+from flux_lora.lifecycle.outcome import (
+    KILLED_EXIT_CODE,
+    STOPPED_EXIT_CODES,
+    JobWatch,
+    gather_evidence,
+    training_shortfall,
+)
+from flux_lora.lifecycle.slurm import slurm_record
+from flux_lora.lifecycle.states import finished_state, latest_good_state, state_step
+from flux_lora.provenance import embed_in_outputs
 from flux_lora.records import (
     LOG_FILE,
     RunState,
@@ -44,24 +54,28 @@ from flux_lora.records import (
     total_duration,
     write_status,
 )
-from flux_lora.lifecycle.slurm import slurm_record
-from flux_lora.lifecycle.states import finished_state, latest_good_state, state_step
-from flux_lora.provenance import embed_in_outputs
-from flux_lora.schema import Accelerator, RunConfig
 from flux_lora.redaction import redact, secret_values
+from flux_lora.schema import Accelerator, RunConfig
 from flux_lora.snapshot import FrozenRun, LaunchCommand
+
 
 def accelerate_argv(run: RunConfig, inputs: EngineInputs) -> list[str]:
     """`accelerate launch` with the tier's process count, precision and device flags, then the job."""
     gpu = run.gpu
     argv = [
-        run.engine.python or sys.executable, "-m", "accelerate.commands.launch",
-        "--num_machines", "1",
-        "--num_processes", str(gpu.num_gpus),
-        "--mixed_precision", run.profile.mixed_precision.value,
-        "--dynamo_backend", "no",
+        run.engine.python or sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_machines",
+        "1",
+        "--num_processes",
+        str(gpu.num_gpus),
+        "--mixed_precision",
+        run.profile.mixed_precision.value,
+        "--dynamo_backend",
+        "no",
         "--quiet",  # a job that fails says why in its own words; accelerate's traceback of its exit adds nothing
-    ]  # fmt: skip
+    ]
     if gpu.accelerator == Accelerator.cpu and gpu.num_gpus > 1:
         # Several CPU processes (gloo): torch elastic starts them, as for GPUs; the job itself asks for the CPU.
         argv += ["--multi_gpu", "--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // gpu.num_gpus))]
@@ -110,18 +124,22 @@ def _read_summary(run_dir: Path, since: float) -> dict:
     return {}
 
 
-def lost_steps(run_dir: Path, expect: Optional[ExpectedTraining], saved: Optional[str]) -> str:
+def lost_steps(run_dir: Path, expect: ExpectedTraining | None, saved: str | None) -> str:
     """What a stop cost: the steps trained past the state a resume will start from (sd-scripts cannot save on a signal)."""
     if expect is None:
         return ""
     reached = gather_evidence(run_dir, expect.output_name).last_step
     kept = (state_step(Path(saved)) if saved else None) or 0
-    return f"; {reached - kept} step(s) trained after it (up to step {reached}) are lost" if reached and reached > kept else ""
+    return (
+        f"; {reached - kept} step(s) trained after it (up to step {reached}) are lost"
+        if reached and reached > kept
+        else ""
+    )
 
 
 def judge_attempt(
-    run_dir: Path, exit_code: int, expect: Optional[ExpectedTraining], watch: JobWatch, signalled: bool, began: float
-) -> tuple[RunState, Optional[str]]:
+    run_dir: Path, exit_code: int, expect: ExpectedTraining | None, watch: JobWatch, signalled: bool, began: float
+) -> tuple[RunState, str | None]:
     """The attempt's state and reason, from what the job did and left behind."""
     summary = _read_summary(run_dir, began)
     log = run_dir / LOG_FILE
@@ -129,14 +147,25 @@ def judge_attempt(
     if watch.out_of_memory and exit_code != 0:
         advice = f"; to use less memory: {expect.memory_advice}" if expect and expect.memory_advice else ""
         return RunState.failed, f"out of memory ({watch.out_of_memory}){advice}"
-    nonfinite = summary.get("nonfinite_step") if summary.get("stop_reason") == "nonfinite_loss" else watch.nonfinite_step
+    nonfinite = (
+        summary.get("nonfinite_step") if summary.get("stop_reason") == "nonfinite_loss" else watch.nonfinite_step
+    )
     if nonfinite is not None:
-        kept = summary.get("last_good_checkpoint") or (latest_good_state(run_dir, expect.output_name) if expect else None)
+        kept = summary.get("last_good_checkpoint") or (
+            latest_good_state(run_dir, expect.output_name) if expect else None
+        )
         return RunState.failed, f"loss became NaN at step {nonfinite}; last good checkpoint: {kept or 'none'}"
-    if exit_code != 0 and expect is not None and finished_state(run_dir / "output", expect.output_name, expect.max_train_steps):
+    if (
+        exit_code != 0
+        and expect is not None
+        and finished_state(run_dir / "output", expect.output_name, expect.max_train_steps)
+    ):
         # The trainer saved its final state and LoRA, then a stop signal took accelerate's launcher down: done.
         if training_shortfall(gather_evidence(run_dir, expect.output_name), expect.max_train_steps) is None:
-            return RunState.succeeded, f"finished (final state at step {expect.max_train_steps} and LoRA written) before exit code {exit_code}"
+            return (
+                RunState.succeeded,
+                f"finished (final state at step {expect.max_train_steps} and LoRA written) before exit code {exit_code}",
+            )
     if exit_code == 0:
         if expect is None:
             return RunState.succeeded, None
@@ -145,7 +174,9 @@ def judge_attempt(
     stopped = summary.get("stop_reason") == "signal" or exit_code in STOPPED_EXIT_CODES or signalled
     if stopped:
         saved = latest_good_state(run_dir, expect.output_name) if expect else None
-        return RunState.interrupted, f"stopped by a signal; resume from: {saved or 'nothing saved yet'}" + lost_steps(run_dir, expect, saved)
+        return RunState.interrupted, f"stopped by a signal; resume from: {saved or 'nothing saved yet'}" + lost_steps(
+            run_dir, expect, saved
+        )
     if exit_code == KILLED_EXIT_CODE or watch.killed:
         return RunState.failed, "out of memory (killed by SIGKILL, as the kernel's OOM killer does; see dmesg)"
     return RunState.failed, f"exit code {exit_code}: {watch.last_error or 'see ' + str(log)}"
@@ -162,10 +193,10 @@ def _summary_facts(run_dir: Path, since: float) -> dict:
 def launch_run(
     run_dir: Path,
     command: LaunchCommand,
-    expect: Optional[ExpectedTraining] = None,
-    finish: Optional[Callable[[], object]] = None,  # called for its effect on the files (what it returns is not used)
-    lease: Optional[Lease] = None,
-    engine_record: Optional[dict] = None,
+    expect: ExpectedTraining | None = None,
+    finish: Callable[[], object] | None = None,  # called for its effect on the files (what it returns is not used)
+    lease: Lease | None = None,
+    engine_record: dict | None = None,
 ) -> RunStatus:
     """Run one attempt of the job and record it; the caller holds the run id's lease (None only in unit tests).
     Every write into the run folder first checks that the lease is still ours: raises LeaseLost, having written
@@ -176,12 +207,29 @@ def launch_run(
     previous = read_status(run_dir)
     attempts = list(previous.attempts) if previous else []
     host, pid = socket.gethostname(), os.getpid()
-    attempt = {"started": now_iso(), "ended": None, "duration_s": None, "state": RunState.running.value, "exit_code": None,
-               "from_step": expect.from_step if expect else 0, "host": host, "pid": pid,
-               "command": command.argv, "python": command.argv[0], "engine": engine_record, "slurm": slurm_record(),
-               "reason": None}  # fmt: skip
-    status = RunStatus(state=RunState.running, started=(previous.started if previous and attempts else None) or attempt["started"],
-                       host=host, pid=pid, heartbeat=now_iso(), attempts=[*attempts, attempt])  # fmt: skip
+    attempt = {
+        "started": now_iso(),
+        "ended": None,
+        "duration_s": None,
+        "state": RunState.running.value,
+        "exit_code": None,
+        "from_step": expect.from_step if expect else 0,
+        "host": host,
+        "pid": pid,
+        "command": command.argv,
+        "python": command.argv[0],
+        "engine": engine_record,
+        "slurm": slurm_record(),
+        "reason": None,
+    }
+    status = RunStatus(
+        state=RunState.running,
+        started=(previous.started if previous and attempts else None) or attempt["started"],
+        host=host,
+        pid=pid,
+        heartbeat=now_iso(),
+        attempts=[*attempts, attempt],
+    )
     write_status(run_dir, status)
     secrets = secret_values()
     env = {**os.environ, **command.env, **(lease.job_env() if lease else {})}
@@ -192,9 +240,16 @@ def launch_run(
     # A session of its own, so a terminal's Ctrl-C reaches only us and we decide how the job stops; the guard
     # takes the job down with it if this process dies.
     child = subprocess.Popen(
-        [*guard, *command.argv], cwd=command.cwd, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1, start_new_session=True,
-    )  # fmt: skip
+        [*guard, *command.argv],
+        cwd=command.cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        bufsize=1,
+        start_new_session=True,
+    )
     if lease is not None:
         # The guard outlives a killed launcher while the job saves: the lease names it, so nobody resumes meanwhile.
         lease.update(guard_pid=child.pid, guard_start=process_start_time(child.pid), run_dir=str(run_dir))
@@ -207,7 +262,7 @@ def launch_run(
         except ProcessLookupError:
             pass
 
-    def forward(signum: int, _frame: Optional[FrameType]) -> None:
+    def forward(signum: int, _frame: FrameType | None) -> None:
         nonlocal signalled, warned
         signalled = True
         if signum == signal.SIGUSR2:
@@ -240,7 +295,7 @@ def launch_run(
     beat.start()
     watch = JobWatch()
     try:
-        log: Optional[TextIO] = open(run_dir / LOG_FILE, "a", encoding="utf-8")
+        log: TextIO | None = open(run_dir / LOG_FILE, "a", encoding="utf-8")
         try:
             assert child.stdout is not None
             for line in child.stdout:
@@ -255,7 +310,10 @@ def launch_run(
                         log.write(line)
                         log.flush()
                     except OSError as exc:  # a full disk: the job's lines still reach the terminal and the verdict
-                        print(f"warning: {WriteFailed(run_dir / LOG_FILE, exc)}; the job's output goes to the terminal only", file=sys.stderr)
+                        print(
+                            f"warning: {WriteFailed(run_dir / LOG_FILE, exc)}; the job's output goes to the terminal only",
+                            file=sys.stderr,
+                        )
                         try:
                             log.close()
                         except OSError:
@@ -286,8 +344,14 @@ def launch_run(
     requeue = previous_handlers[signal.SIGUSR2] if warned and state == RunState.interrupted else None
     if not callable(requeue):
         requeue = None
-    attempt.update(ended=now_iso(), duration_s=round(time.monotonic() - started_at, 2), state=state.value, exit_code=exit_code,
-                   reason=reason, **_summary_facts(run_dir, began))  # fmt: skip
+    attempt.update(
+        ended=now_iso(),
+        duration_s=round(time.monotonic() - started_at, 2),
+        state=state.value,
+        exit_code=exit_code,
+        reason=reason,
+        **_summary_facts(run_dir, began),
+    )
     status = RunStatus(
         state=state,
         exit_code=exit_code,
@@ -306,7 +370,7 @@ def launch_run(
     return status
 
 
-def request_requeue(run_dir: Path, status: RunStatus, attempt: dict, requeue: Callable, lease: Optional[Lease]) -> None:
+def request_requeue(run_dir: Path, status: RunStatus, attempt: dict, requeue: Callable, lease: Lease | None) -> None:
     """Let submitit's own handler (hydra-submitit-launcher's checkpoint: the same cell again) requeue the job with
     `scontrol requeue`, counting time-outs against max_num_timeout; it exits when it did. "requeued" is recorded
     only then; otherwise the reason it was not."""
@@ -332,8 +396,18 @@ def request_requeue(run_dir: Path, status: RunStatus, attempt: dict, requeue: Ca
 
 def evaluation_argv(run: RunConfig, run_dir: Path) -> list[str]:
     e = run.eval
-    argv = [sys.executable, "-m", "flux_lora.eval", str(run_dir), "--lora", e.lora,
-            "--strengths", ",".join(repr(float(s)) for s in e.strengths), "--seeds", ",".join(str(s) for s in e.seeds)]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "flux_lora.eval",
+        str(run_dir),
+        "--lora",
+        e.lora,
+        "--strengths",
+        ",".join(repr(float(s)) for s in e.strengths),
+        "--seeds",
+        ",".join(str(s) for s in e.seeds),
+    ]
     if e.max_prompts is not None:
         argv += ["--max-prompts", str(e.max_prompts)]
     if not e.heldout_prompts:
@@ -343,7 +417,7 @@ def evaluation_argv(run: RunConfig, run_dir: Path) -> list[str]:
     return argv
 
 
-def evaluate_after_run(run: RunConfig, run_dir: Path) -> Optional[str]:
+def evaluate_after_run(run: RunConfig, run_dir: Path) -> str | None:
     """Run the evaluator on a finished run (in its own process: the launcher never loads a model); a warning or None."""
     secrets = secret_values()
     done = subprocess.run(evaluation_argv(run, run_dir), capture_output=True, text=True, errors="replace")
@@ -363,10 +437,10 @@ def start_run(
     report: CheckReport,
     *,
     dry_run: bool,
-    expect: Optional[ExpectedTraining] = None,
-    finish: Optional[Callable[[], object]] = None,  # called for its effect on the files (what it returns is not used)
-    lease: Optional[Lease] = None,
-    engine_record: Optional[dict] = None,
+    expect: ExpectedTraining | None = None,
+    finish: Callable[[], object] | None = None,  # called for its effect on the files (what it returns is not used)
+    lease: Lease | None = None,
+    engine_record: dict | None = None,
 ) -> RunStatus:
     """Refuse, stop after freezing (dry run), or launch: the one place that decides."""
     if report.errors:

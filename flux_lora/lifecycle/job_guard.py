@@ -34,7 +34,6 @@ import sys
 import threading
 import time
 from types import FrameType
-from typing import Optional
 
 GRACE_S = 120.0  # long enough for a FLUX LoRA state to be written; then the job is killed
 HEARTBEAT_S = 30.0  # as the launcher's (lifecycle.lease.HEARTBEAT_S); this module imports nothing of ours
@@ -108,7 +107,7 @@ def _stop_group(pgid: int) -> None:
 def _relay_output(source: int) -> None:
     """Pass the job's output on; once the launcher is gone, keep draining it so the job never writes into a
     closed pipe (it would die of that before saving its state)."""
-    sink: Optional[int] = sys.stdout.fileno()
+    sink: int | None = sys.stdout.fileno()
     while chunk := os.read(source, 1 << 16):
         if sink is None:
             continue
@@ -118,7 +117,7 @@ def _relay_output(source: int) -> None:
             sink = None
 
 
-def _holds(path: str, token: Optional[str]) -> bool:
+def _holds(path: str, token: str | None) -> bool:
     if token is None:
         return True
     try:
@@ -128,14 +127,18 @@ def _holds(path: str, token: Optional[str]) -> bool:
         return False
 
 
-def _beat(path: str, token: Optional[str], job: subprocess.Popen, lost: threading.Event) -> None:
+def _beat(path: str, token: str | None, job: subprocess.Popen, lost: threading.Event) -> None:
     """Keep the lease fresh while it is ours; the moment it is not, kill the job: it must not write another byte."""
     last_beat = 0.0
     while job.poll() is None:
         if not _holds(path, token):
             lost.set()
             signal_job(job.pid, signal.SIGKILL)
-            print(f"job_guard: the lease {path} carries another token: the run was taken over; job killed", file=sys.stderr, flush=True)
+            print(
+                f"job_guard: the lease {path} carries another token: the run was taken over; job killed",
+                file=sys.stderr,
+                flush=True,
+            )
             return
         if time.monotonic() - last_beat >= HEARTBEAT_S:
             try:
@@ -147,32 +150,40 @@ def _beat(path: str, token: Optional[str], job: subprocess.Popen, lost: threadin
 
 
 def main(argv: list[str]) -> int:
-    heartbeat_file: Optional[str] = None
-    token: Optional[str] = None
+    heartbeat_file: str | None = None
+    token: str | None = None
     if argv[:1] == ["--heartbeat"] and len(argv) >= 2:
         heartbeat_file, argv = argv[1], argv[2:]
     if argv[:1] == ["--token"] and len(argv) >= 2:
         token, argv = argv[1], argv[2:]
     if not argv:
-        print("usage: python -m flux_lora.lifecycle.job_guard [--heartbeat LEASE_FILE --token TOKEN] <job argv...>", file=sys.stderr)
+        print(
+            "usage: python -m flux_lora.lifecycle.job_guard [--heartbeat LEASE_FILE --token TOKEN] <job argv...>",
+            file=sys.stderr,
+        )
         return 2
     launcher = os.getppid()
     # SLURM's warning before the time limit reaches every process of the job: it is for the trainer (which saves
     # and stops; forwarded below), never a reason for the guard to die and orphan the job.
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
-    job = subprocess.Popen(argv, process_group=0, preexec_fn=_restore_default_stop_signals,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    job = subprocess.Popen(
+        argv,
+        process_group=0,
+        preexec_fn=_restore_default_stop_signals,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     relay = threading.Thread(target=_relay_output, args=(job.stdout.fileno(),), daemon=True)
     relay.start()
     stopping = threading.Event()
 
-    def launcher_gone(_signum: int = 0, _frame: Optional[FrameType] = None) -> None:
+    def launcher_gone(_signum: int = 0, _frame: FrameType | None = None) -> None:
         if not stopping.is_set():
             stopping.set()
             threading.Thread(target=_stop_group, args=(job.pid,), daemon=True).start()
 
-    def forward(signum: int, _frame: Optional[FrameType]) -> None:
+    def forward(signum: int, _frame: FrameType | None) -> None:
         signal_job(job.pid, signum)
 
     signal.signal(signal.SIGHUP, launcher_gone)

@@ -30,14 +30,21 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Optional
 
 from flux_lora.lifecycle.job_guard import GRACE_S
+from flux_lora.lifecycle.slurm import (
+    ALIVE_STATES,
+    COMING_BACK_STATES,
+    NOT_IN_QUEUE,
+    queue_id,
+    queue_state,
+    restart_count,
+)
 from flux_lora.records import boot_id, now_iso, pid_namespace, process_start_time, same_process_alive, write_json_atomic
-from flux_lora.lifecycle.slurm import ALIVE_STATES, COMING_BACK_STATES, NOT_IN_QUEUE, queue_id, queue_state, restart_count
 
 LEASE_DIR = ".leases"
 HEARTBEAT_S = 30.0
@@ -56,14 +63,14 @@ class LeaseHolder:
     host: str
     boot_id: str
     pid: int
-    pid_start: Optional[int]
+    pid_start: int | None
     since: str
-    run_dir: Optional[str] = None
-    guard_pid: Optional[int] = None
-    guard_start: Optional[int] = None
-    slurm_job: Optional[str] = None  # squeue's name of the job: <array job>_<task> or the job id
-    slurm_restart: Optional[int] = None
-    pid_ns: Optional[str] = None
+    run_dir: str | None = None
+    guard_pid: int | None = None
+    guard_start: int | None = None
+    slurm_job: str | None = None  # squeue's name of the job: <array job>_<task> or the job id
+    slurm_restart: int | None = None
+    pid_ns: str | None = None
     heartbeat: float = 0.0  # the lease file's modification time, not stored in it
 
     def describe(self) -> str:
@@ -74,10 +81,12 @@ class LeaseHolder:
 
     def on_this_machine(self) -> bool:
         """Its pids name processes here: the same host, boot and pid namespace."""
-        same_ns = self.pid_ns is None or self.pid_ns == pid_namespace()  # leases written before namespaces were recorded
+        same_ns = (
+            self.pid_ns is None or self.pid_ns == pid_namespace()
+        )  # leases written before namespaces were recorded
         return self.host == socket.gethostname() and self.boot_id == boot_id() and same_ns
 
-    def gone(self, now: Optional[float] = None, stale_after_s: float = STALE_HEARTBEAT_S) -> bool:
+    def gone(self, now: float | None = None, stale_after_s: float = STALE_HEARTBEAT_S) -> bool:
         return judge_holder(self, stale_after_s, now).gone
 
 
@@ -85,10 +94,10 @@ class LeaseHolder:
 class Verdict:
     gone: bool
     why: str  # what decided, in words: "SLURM job 5 is SUSPENDED: ..." / "its processes on this host are gone"
-    dying_guard: Optional[int] = None  # on this machine: the guard still saving after its launcher died
+    dying_guard: int | None = None  # on this machine: the guard still saving after its launcher died
 
 
-def judge_holder(holder: LeaseHolder, stale_after_s: float = STALE_HEARTBEAT_S, now: Optional[float] = None) -> Verdict:
+def judge_holder(holder: LeaseHolder, stale_after_s: float = STALE_HEARTBEAT_S, now: float | None = None) -> Verdict:
     """Whether the lease's holder is gone, decided by whoever can know: this machine's process table, SLURM, or
     (for holders neither can speak for) the heartbeat."""
     if holder.on_this_machine():
@@ -97,22 +106,34 @@ def judge_holder(holder: LeaseHolder, stale_after_s: float = STALE_HEARTBEAT_S, 
         if launcher:
             return Verdict(False, f"its launcher, pid {holder.pid}, runs on this host")
         if guard:
-            return Verdict(False, f"its launcher (pid {holder.pid}) is gone and the job's guard, pid {holder.guard_pid}, "
-                                  f"is stopping the job (saving a state), for at most {GRACE_S:.0f} s", holder.guard_pid)  # fmt: skip
+            return Verdict(
+                False,
+                f"its launcher (pid {holder.pid}) is gone and the job's guard, pid {holder.guard_pid}, "
+                f"is stopping the job (saving a state), for at most {GRACE_S:.0f} s",
+                holder.guard_pid,
+            )
         return Verdict(True, "its processes on this host are gone")
     if holder.slurm_job:
         mine = queue_id()
         if mine == holder.slurm_job and restart_count() > (holder.slurm_restart or 0):
-            return Verdict(True, f"SLURM started its job {mine} again (restart {restart_count()}): this is its successor")
+            return Verdict(
+                True, f"SLURM started its job {mine} again (restart {restart_count()}): this is its successor"
+            )
         state = queue_state(holder.slurm_job)
         if state == NOT_IN_QUEUE:
             return Verdict(True, f"SLURM no longer knows its job {holder.slurm_job}")
         if state in ALIVE_STATES:
-            return Verdict(False, f"SLURM job {holder.slurm_job} is {state}: it holds the run however long it is silent; "
-                                  f"wait for it to end (squeue -j {holder.slurm_job}) or cancel it (scancel {holder.slurm_job})")  # fmt: skip
+            return Verdict(
+                False,
+                f"SLURM job {holder.slurm_job} is {state}: it holds the run however long it is silent; "
+                f"wait for it to end (squeue -j {holder.slurm_job}) or cancel it (scancel {holder.slurm_job})",
+            )
         if state in COMING_BACK_STATES:
-            return Verdict(False, f"SLURM job {holder.slurm_job} is {state}: requeued, it resumes the run itself when it starts "
-                                  f"again; cancel it (scancel {holder.slurm_job}) to take the run here")  # fmt: skip
+            return Verdict(
+                False,
+                f"SLURM job {holder.slurm_job} is {state}: requeued, it resumes the run itself when it starts "
+                f"again; cancel it (scancel {holder.slurm_job}) to take the run here",
+            )
         if state is not None:
             return Verdict(True, f"SLURM job {holder.slurm_job} ended ({state})")
         # SLURM cannot be asked from here: the heartbeat decides.
@@ -120,8 +141,11 @@ def judge_holder(holder: LeaseHolder, stale_after_s: float = STALE_HEARTBEAT_S, 
     if age > stale_after_s:
         return Verdict(True, f"its heartbeat is {age:.0f} s old (launch.lease_stale_s={stale_after_s:g})")
     until = datetime.fromtimestamp(holder.heartbeat + stale_after_s).strftime("%H:%M:%S")
-    return Verdict(False, f"its heartbeat is {age:.0f} s old: taken for dead at {until} if it stays silent "
-                          f"(launch.lease_stale_s={stale_after_s:g})")  # fmt: skip
+    return Verdict(
+        False,
+        f"its heartbeat is {age:.0f} s old: taken for dead at {until} if it stays silent "
+        f"(launch.lease_stale_s={stale_after_s:g})",
+    )
 
 
 class LeaseHeld(RuntimeError):
@@ -134,7 +158,7 @@ class LeaseHeld(RuntimeError):
 class LeaseLost(RuntimeError):
     """This owner's lease now carries another token: someone took the run over; nothing more may be written."""
 
-    def __init__(self, run_id: str, holder: Optional[LeaseHolder]) -> None:
+    def __init__(self, run_id: str, holder: LeaseHolder | None) -> None:
         self.holder = holder
         to = holder.describe() if holder and holder.token else "nobody (the lease file is gone)"
         super().__init__(f"run {run_id}: lost the lease to {to}; stopped without writing")
@@ -144,7 +168,7 @@ def lease_path(outputs: Path, run_id: str) -> Path:
     return Path(outputs) / LEASE_DIR / f"{run_id}.json"
 
 
-def read_holder(path: Path) -> Optional[LeaseHolder]:
+def read_holder(path: Path) -> LeaseHolder | None:
     """The lease's holder; None when there is no lease. An unreadable lease (being written) reads as a fresh one."""
     try:
         heartbeat = path.stat().st_mtime
@@ -157,8 +181,16 @@ def read_holder(path: Path) -> Optional[LeaseHolder]:
         return LeaseHolder(**{k: v for k, v in data.items() if k in known}, heartbeat=heartbeat)
     except (ValueError, TypeError):
         # Created but not yet filled (the creator writes right after O_EXCL): alive by its fresh mtime.
-        return LeaseHolder(run_id=path.stem, token="", host="?", boot_id="", pid=-1, pid_start=None,
-                           since="just now", heartbeat=heartbeat)  # fmt: skip
+        return LeaseHolder(
+            run_id=path.stem,
+            token="",
+            host="?",
+            boot_id="",
+            pid=-1,
+            pid_start=None,
+            since="just now",
+            heartbeat=heartbeat,
+        )
 
 
 def still_holds(path: Path, token: str) -> bool:
@@ -172,7 +204,7 @@ def still_holds(path: Path, token: str) -> bool:
 class Lease:
     """A held lease. Use `Lease.acquire(...)`; release it (or leave the `with` block) after the final status."""
 
-    def __init__(self, path: Path, holder: LeaseHolder, took_over: Optional[LeaseHolder], why: str = "") -> None:
+    def __init__(self, path: Path, holder: LeaseHolder, took_over: LeaseHolder | None, why: str = "") -> None:
         self.path = path
         self.holder = holder
         self.took_over = took_over  # the dead owner this launch replaced, if any
@@ -183,22 +215,31 @@ class Lease:
         cls,
         outputs: Path,
         run_id: str,
-        run_dir: Optional[Path] = None,
+        run_dir: Path | None = None,
         stale_after_s: float = STALE_HEARTBEAT_S,
-        say: Optional[Callable[[str], None]] = None,
-    ) -> "Lease":
+        say: Callable[[str], None] | None = None,
+    ) -> Lease:
         """Take the lease of run_id, or raise LeaseHeld naming its live holder and what it waits for. A holder on this
         machine whose launcher died while its guard still saves is waited for (at most the guard's grace time),
         with a line through `say`; without `say` it is refused like any live holder."""
         path = lease_path(outputs, run_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         pid = os.getpid()
-        holder = LeaseHolder(run_id=run_id, token=uuid.uuid4().hex, host=socket.gethostname(), boot_id=boot_id(), pid=pid,
-                             pid_start=process_start_time(pid), since=now_iso(), run_dir=str(run_dir) if run_dir else None,
-                             slurm_job=queue_id(), slurm_restart=restart_count() if queue_id() else None,
-                             pid_ns=pid_namespace())  # fmt: skip
+        holder = LeaseHolder(
+            run_id=run_id,
+            token=uuid.uuid4().hex,
+            host=socket.gethostname(),
+            boot_id=boot_id(),
+            pid=pid,
+            pid_start=process_start_time(pid),
+            since=now_iso(),
+            run_dir=str(run_dir) if run_dir else None,
+            slurm_job=queue_id(),
+            slurm_restart=restart_count() if queue_id() else None,
+            pid_ns=pid_namespace(),
+        )
         deadline = time.monotonic() + GRACE_S + 15
-        waited_for: Optional[int] = None
+        waited_for: int | None = None
         while True:
             if _create(path, holder):
                 return cls(path, holder, None)
@@ -251,7 +292,7 @@ class Lease:
         if current is not None and current.token == self.holder.token:
             self.path.unlink(missing_ok=True)
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Lease:
         return self
 
     def __exit__(self, *exc: object) -> None:

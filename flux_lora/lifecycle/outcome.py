@@ -15,7 +15,6 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from flux_lora.engines.sd_scripts_resume import log_step_offset
 
@@ -26,8 +25,8 @@ LOSS_TAG = "loss/current"
 class TrainingEvidence:
     lora_path: Path
     lora_exists: bool
-    last_step: Optional[int]  # highest optimizer step with a recorded loss; None when nothing was logged
-    nonfinite_step: Optional[int]  # first step whose loss was NaN or infinite
+    last_step: int | None  # highest optimizer step with a recorded loss; None when nothing was logged
+    nonfinite_step: int | None  # first step whose loss was NaN or infinite
 
 
 def scalar_series(logging_dir: Path, tag: str) -> list[tuple[int, float, float]]:
@@ -71,7 +70,7 @@ def gather_evidence(run_dir: Path, output_name: str) -> TrainingEvidence:
     )
 
 
-def training_shortfall(evidence: TrainingEvidence, max_train_steps: int) -> Optional[str]:
+def training_shortfall(evidence: TrainingEvidence, max_train_steps: int) -> str | None:
     """Why a job that exited 0 did not train what was asked; None when it did."""
     if evidence.nonfinite_step is not None:
         return f"exited 0 but the loss became NaN/inf at step {evidence.nonfinite_step}"
@@ -93,7 +92,9 @@ _PROGRESS = (
     re.compile(r"(?P<step>\d+)/(?P<total>\d+) \[[^\]]*avr_loss=(?P<loss>[-+\w.]+)"),
     re.compile(r"steps?:?\s+(?P<step>\d+)/(?P<total>\d+)\s+loss[=\s](?P<loss>[-+\w.]+)"),
 )
-_OUT_OF_MEMORY = re.compile(r"CUDA out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED|out of memory", re.IGNORECASE)
+_OUT_OF_MEMORY = re.compile(
+    r"CUDA out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED|out of memory", re.IGNORECASE
+)
 _KILLED = re.compile(r"died with <Signals.SIGKILL: 9>|\bKilled\b")
 _ERROR = re.compile(r"(Error|error:|Exception|Traceback)")
 
@@ -102,11 +103,11 @@ _ERROR = re.compile(r"(Error|error:|Exception|Traceback)")
 class JobWatch:
     """What the job's output says as it runs: the step reached, a non-finite loss, an out-of-memory crash."""
 
-    last_step: Optional[int] = None
-    nonfinite_step: Optional[int] = None
-    out_of_memory: Optional[str] = None
+    last_step: int | None = None
+    nonfinite_step: int | None = None
+    out_of_memory: str | None = None
     killed: bool = False
-    last_error: Optional[str] = None
+    last_error: str | None = None
     stop_sent: bool = False
     _recent: list[str] = field(default_factory=list)
 

@@ -14,7 +14,6 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from flux_lora.checkpoint_files import MANIFEST, STAGING_PREFIX, state_problem
 from flux_lora.records import ASIDE_FOLDER
@@ -28,11 +27,11 @@ _STEP_FILE = re.compile(r"^(?P<name>.+)-step(?P<step>\d{8})(?P<rest>-state|\.saf
 @dataclass(frozen=True)
 class SavedState:
     path: Path
-    step: Optional[int]
-    problem: Optional[str]  # None when usable
+    step: int | None
+    problem: str | None  # None when usable
 
 
-def state_usability(state_dir: Path) -> Optional[str]:
+def state_usability(state_dir: Path) -> str | None:
     """None if the state can be resumed from; else one line saying why not."""
     if (state_dir / MANIFEST).is_file():
         return state_problem(state_dir)
@@ -45,7 +44,7 @@ def state_usability(state_dir: Path) -> Optional[str]:
     return None
 
 
-def state_step(state_dir: Path) -> Optional[int]:
+def state_step(state_dir: Path) -> int | None:
     try:
         return int(json.loads((state_dir / TRAIN_STATE_FILE).read_text())["current_step"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -70,28 +69,32 @@ def saved_states(output_dir: Path, output_name: str) -> list[SavedState]:
 
 @dataclass(frozen=True)
 class StateChoice:
-    state: Optional[SavedState]
+    state: SavedState | None
     passed_over: list[SavedState] = field(default_factory=list)  # newer states that were not usable
 
     def notes(self) -> list[str]:
         return [f"passed over {s.path.name} (step {s.step}): {s.problem}" for s in self.passed_over]
 
 
-def choose_state(output_dir: Path, output_name: str, max_train_steps: Optional[int] = None) -> StateChoice:
+def choose_state(output_dir: Path, output_name: str, max_train_steps: int | None = None) -> StateChoice:
     """The newest usable state; with max_train_steps, a state with nothing left to train is passed over."""
     passed: list[SavedState] = []
     for state in saved_states(output_dir, output_name):
         if state.problem is None and max_train_steps is not None and (state.step or 0) >= max_train_steps:
             lora = output_dir / f"{output_name}.safetensors"
             why = "the final LoRA is missing (stopped between saving the state and the LoRA); the step before writes it again"
-            state = SavedState(state.path, state.step, f"at the last step, nothing left to train: {why}" if not lora.is_file() else "finished")
+            state = SavedState(
+                state.path,
+                state.step,
+                f"at the last step, nothing left to train: {why}" if not lora.is_file() else "finished",
+            )
         if state.problem is None:
             return StateChoice(state, passed)
         passed.append(state)
     return StateChoice(None, passed)
 
 
-def finished_state(output_dir: Path, output_name: str, max_train_steps: int) -> Optional[SavedState]:
+def finished_state(output_dir: Path, output_name: str, max_train_steps: int) -> SavedState | None:
     """The final state, complete and at max_train_steps, beside the final LoRA: the run is done, whatever exit
     code or status a late signal or a crash left."""
     final = Path(output_dir) / f"{output_name}-state"
@@ -102,7 +105,7 @@ def finished_state(output_dir: Path, output_name: str, max_train_steps: int) -> 
     return state if state.problem is None and state.step == max_train_steps else None
 
 
-def latest_good_state(run_dir: Path, output_name: str) -> Optional[str]:
+def latest_good_state(run_dir: Path, output_name: str) -> str | None:
     choice = choose_state(Path(run_dir) / "output", output_name)
     return str(choice.state.path) if choice.state else None
 
@@ -116,7 +119,9 @@ def set_aside_strays(output_dir: Path, output_name: str, from_step: int, attempt
     moved: list[str] = []
     for item in sorted(output_dir.iterdir()):
         match = _STEP_FILE.match(item.name)
-        stray = item.name.startswith(STAGING_PREFIX) or bool(match and match["name"] == output_name and int(match["step"]) > from_step)
+        stray = item.name.startswith(STAGING_PREFIX) or bool(
+            match and match["name"] == output_name and int(match["step"]) > from_step
+        )
         if item.name == f"{output_name}-state" and (state_step(item) or 0) > from_step:
             stray = True
         if stray:

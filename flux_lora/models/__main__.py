@@ -25,12 +25,18 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(prog="python -m flux_lora.models", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _ArgumentParser(
+        prog="python -m flux_lora.models", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
     check = commands.add_parser("check", help="read each file's header: complete, the right part, shapes, precision")
-    check.add_argument("--sha256", action="store_true", help="also hash each file (minutes for 24 GB) against the pinned table")
+    check.add_argument(
+        "--sha256", action="store_true", help="also hash each file (minutes for 24 GB) against the pinned table"
+    )
     check.add_argument("overrides", nargs="*", help="Hydra overrides, as for launch.py")
-    fetch = commands.add_parser("fetch", help="download the files from the Hugging Face Hub (HF_TOKEN for the gated ones), then check")
+    fetch = commands.add_parser(
+        "fetch", help="download the files from the Hugging Face Hub (HF_TOKEN for the gated ones), then check"
+    )
     fetch.add_argument("--force", action="store_true", help="download even files that already pass the check")
     fetch.add_argument("overrides", nargs="*", help="Hydra overrides, as for launch.py")
     return parser
@@ -66,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {describe_config_error(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if run.model.kind.value != "flux_dev":
-        print(f"error: model={run.model.name}: its weights are made in code, no files to {args.command}; add model=flux_dev", file=sys.stderr)
+        print(
+            f"error: model={run.model.name}: its weights are made in code, no files to {args.command}; add model=flux_dev",
+            file=sys.stderr,
+        )
         return EXIT_BAD_INPUT
     files = configured_files(run.model)
     if args.command == "fetch":

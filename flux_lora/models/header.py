@@ -13,8 +13,23 @@ from pathlib import Path
 
 # safetensors itself refuses headers above 100 MB; FLUX.1-dev's is about 100 kB.
 MAX_HEADER_BYTES = 100 * 2**20
-DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}  # fmt: skip
+DTYPE_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
 
 
 class NotSafetensors(ValueError):
@@ -96,8 +111,15 @@ def read_header(path: Path) -> SafetensorsHeader:
     for name, entry in document.items():
         try:
             start, end = (int(v) for v in entry["data_offsets"])
-            tensors[name] = TensorEntry(dtype=str(entry["dtype"]), shape=tuple(int(d) for d in entry["shape"]), start=start, end=end)
+            tensors[name] = TensorEntry(
+                dtype=str(entry["dtype"]), shape=tuple(int(d) for d in entry["shape"]), start=start, end=end
+            )
         except (KeyError, TypeError, ValueError):
             raise NotSafetensors(f"has a damaged header (entry {name!r} lacks dtype, shape or data_offsets)") from None
-    return SafetensorsHeader(path=path, file_size=size, header_size=length, tensors=tensors,
-                             metadata={str(k): str(v) for k, v in metadata.items()})  # fmt: skip
+    return SafetensorsHeader(
+        path=path,
+        file_size=size,
+        header_size=length,
+        tensors=tensors,
+        metadata={str(k): str(v) for k, v in metadata.items()},
+    )

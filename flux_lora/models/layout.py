@@ -99,7 +99,16 @@ def transformer_layout(d: FluxDims) -> PartLayout:
     return PartLayout(
         key="transformer",
         title=f"{d.name} transformer",
-        families=("double_blocks.", "single_blocks.", "img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.", "final_layer."),
+        families=(
+            "double_blocks.",
+            "single_blocks.",
+            "img_in.",
+            "txt_in.",
+            "time_in.",
+            "vector_in.",
+            "guidance_in.",
+            "final_layer.",
+        ),
         tensors=(
             _t((h, d.in_channels), "img_in.weight"),
             _t((h, d.time_in), "time_in.in_layer.weight"),
@@ -136,7 +145,14 @@ def vae_layout(d: FluxDims) -> PartLayout:
     return PartLayout(
         key="vae",
         title="FLUX autoencoder (ae)",
-        families=("encoder.down.", "encoder.mid.", "decoder.up.", "decoder.mid.", "encoder.conv_in.", "decoder.conv_out."),
+        families=(
+            "encoder.down.",
+            "encoder.mid.",
+            "decoder.up.",
+            "decoder.mid.",
+            "encoder.conv_in.",
+            "decoder.conv_out.",
+        ),
         tensors=(
             _t((widths[0], 3, 3, 3), "encoder.conv_in.weight"),
             _t((widths[0], widths[0], 3, 3), "encoder.down.0.block.0.conv1.weight"),
@@ -162,7 +178,12 @@ def clip_l_layout(d: FluxDims) -> PartLayout:
     return PartLayout(
         key="clip_l",
         title="CLIP-L text encoder",
-        families=("embeddings.token_embedding.", "embeddings.position_embedding.", "encoder.layers.", "final_layer_norm."),
+        families=(
+            "embeddings.token_embedding.",
+            "embeddings.position_embedding.",
+            "encoder.layers.",
+            "final_layer_norm.",
+        ),
         tensors=(
             _t((d.clip_vocab, w), "embeddings.token_embedding.weight"),
             _t((d.clip_positions, w), "embeddings.position_embedding.weight"),
@@ -194,7 +215,10 @@ def t5xxl_layout(d: FluxDims) -> PartLayout:
             _t((w,), "encoder.final_layer_norm.weight"),
         ),
         blocks=(BlockCount(r"encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.q\.weight$", d.t5_layers, "blocks"),),
-        weights=("encoder.block.0.layer.0.SelfAttention.q.weight", "encoder.block.0.layer.1.DenseReluDense.wi_0.weight"),
+        weights=(
+            "encoder.block.0.layer.0.SelfAttention.q.weight",
+            "encoder.block.0.layer.1.DenseReluDense.wi_0.weight",
+        ),
         release_dtype="F16",
     )
 
@@ -208,7 +232,10 @@ FLUX_DEV = flux_layout(FluxDims())
 
 # Recognised so a wrong file is named, not just refused.
 OTHER_KINDS: tuple[tuple[tuple[str, ...], str], ...] = (
-    (("transformer_blocks.", "single_transformer_blocks."), "a diffusers-format FLUX transformer (use BFL's single file, or model.diffusers_dir)"),
+    (
+        ("transformer_blocks.", "single_transformer_blocks."),
+        "a diffusers-format FLUX transformer (use BFL's single file, or model.diffusers_dir)",
+    ),
     (("encoder.down_blocks.", "decoder.up_blocks."), "a diffusers-format VAE"),
     (("input_blocks.", "output_blocks."), "a Stable Diffusion UNet"),
 )

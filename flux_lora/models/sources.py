@@ -9,7 +9,6 @@ then `check --sha256` prints the computed hash and says it had nothing to compar
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 FLUX_DEV_REPO = "black-forest-labs/FLUX.1-dev"
 TEXT_ENCODERS_REPO = "comfyanonymous/flux_text_encoders"
@@ -20,7 +19,7 @@ class HubFile:
     repo_id: str
     filename: str
     gated: bool  # the licence must be accepted on the repo's page, and a token sent
-    sha256: Optional[str]
+    sha256: str | None
     revision: str = "main"  # no commit pinned: the repos' commits could not be looked up here
 
 

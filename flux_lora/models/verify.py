@@ -10,7 +10,6 @@ import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from flux_lora.models.header import DTYPE_BYTES, HeaderTruncated, NotSafetensors, SafetensorsHeader, read_header
 from flux_lora.models.layout import (
@@ -29,8 +28,12 @@ from flux_lora.models.sources import HUB_FILES
 
 FETCH_HINT = "python -m flux_lora.models fetch model=flux_dev paths.models=<dir>"
 REDOWNLOAD = f"download it again ({FETCH_HINT})"
-DEFAULT_NAMES = {"transformer": "flux1-dev.safetensors", "vae": "ae.safetensors", "clip_l": "clip_l.safetensors",
-                 "t5xxl": "t5xxl_fp16.safetensors"}  # fmt: skip
+DEFAULT_NAMES = {
+    "transformer": "flux1-dev.safetensors",
+    "vae": "ae.safetensors",
+    "clip_l": "clip_l.safetensors",
+    "t5xxl": "t5xxl_fp16.safetensors",
+}
 
 
 def precision_name(dtypes: set[str]) -> str:
@@ -59,15 +62,21 @@ def expected_precision(part: PartLayout, path: Path, fp8_base: bool) -> Precisio
     if name_fp8:
         return Precision((FP8,), fp8, "its name says fp8")
     if part.key == "transformer":
-        return Precision((*part.accepted_dtypes, FP8), f"{precision_name({part.release_dtype})} or {fp8}", "gpu.fp8_base=true")
-    return Precision(part.accepted_dtypes, f"16/32-bit (published: {precision_name({part.release_dtype})})", "its name does not say fp8")
+        return Precision(
+            (*part.accepted_dtypes, FP8), f"{precision_name({part.release_dtype})} or {fp8}", "gpu.fp8_base=true"
+        )
+    return Precision(
+        part.accepted_dtypes,
+        f"16/32-bit (published: {precision_name({part.release_dtype})})",
+        "its name does not say fp8",
+    )
 
 
 @dataclass(frozen=True)
 class FileVerdict:
     key: str
     path: Path
-    problem: Optional[str] = None  # None: the file is what the config expects
+    problem: str | None = None  # None: the file is what the config expects
     summary: str = ""  # what the file is, for the ok line
 
     @property
@@ -75,12 +84,14 @@ class FileVerdict:
         return f"model.{self.key}: {self.path} {self.problem if self.problem else 'ok: ' + self.summary}"
 
 
-def _size_problem(header: SafetensorsHeader) -> Optional[str]:
+def _size_problem(header: SafetensorsHeader) -> str | None:
     expected, actual = header.expected_size, header.file_size
     if actual < expected:
         return f"is truncated: {actual:,} bytes where its header says {expected:,} ({expected - actual:,} missing); {REDOWNLOAD}"
     if actual > expected:
-        return f"is {actual:,} bytes where its header says {expected:,}: damaged (bytes after the weights); {REDOWNLOAD}"
+        return (
+            f"is {actual:,} bytes where its header says {expected:,}: damaged (bytes after the weights); {REDOWNLOAD}"
+        )
     for name, t in header.tensors.items():
         width = DTYPE_BYTES.get(t.dtype)
         if width is not None and t.end - t.start != width * math.prod(t.shape):
@@ -88,20 +99,28 @@ def _size_problem(header: SafetensorsHeader) -> Optional[str]:
     return None
 
 
-def _part_problem(keys: set[str], tensors: dict, part: PartLayout, layout: ModelLayout) -> Optional[str]:
+def _part_problem(keys: set[str], tensors: dict, part: PartLayout, layout: ModelLayout) -> str | None:
     kind = identify(keys, layout)
     wanted = f"the {part.title}"
     if kind != part.key:
         if kind in layout.parts:
             other = layout.parts[kind]
-            return (f"holds the {other.title}, not {wanted}: a wrong file under this name; point model.{kind} at it and "
-                    f"model.{part.key} at {DEFAULT_NAMES[part.key]}")  # fmt: skip
-        what = f"is {kind}, not {wanted}" if kind else f"is not {wanted} (no {' or '.join(f + '*' for f in part.families[:2])} tensors)"
+            return (
+                f"holds the {other.title}, not {wanted}: a wrong file under this name; point model.{kind} at it and "
+                f"model.{part.key} at {DEFAULT_NAMES[part.key]}"
+            )
+        what = (
+            f"is {kind}, not {wanted}"
+            if kind
+            else f"is not {wanted} (no {' or '.join(f + '*' for f in part.families[:2])} tensors)"
+        )
         return f"{what}; point model.{part.key} at {DEFAULT_NAMES[part.key]} ({FETCH_HINT})"
     for family in part.families:
         if not any(k.startswith(family) for k in keys):
             if family in part.absent_means:
-                return f"is {part.absent_means[family]}, not {layout.name}; use {layout.name}'s {DEFAULT_NAMES[part.key]}"
+                return (
+                    f"is {part.absent_means[family]}, not {layout.name}; use {layout.name}'s {DEFAULT_NAMES[part.key]}"
+                )
             return f"lacks the {family}* tensors of {wanted}: an incomplete or different model; {REDOWNLOAD}"
     differences = []
     for expected in part.tensors:
@@ -109,7 +128,9 @@ def _part_problem(keys: set[str], tensors: dict, part: PartLayout, layout: Model
         if present is None:
             differences.append(f"lacks {expected.keys[0]}")
         elif tensors[present].shape != expected.shape:
-            differences.append(f"{present} is {list(tensors[present].shape)} where {layout.name} has {list(expected.shape)}")
+            differences.append(
+                f"{present} is {list(tensors[present].shape)} where {layout.name} has {list(expected.shape)}"
+            )
     counts = [(c, block_indices(keys, c.pattern)) for c in part.blocks]
     wrong = [(c, found) for c, found in counts if len(found) != c.expected or (found and max(found) + 1 != len(found))]
     if wrong:
@@ -132,7 +153,11 @@ def verify_file(key: str, path: Path, *, layout: ModelLayout = FLUX_DEV, fp8_bas
     try:
         header = read_header(path)
     except HeaderTruncated as exc:
-        return FileVerdict(key, path, f"is truncated: {exc.actual:,} bytes, fewer than its header alone needs ({exc.expected_at_least:,}); {REDOWNLOAD}")
+        return FileVerdict(
+            key,
+            path,
+            f"is truncated: {exc.actual:,} bytes, fewer than its header alone needs ({exc.expected_at_least:,}); {REDOWNLOAD}",
+        )
     except NotSafetensors as exc:
         return FileVerdict(key, path, f"{exc}, not the safetensors {part.title}; {REDOWNLOAD}")
     except OSError as exc:
@@ -146,8 +171,12 @@ def verify_file(key: str, path: Path, *, layout: ModelLayout = FLUX_DEV, fp8_bas
     if problem:
         return FileVerdict(key, path, problem)
     if any(k.endswith(("scale_weight", "scaled_fp8")) for k in keys):
-        return FileVerdict(key, path, "is a scaled-fp8 file (ComfyUI's *_scaled: per-tensor scales that neither engine applies); "
-                                      f"use the plain fp8 e4m3fn or 16-bit file ({FETCH_HINT})")  # fmt: skip
+        return FileVerdict(
+            key,
+            path,
+            "is a scaled-fp8 file (ComfyUI's *_scaled: per-tensor scales that neither engine applies); "
+            f"use the plain fp8 e4m3fn or 16-bit file ({FETCH_HINT})",
+        )
     dtypes = {tensors[k].dtype for k in part.weights if k in tensors}
     found = precision_name(dtypes)
     allowed = expected_precision(part, path, fp8_base)
@@ -164,8 +193,10 @@ def _precision_fix(part: PartLayout, path: Path, found: str, allowed: Precision,
     if part.key == "transformer" and FP8 in dtypes and FP8 not in allowed.accepted:
         return f"{line}; set gpu.fp8_base=true (gpu=rtx4090 does) to train on this fp8 file, or use the bf16 {DEFAULT_NAMES['transformer']}"
     if FP8 in dtypes:
-        return (f"{line}; an fp8 file under a 16-bit name: name it *_fp8_e4m3fn.safetensors and point model.{part.key} at it, "
-                f"or use {DEFAULT_NAMES[part.key]}")  # fmt: skip
+        return (
+            f"{line}; an fp8 file under a 16-bit name: name it *_fp8_e4m3fn.safetensors and point model.{part.key} at it, "
+            f"or use {DEFAULT_NAMES[part.key]}"
+        )
     return f"{line}; a 16-bit file under an fp8 name: rename it, or use the fp8 e4m3fn file (t5xxl_fp8_e4m3fn.safetensors for T5)"
 
 
@@ -197,7 +228,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def sha256_verdict(key: str, path: Path, pinned: Optional[dict[str, Optional[str]]] = None) -> FileVerdict:
+def sha256_verdict(key: str, path: Path, pinned: dict[str, str | None] | None = None) -> FileVerdict:
     """The file's sha256 against the pinned table (sources.HUB_FILES by file name, or `pinned`)."""
     table = pinned if pinned is not None else {name: f.sha256 for name, f in HUB_FILES.items()}
     actual = file_sha256(path)
@@ -205,5 +236,9 @@ def sha256_verdict(key: str, path: Path, pinned: Optional[dict[str, Optional[str
     if expected is None:
         return FileVerdict(key, path, summary=f"sha256 {actual} (no pinned value for {path.name}: not compared)")
     if actual != expected.lower():
-        return FileVerdict(key, path, f"has sha256 {actual} where {path.name} has {expected}: a different or damaged file; {REDOWNLOAD}")
+        return FileVerdict(
+            key,
+            path,
+            f"has sha256 {actual} where {path.name} has {expected}: a different or damaged file; {REDOWNLOAD}",
+        )
     return FileVerdict(key, path, summary=f"sha256 {actual} matches the pinned value")

@@ -11,12 +11,19 @@ ratings.py   ratings.jsonl read back per cell; rate_server.py the blind rating p
 """
 
 from pathlib import Path
-from typing import Optional
 
-from flux_lora.report.summary import SKIPPED_DONE, RunRow, SweepDirRecorder, find_run_dirs, last_scalar, print_summary, read_run
+from flux_lora.report.summary import (
+    SKIPPED_DONE,
+    RunRow,
+    SweepDirRecorder,
+    find_run_dirs,
+    last_scalar,
+    print_summary,
+    read_run,
+)
 
 
-def write_sweep_report(sweep_dir: Path) -> Optional[Path]:
+def write_sweep_report(sweep_dir: Path) -> Path | None:
     """report.html and report.md for a sweep, or a warning line; the page's imports (matplotlib, scipy,
     jinja2) load only here, so the launcher stays quick to start."""
     from flux_lora.report.page import write_report_quietly
@@ -24,4 +31,13 @@ def write_sweep_report(sweep_dir: Path) -> Optional[Path]:
     return write_report_quietly(sweep_dir)
 
 
-__all__ = ["SKIPPED_DONE", "RunRow", "SweepDirRecorder", "find_run_dirs", "last_scalar", "print_summary", "read_run", "write_sweep_report"]
+__all__ = [
+    "SKIPPED_DONE",
+    "RunRow",
+    "SweepDirRecorder",
+    "find_run_dirs",
+    "last_scalar",
+    "print_summary",
+    "read_run",
+    "write_sweep_report",
+]

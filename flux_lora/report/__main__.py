@@ -10,17 +10,36 @@ from flux_lora.report.summary import STATUS_UNREADABLE, find_run_dirs, print_sum
 
 
 def report_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flux_lora.report", description="Summary table, report.html and report.md of a sweep or run.")
+    parser = argparse.ArgumentParser(
+        prog="python -m flux_lora.report", description="Summary table, report.html and report.md of a sweep or run."
+    )
     parser.add_argument("dirs", nargs="+", type=Path, metavar="RUN_OR_SWEEP_DIR")
-    parser.add_argument("--prompt", type=int, default=0, help="sample prompt shown side by side (index into dataset.sample_prompts; default 0)")
-    parser.add_argument("--seed", type=int, default=None, help="which seed's runs the sample grid shows (default: the smallest)")
+    parser.add_argument(
+        "--prompt",
+        type=int,
+        default=0,
+        help="sample prompt shown side by side (index into dataset.sample_prompts; default 0)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="which seed's runs the sample grid shows (default: the smallest)"
+    )
     parser.add_argument("--no-page", action="store_true", help="print the table only, write no report files")
-    parser.add_argument("--with", dest="beside", type=Path, action="append", default=[], metavar="RUN_DIR",
-                        help="put these runs beside the cells, e.g. an external LoRA's evaluation (outputs/evals/<name>-<hash>)")  # fmt: skip
+    parser.add_argument(
+        "--with",
+        dest="beside",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="RUN_DIR",
+        help="put these runs beside the cells, e.g. an external LoRA's evaluation (outputs/evals/<name>-<hash>)",
+    )
     args = parser.parse_args(argv)
     for extra in args.beside:
         if not find_run_dirs(extra):
-            print(f"--with {extra}: holds no run (no run.json); give a folder written by launch.py or python -m flux_lora.eval --lora", file=sys.stderr)
+            print(
+                f"--with {extra}: holds no run (no run.json); give a folder written by launch.py or python -m flux_lora.eval --lora",
+                file=sys.stderr,
+            )
             return 2
     for root in args.dirs:
         if not root.is_dir():
@@ -28,7 +47,10 @@ def report_main(argv: list[str]) -> int:
             return 2
         run_dirs = find_run_dirs(root)
         if not run_dirs:
-            print(f"{root}: holds no run (no run.json or run_pointer.json below it); pass a run or sweep directory under outputs/", file=sys.stderr)
+            print(
+                f"{root}: holds no run (no run.json or run_pointer.json below it); pass a run or sweep directory under outputs/",
+                file=sys.stderr,
+            )
             return 2
         rows = [read_run(d) for d in run_dirs]
         print_summary(rows, title=str(root))
@@ -44,7 +66,10 @@ def report_main(argv: list[str]) -> int:
 
 
 def rate_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flux_lora.report rate", description="Blind 1-5 rating of a sweep's final samples in the browser.")
+    parser = argparse.ArgumentParser(
+        prog="python -m flux_lora.report rate",
+        description="Blind 1-5 rating of a sweep's final samples in the browser.",
+    )
     parser.add_argument("sweep_dir", type=Path, metavar="SWEEP_DIR")
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
     args = parser.parse_args(argv)
@@ -55,7 +80,10 @@ def rate_main(argv: list[str]) -> int:
 
 def main(argv: list[str]) -> int:
     if not argv:
-        print("usage: python -m flux_lora.report RUN_OR_SWEEP_DIR [...] | python -m flux_lora.report rate SWEEP_DIR", file=sys.stderr)
+        print(
+            "usage: python -m flux_lora.report RUN_OR_SWEEP_DIR [...] | python -m flux_lora.report rate SWEEP_DIR",
+            file=sys.stderr,
+        )
         return 2
     if argv[0] == "rate":
         return rate_main(argv[1:])

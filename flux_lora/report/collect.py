@@ -12,10 +12,10 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-from flux_lora.report.summary import RunRow, find_run_dirs, lineage_label, read_json, read_run, read_yaml
 from flux_lora.records import POINTER_FILE
+from flux_lora.report.summary import RunRow, find_run_dirs, lineage_label, read_json, read_run, read_yaml
 
 # States whose numbers count in a cell's statistics (a pointer "skipped: done" stands for a run that succeeded).
 # An external LoRA file judged by `python -m flux_lora.eval --lora FILE` (state "external") counts as one run.
@@ -30,7 +30,7 @@ class Metric:
     key: str
     label: str
     spec: str  # format spec for one value
-    lower_is_better: Optional[bool]  # None: shown, never compared
+    lower_is_better: bool | None  # None: shown, never compared
 
 
 # The order of the report's columns. Validation loss is the plain MSE on a fixed set (same scale in every
@@ -56,18 +56,18 @@ class RunRecord:
     row: RunRow  # the terminal summary's row: state, note, run id, times (row.run_dir is the sweep's folder)
     home: Path  # where the run's files live (a pointer cell's run lives elsewhere)
     cell: str
-    seed: Optional[int]
+    seed: int | None
     order: int  # Hydra's job number, so cells keep the sweep's order
     config: dict[str, Any]
     changes: dict[str, Any]  # the ablation's declared keys -> their values in this run
     loss_scale: str  # "" for the plain loss; otherwise what reweights it (min-SNR)
-    steps: Optional[int]
-    metrics: dict[str, Optional[float]]
-    evaluation: Optional[dict[str, Any]]  # eval/eval.json, None when not evaluated
-    load_check: Optional[bool]
-    best_step: Optional[int]
-    basis: Optional[dict[str, Any]] = None  # what the evaluation was measured on (evaluation_basis)
-    best_step_likeness: Optional[int] = None  # the saved LoRA whose faces are closest (eval.json likeness_by_step)
+    steps: int | None
+    metrics: dict[str, float | None]
+    evaluation: dict[str, Any] | None  # eval/eval.json, None when not evaluated
+    load_check: bool | None
+    best_step: int | None
+    basis: dict[str, Any] | None = None  # what the evaluation was measured on (evaluation_basis)
+    best_step_likeness: int | None = None  # the saved LoRA whose faces are closest (eval.json likeness_by_step)
 
     @property
     def counted(self) -> bool:
@@ -92,7 +92,7 @@ class Cell:
         """The evaluation bases of the counted, evaluated runs."""
         return [r.basis for r in self.runs if r.counted and r.basis]
 
-    def evaluated_on_other_terms(self, baseline: "Cell") -> list[str]:
+    def evaluated_on_other_terms(self, baseline: Cell) -> list[str]:
         """How this cell's evaluations differ from the baseline's (or among its own seeds); [] when comparable."""
         if not self.bases or not baseline.bases:
             return []
@@ -104,7 +104,9 @@ class Cell:
         counts = Counter(r.row.state for r in self.runs)
         parts = []
         for state, count in counts.items():
-            reason = next((r.row.note for r in self.runs if r.row.state == state and r.row.note and state != "skipped: done"), "")
+            reason = next(
+                (r.row.note for r in self.runs if r.row.state == state and r.row.note and state != "skipped: done"), ""
+            )
             label = state if len(self.runs) == 1 else f"{count} {state}"
             parts.append(label + (f": {reason}" if reason else ""))
         return "; ".join(parts)
@@ -132,7 +134,7 @@ def _job_number(cell_dir: Path) -> int:
     return int(head) if head.isdigit() else 1_000_000
 
 
-def _strength_key(by_strength: dict[str, Any]) -> Optional[str]:
+def _strength_key(by_strength: dict[str, Any]) -> str | None:
     """The strength the tables quote: 1.0 when evaluated, else the strongest evaluated."""
     keys = [k for k in by_strength if k not in ("base", "null")]
     if not keys:
@@ -140,7 +142,7 @@ def _strength_key(by_strength: dict[str, Any]) -> Optional[str]:
     return next((k for k in keys if float(k) == 1.0), max(keys, key=float))
 
 
-def eval_metrics(evaluation: dict[str, Any]) -> dict[str, Optional[float]]:
+def eval_metrics(evaluation: dict[str, Any]) -> dict[str, float | None]:
     validation = evaluation.get("validation") or {}
     likeness = (evaluation.get("likeness") or {}).get("by_strength") or {}
     diversity = (evaluation.get("diversity") or {}).get("by_strength") or {}
@@ -158,14 +160,29 @@ def eval_metrics(evaluation: dict[str, Any]) -> dict[str, Optional[float]]:
 
 
 # The evaluation terms two cells must share to be compared, with the words the report uses for each.
-BASIS_KEYS = {"images": "validation images", "image_set": "image set", "image_count": "image count", "resolution": "resolution",
-              "sigmas": "sigmas", "base_model": "base model", "base_model_stand_in": "stand-in base model", "device": "device",
-              "dtype": "dtype", "seeds": "seeds", "strengths": "strengths", "sample_steps": "sampling steps"}  # fmt: skip
+BASIS_KEYS = {
+    "images": "validation images",
+    "image_set": "image set",
+    "image_count": "image count",
+    "resolution": "resolution",
+    "sigmas": "sigmas",
+    "base_model": "base model",
+    "base_model_stand_in": "stand-in base model",
+    "device": "device",
+    "dtype": "dtype",
+    "seeds": "seeds",
+    "strengths": "strengths",
+    "sample_steps": "sampling steps",
+}
 EVAL_METRIC_KEYS = ("val_final", "val_best", "identity", "face_share", "diversity")
-IMAGE_SET_WORDS = {"held-out": "held-out images", "training-set": "training images", "validation-folder": "validation folder"}
+IMAGE_SET_WORDS = {
+    "held-out": "held-out images",
+    "training-set": "training images",
+    "validation-folder": "validation folder",
+}
 
 
-def evaluation_basis(evaluation: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+def evaluation_basis(evaluation: dict[str, Any] | None) -> dict[str, Any] | None:
     """eval.json's basis; for an evaluation written before it was recorded, what its sections say (None = unknown)."""
     if not evaluation:
         return None
@@ -173,11 +190,18 @@ def evaluation_basis(evaluation: Optional[dict[str, Any]]) -> Optional[dict[str,
         return evaluation["basis"]
     validation, run = evaluation.get("validation") or {}, evaluation.get("run") or {}
     likeness, settings = evaluation.get("likeness") or {}, evaluation.get("settings") or {}
-    return {"images": validation.get("images"), "image_count": validation.get("count"),
-            "resolution": validation.get("resolution") or likeness.get("resolution"), "sigmas": validation.get("sigmas"),
-            "base_model": run.get("base_model"), "base_model_stand_in": run.get("base_model_stand_in"),
-            "device": evaluation.get("device"), "seeds": settings.get("seeds"), "strengths": settings.get("strengths"),
-            "sample_steps": likeness.get("steps")}  # fmt: skip
+    return {
+        "images": validation.get("images"),
+        "image_count": validation.get("count"),
+        "resolution": validation.get("resolution") or likeness.get("resolution"),
+        "sigmas": validation.get("sigmas"),
+        "base_model": run.get("base_model"),
+        "base_model_stand_in": run.get("base_model_stand_in"),
+        "device": evaluation.get("device"),
+        "seeds": settings.get("seeds"),
+        "strengths": settings.get("strengths"),
+        "sample_steps": likeness.get("steps"),
+    }
 
 
 def basis_difference(bases: list[dict[str, Any]], reference: dict[str, Any]) -> list[str]:
@@ -216,7 +240,7 @@ def _clean_cell_name(run: dict[str, Any], config: dict[str, Any], cell_dir: Path
     return " ".join(overrides) or str(run.get("name") or cell_dir.name)
 
 
-def seconds_per_step(attempts: list[dict], wall_s: Optional[float], steps: Optional[int]) -> Optional[float]:
+def seconds_per_step(attempts: list[dict], wall_s: float | None, steps: int | None) -> float | None:
     """Training seconds over the steps trained, summed over every attempt (a resumed run is not faster than it was);
     the wall time over the steps when an attempt did not record its own (sd-scripts)."""
     ran = [a for a in attempts if a.get("duration_s") is not None]
@@ -235,7 +259,7 @@ def read_record(cell_dir: Path) -> RunRecord:
     steps = summary.get("steps")
     if steps is None and row.state in COUNTED_STATES:
         steps = _leaf(config, "profile.max_train_steps")  # sd-scripts writes no summary; a success ran them all
-    metrics: dict[str, Optional[float]] = {
+    metrics: dict[str, float | None] = {
         "wall_s": row.duration_s,  # over all attempts
         "s_per_step": seconds_per_step(read_json(home / "status.json").get("attempts") or [], row.duration_s, steps),
         "peak_gb": row.peak_memory_gb,
@@ -279,16 +303,25 @@ def group_cells(records: list[RunRecord]) -> list[Cell]:
 
 def collect(root: Path, beside: tuple[Path, ...] = ()) -> list[Cell]:
     """The cells of root's runs, then those of the folders `beside` it (e.g. external LoRA files' evaluations)."""
-    return group_cells([read_record(d) for d in find_run_dirs(root)] + [read_record(d) for extra in beside for d in find_run_dirs(extra)])
+    return group_cells(
+        [read_record(d) for d in find_run_dirs(root)]
+        + [read_record(d) for extra in beside for d in find_run_dirs(extra)]
+    )
 
 
 def with_ratings(cells: list[Cell], rating_by_run: dict[str, float]) -> list[Cell]:
     """Cells whose runs carry their mean blind rating (keyed by the run's folder name in the sweep)."""
     return [
-        Cell(cell.name, [dataclasses.replace(r, metrics={**r.metrics, "rating": rating_by_run.get(r.row.run_dir.name)}) for r in cell.runs])
+        Cell(
+            cell.name,
+            [
+                dataclasses.replace(r, metrics={**r.metrics, "rating": rating_by_run.get(r.row.run_dir.name)})
+                for r in cell.runs
+            ],
+        )
         for cell in cells
     ]
 
 
-def find_baseline(cells: list[Cell]) -> Optional[Cell]:
+def find_baseline(cells: list[Cell]) -> Cell | None:
     return next((c for c in cells if c.name == BASELINE), None)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
 
 from matplotlib.figure import Figure
 
@@ -12,7 +11,18 @@ from flux_lora.lifecycle.outcome import LOSS_TAG, scalar_series
 from flux_lora.report.collect import Cell
 
 SMOOTHING = 0.8  # EMA weight of the previous value (TensorBoard's slider default is 0.6; ablations are noisier)
-_PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
+_PALETTE = (
+    "#1f77b4",
+    "#d62728",
+    "#2ca02c",
+    "#ff7f0e",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#17becf",
+    "#bcbd22",
+    "#7f7f7f",
+)
 
 
 def cell_colour(index: int) -> str:
@@ -42,7 +52,7 @@ def smooth(values: list[float], weight: float = SMOOTHING) -> list[float]:
     return out
 
 
-def plot_validation(cells: list[Cell], target: Path, images: str = "") -> Optional[Path]:
+def plot_validation(cells: list[Cell], target: Path, images: str = "") -> Path | None:
     """Validation loss vs step: each cell's mean over seeds (thick), each seed (thin); step 0 is the base model.
     `images` says which images it was measured on (the title carries it)."""
     figure, axes = _figure()
@@ -51,24 +61,38 @@ def plot_validation(cells: list[Cell], target: Path, images: str = "") -> Option
         curves = []
         for run in cell.runs:
             # A file from elsewhere (python -m flux_lora.eval --lora) may not know its step: it has no place on this axis.
-            curve = [(p["step"], p["loss"]) for p in ((run.evaluation or {}).get("validation") or {}).get("curve", [])
-                     if p.get("loss") is not None and p.get("step") is not None]  # fmt: skip
+            curve = [
+                (p["step"], p["loss"])
+                for p in ((run.evaluation or {}).get("validation") or {}).get("curve", [])
+                if p.get("loss") is not None and p.get("step") is not None
+            ]
             if curve:
                 curves.append(curve)
                 axes.plot(*zip(*curve), color=cell_colour(index), linewidth=0.7, alpha=0.35)
         if curves:
-            axes.plot(*zip(*_mean_by_step(curves)), color=cell_colour(index), linewidth=2, marker="o", markersize=3, label=f"{cell.name} (n={len(curves)})")
+            axes.plot(
+                *zip(*_mean_by_step(curves)),
+                color=cell_colour(index),
+                linewidth=2,
+                marker="o",
+                markersize=3,
+                label=f"{cell.name} (n={len(curves)})",
+            )
             drawn = True
     if not drawn:
         return None
-    axes.set(xlabel="step (0 = no LoRA)", ylabel="validation loss (plain flow-matching MSE)", title="Validation loss vs step" + (f" ({images})" if images else ""))
+    axes.set(
+        xlabel="step (0 = no LoRA)",
+        ylabel="validation loss (plain flow-matching MSE)",
+        title="Validation loss vs step" + (f" ({images})" if images else ""),
+    )
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, ncols=2)
     figure.savefig(target)
     return target
 
 
-def plot_training_loss(cells: list[Cell], target: Path) -> tuple[Optional[Path], list[str]]:
+def plot_training_loss(cells: list[Cell], target: Path) -> tuple[Path | None, list[str]]:
     """Training loss per step, smoothed, one colour per cell; dashed where the loss is weighted differently."""
     figure, axes = _figure()
     notes: list[str] = []
@@ -82,10 +106,19 @@ def plot_training_loss(cells: list[Cell], target: Path) -> tuple[Optional[Path],
                 continue
             steps = [p[0] for p in points]
             label = None if labelled else cell.name + (" (other scale)" if scaled else "")
-            axes.plot(steps, smooth([p[1] for p in points]), color=cell_colour(index), linewidth=1.2, linestyle="--" if scaled else "-", label=label)
+            axes.plot(
+                steps,
+                smooth([p[1] for p in points]),
+                color=cell_colour(index),
+                linewidth=1.2,
+                linestyle="--" if scaled else "-",
+                label=label,
+            )
             labelled = drawn = True
         if scaled and labelled:
-            notes.append(f"{cell.name}: loss is {cell.runs[0].loss_scale}, so on another scale: compare its samples and validation loss, not this curve")
+            notes.append(
+                f"{cell.name}: loss is {cell.runs[0].loss_scale}, so on another scale: compare its samples and validation loss, not this curve"
+            )
     if not drawn:
         return None, notes
     axes.set(xlabel="step", ylabel=f"training loss (EMA {SMOOTHING})", title="Training loss (smoothed)")
@@ -95,7 +128,7 @@ def plot_training_loss(cells: list[Cell], target: Path) -> tuple[Optional[Path],
     return target, notes
 
 
-def plot_identity(cells: list[Cell], target: Path) -> Optional[Path]:
+def plot_identity(cells: list[Cell], target: Path) -> Path | None:
     """Identity similarity (mean cosine to the training faces) vs LoRA strength, mean over seeds per cell."""
     figure, axes = _figure()
     drawn = False
@@ -104,14 +137,24 @@ def plot_identity(cells: list[Cell], target: Path) -> Optional[Path]:
         curves = []
         for run in cell.runs:
             likeness = (run.evaluation or {}).get("likeness") or {}
-            curve = [(float(k), v["mean_cosine"]) for k, v in (likeness.get("by_strength") or {}).items() if v.get("mean_cosine") is not None]
+            curve = [
+                (float(k), v["mean_cosine"])
+                for k, v in (likeness.get("by_strength") or {}).items()
+                if v.get("mean_cosine") is not None
+            ]
             if curve:
                 curves.append(sorted(curve))
             floors += [(likeness.get("floor") or {}).get("mean_cosine")]
             ceilings += [(likeness.get("ceiling") or {}).get("mean_cosine")]
         if curves:
             points = _mean_by_step([[(round(s * 1000), v) for s, v in c] for c in curves])
-            axes.plot([s / 1000 for s, _ in points], [v for _, v in points], color=cell_colour(index), marker="o", label=cell.name)
+            axes.plot(
+                [s / 1000 for s, _ in points],
+                [v for _, v in points],
+                color=cell_colour(index),
+                marker="o",
+                label=cell.name,
+            )
             drawn = True
     if not drawn:
         return None
@@ -119,14 +162,16 @@ def plot_identity(cells: list[Cell], target: Path) -> Optional[Path]:
         known = [v for v in values if v is not None]
         if known:
             axes.axhline(math.fsum(known) / len(known), color="grey", linestyle=style, label=label)
-    axes.set(xlabel="LoRA strength", ylabel="mean cosine to training faces", title="Identity similarity vs LoRA strength")
+    axes.set(
+        xlabel="LoRA strength", ylabel="mean cosine to training faces", title="Identity similarity vs LoRA strength"
+    )
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, ncols=2)
     figure.savefig(target)
     return target
 
 
-def plot_likeness_by_step(cells: list[Cell], target: Path) -> Optional[Path]:
+def plot_likeness_by_step(cells: list[Cell], target: Path) -> Path | None:
     """Identity similarity vs step per cell (mean over seeds): to the held-out faces where the runs held some out
     (solid), to the training faces (dashed). None when no generated image had a face."""
     figure, axes = _figure()
@@ -136,18 +181,30 @@ def plot_likeness_by_step(cells: list[Cell], target: Path) -> Optional[Path]:
             curves = []
             for run in cell.runs:
                 points = ((run.evaluation or {}).get("likeness_by_step") or {}).get("points") or []
-                curve = [(p["step"], (p.get(block) or {}).get("mean_cosine")) for p in points if p.get("step") is not None]
+                curve = [
+                    (p["step"], (p.get(block) or {}).get("mean_cosine")) for p in points if p.get("step") is not None
+                ]
                 curve = [(step, value) for step, value in curve if value is not None]
                 if curve:
                     curves.append(curve)
             if curves:
                 words = "held-out" if block == "held_out_faces" else "training"
-                axes.plot(*zip(*_mean_by_step(curves)), color=cell_colour(index), linestyle=style, marker="o", markersize=3,
-                          label=f"{cell.name}: {words} faces")  # fmt: skip
+                axes.plot(
+                    *zip(*_mean_by_step(curves)),
+                    color=cell_colour(index),
+                    linestyle=style,
+                    marker="o",
+                    markersize=3,
+                    label=f"{cell.name}: {words} faces",
+                )
                 drawn = True
     if not drawn:
         return None
-    axes.set(xlabel="step", ylabel="mean cosine of generated faces", title="Identity similarity vs step (held-out faces solid, training dashed)")
+    axes.set(
+        xlabel="step",
+        ylabel="mean cosine of generated faces",
+        title="Identity similarity vs step (held-out faces solid, training dashed)",
+    )
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, ncols=2)
     figure.savefig(target)

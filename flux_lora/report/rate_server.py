@@ -14,11 +14,11 @@ import secrets
 import sys
 import threading
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from flux_lora.report.collect import read_record
@@ -39,7 +39,7 @@ class RateItem:
     image_name: str  # as recorded: relative to the sweep when inside it
     run: str  # the run's folder name in the sweep
     cell: str
-    seed: Optional[int]
+    seed: int | None
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,9 @@ def collect_items(sweep_dir: Path) -> RateSet:
                 name = str(sample.path)  # a pointer cell's run lives outside the sweep
             token = secrets.token_hex(8)
             items[token] = RateItem(token, sample.prompt, sample.path, name, cell_dir.name, record.cell, record.seed)
-            prompts.setdefault(sample.prompt, texts[sample.prompt] if sample.prompt < len(texts) else f"prompt {sample.prompt}")
+            prompts.setdefault(
+                sample.prompt, texts[sample.prompt] if sample.prompt < len(texts) else f"prompt {sample.prompt}"
+            )
     return RateSet(sweep_dir, items, dict(sorted(prompts.items())))
 
 
@@ -110,7 +112,9 @@ def make_handler(rate_set: RateSet, log: RatingLog) -> type[BaseHTTPRequestHandl
             port = self.server.server_address[1]
             if self.headers.get("Host", "") in (f"127.0.0.1:{port}", f"localhost:{port}"):
                 return False
-            self._json(HTTPStatus.FORBIDDEN, {"error": f"Host {self.headers.get('Host')!r}: open http://127.0.0.1:{port}/"})
+            self._json(
+                HTTPStatus.FORBIDDEN, {"error": f"Host {self.headers.get('Host')!r}: open http://127.0.0.1:{port}/"}
+            )
             return True
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
@@ -134,8 +138,13 @@ def make_handler(rate_set: RateSet, log: RatingLog) -> type[BaseHTTPRequestHandl
             for index, text in rate_set.prompts.items():
                 tokens = [t for t, item in rate_set.items.items() if item.prompt == index]
                 shuffle.shuffle(tokens)
-                prompts.append({"index": index, "text": text,
-                                "images": [{"token": t, "score": scores.get(rate_set.items[t].image_name)} for t in tokens]})  # fmt: skip
+                prompts.append(
+                    {
+                        "index": index,
+                        "text": text,
+                        "images": [{"token": t, "score": scores.get(rate_set.items[t].image_name)} for t in tokens],
+                    }
+                )
             return {"prompts": prompts, "scores": list(SCORES)}
 
         def do_POST(self) -> None:  # noqa: N802 - http.server's name
@@ -154,7 +163,10 @@ def make_handler(rate_set: RateSet, log: RatingLog) -> type[BaseHTTPRequestHandl
                 length = -1
             if not 0 <= length <= MAX_BODY_BYTES:
                 self.close_connection = True  # the unread body must not be taken for the next request
-                self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": f"a rating is at most {MAX_BODY_BYTES} bytes of JSON"})
+                self._json(
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                    {"error": f"a rating is at most {MAX_BODY_BYTES} bytes of JSON"},
+                )
                 return
             try:
                 body = json.loads(self.rfile.read(length) or b"{}")
@@ -170,8 +182,18 @@ def make_handler(rate_set: RateSet, log: RatingLog) -> type[BaseHTTPRequestHandl
             elif item is None:
                 self._json(HTTPStatus.NOT_FOUND, {"error": "unknown image (the server was restarted? reload the page)"})
             else:
-                log.append({"rater": rater, "image": item.image_name, "cell": item.cell, "run": item.run, "seed": item.seed,
-                            "prompt": item.prompt, "score": score, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})  # fmt: skip
+                log.append(
+                    {
+                        "rater": rater,
+                        "image": item.image_name,
+                        "cell": item.cell,
+                        "run": item.run,
+                        "seed": item.seed,
+                        "prompt": item.prompt,
+                        "score": score,
+                        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+                    }
+                )
                 self._json(HTTPStatus.OK, {"ok": True})
 
     return RateHandler
@@ -183,14 +205,20 @@ def serve(sweep_dir: Path, port: int = 0) -> int:
         return 2
     rate_set = collect_items(sweep_dir)
     if not rate_set.items:
-        print(f"error: {sweep_dir}: no sample images in any run (output/sample/*.png); train with profile.sample_every_n_steps > 0 "
-              "(or wait for the first samples), then rate", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: {sweep_dir}: no sample images in any run (output/sample/*.png); train with profile.sample_every_n_steps > 0 "
+            "(or wait for the first samples), then rate",
+            file=sys.stderr,
+        )
         return 2
     log = RatingLog(sweep_dir / RATINGS_FILE)
     server = ThreadingHTTPServer(("127.0.0.1", port), make_handler(rate_set, log))
     cells = len({item.cell for item in rate_set.items.values()})
-    print(f"rate: http://127.0.0.1:{server.server_port}/ ({len(rate_set.items)} images, {len(rate_set.prompts)} prompts, {cells} cells, "
-          f"shown shuffled and unlabelled); ratings are appended to {log.path}; Ctrl-C stops", flush=True)  # fmt: skip
+    print(
+        f"rate: http://127.0.0.1:{server.server_port}/ ({len(rate_set.items)} images, {len(rate_set.prompts)} prompts, {cells} cells, "
+        f"shown shuffled and unlabelled); ratings are appended to {log.path}; Ctrl-C stops",
+        flush=True,
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:

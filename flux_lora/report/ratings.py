@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 RATINGS_FILE = "ratings.jsonl"
 SCORES = (1, 2, 3, 4, 5)
@@ -23,7 +23,7 @@ class RaterPair:
     a: str
     b: str
     images: int  # rated by both
-    spearman: Optional[float]  # None below 3 shared images or when one rater gave one score to all
+    spearman: float | None  # None below 3 shared images or when one rater gave one score to all
     exact: float  # share of shared images with the same score
     within_one: float
 
@@ -60,7 +60,7 @@ def latest_scores(ratings: list[dict[str, Any]]) -> dict[tuple[str, str], dict[s
     return {(r["rater"], r["image"]): r for r in ratings}
 
 
-def _spearman(x: list[int], y: list[int]) -> Optional[float]:
+def _spearman(x: list[int], y: list[int]) -> float | None:
     if len(x) < 3 or len(set(x)) < 2 or len(set(y)) < 2:
         return None
     from scipy.stats import spearmanr
@@ -79,12 +79,20 @@ def rater_pairs(latest: dict[tuple[str, str], dict[str, Any]]) -> list[RaterPair
         if not shared:
             continue
         x, y = [by_rater[a][i] for i in shared], [by_rater[b][i] for i in shared]
-        pairs.append(RaterPair(a, b, len(shared), _spearman(x, y), sum(p == q for p, q in zip(x, y)) / len(shared),
-                               sum(abs(p - q) <= 1 for p, q in zip(x, y)) / len(shared)))  # fmt: skip
+        pairs.append(
+            RaterPair(
+                a,
+                b,
+                len(shared),
+                _spearman(x, y),
+                sum(p == q for p, q in zip(x, y)) / len(shared),
+                sum(abs(p - q) <= 1 for p, q in zip(x, y)) / len(shared),
+            )
+        )
     return pairs
 
 
-def summarize_ratings(sweep_dir: Path) -> Optional[RatingSummary]:
+def summarize_ratings(sweep_dir: Path) -> RatingSummary | None:
     ratings, skipped = read_ratings(sweep_dir / RATINGS_FILE)
     if not ratings:
         return None

@@ -8,7 +8,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from PIL import Image
 
@@ -49,10 +48,14 @@ def final_samples(run_home: Path) -> list[SampleImage]:
     return [s for s in samples if s.step == last]
 
 
-def eval_base_image(run_home: Path, prompt: int, evaluation: Optional[dict]) -> Optional[Path]:
+def eval_base_image(run_home: Path, prompt: int, evaluation: dict | None) -> Path | None:
     """The evaluator's no-LoRA image for a sample prompt (its first seed), when the run was evaluated."""
     for sample in (evaluation or {}).get("samples", []):
-        if sample.get("strength") is None and sample.get("set") == "sample" and sample.get("prompt") == f"sample-{prompt:02d}":
+        if (
+            sample.get("strength") is None
+            and sample.get("set") == "sample"
+            and sample.get("prompt") == f"sample-{prompt:02d}"
+        ):
             path = run_home / sample["image"]
             if path.is_file():
                 return path

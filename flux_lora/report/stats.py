@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Optional, Sequence
 
 from scipy.stats import t as student_t
 
@@ -34,11 +34,11 @@ class Estimate:
 
     n: int
     mean: float
-    low: Optional[float]
-    high: Optional[float]
+    low: float | None
+    high: float | None
 
     @property
-    def half_width(self) -> Optional[float]:
+    def half_width(self) -> float | None:
         return None if self.high is None else self.high - self.mean
 
 
@@ -54,12 +54,12 @@ class Comparison:
     """One cell against baseline on one metric."""
 
     difference: float  # cell mean - baseline mean
-    p: Optional[float]
-    p_holm: Optional[float]
+    p: float | None
+    p_holm: float | None
     verdict: Verdict
 
 
-def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Optional[Estimate]:
+def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Estimate | None:
     """Mean and two-sided Student-t interval: mean +- t(1 - (1 - confidence)/2, n - 1) * s / sqrt(n)."""
     if not values:
         return None
@@ -71,7 +71,7 @@ def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Op
     return Estimate(n, mean, mean - half, mean + half)
 
 
-def welch_test(a: Sequence[float], b: Sequence[float]) -> Optional[WelchResult]:
+def welch_test(a: Sequence[float], b: Sequence[float]) -> WelchResult | None:
     """Two-sided Welch's t-test of mean(a) == mean(b); None when a side has fewer than 2 values."""
     if len(a) < 2 or len(b) < 2:
         return None
@@ -81,18 +81,20 @@ def welch_test(a: Sequence[float], b: Sequence[float]) -> Optional[WelchResult]:
     if se2 == 0.0:
         # No spread at all (peak memory of a deterministic run): a difference is exact, none is none.
         same = mean_a == mean_b
-        return WelchResult(0.0 if same else math.copysign(math.inf, mean_a - mean_b), float(len(a) + len(b) - 2), 1.0 if same else 0.0)
+        return WelchResult(
+            0.0 if same else math.copysign(math.inf, mean_a - mean_b), float(len(a) + len(b) - 2), 1.0 if same else 0.0
+        )
     t = (mean_a - mean_b) / math.sqrt(se2)
     # Welch-Satterthwaite degrees of freedom.
     df = se2**2 / (var_a**2 / (len(a) - 1) + var_b**2 / (len(b) - 1))
     return WelchResult(t, df, float(2.0 * student_t.sf(abs(t), df)))
 
 
-def holm_adjust(pvalues: Sequence[Optional[float]]) -> list[Optional[float]]:
+def holm_adjust(pvalues: Sequence[float | None]) -> list[float | None]:
     """Holm step-down adjusted p-values (None stays None and does not count as a test)."""
     ranked = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)
     m = len(ranked)
-    adjusted: list[Optional[float]] = [None] * len(pvalues)
+    adjusted: list[float | None] = [None] * len(pvalues)
     running = 0.0
     for rank, (p, index) in enumerate(ranked):
         running = max(running, min(1.0, (m - rank) * p))  # monotone: a smaller p never gets a larger adjustment

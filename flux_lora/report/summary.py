@@ -11,7 +11,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 from hydra.experimental.callback import Callback
@@ -19,8 +19,8 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from flux_lora.lifecycle.outcome import scalar_series
 from flux_lora.lifecycle.lease import lease_path, read_holder
+from flux_lora.lifecycle.outcome import scalar_series
 from flux_lora.records import POINTER_FILE, total_duration
 
 
@@ -31,18 +31,18 @@ class RunRow:
     ablation: str
     run_id: str
     state: str
-    duration_s: Optional[float]
-    final_loss: Optional[float]
-    peak_memory_gb: Optional[float]
+    duration_s: float | None
+    final_loss: float | None
+    peak_memory_gb: float | None
     note: str
-    images_seen: Optional[int] = None  # max_train_steps x batch x accumulation x GPUs: the cell's compute
+    images_seen: int | None = None  # max_train_steps x batch x accumulation x GPUs: the cell's compute
     step_basis: str = ""
 
 
 STATUS_UNREADABLE = "status unreadable"
 
 
-def unreadable(path: Path) -> Optional[str]:
+def unreadable(path: Path) -> str | None:
     """Why a record file that exists cannot be read (None when it is missing or fine)."""
     try:
         data = json.loads(path.read_text())
@@ -72,7 +72,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
         return {}
 
 
-def last_scalar(logging_dir: Path, tag: str) -> Optional[float]:
+def last_scalar(logging_dir: Path, tag: str) -> float | None:
     """Value of a TensorBoard scalar at its highest step under logging_dir (both engines write TensorBoard events)."""
     series = scalar_series(logging_dir, tag)
     return series[-1][1] if series else None
@@ -106,8 +106,17 @@ def read_run(run_dir: Path) -> RunRow:
         home = Path(pointer.get("run_dir", run_dir))
         if pointer.get("state") in ("busy", "refused") or home == run_dir:
             # A sweep cell that did not run: another launch holds its run id, or it could not be resumed.
-            return RunRow(run_dir=run_dir, name=run_dir.name, ablation="", run_id=pointer.get("run_id", ""), state=pointer.get("state", "?"),
-                          duration_s=None, final_loss=None, peak_memory_gb=None, note=pointer.get("note", ""))  # fmt: skip
+            return RunRow(
+                run_dir=run_dir,
+                name=run_dir.name,
+                ablation="",
+                run_id=pointer.get("run_id", ""),
+                state=pointer.get("state", "?"),
+                duration_s=None,
+                final_loss=None,
+                peak_memory_gb=None,
+                note=pointer.get("note", ""),
+            )
         # A sweep cell whose run lives elsewhere: skipped as done, or resumed in its own folder.
         row = read_run(home)
         if pointer["state"] == SKIPPED_DONE:
@@ -133,12 +142,18 @@ def read_run(run_dir: Path) -> RunRow:
         state, note = OWNER_GONE, "its launcher and job are gone; run the same command again to resume it"
     lineage = run.get("lineage")
     if lineage:
-        note = f"lineage: {lineage_label(lineage)}" + "".join(f"; {c}" for c in lineage.get("recipe_changes", [])) + (f"; {note}" if note else "")
+        note = (
+            f"lineage: {lineage_label(lineage)}"
+            + "".join(f"; {c}" for c in lineage.get("recipe_changes", []))
+            + (f"; {note}" if note else "")
+        )
     attempts = status.get("attempts") or []
     peaks = [a["peak_memory_gb"] for a in attempts if a.get("peak_memory_gb") is not None]
     profile, gpu, ablation = config.get("profile", {}), config.get("gpu", {}), config.get("ablation", {})
     try:
-        images_seen = profile["max_train_steps"] * gpu["batch_size"] * gpu["gradient_accumulation_steps"] * gpu["num_gpus"]
+        images_seen = (
+            profile["max_train_steps"] * gpu["batch_size"] * gpu["gradient_accumulation_steps"] * gpu["num_gpus"]
+        )
     except (KeyError, TypeError):
         images_seen = None
     return RunRow(
@@ -164,11 +179,11 @@ def find_run_dirs(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-def _fmt(value: Optional[float], spec: str) -> str:
+def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def print_summary(rows: list[RunRow], title: str, console: Optional[Console] = None) -> None:
+def print_summary(rows: list[RunRow], title: str, console: Console | None = None) -> None:
     # Piped output (logs, SLURM) gets a wide table instead of rich's 80-column default.
     console = console or Console(width=None if sys.stdout.isatty() else 200)
     bases = sorted({r.step_basis for r in rows if r.step_basis})
@@ -179,16 +194,23 @@ def print_summary(rows: list[RunRow], title: str, console: Optional[Console] = N
         table.add_column(column, overflow="fold")
     for r in rows:
         table.add_row(
-            r.run_dir.name, r.ablation, r.state, r.run_id, "-" if r.images_seen is None else str(r.images_seen), _fmt(r.duration_s, ".1f"),
-            _fmt(r.final_loss, ".4f"), _fmt(r.peak_memory_gb, ".2f"), r.note,
-        )  # fmt: skip
+            r.run_dir.name,
+            r.ablation,
+            r.state,
+            r.run_id,
+            "-" if r.images_seen is None else str(r.images_seen),
+            _fmt(r.duration_s, ".1f"),
+            _fmt(r.final_loss, ".4f"),
+            _fmt(r.peak_memory_gb, ".2f"),
+            r.note,
+        )
     console.print(table)
 
 
 class SweepDirRecorder(Callback):
     """Remembers the sweep directory in the launching process, where the summary is printed."""
 
-    sweep_dir: Optional[Path] = None
+    sweep_dir: Path | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         SweepDirRecorder.sweep_dir = Path(config.hydra.sweep.dir)

@@ -2,12 +2,11 @@
 it accepts, and the `hydra/launcher=local_gpus` option with its one extra key, `devices`."""
 
 from dataclasses import dataclass
-from typing import Optional
 
 from hydra.core.config_store import ConfigStore
-from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf
 
 from flux_lora import cluster
+from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf
 
 
 class SlurmLauncher(cluster.SlurmLauncher):
@@ -22,10 +21,10 @@ class LocalGpuPoolLauncher(cluster.LocalGpuPoolLauncher):
 class LocalGpuPoolConf(LocalQueueConf):
     _target_: str = "hydra_plugins.flux_lora_launcher.LocalGpuPoolLauncher"
     submitit_folder: str = "${hydra.sweep.dir}/.submitit"
-    gpus_per_node: Optional[int] = "${gpu.num_gpus}"  # type: ignore[assignment]  # GPUs per cell, from the tier
+    gpus_per_node: int | None = "${gpu.num_gpus}"  # type: ignore[assignment]  # GPUs per cell, from the tier
     timeout_min: int = 10080
     # Device ids to share among the cells; null: every GPU NVML sees here.
-    devices: Optional[list[int]] = None
+    devices: list[int] | None = None
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="local_gpus", node=LocalGpuPoolConf, provider="flux_lora")

@@ -35,7 +35,13 @@ def astronaut() -> np.ndarray:
 
 def distinct_photos() -> list[np.ndarray]:
     """Five different real photographs (RGB, uint8)."""
-    return [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), np.ascontiguousarray(data.astronaut()[:, ::-1][60:460, 30:480])]
+    return [
+        data.astronaut(),
+        data.coffee(),
+        data.chelsea(),
+        data.rocket(),
+        np.ascontiguousarray(data.astronaut()[:, ::-1][60:460, 30:480]),
+    ]
 
 
 def png_claiming_size(path: Path, width: int, height: int) -> Path:
@@ -45,7 +51,9 @@ def png_claiming_size(path: Path, width: int, height: int) -> Path:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
     return path
 
 

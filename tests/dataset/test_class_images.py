@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import tomllib
-from pathlib import Path
 
 import cv2
 import pytest
@@ -14,7 +13,13 @@ import pytest
 from flux_lora.compose import PROJECT_ROOT
 from flux_lora.dataset import AnalysisSettings, GateSettings, analyze_dataset
 from flux_lora.dataset.regularization import check_class_images
-from flux_lora.dataset.training_set import CaptionError, TrainingExample, TrainingSet, training_set_from_report, with_class_images
+from flux_lora.dataset.training_set import (
+    CaptionError,
+    TrainingExample,
+    TrainingSet,
+    training_set_from_report,
+    with_class_images,
+)
 from flux_lora.engines.sd_scripts_dataset import build_dataset_view, view_subsets
 from tests.class_images import write_class_images
 from tests.engines.sd_scripts_standin import registered_images
@@ -28,8 +33,12 @@ def _example(image: str, repeats: int, subset: str = "") -> TrainingExample:
 
 
 def _set(subject_repeats: list[int], class_repeats: list[int]) -> TrainingSet:
-    return TrainingSet(root="/subject", examples=[_example(f"s{i}.png", r) for i, r in enumerate(subject_repeats)],
-                       reg_root="/classes", regularization=[_example(f"c{i}.png", r) for i, r in enumerate(class_repeats)])  # fmt: skip
+    return TrainingSet(
+        root="/subject",
+        examples=[_example(f"s{i}.png", r) for i, r in enumerate(subject_repeats)],
+        reg_root="/classes",
+        regularization=[_example(f"c{i}.png", r) for i, r in enumerate(class_repeats)],
+    )
 
 
 @pytest.mark.parametrize(
@@ -50,16 +59,24 @@ def test_epoch_plan_gives_the_class_images_the_subjects_places(tmp_path, subject
         root = tmp_path / ("subject" if e in training_set.examples else "classes")
         root.mkdir(exist_ok=True)
         shutil.copy(SAMPLE / "01_full_frame.jpg", root / e.image)
-    training_set = TrainingSet(str(tmp_path / "subject"), training_set.examples, reg_root=str(tmp_path / "classes"),
-                               regularization=training_set.regularization)  # fmt: skip
+    training_set = TrainingSet(
+        str(tmp_path / "subject"),
+        training_set.examples,
+        reg_root=str(tmp_path / "classes"),
+        regularization=training_set.regularization,
+    )
     view = build_dataset_view(training_set, tmp_path / "cache", ".txt")
     toml = tmp_path / "dataset.toml"
-    subsets = "".join(f'[[datasets.subsets]]\nimage_dir = "{folder}"\nnum_repeats = {repeats}\nis_reg = {str(is_reg).lower()}\n'
-                      for folder, repeats, is_reg in view_subsets(view, training_set))  # fmt: skip
+    subsets = "".join(
+        f'[[datasets.subsets]]\nimage_dir = "{folder}"\nnum_repeats = {repeats}\nis_reg = {str(is_reg).lower()}\n'
+        for folder, repeats, is_reg in view_subsets(view, training_set)
+    )
     toml.write_text("[[datasets]]\n" + subsets)
     assert tomllib.loads(toml.read_text())["datasets"][0]["subsets"][-1]["is_reg"] is True
     _, registered, _ = registered_images(argparse.Namespace(dataset_config=str(toml)))
-    assert {path.name: n for path, n in registered.items()} == {e.image: n for e, n in training_set.reg_epoch_plan() if n}
+    assert {path.name: n for path, n in registered.items()} == {
+        e.image: n for e, n in training_set.reg_epoch_plan() if n
+    }
 
 
 def test_class_images_change_the_content_hash_and_a_set_without_them_keeps_its_own():
@@ -72,7 +89,9 @@ def test_class_images_change_the_content_hash_and_a_set_without_them_keeps_its_o
 
 
 def _settings(trigger: str) -> AnalysisSettings:
-    return AnalysisSettings(resolution=256, trigger=trigger, bucket_reso_steps=32, min_bucket_reso=128, max_bucket_reso=1024)
+    return AnalysisSettings(
+        resolution=256, trigger=trigger, bucket_reso_steps=32, min_bucket_reso=128, max_bucket_reso=1024
+    )
 
 
 def test_class_images_are_checked_like_the_subjects_and_against_them(tmp_path):
@@ -95,14 +114,27 @@ def test_class_images_are_checked_like_the_subjects_and_against_them(tmp_path):
 
     subject = training_set_from_report(subject_report, ".txt", "woman", 1, validation_split=None)
     trained = with_class_images(subject, class_report, ".txt", "woman", 1, checked.copies_of_subject())
-    assert sorted(e.image for e in trained.regularization) == ["class_0.jpg", "class_1.jpg", "class_2.jpg", "class_3.jpg"]
-    assert {"path": "portrait.jpg", "reason": "copy of subject photo 03_close_up.jpg", "set": "regularization"} in trained.excluded
+    assert sorted(e.image for e in trained.regularization) == [
+        "class_0.jpg",
+        "class_1.jpg",
+        "class_2.jpg",
+        "class_3.jpg",
+    ]
+    assert {
+        "path": "portrait.jpg",
+        "reason": "copy of subject photo 03_close_up.jpg",
+        "set": "regularization",
+    } in trained.excluded
     captions = {e.image: e.caption for e in trained.regularization}
     assert captions["class_0.jpg"] == "a photo of a woman" and captions["class_2.jpg"] == "woman"
     assert trained.reg_image_path(trained.regularization[0]).is_file()
     # enforce=false: every problem is a warning, and the copy still never trains
     relaxed = check_class_images(class_report, subject_report, GateSettings(enforce=False), TRIGGER, "woman")
-    assert relaxed.gate.passed and not relaxed.gate.problems and any("copy a subject photo" in w for w in relaxed.gate.warnings)
+    assert (
+        relaxed.gate.passed
+        and not relaxed.gate.problems
+        and any("copy a subject photo" in w for w in relaxed.gate.warnings)
+    )
 
 
 def test_a_class_caption_that_is_not_utf8_is_refused_with_its_file(tmp_path):

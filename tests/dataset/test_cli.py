@@ -33,8 +33,13 @@ def test_analyze_failing_gate_and_json(bad_dataset: Path, tmp_path: Path) -> Non
 
 
 def test_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
-    for args in (("analyze", str(tmp_path / "missing")), ("analyze",), ("prepare", str(tmp_path), str(tmp_path / "o"),
-                 "--crop-aspect", "wide"), ("fingerprint", str(tmp_path)), ("analyze", str(tmp_path), "--resolution", "-3")):
+    for args in (
+        ("analyze", str(tmp_path / "missing")),
+        ("analyze",),
+        ("prepare", str(tmp_path), str(tmp_path / "o"), "--crop-aspect", "wide"),
+        ("fingerprint", str(tmp_path)),
+        ("analyze", str(tmp_path), "--resolution", "-3"),
+    ):
         result = _run(*args, cache=tmp_path / "c")
         assert result.returncode == 2, args
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
@@ -42,7 +47,9 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
 
 def test_prepare_and_fingerprint(good_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "prepared"
-    result = _run("prepare", str(good_dataset), str(out), "--trigger", TRIGGER, "--crop-aspect", "3:4", cache=tmp_path / "c")
+    result = _run(
+        "prepare", str(good_dataset), str(out), "--trigger", TRIGGER, "--crop-aspect", "3:4", cache=tmp_path / "c"
+    )
     assert result.returncode == 0, result.stderr
     assert (out / "manifest.json").exists()
     printed = _run("fingerprint", str(out), cache=tmp_path / "c")

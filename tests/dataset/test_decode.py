@@ -34,7 +34,12 @@ def test_broken_files_are_flagged_not_raised(tmp_path: Path) -> None:
     (tmp_path / "zero.jpg").write_bytes(b"")
     (tmp_path / "text.jpg").write_text("not an image")
     png_claiming_size(tmp_path / "bomb.png", 100_000, 100_000)
-    expected = {"truncated.jpg": "corrupt", "zero.jpg": "empty_file", "text.jpg": "not_an_image", "bomb.png": "too_large"}
+    expected = {
+        "truncated.jpg": "corrupt",
+        "zero.jpg": "empty_file",
+        "text.jpg": "not_an_image",
+        "bomb.png": "too_large",
+    }
     for name, flag in expected.items():
         decoded = decode_image(tmp_path / name, min_side=512)
         assert flag in decoded.flags, name
@@ -44,7 +49,7 @@ def test_broken_files_are_flagged_not_raised(tmp_path: Path) -> None:
 def test_format_flags(tmp_path: Path) -> None:
     photo = astronaut()
     Image.fromarray(photo).convert("CMYK").save(tmp_path / "cmyk.jpg")
-    Image.fromarray((photo[:, :, 0].astype(np.uint16) * 257)).save(tmp_path / "grey16.png")
+    Image.fromarray(photo[:, :, 0].astype(np.uint16) * 257).save(tmp_path / "grey16.png")
     Image.fromarray(photo).convert("RGBA").save(tmp_path / "alpha.png")
     Image.fromarray(photo).save(tmp_path / "anim.gif")
     Image.fromarray(photo).save(tmp_path / "really_png.jpg", format="PNG")

@@ -21,7 +21,15 @@ def test_bad_dataset_fails_naming_files(bad_dataset: Path) -> None:
     result = evaluate_gate(_report(bad_dataset), GateSettings())
     assert not result.passed
     text = "\n".join(result.problems)
-    for name in ("truncated.jpg", "zero.jpg", "text.jpg", "bomb.png", "no_trigger.jpg", "latin1_caption.jpg", "sharp.jpg"):
+    for name in (
+        "truncated.jpg",
+        "zero.jpg",
+        "text.jpg",
+        "bomb.png",
+        "no_trigger.jpg",
+        "latin1_caption.jpg",
+        "sharp.jpg",
+    ):
         assert name in text, name
     assert all("\n" not in problem for problem in result.problems)
 

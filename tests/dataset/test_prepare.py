@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from flux_lora.dataset import AnalysisSettings, DatasetError, PrepareSettings, analyze_dataset, parse_aspect, prepare_dataset
+from flux_lora.dataset import (
+    AnalysisSettings,
+    DatasetError,
+    PrepareSettings,
+    analyze_dataset,
+    parse_aspect,
+    prepare_dataset,
+)
 from flux_lora.dataset.fingerprint import hash_file
 from flux_lora.dataset.prepare import face_centred_crop_box
 from tests.dataset.conftest import TRIGGER

@@ -17,6 +17,8 @@ def test_sample_dataset_passes_default_gate() -> None:
     assert sum(1 for image in report.images if image.faces) == 8  # one face in each framing, the wide one too
     assert not report.duplicate_groups and not report.leakage_hints
     for image in report.images:
-        assert image.format == "JPEG" and 256 <= min(image.width, image.height) and max(image.width, image.height) <= 384
+        assert (
+            image.format == "JPEG" and 256 <= min(image.width, image.height) and max(image.width, image.height) <= 384
+        )
         assert image.bytes < 40_000
         assert image.caption.text.startswith("TOK Woman")

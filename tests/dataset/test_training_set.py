@@ -29,7 +29,7 @@ def kohya_layout(root: Path) -> Path:
     """A DreamBooth-style folder: images in the root, in `10_tok/`, one too deep, a macOS resource fork, UTF-8 accents."""
     _photo(root / "a.png", 0, b"TOK woman, root photo")
     _photo(root / "10_tok" / "b.png", 1, b"TOK woman, in a subset folder")
-    _photo(root / "10_tok" / "c.png", 2, "TOK woman, café".encode("utf-8"))
+    _photo(root / "10_tok" / "c.png", 2, "TOK woman, café".encode())
     _photo(root / "plain" / "d.png", 3, None)  # no caption: class tokens
     _photo(root / "plain" / "deeper" / "e.png", 4, b"TOK woman, too deep")
     (root / "10_tok" / "._b.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble resource fork, not an image")
@@ -40,7 +40,11 @@ def test_folder_selection_takes_subsets_skips_hidden_and_nested(tmp_path):
     selected = training_set_from_folder(kohya_layout(tmp_path / "ds"), ".txt", "woman", default_repeats=2)
     by_image = {e.image: e for e in selected.examples}
     assert sorted(by_image) == ["10_tok/b.png", "10_tok/c.png", "a.png", "plain/d.png"]
-    assert by_image["10_tok/b.png"].repeats == 10 and by_image["a.png"].repeats == 2 and by_image["plain/d.png"].repeats == 2
+    assert (
+        by_image["10_tok/b.png"].repeats == 10
+        and by_image["a.png"].repeats == 2
+        and by_image["plain/d.png"].repeats == 2
+    )
     assert by_image["10_tok/c.png"].caption == "TOK woman, café" and by_image["10_tok/c.png"].caption_source == "file"
     assert by_image["plain/d.png"].caption == "woman"
     assert {"path": "plain/deeper/e.png", "reason": "more than one folder deep"} in selected.excluded
@@ -49,8 +53,17 @@ def test_folder_selection_takes_subsets_skips_hidden_and_nested(tmp_path):
 
 def test_preflight_and_native_trainer_read_the_same_pairs(tmp_path):
     root = kohya_layout(tmp_path / "ds")
-    report = analyze_dataset(root, AnalysisSettings(resolution=64, trigger="TOK woman", bucket_reso_steps=32,
-                                                    min_bucket_reso=64, max_bucket_reso=128, cache_dir=None))
+    report = analyze_dataset(
+        root,
+        AnalysisSettings(
+            resolution=64,
+            trigger="TOK woman",
+            bucket_reso_steps=32,
+            min_bucket_reso=64,
+            max_bucket_reso=128,
+            cache_dir=None,
+        ),
+    )
     assert report.nested_images == ["plain/deeper/e.png"]
     from_report = training_set_from_report(report, ".txt", "woman", 1)
     path = tmp_path / "training_set.json"
@@ -77,8 +90,17 @@ def test_training_set_hash_follows_captions_and_repeats(tmp_path):
 def test_unusable_image_does_not_train(tmp_path):
     root = kohya_layout(tmp_path / "ds")
     (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    report = analyze_dataset(root, AnalysisSettings(resolution=64, trigger="TOK woman", bucket_reso_steps=32,
-                                                    min_bucket_reso=64, max_bucket_reso=128, cache_dir=None))
+    report = analyze_dataset(
+        root,
+        AnalysisSettings(
+            resolution=64,
+            trigger="TOK woman",
+            bucket_reso_steps=32,
+            min_bucket_reso=64,
+            max_bucket_reso=128,
+            cache_dir=None,
+        ),
+    )
     selected = training_set_from_report(report, ".txt", "woman", 1)
     assert "broken.jpg" not in {e.image for e in selected.examples}
     assert any(x["path"] == "broken.jpg" for x in selected.excluded)
@@ -103,9 +125,13 @@ def test_validation_split_holds_out_the_same_images_by_content_whatever_their_na
     for number, image in enumerate(sorted(root.glob("*.png"), reverse=True)):
         shutil.copy(image, renamed / f"z{number}.png")
         shutil.copy(image.with_suffix(".txt"), renamed / f"z{number}.txt")
-    assert {e.content_hash for e in training_set_from_folder(renamed, ".txt", "woman", validation_split=0.25).validation} == held
+    assert {
+        e.content_hash for e in training_set_from_folder(renamed, ".txt", "woman", validation_split=0.25).validation
+    } == held
     # A larger share holds out a superset; any share above 0 holds out at least one image.
-    assert held < {e.content_hash for e in training_set_from_folder(root, ".txt", "woman", validation_split=0.5).validation}
+    assert held < {
+        e.content_hash for e in training_set_from_folder(root, ".txt", "woman", validation_split=0.5).validation
+    }
     assert len(training_set_from_folder(root, ".txt", "woman", validation_split=0.01).validation) == 1
 
 
@@ -115,7 +141,9 @@ def test_the_held_out_choice_is_part_of_the_record_and_its_hash(tmp_path):
     split = training_set_from_folder(root, ".txt", "woman", validation_split=0.25)
     assert plain.content_hash != split.content_hash
     assert TrainingSet.from_dict(split.to_dict()) == split and split.to_dict()["n_validation"] == 1
-    assert TrainingSet.from_dict({k: v for k, v in plain.to_dict().items() if "validation" not in k}) == plain  # older records
+    assert (
+        TrainingSet.from_dict({k: v for k, v in plain.to_dict().items() if "validation" not in k}) == plain
+    )  # older records
 
 
 def test_neither_engine_reads_a_held_out_image(tmp_path):
@@ -174,9 +202,14 @@ def test_by_default_a_dataset_of_eight_photos_holds_one_out_and_a_resized_copy_o
     assert small.validation == [] and len(small.examples) == 6
 
 
-@pytest.mark.parametrize("raw, what", [("TOK woman, café".encode("utf-16"), "is not UTF-8 (byte 0xff at offset 0)"),
-                                       ("TOK woman, café".encode("latin-1"), "is not UTF-8 (byte 0xe9 at offset 14)"),
-                                       (b"TOK woman\x00, hidden", "holds a NUL byte at offset 9")])  # fmt: skip
+@pytest.mark.parametrize(
+    "raw, what",
+    [
+        ("TOK woman, café".encode("utf-16"), "is not UTF-8 (byte 0xff at offset 0)"),
+        ("TOK woman, café".encode("latin-1"), "is not UTF-8 (byte 0xe9 at offset 14)"),
+        (b"TOK woman\x00, hidden", "holds a NUL byte at offset 9"),
+    ],
+)
 def test_a_caption_that_is_not_utf8_text_is_refused_with_the_file_named(tmp_path, raw, what):
     root = tmp_path / "ds"
     _photo(root / "a.png", 0, b"TOK woman, fine")

@@ -13,15 +13,18 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 STANDIN = HERE / "sd_scripts_standin.py"
 # Stand-ins of the sd-scripts `library` modules the pre-training checks import, stored under names of their own
 # (they are not sd-scripts code) and copied into a fake checkout under the names sd-scripts uses.
 STANDIN_LIBRARY = HERE / "sd_scripts_standin_library"
-STANDIN_MODULES = {"standin_train_util.py": "train_util.py", "standin_config_util.py": "config_util.py",
-                   "standin_strategy_base.py": "strategy_base.py", "standin_library_init.py": "__init__.py"}  # fmt: skip
+STANDIN_MODULES = {
+    "standin_train_util.py": "train_util.py",
+    "standin_config_util.py": "config_util.py",
+    "standin_strategy_base.py": "strategy_base.py",
+    "standin_library_init.py": "__init__.py",
+}
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ def standin_checkout(root: Path) -> Path:
     return root
 
 
-def real_checkout() -> Optional[Checkout]:
+def real_checkout() -> Checkout | None:
     path, python = os.environ.get("SD_SCRIPTS_DIR"), os.environ.get("SD_SCRIPTS_PYTHON")
     if path and python and (Path(path) / "flux_train_network.py").is_file() and Path(python).is_file():
         return Checkout(Path(path), python, "real")

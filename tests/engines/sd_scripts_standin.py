@@ -62,12 +62,20 @@ def dataset_subsets(args: argparse.Namespace) -> list[tuple[Path, int, bool]]:
     import tomllib
 
     dataset = tomllib.loads(Path(args.dataset_config).read_text(encoding="utf-8"))
-    return [(Path(s["image_dir"]), int(s.get("num_repeats", 1)), bool(s.get("is_reg", False))) for d in dataset["datasets"] for s in d["subsets"]]
+    return [
+        (Path(s["image_dir"]), int(s.get("num_repeats", 1)), bool(s.get("is_reg", False)))
+        for d in dataset["datasets"]
+        for s in d["subsets"]
+    ]
 
 
 def subset_images(folder: Path) -> list[Path]:
     # each subset folder is read WITHOUT recursion, hidden files skipped, sorted by path (train_util.glob_images)
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")) if folder.is_dir() else []
+    return (
+        sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+        if folder.is_dir()
+        else []
+    )
 
 
 def registered_images(args: argparse.Namespace) -> tuple[int, dict[Path, int], int]:
@@ -195,7 +203,9 @@ def resume_arithmetic(args: argparse.Namespace, steps_from_state: int | None, lo
     elif steps_from_state is not None:
         initial_step = steps_from_state
     if initial_step > 0:
-        assert args.max_train_steps > initial_step, f"max_train_steps should be greater than initial step: {args.max_train_steps} vs {initial_step}"
+        assert args.max_train_steps > initial_step, (
+            f"max_train_steps should be greater than initial step: {args.max_train_steps} vs {initial_step}"
+        )
     epoch_to_start = 0
     if initial_step > 0:
         if args.skip_until_initial_step:
@@ -224,7 +234,10 @@ def main() -> None:
         print(f"reg images per epoch (stand-in): {json.dumps({p.name: n for p, n in registered.items()})}", flush=True)
     if loader_len == 0:
         # sd-scripts logs this and returns: exit code 0 with nothing trained (train_network.py:575-579).
-        print("No data found. Please verify arguments (train_data_dir must be the parent of folders with images)", flush=True)
+        print(
+            "No data found. Please verify arguments (train_data_dir must be the parent of folders with images)",
+            flush=True,
+        )
         return
     from torch.utils.tensorboard import SummaryWriter
 
@@ -235,7 +248,10 @@ def main() -> None:
         steps_from_state = json.loads((Path(args.resume) / "train_state.json").read_text())["current_step"]
         print(f"load train state from {args.resume}: current_step {steps_from_state}", flush=True)
     epoch_to_start, initial_step, global_step = resume_arithmetic(args, steps_from_state, loader_len)
-    print(f"resume arithmetic: epoch_to_start={epoch_to_start} initial_step={initial_step} global_step={global_step}", flush=True)
+    print(
+        f"resume arithmetic: epoch_to_start={epoch_to_start} initial_step={initial_step} global_step={global_step}",
+        flush=True,
+    )
     accumulation = args.gradient_accumulation_steps
     num_train_epochs = math.ceil(args.max_train_steps / math.ceil(loader_len / accumulation))
     log_dir = Path(args.logging_dir) / f"{args.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}" / "network_train"
@@ -243,7 +259,7 @@ def main() -> None:
     losses: list[float] = []
     trained = 0
     current_step = global_step
-    for epoch in range(epoch_to_start, num_train_epochs):
+    for _epoch in range(epoch_to_start, num_train_epochs):
         skip = 0
         if initial_step > 0:
             skip, initial_step = initial_step, 0
@@ -279,7 +295,9 @@ def main() -> None:
     print(f"trained {trained} optimizer steps", flush=True)
     save_lora(output_dir / f"{name}.safetensors", args, global_step)
     if args.save_state or args.save_state_on_train_end:
-        save_state(output_dir / f"{name}-state", current_step + 1)  # sd-scripts writes current_step + 1 (train_network.py:948)
+        save_state(
+            output_dir / f"{name}-state", current_step + 1
+        )  # sd-scripts writes current_step + 1 (train_network.py:948)
     print(f"model saved: {output_dir / f'{name}.safetensors'}", flush=True)
 
 
@@ -293,7 +311,9 @@ class FluxNetworkTrainer:
         # The base trainer's check comes first (train_network.py:175), then FLUX's own (flux_train_network.py:95).
         train_dataset_group.verify_bucket_reso_steps(64)
         train_dataset_group.verify_bucket_reso_steps(32)
-        assert not (args.blocks_to_swap and args.cpu_offload_checkpointing), "blocks_to_swap is not supported with cpu_offload_checkpointing"
+        assert not (args.blocks_to_swap and args.cpu_offload_checkpointing), (
+            "blocks_to_swap is not supported with cpu_offload_checkpointing"
+        )
 
 
 if __name__ == "__main__":

@@ -43,8 +43,17 @@ STANDIN = Path(__file__).resolve().parent / "sd_scripts_standin.py"
 
 PROFILES = ("fast", "final", "smoke")
 GPUS = ("rtx4090", "a6000", "h100", "h200")
-ABLATIONS = ("baseline", "a1_alpha", "a2_noise_offset", "a3_grad_accum", "a4_adafactor", "a5_fp8_base",
-             "a6_min_snr", "a7_dropout", "a8_all")
+ABLATIONS = (
+    "baseline",
+    "a1_alpha",
+    "a2_noise_offset",
+    "a3_grad_accum",
+    "a4_adafactor",
+    "a5_fp8_base",
+    "a6_min_snr",
+    "a7_dropout",
+    "a8_all",
+)
 RUN_DIR = Path("/runs/test-run")
 
 
@@ -119,16 +128,26 @@ def test_every_emitted_flag_is_a_valid_option_of_the_pinned_parser(matrix, refer
 
 
 def test_option_table_check_reports_each_kind_of_problem():
-    problems = check_args_against_reference([
-        "stray",
-        "--noise_offsett", "0.1",
-        "--network_dim", "sixty-four",
-        "--mixed_precision", "fp32",
-        "--gradient_checkpointing", "true",
-        "--seed", "1", "--seed", "2",
-        "--learning_rate",
-        "--lr_warmup_steps", "10%",
-    ])
+    problems = check_args_against_reference(
+        [
+            "stray",
+            "--noise_offsett",
+            "0.1",
+            "--network_dim",
+            "sixty-four",
+            "--mixed_precision",
+            "fp32",
+            "--gradient_checkpointing",
+            "true",
+            "--seed",
+            "1",
+            "--seed",
+            "2",
+            "--learning_rate",
+            "--lr_warmup_steps",
+            "10%",
+        ]
+    )
     text = "\n".join(problems)
     assert "'stray': a value before any flag" in text
     assert "--noise_offsett: not an option" in text
@@ -224,8 +243,14 @@ def test_dataset_toml_holds_the_dataset_group():
     assert config["general"] == {"caption_extension": ".txt", "shuffle_caption": False}
     (dataset,) = config["datasets"]
     (subset,) = dataset.pop("subsets")
-    assert dataset == {"resolution": 768, "enable_bucket": True, "min_bucket_reso": 256, "max_bucket_reso": 1024,
-                       "bucket_reso_steps": 64, "bucket_no_upscale": False}
+    assert dataset == {
+        "resolution": 768,
+        "enable_bucket": True,
+        "min_bucket_reso": 256,
+        "max_bucket_reso": 1024,
+        "bucket_reso_steps": 64,
+        "bucket_no_upscale": False,
+    }
     assert subset == {"image_dir": str(REPO / "data" / "subject"), "class_tokens": "woman", "num_repeats": 10}
     # Batch size is passed once, as --train_batch_size, which the dataset falls back to.
     assert flags(render_args(run))["--train_batch_size"] == ["2"]
@@ -235,7 +260,10 @@ def test_dataset_toml_keeps_the_trigger_first_when_captions_are_shuffled():
     run = compose_run("profile=fast", "gpu=h100", "profile.shuffle_caption=true", "profile.caption_dropout_rate=0.1")
     general = tomllib.loads(render_dataset_toml(run))["general"]
     assert general == {
-        "caption_extension": ".txt", "shuffle_caption": True, "keep_tokens": 1, "caption_dropout_rate": 0.1
+        "caption_extension": ".txt",
+        "shuffle_caption": True,
+        "keep_tokens": 1,
+        "caption_dropout_rate": 0.1,
     }
     # Cached text-encoder outputs cannot follow caption augmentations.
     assert "--cache_text_encoder_outputs" not in flags(render_args(run))
@@ -298,8 +326,13 @@ def test_commit_is_recorded_and_a_mismatch_warns(tmp_path):
     assert checkout_commit(checkout / "library") is None  # a folder inside a repository is not a checkout
     run = compose_run(f"engine.sd_scripts_dir={checkout}")
     record = SdScriptsEngine().version_record(run)
-    assert record == {"engine": "sd_scripts", "sd_scripts_dir": str(checkout), "commit": commit,
-                      "pinned_commit": "48d368fa557731ad0488c07304dfeba8c07910eb", "matches_pin": False}
+    assert record == {
+        "engine": "sd_scripts",
+        "sd_scripts_dir": str(checkout),
+        "commit": commit,
+        "pinned_commit": "48d368fa557731ad0488c07304dfeba8c07910eb",
+        "matches_pin": False,
+    }
     assert "not the pinned 48d368fa" in commit_warning(run)
     pinned = compose_run(f"engine.sd_scripts_dir={checkout}", f"engine.pinned_commit={commit}")
     assert SdScriptsEngine().version_record(pinned)["matches_pin"] is True and commit_warning(pinned) is None
@@ -310,8 +343,7 @@ def test_missing_requirements_name_the_key_to_fix(tmp_path):
     missing = SdScriptsEngine().missing_requirements(run)
     assert missing[0].startswith("engine.sd_scripts_dir: no sd-scripts checkout at (unset); set SD_SCRIPTS_DIR")
     assert (
-        f"model.transformer: {tmp_path}/flux1-dev.safetensors not found;"
-        " set model.transformer=... or paths.models=..."
+        f"model.transformer: {tmp_path}/flux1-dev.safetensors not found; set model.transformer=... or paths.models=..."
     ) in missing
     assert len(missing) == 5
     for name in ("flux1-dev", "ae", "clip_l", "t5xxl_fp16"):
@@ -328,9 +360,12 @@ def test_standin_writes_what_sd_scripts_writes(tmp_path):
     """The stand-in itself (run with python, not accelerate): sd-scripts' output names and a TensorBoard run."""
     make_dataset(tmp_path / "images", count=2)
     run = compose_run(
-        "profile=smoke", "gpu=h100", f"dataset.path={tmp_path / 'images'}",
-        "profile.max_train_steps=30", "profile.save_every_n_steps=15",
-    )  # fmt: skip
+        "profile=smoke",
+        "gpu=h100",
+        f"dataset.path={tmp_path / 'images'}",
+        "profile.max_train_steps=30",
+        "profile.save_every_n_steps=15",
+    )
     inputs = SdScriptsEngine().render(run, tmp_path, {})
     for name, text in inputs.files.items():
         (tmp_path / name).write_text(text)
@@ -340,8 +375,12 @@ def test_standin_writes_what_sd_scripts_writes(tmp_path):
     assert "steps: 30/30" in done.stdout
     output = tmp_path / "output"
     assert sorted(p.name for p in output.iterdir()) == [
-        "flux-lora-state", "flux-lora-step00000015-state", "flux-lora-step00000015.safetensors",
-        "flux-lora-step00000030-state", "flux-lora-step00000030.safetensors", "flux-lora.safetensors",
+        "flux-lora-state",
+        "flux-lora-step00000015-state",
+        "flux-lora-step00000015.safetensors",
+        "flux-lora-step00000030-state",
+        "flux-lora-step00000030.safetensors",
+        "flux-lora.safetensors",
     ]
     assert json.loads((output / "flux-lora-state" / "train_state.json").read_text())["current_step"] == 30
     from safetensors import safe_open

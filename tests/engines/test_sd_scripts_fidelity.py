@@ -16,9 +16,9 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -36,8 +36,17 @@ from tests.cli import run_cli
 from tests.engines.native.native_tiny_run import make_dataset
 from tests.engines.sd_scripts_checkout import STANDIN, Checkout, checkout_for_tests, real_checkout
 
-ABLATIONS = ("baseline", "a1_alpha", "a2_noise_offset", "a3_grad_accum", "a4_adafactor", "a5_fp8_base",
-             "a6_min_snr", "a7_dropout", "a8_all")
+ABLATIONS = (
+    "baseline",
+    "a1_alpha",
+    "a2_noise_offset",
+    "a3_grad_accum",
+    "a4_adafactor",
+    "a5_fp8_base",
+    "a6_min_snr",
+    "a7_dropout",
+    "a8_all",
+)
 
 
 def compose_run(*overrides: str) -> RunConfig:
@@ -53,7 +62,9 @@ def flags(argv: list[str]) -> dict[str, list[str]]:
 def frozen_inputs(run: RunConfig, run_dir: Path, dataset: Path) -> list[str]:
     """Freeze what the launcher freezes for the engine (training set, dataset view, TOML) and return the argv."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    training_set_from_folder(dataset, run.dataset.caption_extension, run.dataset.class_tokens).write_json(run_dir / TRAINING_SET_FILE)
+    training_set_from_folder(dataset, run.dataset.caption_extension, run.dataset.class_tokens).write_json(
+        run_dir / TRAINING_SET_FILE
+    )
     engine = SdScriptsEngine()
     inputs = engine.render(run, run_dir, engine.unapplied_options(run))
     for name, text in inputs.files.items():
@@ -71,7 +82,9 @@ def on_a_checkout(test: Callable[..., None]) -> Callable[..., None]:
 def checkout(tmp_path: Path, request: pytest.FixtureRequest) -> Checkout:
     found = checkout_for_tests(tmp_path / "sd-scripts")
     # The marker was given at collection: the checkout the test gets must be the one it says.
-    assert (found.kind == "stand-in") == (request.node.get_closest_marker("standin") is not None), f"marked, but got the {found.kind} checkout"
+    assert (found.kind == "stand-in") == (request.node.get_closest_marker("standin") is not None), (
+        f"marked, but got the {found.kind} checkout"
+    )
     return found
 
 
@@ -110,8 +123,13 @@ def test_all_nine_ablation_cells_pass_the_engine_preflight(tmp_path, checkout):
     """The README's sd-scripts sweep (profile=fast gpu=h100) with 64 px bucket steps, through sd-scripts' own checks."""
     dataset = make_dataset(tmp_path / "ds", count=3)
     for ablation in ABLATIONS:
-        run = compose_run("profile=fast", "gpu=h100", f"ablation={ablation}", "dataset.bucket_reso_steps=64",
-                          f"paths.cache={tmp_path / 'cache'}")  # fmt: skip
+        run = compose_run(
+            "profile=fast",
+            "gpu=h100",
+            f"ablation={ablation}",
+            "dataset.bucket_reso_steps=64",
+            f"paths.cache={tmp_path / 'cache'}",
+        )
         argv = frozen_inputs(run, tmp_path / ablation, dataset)
         verdict = engine_preflight(argv, checkout.path, checkout.python)
         assert verdict.state == "passed", f"{ablation} on the {checkout.kind} checkout: {verdict.problem}"
@@ -131,17 +149,39 @@ def test_the_skip_flag_trains_nothing_after_a_resume_with_accumulation(tmp_path)
     state = tmp_path / "flux-lora-step00000500-state"
     state.mkdir()
     (state / "train_state.json").write_text('{"current_epoch": 5, "current_step": 500}')
-    argv = SdScriptsEngine().render(compose_run("profile=fast", "gpu=h100", f"launch.resume_from={state}"), tmp_path, {}).script_argv[1:]
+    argv = (
+        SdScriptsEngine()
+        .render(compose_run("profile=fast", "gpu=h100", f"launch.resume_from={state}"), tmp_path, {})
+        .script_argv[1:]
+    )
     passed = standin.setup_parser().parse_args(argv)
     # The launcher's own argv: sd-scripts' --resume with no epoch skipped, the count from 0, the remaining 1000 steps.
-    assert (passed.resume, passed.skip_until_initial_step, passed.initial_step, passed.max_train_steps) == (str(state), False, 0, 1000)
+    assert (passed.resume, passed.skip_until_initial_step, passed.initial_step, passed.max_train_steps) == (
+        str(state),
+        False,
+        0,
+        1000,
+    )
     assert passed.gradient_accumulation_steps == 4
-    assert standin.resume_arithmetic(passed, 500, loader_len) == (0, 0, 0)  # (epoch_to_start, micro-batches skipped, global_step)
+    assert standin.resume_arithmetic(passed, 500, loader_len) == (
+        0,
+        0,
+        0,
+    )  # (epoch_to_start, micro-batches skipped, global_step)
     # What sd-scripts' own resume would do instead (the stand-in's reading of it), from the same state:
     flag = standin.setup_parser().parse_args(
-        ["--max_train_steps", "1500", "--gradient_accumulation_steps", "4", "--train_batch_size", "2",
-         "--resume", str(state), "--skip_until_initial_step"]
-    )  # fmt: skip
+        [
+            "--max_train_steps",
+            "1500",
+            "--gradient_accumulation_steps",
+            "4",
+            "--train_batch_size",
+            "2",
+            "--resume",
+            str(state),
+            "--skip_until_initial_step",
+        ]
+    )
     epoch_to_start, _, global_step = standin.resume_arithmetic(flag, 500, loader_len)
     num_train_epochs = -(-1500 // -(-loader_len // 4))
     assert (epoch_to_start, num_train_epochs) == (80, 60)  # starts after the last epoch: 0 of 1000 steps train
@@ -159,9 +199,16 @@ def test_resume_trains_the_remaining_steps_exactly_once_and_continues_the_count(
     trains from that argv is the stand-in's reading of sd-scripts' code (train_network.py's resume arithmetic), not
     sd-scripts running."""
     dataset = make_dataset(tmp_path / "ds", count=3)
-    settings = ["profile=smoke", "gpu=h100", "gpu.batch_size=1", "gpu.gradient_accumulation_steps=2",
-                "profile.max_train_steps=12", "profile.save_every_n_steps=4", "profile.sample_every_n_steps=100",
-                f"paths.cache={tmp_path / 'cache'}"]  # fmt: skip
+    settings = [
+        "profile=smoke",
+        "gpu=h100",
+        "gpu.batch_size=1",
+        "gpu.gradient_accumulation_steps=2",
+        "profile.max_train_steps=12",
+        "profile.save_every_n_steps=4",
+        "profile.sample_every_n_steps=100",
+        f"paths.cache={tmp_path / 'cache'}",
+    ]
     first = tmp_path / "first"
     run_standin(frozen_inputs(compose_run(*settings), first, dataset))
     assert gather_evidence(first, "flux-lora").last_step == 12
@@ -169,25 +216,40 @@ def test_resume_trains_the_remaining_steps_exactly_once_and_continues_the_count(
     # A run that stopped after step 4: resume it twice (4 -> 8 -> 12).
     resumed = tmp_path / "resumed"
     (resumed / "output").mkdir(parents=True)
-    shutil.copytree(first / "output" / "flux-lora-step00000004-state", resumed / "output" / "flux-lora-step00000004-state")
+    shutil.copytree(
+        first / "output" / "flux-lora-step00000004-state", resumed / "output" / "flux-lora-step00000004-state"
+    )
     for from_step in (4, 8):
         state = resumed / "output" / f"flux-lora-step{from_step:08d}-state"
         argv = frozen_inputs(compose_run(*settings, f"launch.resume_from={state}"), resumed, dataset)
         assert "--skip_until_initial_step" not in argv
         assert (flags(argv)["--initial_step"], flags(argv)["--max_train_steps"]) == (["0"], [str(12 - from_step)])
         done = run_standin(argv)
-        assert f"trained {12 - from_step} optimizer steps" in done.stdout  # exactly the remaining steps (the stand-in's count)
+        assert (
+            f"trained {12 - from_step} optimizer steps" in done.stdout
+        )  # exactly the remaining steps (the stand-in's count)
         adopt_resumed_outputs(resumed / "output", "flux-lora")
         if from_step == 4:  # the second resume must stop at 12, so stop this attempt's files at 8 like a crash would
             shutil.rmtree(resumed / "output" / "flux-lora-step00000012-state")
             (resumed / "output" / "flux-lora-step00000012.safetensors").unlink()
             (resumed / "output" / "flux-lora.safetensors").unlink()
             shutil.rmtree(resumed / "output" / "flux-lora-state")
-            assert json.loads((state.parent / "flux-lora-step00000008-state" / "train_state.json").read_text())["current_step"] == 8
+            assert (
+                json.loads((state.parent / "flux-lora-step00000008-state" / "train_state.json").read_text())[
+                    "current_step"
+                ]
+                == 8
+            )
     names = sorted(p.name for p in (resumed / "output").iterdir())
-    assert names == ["flux-lora-state", "flux-lora-step00000004-state", "flux-lora-step00000008-state",
-                     "flux-lora-step00000008.safetensors", "flux-lora-step00000012-state",
-                     "flux-lora-step00000012.safetensors", "flux-lora.safetensors"]  # fmt: skip
+    assert names == [
+        "flux-lora-state",
+        "flux-lora-step00000004-state",
+        "flux-lora-step00000008-state",
+        "flux-lora-step00000008.safetensors",
+        "flux-lora-step00000012-state",
+        "flux-lora-step00000012.safetensors",
+        "flux-lora.safetensors",
+    ]
     assert json.loads((resumed / "output" / "flux-lora-state" / "train_state.json").read_text())["current_step"] == 12
     steps = [step for step, _, _ in scalar_series(resumed / "logs", "loss/current")]
     # The first attempt's steps 9-12 (its files were lost in the simulated crash) were logged, then trained again:
@@ -210,7 +272,10 @@ def test_resume_is_refused_when_sd_scripts_cannot_continue(tmp_path):
     assert any("nothing is left to train" in p for p in engine.check_inputs(finished, inputs))
     (state / "train_state.json").write_text('{"current_epoch": 2, "current_step": 500}')
     cosine = compose_run("profile=final", "gpu=h100", f"launch.resume_from={state}")
-    assert any("cannot continue a cosine_with_restarts schedule" in p for p in engine.check_inputs(cosine, engine.render(cosine, tmp_path, {})))
+    assert any(
+        "cannot continue a cosine_with_restarts schedule" in p
+        for p in engine.check_inputs(cosine, engine.render(cosine, tmp_path, {}))
+    )
 
 
 # ---------------------------------------------------------------- 3 and 13. subfolders
@@ -221,15 +286,25 @@ def test_a_dataset_in_subfolders_trains_through_the_view_and_the_old_toml_traine
     dataset = tmp_path / "ds"
     make_dataset(dataset / "10_tok", count=2)
     make_dataset(dataset / "extra", count=1, seed=1)
-    settings = ["profile=smoke", "gpu=h100", "gpu.batch_size=1", "gpu.gradient_accumulation_steps=1",
-                "profile.max_train_steps=6", "profile.save_every_n_steps=100", "profile.sample_every_n_steps=100",
-                f"dataset.path={dataset}", f"paths.cache={tmp_path / 'cache'}"]  # fmt: skip
+    settings = [
+        "profile=smoke",
+        "gpu=h100",
+        "gpu.batch_size=1",
+        "gpu.gradient_accumulation_steps=1",
+        "profile.max_train_steps=6",
+        "profile.save_every_n_steps=100",
+        "profile.sample_every_n_steps=100",
+        f"dataset.path={dataset}",
+        f"paths.cache={tmp_path / 'cache'}",
+    ]
     run = compose_run(*settings)
     # What the launcher rendered before: the dataset folder as the one subset. sd-scripts finds nothing, exits 0.
     old = tmp_path / "old"
     argv = frozen_inputs(run, old, dataset)
-    (old / "dataset.toml").write_text((old / "dataset.toml").read_text().split("[[datasets.subsets]]")[0]
-                                      + f'[[datasets.subsets]]\nimage_dir = "{dataset}"\nclass_tokens = "woman"\nnum_repeats = 1\n')
+    (old / "dataset.toml").write_text(
+        (old / "dataset.toml").read_text().split("[[datasets.subsets]]")[0]
+        + f'[[datasets.subsets]]\nimage_dir = "{dataset}"\nclass_tokens = "woman"\nnum_repeats = 1\n'
+    )
     assert "No data found" in run_standin(argv).stdout
     assert training_shortfall(gather_evidence(old, "flux-lora"), 6) == (
         "exited 0 but trained 0 of 6 steps and wrote no LoRA (flux-lora.safetensors missing)"
@@ -279,10 +354,17 @@ def test_warmup_ends_at_the_configured_optimizer_step_on_several_gpus():
 def test_engine_preflight_runs_in_engine_python_and_is_recorded(tmp_path, checkout):
     marker = tmp_path / "ran-in-engine-python"
     wrapper = tmp_path / "engine-venv-python"
-    wrapper.write_text(f"#!/bin/sh\necho \"$@\" > {marker}\nexec {checkout.python} \"$@\"\n")
+    wrapper.write_text(f'#!/bin/sh\necho "$@" > {marker}\nexec {checkout.python} "$@"\n')
     wrapper.chmod(0o755)
-    args = ["engine=sd_scripts", "model=flux_dev", "profile=fast", "gpu=h100", "launch.dry_run=true",
-            "dataset.bucket_reso_steps=64", f"engine.python={wrapper}"]  # fmt: skip
+    args = [
+        "engine=sd_scripts",
+        "model=flux_dev",
+        "profile=fast",
+        "gpu=h100",
+        "launch.dry_run=true",
+        "dataset.bucket_reso_steps=64",
+        f"engine.python={wrapper}",
+    ]
     done = run_cli(*args, folder=tmp_path, env={"SD_SCRIPTS_DIR": str(checkout.path)})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     (record,) = (tmp_path / "outputs").rglob("run.json")
@@ -290,8 +372,16 @@ def test_engine_preflight_runs_in_engine_python_and_is_recorded(tmp_path, checko
     assert preflight["state"] == "passed" and preflight["python"] == str(wrapper), preflight
     assert "assert_extra_args" in preflight["steps"] and "sd_scripts_preflight_job.py" in marker.read_text()
     # An interpreter that does not exist refuses the run with one line naming the key.
-    done = run_cli(*args[:-1], f"engine.python={tmp_path / 'no-such-python'}", folder=tmp_path, env={"SD_SCRIPTS_DIR": str(checkout.path)})
-    assert done.returncode == 1 and f"engine.python={tmp_path / 'no-such-python'}: no such executable" in done.stdout + done.stderr
+    done = run_cli(
+        *args[:-1],
+        f"engine.python={tmp_path / 'no-such-python'}",
+        folder=tmp_path,
+        env={"SD_SCRIPTS_DIR": str(checkout.path)},
+    )
+    assert (
+        done.returncode == 1
+        and f"engine.python={tmp_path / 'no-such-python'}: no such executable" in done.stdout + done.stderr
+    )
 
 
 # ---------------------------------------------------------------- 6. options ignored in a combination
@@ -304,8 +394,14 @@ def test_options_sd_scripts_ignores_in_a_combination_are_recorded_not_passed():
     assert {"profile.discrete_flow_shift", "profile.huber_schedule"} <= set(unapplied)
     argv = flags(engine.render(run, Path("/r"), unapplied).script_argv[1:])
     assert "--discrete_flow_shift" not in argv and "--huber_schedule" not in argv
-    shifted = compose_run("profile=fast", "gpu=h100", "profile.timestep_sampling=shift", "profile.discrete_flow_shift=3.0",
-                          "profile.loss_type=huber", "profile.huber_schedule=constant")  # fmt: skip
+    shifted = compose_run(
+        "profile=fast",
+        "gpu=h100",
+        "profile.timestep_sampling=shift",
+        "profile.discrete_flow_shift=3.0",
+        "profile.loss_type=huber",
+        "profile.huber_schedule=constant",
+    )
     assert not {"profile.discrete_flow_shift", "profile.huber_schedule"} & set(engine.unapplied_options(shifted))
     argv = flags(engine.render(shifted, Path("/r"), {}).script_argv[1:])
     assert argv["--discrete_flow_shift"] == ["3.0"] and argv["--huber_schedule"] == ["constant"]
@@ -336,9 +432,15 @@ def _no_ambient_checkout(monkeypatch):
 
 def test_keep_last_states_is_passed_in_sd_scripts_units():
     engine = SdScriptsEngine()
-    argv = flags(engine.render(compose_run("profile=fast", "gpu=h100", "launch.keep_last_states=3"), Path("/r"), {}).script_argv[1:])
+    argv = flags(
+        engine.render(compose_run("profile=fast", "gpu=h100", "launch.keep_last_states=3"), Path("/r"), {}).script_argv[
+            1:
+        ]
+    )
     # save_every_n_steps=500: keep the states of the newest 1000 steps before the latest, i.e. 3 states.
     assert argv["--save_last_n_steps_state"] == ["1000"]
     assert "--save_last_n_steps_state" not in flags(
-        engine.render(compose_run("profile=fast", "gpu=h100", "launch.keep_last_states=0"), Path("/r"), {}).script_argv[1:]
+        engine.render(compose_run("profile=fast", "gpu=h100", "launch.keep_last_states=0"), Path("/r"), {}).script_argv[
+            1:
+        ]
     )

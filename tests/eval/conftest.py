@@ -4,8 +4,8 @@ and the evaluation CLI runs on it once (small settings: 64 px, 2 steps, 2 streng
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch

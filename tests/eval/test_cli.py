@@ -39,7 +39,9 @@ def test_cli_writes_eval_json_with_every_section(evaluated_run) -> None:
     # Likeness at every saved LoRA (a cheaper pass), against the training and the held-out faces apart.
     by_step = result["likeness_by_step"]
     assert [(p["step"], p["final"]) for p in by_step["points"]] == [(2, False), (4, True)]
-    assert by_step["reference_faces"] == {"training": 6, "held_out": 2} and by_step["settings_note"].startswith("cheaper than")
+    assert by_step["reference_faces"] == {"training": 6, "held_out": 2} and by_step["settings_note"].startswith(
+        "cheaper than"
+    )
     assert by_step["best_step"] is None and by_step["note"].startswith("no face found")  # the tiny model draws none
     assert all(p["copy_indicator"] is None and p["held_out_faces"]["faces_found"] == 0 for p in by_step["points"])
     assert likeness["held_out_reference_faces"] == 2 and set(likeness["apart"]) == {"0.5", "1"}
@@ -75,9 +77,16 @@ def test_rerun_with_the_same_settings_is_a_cache_hit(evaluated_run) -> None:
 def test_a_cache_hit_loads_no_model_code(evaluated_run) -> None:
     """The cached path never imports torch, diffusers or dlib: an unchanged run answers in a fraction of a second."""
     run_dir, _ = evaluated_run
-    code = ("import sys; from flux_lora.eval.__main__ import main; status = main(sys.argv[1:]); "
-            "print(sorted({'torch', 'diffusers', 'dlib'} & set(sys.modules))); sys.exit(status)")
-    done = subprocess.run([sys.executable, "-c", code, str(run_dir), *SMALL_EVAL_ARGS], cwd=PROJECT_ROOT, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+    code = (
+        "import sys; from flux_lora.eval.__main__ import main; status = main(sys.argv[1:]); "
+        "print(sorted({'torch', 'diffusers', 'dlib'} & set(sys.modules))); sys.exit(status)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(run_dir), *SMALL_EVAL_ARGS],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "eval: cached, nothing to do" in done.stdout and done.stdout.rstrip().endswith("[]")

@@ -20,7 +20,20 @@ from flux_lora.engines.native.models import build_tiny_flux
 from tests.cli import ONE_THREAD, run_cli
 from tests.eval.tiny_eval import EVAL_SECTIONS
 
-CHEAP = ["--base-model", "tiny", "--resolution", "64", "--steps", "2", "--strengths", "1.0", "--seeds", "0", "--max-prompts", "1"]
+CHEAP = [
+    "--base-model",
+    "tiny",
+    "--resolution",
+    "64",
+    "--steps",
+    "2",
+    "--strengths",
+    "1.0",
+    "--seeds",
+    "0",
+    "--max-prompts",
+    "1",
+]
 
 
 def diffusers_format_lora(target: Path) -> Path:
@@ -30,9 +43,17 @@ def diffusers_format_lora(target: Path) -> Path:
 
     transformer = build_tiny_flux().transformer
     torch.manual_seed(0)
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,  # random up weights: it does something
-                                       target_modules=["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "proj_out"]))  # fmt: skip
-    FluxPipeline.save_lora_weights(target, transformer_lora_layers=get_peft_model_state_dict(transformer), safe_serialization=True)
+    transformer.add_adapter(
+        LoraConfig(
+            r=4,
+            lora_alpha=4,
+            init_lora_weights=False,  # random up weights: it does something
+            target_modules=["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "proj_out"],
+        )
+    )
+    FluxPipeline.save_lora_weights(
+        target, transformer_lora_layers=get_peft_model_state_dict(transformer), safe_serialization=True
+    )
     return target / "pytorch_lora_weights.safetensors"
 
 
@@ -46,13 +67,24 @@ def kohya_lora_of_another_tool(target: Path) -> Path:
                 parameter.normal_(0, 0.05)
     state = {k: v for k, v in kohya_state_dict(transformer).items() if "_double_blocks_" in k}  # train_blocks=double
     path = target / "kohya_double_blocks.safetensors"
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={"ss_network_module": "networks.lora_flux"})
+    save_file(
+        {k: v.contiguous() for k, v in state.items()}, str(path), metadata={"ss_network_module": "networks.lora_flux"}
+    )
     return path
 
 
 def judge(lora: Path, out: Path) -> subprocess.CompletedProcess[str]:
-    return run_cli("--lora", str(lora), "--dataset", str(PROJECT_ROOT / "data" / "sample"), "--out", str(out), *CHEAP,
-                   module="flux_lora.eval", env=ONE_THREAD)  # fmt: skip
+    return run_cli(
+        "--lora",
+        str(lora),
+        "--dataset",
+        str(PROJECT_ROOT / "data" / "sample"),
+        "--out",
+        str(out),
+        *CHEAP,
+        module="flux_lora.eval",
+        env=ONE_THREAD,
+    )
 
 
 def assert_judged_like_a_run(source: Path, before: bytes, done: subprocess.CompletedProcess[str], judged: Path) -> None:
@@ -61,7 +93,11 @@ def assert_judged_like_a_run(source: Path, before: bytes, done: subprocess.Compl
     assert set(result) == EVAL_SECTIONS  # the same eval.json as a run's
     assert result["run"]["label"].startswith(f"a LoRA file from elsewhere: {source.resolve()}")
     validation = result["validation"]
-    assert validation["images"] == "validation-folder" and validation["count"] == 8 and result["basis"]["images"] == "validation-folder"
+    assert (
+        validation["images"] == "validation-folder"
+        and validation["count"] == 8
+        and result["basis"]["images"] == "validation-folder"
+    )
     assert validation["final"]["loss"] != validation["base_loss"]  # the LoRA was applied
     assert result["load_check"]["passed"], result["load_check"]  # diffusers loads it and it changes the output
     assert result["likeness"]["ceiling"]["faces_found"] == 8  # the folder's faces are the references
@@ -87,6 +123,8 @@ def test_a_key_format_it_cannot_read_is_one_line(tmp_path: Path) -> None:
     done = judge(odd, tmp_path / "judged")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     (line,) = done.stderr.strip().splitlines()
-    assert line == (f"error: {odd}: LoRA key format not recognised (e.g. 'model.layers.0.weight'); read are kohya "
-                    "(lora_unet_*.lora_down/up) and diffusers/peft (transformer.*.lora_A/lora_B)")  # fmt: skip
+    assert line == (
+        f"error: {odd}: LoRA key format not recognised (e.g. 'model.layers.0.weight'); read are kohya "
+        "(lora_unet_*.lora_down/up) and diffusers/peft (transformer.*.lora_A/lora_B)"
+    )
     assert load_file(str(odd))  # untouched

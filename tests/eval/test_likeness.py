@@ -53,8 +53,14 @@ def test_no_face_gives_null_metrics_not_zero(embedder: FaceEmbedder) -> None:
     reference = list(reference_faces(embedder, {"03_close_up.jpg": SAMPLE / "03_close_up.jpg"}).values())
     assert embedder.embed(noise) is None
     block = summarize([score_face(None, reference), score_face(None, reference)])
-    assert block == {"images": 2, "faces_found": 0, "face_found_share": 0.0, "mean_cosine": None,
-                     "mean_distance": None, "same_person_share": None}  # fmt: skip
+    assert block == {
+        "images": 2,
+        "faces_found": 0,
+        "face_found_share": 0.0,
+        "mean_cosine": None,
+        "mean_distance": None,
+        "same_person_share": None,
+    }
 
 
 def test_an_image_without_a_face_counts_as_not_the_same_person(embedder: FaceEmbedder) -> None:
@@ -96,7 +102,12 @@ def test_training_and_held_out_faces_are_scored_apart_and_a_copy_is_flagged(embe
     assert copied["copy_indicator"] is True
     assert against_training_and_held_out(generated, training, same_person)["copy_indicator"] is False
     assert against_training_and_held_out(generated, training, [])["copy_indicator"] is None  # nothing held out: unknown
-    points = [{"step": 2, **against_training_and_held_out(generated[:1], training, same_person)},
-              {"step": 4, **against_training_and_held_out([embedder.embed(cameraman_face())], training, same_person)}]
+    points = [
+        {"step": 2, **against_training_and_held_out(generated[:1], training, same_person)},
+        {"step": 4, **against_training_and_held_out([embedder.embed(cameraman_face())], training, same_person)},
+    ]
     assert best_step_by_likeness(points) == (2, "held-out faces")
-    assert best_step_by_likeness([{"step": 2, **against_training_and_held_out([None], training, same_person)}]) == (None, None)
+    assert best_step_by_likeness([{"step": 2, **against_training_and_held_out([None], training, same_person)}]) == (
+        None,
+        None,
+    )

@@ -53,9 +53,13 @@ def test_a_renamed_key_fails(tiny_run: Path, base_transformer, tmp_path: Path) -
         )
         return tensors
 
-    result = check_lora_loads(base_transformer, _rewritten(tiny_run, tmp_path / "renamed.safetensors", rename), MIN_CHANGE)
+    result = check_lora_loads(
+        base_transformer, _rewritten(tiny_run, tmp_path / "renamed.safetensors", rename), MIN_CHANGE
+    )
     assert not result["passed"]
-    assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkx.lora_down.weight") for k in result["unconsumed_keys"])
+    assert any(
+        k.startswith("lora_unet_double_blocks_0_img_attn_qkx.lora_down.weight") for k in result["unconsumed_keys"]
+    )
 
 
 def test_a_key_for_a_block_the_model_lacks_fails(tiny_run: Path, base_transformer, tmp_path: Path) -> None:
@@ -65,7 +69,9 @@ def test_a_key_for_a_block_the_model_lacks_fails(tiny_run: Path, base_transforme
             tensors[f"lora_unet_double_blocks_7_img_attn_proj.{suffix}"] = source.clone()
         return tensors
 
-    result = check_lora_loads(base_transformer, _rewritten(tiny_run, tmp_path / "b7.safetensors", add_block_7), MIN_CHANGE)
+    result = check_lora_loads(
+        base_transformer, _rewritten(tiny_run, tmp_path / "b7.safetensors", add_block_7), MIN_CHANGE
+    )
     assert not result["passed"]
     assert any("unexpected keys" in w and "transformer_blocks.7" in w for w in result["warnings"])
 

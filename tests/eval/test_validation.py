@@ -56,7 +56,9 @@ def test_the_set_depends_on_the_image_bytes_only(tiny_run: Path, tmp_path: Path)
     source = validation_examples(run, str(folder))
     assert source.label == VALIDATION_FOLDER and source.where == str(folder.resolve())
     copied = build_validation_set(parts, source.images, 64, run.section("dataset"), VALIDATION_SIGMAS)[0]
-    original = build_validation_set(parts, run.training_examples()[:1], 64, run.section("dataset"), VALIDATION_SIGMAS)[0]
+    original = build_validation_set(parts, run.training_examples()[:1], 64, run.section("dataset"), VALIDATION_SIGMAS)[
+        0
+    ]
     assert torch.equal(copied.noise, original.noise) and torch.equal(copied.latents, original.latents)
     assert copied.noise.shape == (9, 16, 8, 8)  # 64 px / 8
 

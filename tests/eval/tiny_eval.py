@@ -15,11 +15,41 @@ TRAIN_4_STEPS = [
     "dataset.validation_split=0.25",  # 2 of the 8 sample photos held out: the evaluator's "held-out" set
 ]
 # What the CLI test evaluates with; a test that expects its cache to hit uses the same values.
-SMALL_EVAL_ARGS = ["--resolution", "64", "--steps", "2", "--strengths", "0.5,1.0", "--seeds", "0,1", "--max-prompts", "1"]
+SMALL_EVAL_ARGS = [
+    "--resolution",
+    "64",
+    "--steps",
+    "2",
+    "--strengths",
+    "0.5,1.0",
+    "--seeds",
+    "0,1",
+    "--max-prompts",
+    "1",
+]
 SMALL_EVAL = dict(resolution=64, sample_steps=2, strengths=(0.5, 1.0), seeds=(0, 1), max_prompts_per_set=1)
 # Every top-level key of eval.json with every part enabled, whichever engine trained the run.
-EVAL_SECTIONS = {"schema_version", "cache_key", "evaluated_at", "run_dir", "settings", "device", "run", "basis", "loras", "comfy_keys", "likeness_by_step",
-                 "load_check", "validation", "likeness", "diversity", "grids", "samples", "seconds", "cached"}  # fmt: skip
+EVAL_SECTIONS = {
+    "schema_version",
+    "cache_key",
+    "evaluated_at",
+    "run_dir",
+    "settings",
+    "device",
+    "run",
+    "basis",
+    "loras",
+    "comfy_keys",
+    "likeness_by_step",
+    "load_check",
+    "validation",
+    "likeness",
+    "diversity",
+    "grids",
+    "samples",
+    "seconds",
+    "cached",
+}
 
 
 def copy_run(run_dir: Path, target: Path) -> Path:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from flux_lora.checkpoint_files import write_manifest
 from flux_lora.lifecycle.decision import Decision, decide, find_runs_with_id
-from flux_lora.records import RunState, RunStatus, write_status
 from flux_lora.lifecycle.states import choose_state
+from flux_lora.records import RunState, RunStatus, write_status
 
 
 def make_state(output: Path, step: int, name: str = "flux-lora", manifest: bool = True) -> Path:

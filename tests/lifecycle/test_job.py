@@ -8,16 +8,16 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 from flux_lora.engines.base import EngineInputs
 from flux_lora.lifecycle.job import ExpectedTraining, accelerate_argv, launch_run
 from flux_lora.records import RunState, read_status
-from flux_lora.snapshot import LaunchCommand
 from flux_lora.schema import RunConfig
+from flux_lora.snapshot import LaunchCommand
 
 JOB = textwrap.dedent(
     """
@@ -54,8 +54,22 @@ def test_accelerate_flags_follow_the_tier(compose_run: Callable[..., RunConfig])
 
 
 def _cpu_argv(job: Path, arg: str) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", str(job), arg]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(job),
+        arg,
+    ]
 
 
 def test_successful_job_streams_log_and_redacts_secrets(
@@ -132,17 +146,23 @@ def test_exit_0_is_success_only_when_the_artefacts_show_every_step_trained(
     # A plain python job (no accelerate needed to judge artefacts) writing real TensorBoard events.
     job = tmp_path / "training_job.py"
     job.write_text(TRAINING_JOB)
-    command = LaunchCommand([sys.executable, str(job), str(tmp_path), str(steps), str(nan_at), lora], cwd=str(tmp_path), env={})
+    command = LaunchCommand(
+        [sys.executable, str(job), str(tmp_path), str(steps), str(nan_at), lora], cwd=str(tmp_path), env={}
+    )
     status = launch_run(tmp_path, command, ExpectedTraining(max_train_steps=4, output_name="flux-lora"))
     assert status.exit_code == 0
-    assert (status.state, status.reason) == ((RunState.succeeded, None) if reason is None else (RunState.failed, reason))
+    assert (status.state, status.reason) == (
+        (RunState.succeeded, None) if reason is None else (RunState.failed, reason)
+    )
 
 
 def _training(tmp_path: Path, *args: str, from_step: int = 0):
     job = tmp_path / "training_job.py"
     job.write_text(TRAINING_JOB)
     command = LaunchCommand([sys.executable, str(job), str(tmp_path), *args], cwd=str(tmp_path), env={})
-    return launch_run(tmp_path, command, ExpectedTraining(max_train_steps=8, output_name="flux-lora", from_step=from_step))
+    return launch_run(
+        tmp_path, command, ExpectedTraining(max_train_steps=8, output_name="flux-lora", from_step=from_step)
+    )
 
 
 @pytest.mark.slow
@@ -181,28 +201,40 @@ def _scripted(tmp_path: Path, end: str, *lines: str):
     job = tmp_path / "scripted_job.py"
     job.write_text(SCRIPTED_JOB)
     command = LaunchCommand([sys.executable, str(job), end, *lines], cwd=str(tmp_path), env={})
-    expect = ExpectedTraining(max_train_steps=10, output_name="flux-lora", memory_advice="gpu.batch_size=1, gpu.fp8_base=true")
+    expect = ExpectedTraining(
+        max_train_steps=10, output_name="flux-lora", memory_advice="gpu.batch_size=1, gpu.fp8_base=true"
+    )
     return launch_run(tmp_path, command, expect)
 
 
 def test_a_nan_loss_in_sd_scripts_progress_stops_the_job_and_fails_the_run(tmp_path: Path) -> None:
     started = time.monotonic()
-    status = _scripted(tmp_path, "hang", "steps:  10%| | 1/10 [00:01<00:09, 1.0it/s, avr_loss=0.31]",
-                       "steps:  20%| | 2/10 [00:02<00:08, 1.0it/s, avr_loss=nan]")  # fmt: skip
+    status = _scripted(
+        tmp_path,
+        "hang",
+        "steps:  10%| | 1/10 [00:01<00:09, 1.0it/s, avr_loss=0.31]",
+        "steps:  20%| | 2/10 [00:02<00:08, 1.0it/s, avr_loss=nan]",
+    )
     assert time.monotonic() - started < 60  # stopped at once, not after the job's two minutes
     assert status.state == RunState.failed and status.reason == "loss became NaN at step 2; last good checkpoint: none"
 
 
 def test_out_of_memory_is_named_with_the_settings_that_would_help(tmp_path: Path) -> None:
-    status = _scripted(tmp_path, "1", "steps: 1/10 loss=0.5",
-                       "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")  # fmt: skip
-    assert status.state == RunState.failed and status.reason.startswith("out of memory (torch.OutOfMemoryError: CUDA out of memory")
+    status = _scripted(
+        tmp_path, "1", "steps: 1/10 loss=0.5", "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    )
+    assert status.state == RunState.failed and status.reason.startswith(
+        "out of memory (torch.OutOfMemoryError: CUDA out of memory"
+    )
     assert status.reason.endswith("to use less memory: gpu.batch_size=1, gpu.fp8_base=true")
 
 
 def test_a_failure_names_its_last_error_line(tmp_path: Path) -> None:
     status = _scripted(tmp_path, "1", "steps: 1/10 loss=0.5", "ValueError: image 07.jpg could not be decoded")
-    assert status.state == RunState.failed and status.reason == "exit code 1: ValueError: image 07.jpg could not be decoded"
+    assert (
+        status.state == RunState.failed
+        and status.reason == "exit code 1: ValueError: image 07.jpg could not be decoded"
+    )
 
 
 UNSAVING_JOB = textwrap.dedent(
@@ -245,4 +277,6 @@ def test_a_job_that_cannot_save_on_a_signal_says_how_many_steps_were_lost(tmp_pa
     launcher.wait(timeout=60)
     status = read_status(tmp_path)
     assert status is not None and status.state == RunState.interrupted
-    assert status.reason.endswith("flux-lora-step00000004-state; 2 step(s) trained after it (up to step 6) are lost"), status.reason
+    assert status.reason.endswith("flux-lora-step00000004-state; 2 step(s) trained after it (up to step 6) are lost"), (
+        status.reason
+    )

@@ -32,8 +32,16 @@ def _holding_process(outputs: Path) -> subprocess.Popen[str]:
 def _write_lease(outputs: Path, **fields: object) -> Path:
     path = lease_path(outputs, "run1")
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"run_id": "run1", "token": "t0", "host": socket.gethostname(), "boot_id": boot_id(), "pid": 1,
-              "pid_start": None, "since": "2026-12-01T00:00:00+00:00", **fields}  # fmt: skip
+    record = {
+        "run_id": "run1",
+        "token": "t0",
+        "host": socket.gethostname(),
+        "boot_id": boot_id(),
+        "pid": 1,
+        "pid_start": None,
+        "since": "2026-12-01T00:00:00+00:00",
+        **fields,
+    }
     path.write_text(json.dumps(record))
     return path
 
@@ -74,7 +82,9 @@ def test_a_pid_reused_by_an_unrelated_process_does_not_hold_the_lease(tmp_path: 
 def test_the_guard_holds_the_lease_after_its_launcher_died(tmp_path: Path) -> None:
     guard = subprocess.Popen(["sleep", "60"])  # stands for the job's guard, still saving a state
     try:
-        _write_lease(tmp_path, pid=2**22 + 11, pid_start=5, guard_pid=guard.pid, guard_start=process_start_time(guard.pid))
+        _write_lease(
+            tmp_path, pid=2**22 + 11, pid_start=5, guard_pid=guard.pid, guard_start=process_start_time(guard.pid)
+        )
         with pytest.raises(LeaseHeld, match=r"pid 4194315"):
             Lease.acquire(tmp_path, "run1")
     finally:
@@ -140,8 +150,11 @@ def test_a_holder_in_another_pid_namespace_is_not_taken_for_dead(tmp_path: Path)
     Its pid names another process here, so only its heartbeat (or SLURM) can say it is gone."""
     if subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True).returncode != 0:
         pytest.skip("unshare --pid needs root here")
-    holder = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", HOLD, str(tmp_path)],
-                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    holder = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", HOLD, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         recorded = read_holder(lease_path(tmp_path, "run1"))
@@ -174,13 +187,19 @@ def test_a_taken_over_owner_stops_refreshing_and_releasing_the_new_owners_lease(
 def test_a_relaunch_waits_for_a_guard_still_saving_after_its_launcher_died_then_takes_over(tmp_path: Path) -> None:
     guard = subprocess.Popen(["sleep", "3"])  # stands for the job's guard: its launcher was killed, the job saves
     try:
-        _write_lease(tmp_path, pid=2**22 + 11, pid_start=5, guard_pid=guard.pid, guard_start=process_start_time(guard.pid))
+        _write_lease(
+            tmp_path, pid=2**22 + 11, pid_start=5, guard_pid=guard.pid, guard_start=process_start_time(guard.pid)
+        )
         said: list[str] = []
         began = time.monotonic()
         with Lease.acquire(tmp_path, "run1", say=said.append) as lease:
             assert guard.poll() is not None and time.monotonic() - began > 1  # it waited for the guard to end
             assert lease.took_over is not None and lease.took_over.guard_pid == guard.pid
-        assert len(said) == 1 and f"the job's guard, pid {guard.pid}, is stopping the job" in said[0] and "waiting" in said[0]
+        assert (
+            len(said) == 1
+            and f"the job's guard, pid {guard.pid}, is stopping the job" in said[0]
+            and "waiting" in said[0]
+        )
     finally:
         guard.kill()
         guard.wait()

@@ -13,14 +13,18 @@ from pathlib import Path
 import pytest
 
 from flux_lora.lifecycle.lease import Lease, LeaseHeld, lease_path
-from tests.slurm_cluster import slurm, wait_for  # noqa: F401 - slurm is a fixture
+from tests.slurm_cluster import wait_for
 
 
 def _submit_sleeper(tmp_path: Path) -> str:
     script = tmp_path / "sleeper.sh"
     script.write_text("#!/bin/sh\nsleep 300\n")
-    done = subprocess.run(["sbatch", "--parsable", "--mem=100M", "-c", "1", "-o", str(tmp_path / "sleeper.out"), str(script)],
-                          capture_output=True, text=True, check=True)  # fmt: skip
+    done = subprocess.run(
+        ["sbatch", "--parsable", "--mem=100M", "-c", "1", "-o", str(tmp_path / "sleeper.out"), str(script)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return done.stdout.strip().split(";")[0]
 
 
@@ -28,9 +32,21 @@ def _lease_of_job(outputs: Path, job: str, restart: int = 0, heartbeat_age_s: fl
     """What a launcher inside `job` on another node leaves: its pids mean nothing here."""
     path = lease_path(outputs, "run1")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"run_id": "run1", "token": "t0", "host": "node-b", "boot_id": "other-boot", "pid": 4242,
-                                "pid_start": 1, "since": "2026-12-07T00:00:00+00:00", "slurm_job": job,
-                                "slurm_restart": restart}))  # fmt: skip
+    path.write_text(
+        json.dumps(
+            {
+                "run_id": "run1",
+                "token": "t0",
+                "host": "node-b",
+                "boot_id": "other-boot",
+                "pid": 4242,
+                "pid_start": 1,
+                "since": "2026-12-07T00:00:00+00:00",
+                "slurm_job": job,
+                "slurm_restart": restart,
+            }
+        )
+    )
     stamp = time.time() - heartbeat_age_s
     os.utime(path, (stamp, stamp))
     return path

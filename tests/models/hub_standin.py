@@ -24,7 +24,7 @@ class StandInHub:
     drop_once: set[str] = field(default_factory=set)
     requests: list[tuple[str, str, str | None, bool]] = field(default_factory=list)  # method, path, Range, had a token
 
-    def __enter__(self) -> "StandInHub":
+    def __enter__(self) -> StandInHub:
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -39,7 +39,11 @@ class StandInHub:
                     return None, {"X-Error-Code": "RepoNotFound"}, 404
                 repo_id, filename = "/".join(parts[:2]), "/".join(parts[4:])
                 if repo_id in hub.gated and auth != f"Bearer {hub.gated[repo_id]}":
-                    return None, {"X-Error-Code": "GatedRepo", "X-Error-Message": f"Access to model {repo_id} is restricted."}, 401
+                    return (
+                        None,
+                        {"X-Error-Code": "GatedRepo", "X-Error-Message": f"Access to model {repo_id} is restricted."},
+                        401,
+                    )
                 content = hub.files.get((repo_id, filename))
                 if content is None:
                     return None, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": COMMIT}, 404

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from flux_lora.models.fetch import fetch_model_files
+from flux_lora.models.layout import flux_layout
 from flux_lora.models.sources import HUB_FILES
 from tests.cli import run_cli
 from tests.models.hub_standin import StandInHub
-from flux_lora.models.layout import flux_layout
 from tests.models.model_stubs import DEFAULT_FILES, TEST_SIZED, TEST_SIZED_DIMS, write_model_folder, write_part
 
 TOKEN = "hf_standin_secret_token"
@@ -41,7 +41,7 @@ def test_fetch_downloads_checks_and_keeps(tmp_path: Path, capsys: pytest.Capture
     with StandInHub(content, gated={"black-forest-labs/FLUX.1-dev": TOKEN}) as hub:
         verdicts = fetch_model_files(files, layout=TEST_SIZED, endpoint=hub.endpoint, token=TOKEN)
         assert [v.problem for v in verdicts] == [None] * 4, [v.line for v in verdicts]
-        for key, path in files.items():
+        for path in files.values():
             assert path.read_bytes() == content[(HUB_FILES[path.name].repo_id, path.name)]
         # The token went to the gated repo and appears in no output.
         assert all(had_token for method, path, _, had_token in hub.requests if "FLUX.1-dev" in path)
@@ -62,8 +62,10 @@ def test_a_dropped_transfer_resumes_where_it_stopped(tmp_path: Path) -> None:
     published = tmp_path / "clip_l.safetensors"
     write_part(published, layout.parts["clip_l"], dense=True)
     files = {"clip_l": tmp_path / "models" / "clip_l.safetensors"}
-    with StandInHub({("comfyanonymous/flux_text_encoders", "clip_l.safetensors"): published.read_bytes()},
-                    drop_once={"clip_l.safetensors"}) as hub:  # fmt: skip
+    with StandInHub(
+        {("comfyanonymous/flux_text_encoders", "clip_l.safetensors"): published.read_bytes()},
+        drop_once={"clip_l.safetensors"},
+    ) as hub:
         (verdict,) = fetch_model_files(files, layout=layout, endpoint=hub.endpoint, token=TOKEN)
         assert verdict.problem is None, verdict.line
         assert hub.gets("clip_l.safetensors") == [None, f"bytes={10 * 2**20}-"]
@@ -72,7 +74,9 @@ def test_a_dropped_transfer_resumes_where_it_stopped(tmp_path: Path) -> None:
 
 def test_a_wrong_download_is_refused_by_the_check(tmp_path: Path) -> None:
     content = hub_content(tmp_path)
-    content[("comfyanonymous/flux_text_encoders", "t5xxl_fp16.safetensors")] = content[("comfyanonymous/flux_text_encoders", "clip_l.safetensors")]
+    content[("comfyanonymous/flux_text_encoders", "t5xxl_fp16.safetensors")] = content[
+        ("comfyanonymous/flux_text_encoders", "clip_l.safetensors")
+    ]
     files = {"t5xxl": tmp_path / "models" / "t5xxl_fp16.safetensors"}
     with StandInHub(content) as hub:
         (verdict,) = fetch_model_files(files, layout=TEST_SIZED, endpoint=hub.endpoint, token=TOKEN)
@@ -81,8 +85,9 @@ def test_a_wrong_download_is_refused_by_the_check(tmp_path: Path) -> None:
 
 def test_a_token_without_the_licence_is_one_line(tmp_path: Path) -> None:
     with StandInHub(hub_content(tmp_path), gated={"black-forest-labs/FLUX.1-dev": TOKEN}) as hub:
-        (verdict,) = fetch_model_files({"vae": tmp_path / "ae.safetensors"}, layout=TEST_SIZED, endpoint=hub.endpoint,
-                                       token="hf_another_account")  # fmt: skip
+        (verdict,) = fetch_model_files(
+            {"vae": tmp_path / "ae.safetensors"}, layout=TEST_SIZED, endpoint=hub.endpoint, token="hf_another_account"
+        )
     assert verdict.line == (
         f"model.vae: {tmp_path / 'ae.safetensors'} black-forest-labs/FLUX.1-dev refused HF_TOKEN: accept the licence at "
         f"{hub.endpoint}/black-forest-labs/FLUX.1-dev with that token's account (and give the token read access), then run fetch again"
@@ -96,8 +101,16 @@ def test_cli_fetch_of_the_gated_repo_without_a_token(tmp_path: Path) -> None:
     models = tmp_path / "models"
     with StandInHub(hub_content(tmp_path), gated={"black-forest-labs/FLUX.1-dev": TOKEN}) as hub:
         env = {"HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf_home")}
-        done = run_cli("fetch", "model=flux_dev", f"paths.models={models}", "model.clip_l=null", "model.t5xxl=null",
-                       module="flux_lora.models", env=env, drop=no_token)  # fmt: skip
+        done = run_cli(
+            "fetch",
+            "model=flux_dev",
+            f"paths.models={models}",
+            "model.clip_l=null",
+            "model.t5xxl=null",
+            module="flux_lora.models",
+            env=env,
+            drop=no_token,
+        )
     assert done.returncode == 1, done.stderr
     gated = f"black-forest-labs/FLUX.1-dev is gated: set HF_TOKEN to a Hugging Face access token and accept the licence at {hub.endpoint}/black-forest-labs/FLUX.1-dev, then run fetch again"
     assert done.stderr.splitlines() == [

@@ -42,7 +42,9 @@ def test_transformer_layout_is_diffusers_flux_dev() -> None:
     d = _shapes(model)
     attn = [f"transformer_blocks.0.attn.to_{x}.weight" for x in "qkv"]
     context = [f"transformer_blocks.0.attn.add_{x}_proj.weight" for x in "qkv"]
-    single = [f"single_transformer_blocks.0.attn.to_{x}.weight" for x in "qkv"] + ["single_transformer_blocks.0.proj_mlp.weight"]
+    single = [f"single_transformer_blocks.0.attn.to_{x}.weight" for x in "qkv"] + [
+        "single_transformer_blocks.0.proj_mlp.weight"
+    ]
     from_diffusers = {
         "img_in.weight": d["x_embedder.weight"],
         "time_in.in_layer.weight": d["time_text_embed.timestep_embedder.linear_1.weight"],
@@ -81,16 +83,23 @@ def test_vae_layout_is_diffusers_flux_autoencoder() -> None:
         "encoder.conv_out.weight": d["encoder.conv_out.weight"],
         "decoder.conv_in.weight": d["decoder.conv_in.weight"],
         "decoder.mid.block_1.conv1.weight": d["decoder.mid_block.resnets.0.conv1.weight"],
-        "decoder.up.0.block.2.conv2.weight": d["decoder.up_blocks.3.resnets.2.conv2.weight"],  # BFL counts levels upward
+        "decoder.up.0.block.2.conv2.weight": d[
+            "decoder.up_blocks.3.resnets.2.conv2.weight"
+        ],  # BFL counts levels upward
         "decoder.conv_out.weight": d["decoder.conv_out.weight"],
     }
     assert _expected("vae") == from_diffusers
     assert d["decoder.conv_in.weight"][1] == 16  # FLUX's 16 latent channels
-    assert [c.expected for c in FLUX_DEV.parts["vae"].blocks] == [len(model.encoder.down_blocks), len(model.decoder.up_blocks)]
+    assert [c.expected for c in FLUX_DEV.parts["vae"].blocks] == [
+        len(model.encoder.down_blocks),
+        len(model.decoder.up_blocks),
+    ]
 
 
-@pytest.mark.parametrize("part, model_class, config_class", [("clip_l", "CLIPTextModel", "CLIPTextConfig"),
-                                                               ("t5xxl", "T5EncoderModel", "T5Config")])  # fmt: skip
+@pytest.mark.parametrize(
+    "part, model_class, config_class",
+    [("clip_l", "CLIPTextModel", "CLIPTextConfig"), ("t5xxl", "T5EncoderModel", "T5Config")],
+)
 def test_text_encoder_layouts_are_the_transformers_models(part: str, model_class: str, config_class: str) -> None:
     import transformers
 

@@ -75,7 +75,10 @@ def test_fp8_where_bf16_is_expected_and_back(tmp_path: Path) -> None:
     fp8 = tmp_path / "flux1-dev.safetensors"
     write_part(fp8, PARTS["transformer"], "F8_E4M3")
     line = verify_file("transformer", fp8, fp8_base=False).line
-    assert "holds the fp8 e4m3fn (F8_E4M3) FLUX.1-dev transformer where bf16 (BF16) is expected (gpu.fp8_base=false)" in line
+    assert (
+        "holds the fp8 e4m3fn (F8_E4M3) FLUX.1-dev transformer where bf16 (BF16) is expected (gpu.fp8_base=false)"
+        in line
+    )
     assert "set gpu.fp8_base=true" in line and line.count("\n") == 0
     ok = verify_file("transformer", fp8, fp8_base=True)
     assert ok.problem is None and "fp8 e4m3fn (F8_E4M3)" in ok.summary
@@ -83,7 +86,9 @@ def test_fp8_where_bf16_is_expected_and_back(tmp_path: Path) -> None:
     t5 = tmp_path / "t5xxl_fp16.safetensors"
     write_part(t5, PARTS["t5xxl"], "F8_E4M3")
     line = verify_file("t5xxl", t5).line
-    assert "holds the fp8 e4m3fn (F8_E4M3) T5-XXL text encoder where 16/32-bit (published: fp16 (F16)) is expected" in line
+    assert (
+        "holds the fp8 e4m3fn (F8_E4M3) T5-XXL text encoder where 16/32-bit (published: fp16 (F16)) is expected" in line
+    )
     assert "(its name does not say fp8); an fp8 file under a 16-bit name" in line
     # ... and the other way: a 16-bit file under the fp8 name.
     named_fp8 = tmp_path / "t5xxl_fp8_e4m3fn.safetensors"
@@ -98,7 +103,9 @@ def test_fp8_where_bf16_is_expected_and_back(tmp_path: Path) -> None:
 
 def test_missing_file_names_the_key_and_the_fetch(tmp_path: Path) -> None:
     line = verify_file("vae", tmp_path / "ae.safetensors").line
-    assert line.startswith(f"model.vae: {tmp_path / 'ae.safetensors'} not found; set model.vae=<path> or paths.models=<dir>")
+    assert line.startswith(
+        f"model.vae: {tmp_path / 'ae.safetensors'} not found; set model.vae=<path> or paths.models=<dir>"
+    )
     assert "python -m flux_lora.models fetch" in line
 
 
@@ -121,17 +128,26 @@ def test_other_flux_models_are_told_apart(tmp_path: Path) -> None:
     path = tmp_path / "flux1-dev.safetensors"
     tensors = part_tensors(PARTS["transformer"], "BF16")
     write_safetensors_header(path, {k: v for k, v in tensors.items() if not k.startswith("guidance_in.")})
-    assert "is FLUX.1-schnell or another guidance-free FLUX (no guidance_in), not FLUX.1-dev" in verify_file("transformer", path).line
+    assert (
+        "is FLUX.1-schnell or another guidance-free FLUX (no guidance_in), not FLUX.1-dev"
+        in verify_file("transformer", path).line
+    )
     pruned = {k: v for k, v in tensors.items() if not (k.startswith("double_blocks.") and int(k.split(".")[1]) >= 8)}
     pruned["double_blocks.7.txt_mlp.2.weight"] = ("BF16", (3072, 12288))
     write_safetensors_header(path, pruned)
     line = verify_file("transformer", path).line
-    assert "is not the FLUX.1-dev transformer: has 8 double blocks and 38 single blocks where FLUX.1-dev has 19 and 38" in line
+    assert (
+        "is not the FLUX.1-dev transformer: has 8 double blocks and 38 single blocks where FLUX.1-dev has 19 and 38"
+        in line
+    )
     # A CLIP of another width (SDXL's CLIP-G is 1280 wide) under the CLIP-L name.
     wide = flux_layout(FluxDims(clip_hidden=1280, clip_intermediate=5120)).parts["clip_l"]
     write_part(tmp_path / "clip_l.safetensors", wide)
     line = verify_file("clip_l", tmp_path / "clip_l.safetensors").line
-    assert "is not the CLIP-L text encoder of FLUX.1-dev: embeddings.token_embedding.weight is [49408, 1280] where FLUX.1-dev has [49408, 768]" in line
+    assert (
+        "is not the CLIP-L text encoder of FLUX.1-dev: embeddings.token_embedding.weight is [49408, 1280] where FLUX.1-dev has [49408, 768]"
+        in line
+    )
 
 
 def test_comfyui_prefixes_are_accepted(tmp_path: Path) -> None:
@@ -146,7 +162,10 @@ def test_test_sized_layout_only_when_asked(tmp_path: Path) -> None:
     files = write_model_folder(tmp_path, TEST_SIZED, dense=True)
     assert all(verify_file(k, p, layout=TEST_SIZED).problem is None for k, p in files.items())
     refused = verify_file("transformer", files["transformer"])  # the default is FLUX.1-dev, always
-    assert "is not the FLUX.1-dev transformer: has 2 double blocks and 2 single blocks where FLUX.1-dev has 19 and 38" in refused.line
+    assert (
+        "is not the FLUX.1-dev transformer: has 2 double blocks and 2 single blocks where FLUX.1-dev has 19 and 38"
+        in refused.line
+    )
 
 
 def test_sha256_against_a_pinned_table(tmp_path: Path) -> None:
@@ -172,4 +191,7 @@ def test_launch_check_is_quiet_for_good_files_and_one_line_per_bad_one(compose_r
     assert problem.startswith(f"model.t5xxl: {models / 't5xxl_fp16.safetensors'} is truncated: 1,000 bytes")
     assert model_file_problems(compose_run("model=tiny")) == []
     # The native engine reads a diffusers folder instead of the single files when one is given.
-    assert model_file_problems(compose_run("model=flux_dev", f"paths.models={models}", f"model.diffusers_dir={tmp_path}")) == []
+    assert (
+        model_file_problems(compose_run("model=flux_dev", f"paths.models={models}", f"model.diffusers_dir={tmp_path}"))
+        == []
+    )

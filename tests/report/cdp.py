@@ -17,10 +17,10 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 
-def chromium_binary() -> Optional[str]:
+def chromium_binary() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
@@ -38,17 +38,36 @@ class Chromium:
         def wire_fds() -> None:  # in the child: the protocol's fixed descriptors 3 and 4
             # Move both ends above 4 first: a pipe end may already sit on 3 or 4 (and dup2 onto itself
             # would keep its close-on-exec flag).
-            high_r, high_w = fcntl.fcntl(to_browser_r, fcntl.F_DUPFD, 10), fcntl.fcntl(from_browser_w, fcntl.F_DUPFD, 10)
+            high_r, high_w = (
+                fcntl.fcntl(to_browser_r, fcntl.F_DUPFD, 10),
+                fcntl.fcntl(from_browser_w, fcntl.F_DUPFD, 10),
+            )
             os.dup2(high_r, 3)
             os.dup2(high_w, 4)
 
         self.process = subprocess.Popen(
-            [binary, "--headless", "--disable-gpu", "--no-sandbox", "--remote-debugging-pipe", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-extensions",
-             "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1", f"--user-data-dir={self.profile}",
-             f"--window-size={width},{height}", "about:blank"],
-            preexec_fn=wire_fds, close_fds=False, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+            [
+                binary,
+                "--headless",
+                "--disable-gpu",
+                "--no-sandbox",
+                "--remote-debugging-pipe",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-extensions",
+                "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+                f"--user-data-dir={self.profile}",
+                f"--window-size={width},{height}",
+                "about:blank",
+            ],
+            preexec_fn=wire_fds,
+            close_fds=False,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         os.close(to_browser_r)
         os.close(from_browser_w)
         self.width, self.height = width, height
@@ -73,7 +92,9 @@ class Chromium:
                         self.events.append(message)
                 self._cond.notify_all()
 
-    def send(self, method: str, params: Optional[dict[str, Any]] = None, session: Optional[str] = None, timeout: float = 30) -> dict[str, Any]:
+    def send(
+        self, method: str, params: dict[str, Any] | None = None, session: str | None = None, timeout: float = 30
+    ) -> dict[str, Any]:
         with self._cond:
             self._next_id += 1
             ident = self._next_id
@@ -89,9 +110,16 @@ class Chromium:
             raise RuntimeError(f"{method}: {reply['error']}")
         return reply.get("result", {})
 
-    def wait_event(self, method: str, session: Optional[str] = None, timeout: float = 30) -> dict[str, Any]:
-        def found() -> Optional[dict[str, Any]]:
-            return next((e for e in self.events if e["method"] == method and (session is None or e.get("sessionId") == session)), None)
+    def wait_event(self, method: str, session: str | None = None, timeout: float = 30) -> dict[str, Any]:
+        def found() -> dict[str, Any] | None:
+            return next(
+                (
+                    e
+                    for e in self.events
+                    if e["method"] == method and (session is None or e.get("sessionId") == session)
+                ),
+                None,
+            )
 
         with self._cond:
             if not self._cond.wait_for(lambda: found() is not None, timeout):
@@ -104,17 +132,25 @@ class Chromium:
         session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         for domain in ("Page", "Network", "Runtime"):
             self.send(f"{domain}.enable", session=session)
-        self.send("Emulation.setDeviceMetricsOverride", {"width": self.width, "height": self.height, "deviceScaleFactor": 1, "mobile": False}, session)
+        self.send(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": self.width, "height": self.height, "deviceScaleFactor": 1, "mobile": False},
+            session,
+        )
         return session
 
     def navigate(self, session: str, url: str, timeout: float = 30) -> None:
         with self._cond:
-            self.events = [e for e in self.events if not (e["method"] == "Page.loadEventFired" and e.get("sessionId") == session)]
+            self.events = [
+                e for e in self.events if not (e["method"] == "Page.loadEventFired" and e.get("sessionId") == session)
+            ]
         self.send("Page.navigate", {"url": url}, session)
         self.wait_event("Page.loadEventFired", session, timeout)
 
     def evaluate(self, session: str, expression: str) -> Any:
-        result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True}, session)
+        result = self.send(
+            "Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True}, session
+        )
         if "exceptionDetails" in result:
             raise RuntimeError(f"page script failed: {result['exceptionDetails'].get('text')}")
         return result["result"].get("value")
@@ -130,7 +166,11 @@ class Chromium:
 
     def requested_urls(self, session: str) -> list[str]:
         with self._cond:
-            return [e["params"]["request"]["url"] for e in self.events if e["method"] == "Network.requestWillBeSent" and e.get("sessionId") == session]
+            return [
+                e["params"]["request"]["url"]
+                for e in self.events
+                if e["method"] == "Network.requestWillBeSent" and e.get("sessionId") == session
+            ]
 
     def press(self, session: str, key: str) -> None:
         """A real key press (keyDown with its text, then keyUp), as a keyboard delivers it."""
@@ -141,10 +181,17 @@ class Chromium:
 
     def click(self, session: str, selector: str) -> None:
         """A real mouse click at the middle of the first element matching selector."""
-        box = self.evaluate(session, f"(() => {{ const r = document.querySelector({json.dumps(selector)}).getBoundingClientRect(); "
-                                     "return [r.x + r.width / 2, r.y + r.height / 2]; })()")  # fmt: skip
+        box = self.evaluate(
+            session,
+            f"(() => {{ const r = document.querySelector({json.dumps(selector)}).getBoundingClientRect(); "
+            "return [r.x + r.width / 2, r.y + r.height / 2]; })()",
+        )
         for kind in ("mousePressed", "mouseReleased"):
-            self.send("Input.dispatchMouseEvent", {"type": kind, "x": box[0], "y": box[1], "button": "left", "clickCount": 1}, session)
+            self.send(
+                "Input.dispatchMouseEvent",
+                {"type": kind, "x": box[0], "y": box[1], "button": "left", "clickCount": 1},
+                session,
+            )
 
     def screenshot(self, session: str, full_page: bool = True) -> bytes:
         clip = None
@@ -169,7 +216,7 @@ class Chromium:
         os.close(self._to_browser)
         shutil.rmtree(self.profile, ignore_errors=True)
 
-    def __enter__(self) -> "Chromium":
+    def __enter__(self) -> Chromium:
         return self
 
     def __exit__(self, *exc: object) -> None:

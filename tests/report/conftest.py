@@ -5,13 +5,14 @@ report CLI run on it."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from tests.cli import ONE_THREAD, run_cli
 from tests.seed_sweep import Sweep
+
 
 @pytest.fixture(scope="session")
 def evaluated_sweep(seed_sweep: Sweep) -> Path:
@@ -23,7 +24,9 @@ def evaluated_sweep(seed_sweep: Sweep) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        settings = EvalSettings(resolution=64, sample_steps=1, strengths=(0.5, 1.0), seeds=(0, 1), max_prompts_per_set=1)
+        settings = EvalSettings(
+            resolution=64, sample_steps=1, strengths=(0.5, 1.0), seeds=(0, 1), max_prompts_per_set=1
+        )
         for run_dir in sorted(p.parent for p in seed_sweep.path.glob("*/run.json")):
             evaluate_run(run_dir, settings)
     finally:
@@ -35,7 +38,9 @@ def evaluated_sweep(seed_sweep: Sweep) -> Path:
 
 def copy_sweep(sweep_dir: Path, target: Path) -> Path:
     """A copy to change (ratings, failures) without touching the shared sweep; resume states left out."""
-    return Path(shutil.copytree(sweep_dir, target, ignore=shutil.ignore_patterns("*-state", "report_files", "report.*")))
+    return Path(
+        shutil.copytree(sweep_dir, target, ignore=shutil.ignore_patterns("*-state", "report_files", "report.*"))
+    )
 
 
 @pytest.fixture

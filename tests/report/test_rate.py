@@ -9,8 +9,9 @@ import shutil
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from scipy.stats import spearmanr
@@ -28,7 +29,9 @@ class RateServer:
         ready, _, _ = select.select([self.process.stdout], [], [], 60)
         self.banner = self.process.stdout.readline() if ready else ""
         match = re.search(r"http://127\.0\.0\.1:(\d+)/", self.banner)
-        assert match, f"no address printed: {self.banner!r} {self.process.stderr.read() if self.process.poll() is not None else ''}"  # type: ignore[union-attr]
+        assert match, (
+            f"no address printed: {self.banner!r} {self.process.stderr.read() if self.process.poll() is not None else ''}"
+        )  # type: ignore[union-attr]
         self.url = match.group(0)
 
     def get(self, path: str) -> tuple[int, bytes, str]:
@@ -39,7 +42,9 @@ class RateServer:
             return error.code, error.read(), error.headers["Content-Type"]
 
     def post(self, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        request = urllib.request.Request(self.url + "api/rate", json.dumps(payload).encode(), {"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            self.url + "api/rate", json.dumps(payload).encode(), {"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
                 return response.status, json.loads(response.read())
@@ -96,7 +101,12 @@ def test_rate_over_http_is_blind_and_appends_at_once(rate_server: RateServer) ->
 
     assert rate_server.post({"rater": "http-check", "token": token, "score": 4}) == (200, {"ok": True})
     (entry,) = ratings(rate_server.sweep_dir, "http-check")  # on disk before the answer came back
-    assert entry["score"] == 4 and entry["prompt"] == 0 and entry["run"] in entry["image"] and entry["cell"] in entry["run"]
+    assert (
+        entry["score"] == 4
+        and entry["prompt"] == 0
+        and entry["run"] in entry["image"]
+        and entry["cell"] in entry["run"]
+    )
     assert set(entry) == {"rater", "image", "cell", "run", "seed", "prompt", "score", "time"}
     assert (rate_server.sweep_dir / entry["image"]).read_bytes() == png
     # Refused without a line written: a score outside 1-5, no rater, an unknown image, not JSON.
@@ -118,7 +128,10 @@ def test_rating_with_keys_and_a_click_in_chromium_then_the_report_unblinds(rate_
     with Chromium(width=1700, height=1000) as browser:
         page = browser.open_page()
         browser.navigate(page, rate_server.url + "?rater=browser")
-        browser.wait_for(page, "document.querySelectorAll('.item img').length === 6 && [...document.images].every(i => i.complete && i.naturalWidth > 0)")
+        browser.wait_for(
+            page,
+            "document.querySelectorAll('.item img').length === 6 && [...document.images].every(i => i.complete && i.naturalWidth > 0)",
+        )
         assert browser.evaluate(page, "document.getElementById('progress').textContent").startswith("Prompt 1 of 5")
         for key in keys:  # real key presses: each rates the outlined image and moves on
             browser.press(page, key)
@@ -163,7 +176,9 @@ def test_the_rating_server_answers_bad_requests_with_a_4xx_and_writes_nothing(ra
     port = int(rate_server.url.rstrip("/").rsplit(":", 1)[1])
     token = rate_server.items("hardening")[0]["images"][0]["token"]
 
-    def request(method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    def request(
+        method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, Any]]:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         try:
             connection.request(method, path, body, {"Content-Type": "application/json", **(headers or {})})
@@ -191,11 +206,25 @@ def test_the_rating_server_answers_bad_requests_with_a_4xx_and_writes_nothing(ra
     assert request("POST", "/api/rate", b"[" * 2000 + b"]" * 2000)[0] == 400  # deep enough to exhaust the parser
     assert rate_server.process.poll() is None  # still serving
     assert rate_server.post({"rater": "hardening", "token": token, "score": 3.0})[0] == 400
-    assert request("POST", "/api/rate", json.dumps({"rater": "hardening", "token": token, "score": 3}).encode(),
-                   {"Content-Type": "application/x-www-form-urlencoded"})[0] == 415  # fmt: skip
+    assert (
+        request(
+            "POST",
+            "/api/rate",
+            json.dumps({"rater": "hardening", "token": token, "score": 3}).encode(),
+            {"Content-Type": "application/x-www-form-urlencoded"},
+        )[0]
+        == 415
+    )
     for method, path in (("GET", "/api/items?rater=hardening"), ("POST", "/api/rate")):
-        status, answer = request(method, path, json.dumps({"rater": "hardening", "token": token, "score": 3}).encode(),
-                                 {"Host": f"attacker.example:{port}"})  # fmt: skip
+        status, answer = request(
+            method,
+            path,
+            json.dumps({"rater": "hardening", "token": token, "score": 3}).encode(),
+            {"Host": f"attacker.example:{port}"},
+        )
         assert status == 403 and f"open http://127.0.0.1:{port}/" in answer["error"]
     assert ratings(rate_server.sweep_dir, "hardening") == []
-    assert rate_server.post({"rater": "hardening", "token": token, "score": 3}) == (200, {"ok": True})  # the page's own way
+    assert rate_server.post({"rater": "hardening", "token": token, "score": 3}) == (
+        200,
+        {"ok": True},
+    )  # the page's own way

@@ -15,8 +15,8 @@ from PIL import Image, ImageStat
 from flux_lora.lifecycle.lease import Lease
 from flux_lora.report.collect import collect, find_baseline
 from flux_lora.report.stats import mean_interval
-from tests.report.cdp import Chromium, chromium_binary
 from tests.cli import ONE_THREAD, run_cli
+from tests.report.cdp import Chromium, chromium_binary
 from tests.report.conftest import copy_sweep, md_column, md_row
 from tests.seed_sweep import Sweep
 
@@ -24,7 +24,9 @@ from tests.seed_sweep import Sweep
 @pytest.mark.slow
 def test_sweep_end_writes_the_report_before_any_evaluation(seed_sweep: Sweep) -> None:
     names = sorted(p.parent.name for p in seed_sweep.path.glob("*/run.json"))
-    assert [n.split("_", 1)[1] for n in names] == [f"tiny-smoke-cpu-native-{cell}-seed{seed}" for cell in ("baseline", "a1_alpha") for seed in (1, 2, 3)]
+    assert [n.split("_", 1)[1] for n in names] == [
+        f"tiny-smoke-cpu-native-{cell}-seed{seed}" for cell in ("baseline", "a1_alpha") for seed in (1, 2, 3)
+    ]
     assert f"report: {seed_sweep.path / 'report.html'}" in seed_sweep.launch_output
     md = seed_sweep.report_md_at_sweep_end
     assert md_column(md, "state", "a1_alpha") == "3 succeeded" and md_column(md, "seeds", "baseline") == "1, 2, 3"
@@ -40,10 +42,16 @@ def test_three_seeds_mark_a1_alpha_better_on_validation_loss(evaluated_sweep: Pa
     assert md_column(md, "vs baseline (val loss final, held-out images)", "a1_alpha").startswith("better (p=")
     assert md_column(md, "changes", "a1_alpha") == "profile.network_alpha=8.0"
     # The cell's mean and interval are those of its three eval.json files.
-    finals = [json.loads((d / "eval" / "eval.json").read_text())["validation"]["final"]["loss"] for d in sorted(evaluated_sweep.glob("*a1_alpha*"))]
+    finals = [
+        json.loads((d / "eval" / "eval.json").read_text())["validation"]["final"]["loss"]
+        for d in sorted(evaluated_sweep.glob("*a1_alpha*"))
+    ]
     estimate = mean_interval(finals)
     assert estimate is not None and estimate.half_width is not None
-    assert md_column(md, "val loss final (held-out images)", "a1_alpha") == f"{estimate.mean:.4f} ±{estimate.half_width:.4f}"
+    assert (
+        md_column(md, "val loss final (held-out images)", "a1_alpha")
+        == f"{estimate.mean:.4f} ±{estimate.half_width:.4f}"
+    )
     for column in ("load check", "face found", "diversity bits", "best step"):
         assert md_column(md, column, "a1_alpha") != "-", column
     assert "- **a1_alpha**: `profile.network_alpha: 1.0 -> 8.0`" in md  # config differences, nothing else
@@ -78,14 +86,18 @@ def test_report_page_renders_offline_in_headless_chromium(evaluated_sweep: Path,
         assert (evaluated_sweep / ref).is_file(), ref
 
     # Copied elsewhere (an rsync to a laptop), the page still opens whole.
-    moved = Path(shutil.copytree(evaluated_sweep, tmp_path / "moved", ignore=shutil.ignore_patterns("*-state", "*.safetensors")))
+    moved = Path(
+        shutil.copytree(evaluated_sweep, tmp_path / "moved", ignore=shutil.ignore_patterns("*-state", "*.safetensors"))
+    )
     control = tmp_path / "control.html"
     control.write_text('<img src="http://example.com/x.png"><p>control</p>')
     with Chromium(width=1280, height=900) as browser:
         page = browser.open_page()
         browser.navigate(page, (moved / "report.html").as_uri())
         urls = browser.requested_urls(page)
-        broken = browser.evaluate(page, "[...document.images].filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)")
+        broken = browser.evaluate(
+            page, "[...document.images].filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)"
+        )
         images = browser.evaluate(page, "document.images.length")
         png = browser.screenshot(page)
         # The trap works: a page that does reach for the network is seen doing it.
@@ -97,14 +109,18 @@ def test_report_page_renders_offline_in_headless_chromium(evaluated_sweep: Path,
     assert any(u.startswith("http://example.com") for u in control_urls)
     shot = Image.open(BytesIO(png)).convert("L")
     assert shot.width >= 1280 and shot.height > 900  # the full page, not one screen
-    assert ImageStat.Stat(shot).stddev[0] > 20 and len(shot.getcolors(maxcolors=1 << 16) or range(1 << 16)) > 50  # not blank
+    assert (
+        ImageStat.Stat(shot).stddev[0] > 20 and len(shot.getcolors(maxcolors=1 << 16) or range(1 << 16)) > 50
+    )  # not blank
 
 
 @pytest.mark.slow
 def test_partial_sweep_shows_failed_and_running_cells(sweep_copy: Path) -> None:
     failed = next(sweep_copy.glob("*a1_alpha-seed3"))
     status = json.loads((failed / "status.json").read_text())
-    (failed / "status.json").write_text(json.dumps({**status, "state": "failed", "reason": "non-finite loss at step 2"}))
+    (failed / "status.json").write_text(
+        json.dumps({**status, "state": "failed", "reason": "non-finite loss at step 2"})
+    )
     shutil.rmtree(failed / "eval")
     running = next(sweep_copy.glob("*baseline-seed3"))
     status = json.loads((running / "status.json").read_text())
@@ -146,7 +162,11 @@ def test_single_run_dir_and_bad_paths(evaluated_sweep: Path, tmp_path: Path) -> 
     html = (run_dir / "report.html").read_text()
     assert "Run report:" in html and (run_dir / "report_files" / "validation_loss.png").is_file()
     missing = run_cli(str(tmp_path / "nowhere"), module="flux_lora.report", env=ONE_THREAD)
-    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1 and "no such directory" in missing.stderr
+    assert (
+        missing.returncode == 2
+        and len(missing.stderr.strip().splitlines()) == 1
+        and "no such directory" in missing.stderr
+    )
     (tmp_path / "empty").mkdir()
     empty = run_cli(str(tmp_path / "empty"), module="flux_lora.report", env=ONE_THREAD)
     assert empty.returncode == 2 and "holds no run" in empty.stderr.strip()
@@ -163,7 +183,9 @@ def test_cells_evaluated_on_other_terms_get_no_mark_and_a_line_saying_why(sweep_
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        settings = EvalSettings(resolution=128, sample_steps=1, strengths=(0.5, 1.0), seeds=(0, 1), max_prompts_per_set=1, likeness=False)
+        settings = EvalSettings(
+            resolution=128, sample_steps=1, strengths=(0.5, 1.0), seeds=(0, 1), max_prompts_per_set=1, likeness=False
+        )
         for run_dir in sorted(sweep_copy.glob("*a1_alpha-seed*")):
             assert evaluate_run(run_dir, settings, log=lambda _: None)["basis"]["resolution"] == 128
     finally:
@@ -171,8 +193,13 @@ def test_cells_evaluated_on_other_terms_get_no_mark_and_a_line_saying_why(sweep_
     done = run_cli(str(sweep_copy), module="flux_lora.report", env=ONE_THREAD)
     assert done.returncode == 0, done.stderr
     md = (sweep_copy / "report.md").read_text()
-    assert md_column(md, "vs baseline (val loss final, held-out images)", "a1_alpha") == "not compared: evaluated on other terms"
-    assert "a1_alpha: evaluation numbers not compared with baseline, measured on other terms: resolution 128 vs 64" in md
+    assert (
+        md_column(md, "vs baseline (val loss final, held-out images)", "a1_alpha")
+        == "not compared: evaluated on other terms"
+    )
+    assert (
+        "a1_alpha: evaluation numbers not compared with baseline, measured on other terms: resolution 128 vs 64" in md
+    )
     assert "better" not in md_row(md, "a1_alpha")[-1] and "worse" not in md_row(md, "a1_alpha")[-1]
 
 
@@ -200,4 +227,7 @@ def test_an_external_lora_evaluation_sits_beside_the_sweeps_cells(sweep_copy: Pa
     row = md_row(md, "pytorch_lora_weights (external file)")
     assert md_column(md, "state", "pytorch_lora_weights (external file)").startswith("external: ")
     assert row[md_row(md, "cell").index("val loss final (mixed image sets)")] != "-"
-    assert md_column(md, "vs baseline (val loss final, mixed image sets)", "pytorch_lora_weights (external file)") == "not compared: evaluated on other terms"
+    assert (
+        md_column(md, "vs baseline (val loss final, mixed image sets)", "pytorch_lora_weights (external file)")
+        == "not compared: evaluated on other terms"
+    )

@@ -19,7 +19,9 @@ UNEQUAL = [2.1, 2.9, 2.4, 3.3, 2.2]
 @pytest.mark.parametrize("values", [BASELINE, A1, UNEQUAL, [0.5, 0.7]])
 def test_mean_interval_matches_scipy_t_interval(values: list[float]) -> None:
     estimate = mean_interval(values)
-    low, high = scipy_stats.t.interval(0.95, len(values) - 1, loc=sum(values) / len(values), scale=scipy_stats.sem(values))
+    low, high = scipy_stats.t.interval(
+        0.95, len(values) - 1, loc=sum(values) / len(values), scale=scipy_stats.sem(values)
+    )
     assert estimate is not None and estimate.n == len(values)
     assert estimate.low == pytest.approx(low, rel=1e-12) and estimate.high == pytest.approx(high, rel=1e-12)
 
@@ -37,7 +39,9 @@ def test_one_value_has_no_interval_and_none_has_no_estimate() -> None:
     assert mean_interval([]) is None
 
 
-@pytest.mark.parametrize("a,b", [(A1, BASELINE), (NOISY, BASELINE), (UNEQUAL, [2.0, 2.1, 2.05]), ([1.0, 2.0], [1.5, 1.6, 1.4, 1.55])])
+@pytest.mark.parametrize(
+    "a,b", [(A1, BASELINE), (NOISY, BASELINE), (UNEQUAL, [2.0, 2.1, 2.05]), ([1.0, 2.0], [1.5, 1.6, 1.4, 1.55])]
+)
 def test_welch_matches_scipy_ttest_ind_unequal_var(a: list[float], b: list[float]) -> None:
     ours = welch_test(a, b)
     theirs = scipy_stats.ttest_ind(a, b, equal_var=False)

@@ -10,23 +10,22 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Optional
-
 
 # The file in the run directory that the job reads, and nothing else of the launcher's.
 CONFIG_FILE = "native_config.json"
+
 
 @dataclass
 class NativeTrainConfig:
     # Model: "tiny" (drawn in code from init_seed) or "flux_dev" (local files only).
     model_kind: str
     init_seed: int
-    transformer_path: Optional[str]
-    vae_path: Optional[str]
-    clip_l_path: Optional[str]
-    t5xxl_path: Optional[str]
-    diffusers_dir: Optional[str]
-    tokenizer_dir: Optional[str]
+    transformer_path: str | None
+    vae_path: str | None
+    clip_l_path: str | None
+    t5xxl_path: str | None
+    diffusers_dir: str | None
+    tokenizer_dir: str | None
     t5_max_length: int
 
     # Dataset: image files with captions beside them (same stem, caption_extension).
@@ -38,7 +37,7 @@ class NativeTrainConfig:
     # A class image's loss against a subject image's (the training set's `regularization`; kohya's --prior_loss_weight).
     prior_loss_weight: float
     # The run's training_set.json (the pairs the preflight passed); None: select from dataset_path the same way.
-    training_set_file: Optional[str]
+    training_set_file: str | None
     enable_bucket: bool
     min_bucket_reso: int
     max_bucket_reso: int
@@ -50,13 +49,13 @@ class NativeTrainConfig:
     max_train_steps: int
     network_dim: int
     network_alpha: float
-    network_dropout: Optional[float]
+    network_dropout: float | None
     learning_rate: float
     lr_scheduler: str
     lr_warmup_steps: int
     lr_scheduler_num_cycles: int
     noise_offset: float
-    min_snr_gamma: Optional[float]
+    min_snr_gamma: float | None
     min_snr_variant: str  # "flow_min_snr" or "clamp" (flow.min_snr_weight)
     loss_type: str
     huber_schedule: str
@@ -92,8 +91,8 @@ class NativeTrainConfig:
     output_dir: str
     logging_dir: str
     output_name: str
-    resume_from: Optional[str]
-    init_lora: Optional[str]  # a kohya LoRA file the LoRA starts from (launch.init_lora)
+    resume_from: str | None
+    init_lora: str | None  # a kohya LoRA file the LoRA starts from (launch.init_lora)
     keep_last_states: int  # step states kept on disk, the newest; 0 keeps all
     # Values copied into the LoRA metadata as-is (run name, ablation cell); never read by the loop.
     record: dict
@@ -102,7 +101,7 @@ class NativeTrainConfig:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "NativeTrainConfig":
+    def from_json(cls, path: str | Path) -> NativeTrainConfig:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         known = {f.name for f in fields(cls)}
         # A frozen file from another version of the engine: refuse rather than train something else.

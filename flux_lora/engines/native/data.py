@@ -15,7 +15,6 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import blake3
 import numpy as np
@@ -50,7 +49,7 @@ class TrainItem:
     t5: torch.Tensor  # [L, D_t5]
     bucket: tuple[int, int]  # (width, height) in pixels
     source: str
-    repeats: Optional[int] = None  # times per epoch; None: the dataset's num_repeats
+    repeats: int | None = None  # times per epoch; None: the dataset's num_repeats
     is_class: bool = False  # a class (regularization) image
     loss_weight: float = 1.0  # the class images': dataset.prior_loss_weight
 
@@ -69,12 +68,19 @@ def find_examples(config) -> list[ImageCaption]:
     if config.training_set_file:
         training_set = TrainingSet.read_json(Path(config.training_set_file))
     else:
-        training_set = training_set_from_folder(Path(config.dataset_path), config.caption_extension, config.class_tokens,
-                                                config.num_repeats)
+        training_set = training_set_from_folder(
+            Path(config.dataset_path), config.caption_extension, config.class_tokens, config.num_repeats
+        )
     if not training_set.examples:
-        raise FileNotFoundError(f"{training_set.root}: no image to train on ({', '.join(sorted(SUPPORTED_IMAGE_EXTENSIONS))})")
+        raise FileNotFoundError(
+            f"{training_set.root}: no image to train on ({', '.join(sorted(SUPPORTED_IMAGE_EXTENSIONS))})"
+        )
     subject = [ImageCaption(training_set.image_path(e), e.caption, e.repeats) for e in training_set.examples]
-    classes = [ImageCaption(training_set.reg_image_path(e), e.caption, n, is_class=True) for e, n in training_set.reg_epoch_plan() if n]
+    classes = [
+        ImageCaption(training_set.reg_image_path(e), e.caption, n, is_class=True)
+        for e, n in training_set.reg_epoch_plan()
+        if n
+    ]
     return subject + classes
 
 
@@ -159,8 +165,9 @@ def cached_text_embeddings(parts, captions: list[str], cache: TensorCache, stats
     return result
 
 
-def cached_latents(parts, examples: list[ImageCaption], buckets: list[tuple[int, int]], cache: TensorCache,
-                   stats: CacheStats) -> list[torch.Tensor]:
+def cached_latents(
+    parts, examples: list[ImageCaption], buckets: list[tuple[int, int]], cache: TensorCache, stats: CacheStats
+) -> list[torch.Tensor]:
     """Latents [16, h/8, w/8] per example, encoding only images not in the cache."""
     from flux_lora.engines.native.models import encode_images
 
@@ -191,7 +198,9 @@ def build_train_items(config, parts) -> tuple[list[TrainItem], CacheStats]:
     """Every training example with its latents and text embeddings, from the caches (filled as needed)."""
     examples = find_examples(config)
     if config.enable_bucket:
-        sizes = bucket_sizes(config.resolution, config.bucket_reso_steps, config.min_bucket_reso, config.max_bucket_reso)
+        sizes = bucket_sizes(
+            config.resolution, config.bucket_reso_steps, config.min_bucket_reso, config.max_bucket_reso
+        )
         if not sizes:
             raise ValueError(
                 f"no bucket fits resolution {config.resolution} within [{config.min_bucket_reso}, {config.max_bucket_reso}]"
@@ -204,14 +213,24 @@ def build_train_items(config, parts) -> tuple[list[TrainItem], CacheStats]:
     latents = cached_latents(parts, examples, buckets, TensorCache(config.cache_dir, "latents"), stats)
     texts = cached_text_embeddings(parts, [e.caption for e in examples], TensorCache(config.cache_dir, "text"), stats)
     items = [
-        TrainItem(latents=lat, pooled=texts[e.caption][0], t5=texts[e.caption][1], bucket=b, source=e.image.name, repeats=e.repeats,
-                  is_class=e.is_class, loss_weight=config.prior_loss_weight if e.is_class else 1.0)
+        TrainItem(
+            latents=lat,
+            pooled=texts[e.caption][0],
+            t5=texts[e.caption][1],
+            bucket=b,
+            source=e.image.name,
+            repeats=e.repeats,
+            is_class=e.is_class,
+            loss_weight=config.prior_loss_weight if e.is_class else 1.0,
+        )
         for e, b, lat in zip(examples, buckets, latents)
     ]
     return items, stats
 
 
-def epoch_batches(items: list[TrainItem], num_repeats: int, batch_size: int, generator: torch.Generator) -> list[list[int]]:
+def epoch_batches(
+    items: list[TrainItem], num_repeats: int, batch_size: int, generator: torch.Generator
+) -> list[list[int]]:
     """One epoch as lists of item indices: each item its repeats (else num_repeats) times, batches within one bucket, order shuffled."""
     by_bucket: dict[tuple[int, int], list[int]] = {}
     for index, item in enumerate(items):

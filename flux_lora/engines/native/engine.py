@@ -10,7 +10,6 @@ import json
 from dataclasses import asdict, fields
 from enum import Enum
 from pathlib import Path
-from typing import Optional
 
 from flux_lora.checkpoint_files import state_problem
 from flux_lora.compose import PROJECT_ROOT
@@ -28,7 +27,7 @@ def _value(value: object) -> object:
     return value.value if isinstance(value, Enum) else value
 
 
-def _path(value: Optional[str]) -> Optional[str]:
+def _path(value: str | None) -> str | None:
     return str(Path(value).expanduser().absolute()) if value else None
 
 
@@ -50,23 +49,33 @@ def unapplied_options(run: RunConfig) -> dict[str, str]:
     p, gpu = run.profile, run.gpu
     unapplied: dict[str, str] = {}
     if gpu.blocks_to_swap > 0 and gpu.accelerator == Accelerator.cpu:
-        unapplied["gpu.blocks_to_swap"] = "block swapping (diffusers group offloading) needs CUDA; nothing to swap on CPU"
+        unapplied["gpu.blocks_to_swap"] = (
+            "block swapping (diffusers group offloading) needs CUDA; nothing to swap on CPU"
+        )
     if gpu.cpu_offload_checkpointing:
         unapplied["gpu.cpu_offload_checkpointing"] = "engine=native has no CPU offload of checkpointed activations"
     if p.shuffle_caption:
-        unapplied["profile.shuffle_caption"] = "text-encoder outputs are cached, so each caption is encoded once as written"
+        unapplied["profile.shuffle_caption"] = (
+            "text-encoder outputs are cached, so each caption is encoded once as written"
+        )
     if p.caption_dropout_rate > 0:
         unapplied["profile.caption_dropout_rate"] = "text-encoder outputs are cached, so captions are never dropped"
     if not p.cache_latents_to_disk:
-        unapplied["profile.cache_latents_to_disk"] = "engine=native always caches latents on disk (content-keyed, shared)"
+        unapplied["profile.cache_latents_to_disk"] = (
+            "engine=native always caches latents on disk (content-keyed, shared)"
+        )
     if not p.cache_text_encoder_outputs_to_disk:
-        unapplied["profile.cache_text_encoder_outputs_to_disk"] = "engine=native always caches text-encoder outputs on disk"
+        unapplied["profile.cache_text_encoder_outputs_to_disk"] = (
+            "engine=native always caches text-encoder outputs on disk"
+        )
     if not p.network_train_unet_only:
         unapplied["profile.network_train_unet_only"] = "engine=native trains a DiT-only LoRA (no CLIP-L LoRA)"
     if p.network_module != "networks.lora_flux":
         unapplied["profile.network_module"] = "engine=native always builds its own kohya-format FLUX LoRA"
     if p.max_data_loader_n_workers > 0:
-        unapplied["profile.max_data_loader_n_workers"] = "cached latents and text embeddings are held in memory; no loader workers"
+        unapplied["profile.max_data_loader_n_workers"] = (
+            "cached latents and text embeddings are held in memory; no loader workers"
+        )
     return unapplied
 
 
@@ -74,7 +83,7 @@ def unapplied_options(run: RunConfig) -> dict[str, str]:
 _NEUTRAL_VALUES = {"gpu.blocks_to_swap": ("blocks_to_swap", 0)}
 
 
-def native_config_from_run(run: RunConfig, run_dir: Path, unapplied: Optional[dict[str, str]] = None) -> NativeTrainConfig:
+def native_config_from_run(run: RunConfig, run_dir: Path, unapplied: dict[str, str] | None = None) -> NativeTrainConfig:
     """The frozen job config of a run, every field from the run; options in `unapplied` (default:
     unapplied_options(run)) are not passed on."""
     p, gpu, model, ds = run.profile, run.gpu, run.model, run.dataset
@@ -171,8 +180,14 @@ class NativeEngine:
         from flux_lora.engines.native.model_files import missing_flux_dev_files
 
         m = run.model
-        return missing + missing_flux_dev_files(transformer=m.transformer, vae=m.vae, clip_l=m.clip_l, t5xxl=m.t5xxl,
-                                                diffusers_dir=m.diffusers_dir, tokenizer_dir=m.tokenizer_dir)
+        return missing + missing_flux_dev_files(
+            transformer=m.transformer,
+            vae=m.vae,
+            clip_l=m.clip_l,
+            t5xxl=m.t5xxl,
+            diffusers_dir=m.diffusers_dir,
+            tokenizer_dir=m.tokenizer_dir,
+        )
 
     def warnings(self, run: RunConfig) -> list[str]:
         return []  # the engine's code is this package's, recorded with the git state
@@ -201,7 +216,11 @@ class NativeEngine:
 
     def preflight(self, run: RunConfig, inputs: EngineInputs) -> dict[str, object]:
         # The job's inputs are built and checked in this process (schema, rules, training set): nothing else to run.
-        return {"state": "skipped", "problem": "engine=native: its inputs are checked by the launcher itself", "steps": []}
+        return {
+            "state": "skipped",
+            "problem": "engine=native: its inputs are checked by the launcher itself",
+            "steps": [],
+        }
 
     def finish_attempt(self, run: RunConfig, run_dir: Path) -> list[str]:
         return []  # the native job names its files by the true step itself

@@ -30,12 +30,16 @@ of a recipe uses the same ones.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
 
-from flux_lora.noise_levels import NUM_TRAIN_TIMESTEPS, discrete_shift, flux_shift_mu, time_shift  # noqa: F401 (part of this module's math)
+from flux_lora.noise_levels import (  # noqa: F401 (part of this module's math)
+    NUM_TRAIN_TIMESTEPS,
+    discrete_shift,
+    flux_shift_mu,
+    time_shift,
+)
 
 
 def sample_sigmas(
@@ -46,7 +50,7 @@ def sample_sigmas(
     *,
     sigmoid_scale: float = 1.0,
     discrete_flow_shift: float = 1.0,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> Tensor:
     """Noise levels [B] as sd-scripts' get_noisy_model_input_and_timesteps draws them (weighting_scheme none).
@@ -59,6 +63,7 @@ def sample_sigmas(
     - sigma:      i ~ U{0..999}; sigma = discrete_shift((1000 - i) / 1000, discrete_flow_shift), the
                   training sigmas of FlowMatchEulerDiscreteScheduler(shift=discrete_flow_shift)
     """
+
     def randn() -> Tensor:
         return torch.randn(batch_size, generator=generator, device=device)
 
@@ -79,11 +84,13 @@ def sample_sigmas(
     raise ValueError(f"unknown timestep_sampling {mode!r}")
 
 
-def offset_noise(noise: Tensor, strength: float, generator: Optional[torch.Generator] = None) -> Tensor:
+def offset_noise(noise: Tensor, strength: float, generator: torch.Generator | None = None) -> Tensor:
     """eps + strength * delta, delta ~ N(0, 1) per sample and channel (see the module docstring)."""
     if not strength:
         return noise
-    delta = torch.randn(noise.shape[0], noise.shape[1], 1, 1, generator=generator, device=noise.device, dtype=noise.dtype)
+    delta = torch.randn(
+        noise.shape[0], noise.shape[1], 1, 1, generator=generator, device=noise.device, dtype=noise.dtype
+    )
     return noise + strength * delta
 
 
@@ -143,7 +150,7 @@ def per_sample_loss(
     loss_type: str = "l2",
     huber_schedule: str = "snr",
     huber_c: float = 0.1,
-    min_snr_gamma: Optional[float] = None,
+    min_snr_gamma: float | None = None,
     min_snr_variant: str = "flow_min_snr",
 ) -> Tensor:
     """Loss per sample [B]: element loss (sd-scripts' conditional_loss), mean over C,H,W, times min-SNR weight."""
@@ -179,7 +186,9 @@ def unpack_latents(tokens: Tensor, height: int, width: int) -> Tensor:
     return x.reshape(b, c, height, width)
 
 
-def image_ids(height: int, width: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
+def image_ids(
+    height: int, width: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> Tensor:
     """Position ids [(H/2)*(W/2), 3] of the packed latent tokens: (0, row, column)."""
     ids = torch.zeros(height // 2, width // 2, 3, device=device, dtype=dtype)
     ids[..., 1] = torch.arange(height // 2, device=device, dtype=dtype)[:, None]

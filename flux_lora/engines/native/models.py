@@ -19,14 +19,6 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_vae_checkpoint,
 )
 from safetensors.torch import load_file
-
-from flux_lora.engines.native.model_files import (  # noqa: F401 - missing_flux_dev_files is part of this module's API
-    CLIP_TOKENIZER_SUBDIRS,
-    DIFFUSERS_SUBDIRS,
-    T5_TOKENIZER_SUBDIRS,
-    find_tokenizer_dir,
-    missing_flux_dev_files,
-)
 from tokenizers import pre_tokenizers
 from transformers import (
     CLIPTextConfig,
@@ -37,6 +29,14 @@ from transformers import (
     T5EncoderModel,
     T5Tokenizer,
     T5TokenizerFast,
+)
+
+from flux_lora.engines.native.model_files import (  # noqa: F401 - missing_flux_dev_files is part of this module's API
+    CLIP_TOKENIZER_SUBDIRS,
+    DIFFUSERS_SUBDIRS,
+    T5_TOKENIZER_SUBDIRS,
+    find_tokenizer_dir,
+    missing_flux_dev_files,
 )
 
 MODEL_CONFIGS = Path(__file__).parent / "model_configs"
@@ -178,6 +178,7 @@ def build_tiny_flux(init_seed: int = 0, t5_max_length: int = 64) -> FluxParts:
 # FLUX.1-dev from local files.
 # ---------------------------------------------------------------------------------------------------
 
+
 def _file_identity(path: Path) -> str:
     # Size plus the first and last MiB: covers the safetensors header (names, shapes, dtypes) and some
     # weights, without reading 10-24 GB; independent of where the file lives.
@@ -273,8 +274,12 @@ def load_flux_dev(
     `config_dir` holds `transformer/`, `vae/`, `clip_l/`, `t5xxl/` config folders (FLUX.1-dev's by default).
     """
     missing = missing_flux_dev_files(
-        transformer=transformer, vae=vae, clip_l=clip_l, t5xxl=t5xxl,
-        diffusers_dir=diffusers_dir, tokenizer_dir=tokenizer_dir,
+        transformer=transformer,
+        vae=vae,
+        clip_l=clip_l,
+        t5xxl=t5xxl,
+        diffusers_dir=diffusers_dir,
+        tokenizer_dir=tokenizer_dir,
     )
     if missing:
         raise ModelFilesMissing("; ".join(missing))
@@ -284,8 +289,10 @@ def load_flux_dev(
         vae_id = _tree_identity([root / "vae"])
         text_id = _tree_identity([root / s for s in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")])
     else:
-        configs = {name: json.loads((config_dir / name / "config.json").read_text())
-                   for name in ("transformer", "vae", "clip_l", "t5xxl")}
+        configs = {
+            name: json.loads((config_dir / name / "config.json").read_text())
+            for name in ("transformer", "vae", "clip_l", "t5xxl")
+        }
         tok_root = Path(tokenizer_dir)
         clip_tok_dir = find_tokenizer_dir(tok_root, CLIP_TOKENIZER_SUBDIRS)
         t5_tok_dir = find_tokenizer_dir(tok_root, T5_TOKENIZER_SUBDIRS)

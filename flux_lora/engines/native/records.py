@@ -10,17 +10,19 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Optional
+from datetime import UTC, datetime
+from pathlib import Path
 
 import torch
 
+from flux_lora.checkpoint_files import atomic_write_text
 from flux_lora.engines.native.config import NativeTrainConfig
 from flux_lora.engines.native.data import (
     TrainItem,
     class_images_with_repeats,
 )
-from flux_lora.engines.native.stopping import EXIT_NONFINITE
+from flux_lora.engines.native.stopping import EXIT_NONFINITE, writing
+from flux_lora.redaction import redact
 
 SUMMARY_FILE = "train_summary.json"
 
@@ -35,14 +37,14 @@ class TrainResult:
     seconds: float
     step_seconds: list[float]
     peak_memory_gb: float
-    lora_path: Optional[str]  # None when the run stopped without a LoRA to show (non-finite loss, stop before a step)
+    lora_path: str | None  # None when the run stopped without a LoRA to show (non-finite loss, stop before a step)
     output_dir: str
     sample_paths: list[str] = field(default_factory=list)
     cache: dict = field(default_factory=dict)
-    stop_reason: Optional[str] = None  # None: reached max_train_steps; "signal"; "nonfinite_loss"
-    stop_signal: Optional[int] = None
-    nonfinite_step: Optional[int] = None
-    last_state: Optional[str] = None  # the newest good state folder: saved by this run, else the one it resumed from
+    stop_reason: str | None = None  # None: reached max_train_steps; "signal"; "nonfinite_loss"
+    stop_signal: int | None = None
+    nonfinite_step: int | None = None
+    last_state: str | None = None  # the newest good state folder: saved by this run, else the one it resumed from
     # The longest save and sample image: with the longest step, the lead a stop needs (SLURM's signal_delay_s).
     save_seconds: list[float] = field(default_factory=list)
     sample_image_seconds: list[float] = field(default_factory=list)
@@ -80,11 +82,21 @@ def peak_memory_gb(device: torch.device) -> float:
 MIN_SNR_WEIGHTS = {"flow_min_snr": "min((1-sigma)^2, gamma*sigma^2)", "clamp": "min(1, gamma*sigma^2)"}
 
 
-def lora_metadata(config: NativeTrainConfig, *, items: list[TrainItem], batches_per_epoch: int, started_at: float,
-                  fp8_linears: int, block_swap_applied: bool, num_processes: int) -> dict[str, str]:
+def lora_metadata(
+    config: NativeTrainConfig,
+    *,
+    items: list[TrainItem],
+    batches_per_epoch: int,
+    started_at: float,
+    fp8_linears: int,
+    block_swap_applied: bool,
+    num_processes: int,
+) -> dict[str, str]:
     """ss_* and modelspec.* keys, each only when it describes something this run applied."""
     buckets = sorted({item.bucket for item in items})
-    epochs = math.ceil(config.max_train_steps * config.gradient_accumulation_steps * num_processes / max(1, batches_per_epoch))
+    epochs = math.ceil(
+        config.max_train_steps * config.gradient_accumulation_steps * num_processes / max(1, batches_per_epoch)
+    )
     meta: dict[str, object] = {
         "ss_training_engine": "flux-lora native (diffusers FluxTransformer2DModel + peft, kohya lora_flux key format)",
         "ss_network_module": "networks.lora_flux",
@@ -99,7 +111,8 @@ def lora_metadata(config: NativeTrainConfig, *, items: list[TrainItem], batches_
         "ss_lr_scheduler": config.lr_scheduler,
         "ss_lr_warmup_steps": config.lr_warmup_steps,
         "ss_max_train_steps": config.max_train_steps,
-        "ss_optimizer": config.optimizer + (f"({json.dumps(config.optimizer_args, sort_keys=True)})" if config.optimizer_args else ""),
+        "ss_optimizer": config.optimizer
+        + (f"({json.dumps(config.optimizer_args, sort_keys=True)})" if config.optimizer_args else ""),
         "ss_max_grad_norm": config.max_grad_norm,
         "ss_seed": config.seed,
         "ss_mixed_precision": config.mixed_precision,
@@ -131,7 +144,7 @@ def lora_metadata(config: NativeTrainConfig, *, items: list[TrainItem], batches_
         "modelspec.implementation": "https://github.com/black-forest-labs/flux",
         "modelspec.title": config.output_name,
         "modelspec.resolution": f"{config.resolution}x{config.resolution}",
-        "modelspec.date": datetime.fromtimestamp(started_at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.date": datetime.fromtimestamp(started_at, UTC).strftime("%Y-%m-%dT%H:%M:%S"),
     }
     if config.network_dropout:
         meta["ss_network_dropout"] = config.network_dropout
@@ -166,8 +179,13 @@ class Progress:
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
             from rich.progress import Progress as RichProgress
 
-            self.bar = RichProgress(TextColumn("steps"), BarColumn(), MofNCompleteColumn(),
-                                    TextColumn("{task.fields[status]}"), TimeRemainingColumn())
+            self.bar = RichProgress(
+                TextColumn("steps"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"),
+                TimeRemainingColumn(),
+            )
             self.task = self.bar.add_task("train", total=total, completed=start, status="")
             self.bar.start()
 
@@ -180,15 +198,20 @@ class Progress:
             self.bar.update(self.task, completed=step, status=f"loss {loss:.4f} avg {average:.4f} {rate:.2f} it/s")
         elif step % self.every == 0 or step == self.total:
             eta = (self.total - step) / rate if rate > 0 else float("nan")
-            print(f"step {step}/{self.total} loss {loss:.4f} avg {average:.4f} {rate:.2f} it/s "
-                  f"ETA {int(eta // 60):d}:{int(eta % 60):02d}" if eta == eta else f"step {step}/{self.total}", flush=True)
+            print(
+                f"step {step}/{self.total} loss {loss:.4f} avg {average:.4f} {rate:.2f} it/s "
+                f"ETA {int(eta // 60):d}:{int(eta % 60):02d}"
+                if eta == eta
+                else f"step {step}/{self.total}",
+                flush=True,
+            )
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
 
 
-def _finite_or_none(value: float) -> Optional[float]:
+def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None  # NaN/inf are not JSON
 
 
@@ -204,8 +227,11 @@ def train_summary(result: TrainResult, config: NativeTrainConfig) -> dict[str, o
         "first_step": result.first_step,
         "stop_reason": result.stop_reason,
         # What a stop may have to wait for: the longest step, state save and sample image of this attempt.
-        "stop_lead_s": {"step": round(max(result.step_seconds, default=0.0), 3), "save": round(max(result.save_seconds, default=0.0), 3),
-                        "sample_image": round(max(result.sample_image_seconds, default=0.0), 3)},
+        "stop_lead_s": {
+            "step": round(max(result.step_seconds, default=0.0), 3),
+            "save": round(max(result.save_seconds, default=0.0), 3),
+            "sample_image": round(max(result.sample_image_seconds, default=0.0), 3),
+        },
     }
     if result.stop_reason == "signal":
         summary["signal"] = signal.Signals(result.stop_signal).name
@@ -214,3 +240,34 @@ def train_summary(result: TrainResult, config: NativeTrainConfig) -> dict[str, o
         summary["nonfinite_step"] = result.nonfinite_step
         summary["last_good_checkpoint"] = result.last_state
     return summary
+
+
+def class_plan_line(items: list[TrainItem], config: NativeTrainConfig) -> str:
+    """The class images' plan as it trains (kohya's places per epoch), beside the subject's."""
+    classes = [item for item in items if item.is_class]
+    return (
+        f"class images: {len(classes)} of them, {sum(i.repeats for i in classes)} places per epoch beside "
+        f"{sum(i.repeats or config.num_repeats for i in items if not i.is_class)} subject places, "
+        f"loss weight {config.prior_loss_weight:g}"
+    )
+
+
+def write_train_summary(path: Path, result: TrainResult, config: NativeTrainConfig) -> None:
+    with writing(path):
+        atomic_write_text(path, redact(json.dumps(train_summary(result, config), indent=2)) + "\n")
+
+
+def stopping_line(signum: int, step: int) -> str:
+    return f"{signal.Signals(signum).name}: stopping at step {step}, saving a state to resume from"
+
+
+def ending_line(result: TrainResult) -> str | None:
+    """How a run that did not reach its last step ended, and where it goes on from."""
+    if result.stop_reason == "signal":
+        return f"stopped by {signal.Signals(result.stop_signal).name} at step {result.steps}; resume from {result.last_state}"
+    if result.stop_reason == "nonfinite_loss":
+        return (
+            f"non-finite loss at step {result.nonfinite_step}: stopped, nothing saved from these weights; "
+            f"last good state: {result.last_state}"
+        )
+    return None

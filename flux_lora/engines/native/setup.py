@@ -20,8 +20,12 @@ def load_parts(config: NativeTrainConfig):
     if config.model_kind == "tiny":
         return models.build_tiny_flux(init_seed=config.init_seed, t5_max_length=config.t5_max_length)
     return models.load_flux_dev(
-        transformer=config.transformer_path, vae=config.vae_path, clip_l=config.clip_l_path,
-        t5xxl=config.t5xxl_path, diffusers_dir=config.diffusers_dir, tokenizer_dir=config.tokenizer_dir,
+        transformer=config.transformer_path,
+        vae=config.vae_path,
+        clip_l=config.clip_l_path,
+        t5xxl=config.t5xxl_path,
+        diffusers_dir=config.diffusers_dir,
+        tokenizer_dir=config.tokenizer_dir,
         t5_max_length=config.t5_max_length,
     )
 
@@ -69,8 +73,13 @@ def enable_block_swap(transformer: nn.Module, blocks_to_swap: int, device: torch
         and not any(p.requires_grad for p in module.parameters(recurse=False))
     ]
     for leaf in frozen_leaves:
-        apply_group_offloading(leaf, onload_device=device, offload_device=torch.device("cpu"),
-                               offload_type="leaf_level", use_stream=device.type == "cuda")
+        apply_group_offloading(
+            leaf,
+            onload_device=device,
+            offload_device=torch.device("cpu"),
+            offload_type="leaf_level",
+            use_stream=device.type == "cuda",
+        )
     return len(frozen_leaves)
 
 
@@ -101,7 +110,8 @@ def build_scheduler(config: NativeTrainConfig, optimizer, num_processes: int):
 
     # accelerate steps a prepared scheduler once per process per optimizer step.
     return get_scheduler(
-        config.lr_scheduler, optimizer,
+        config.lr_scheduler,
+        optimizer,
         num_warmup_steps=config.lr_warmup_steps * num_processes,
         num_training_steps=config.max_train_steps * num_processes,
         num_cycles=config.lr_scheduler_num_cycles,
@@ -120,7 +130,9 @@ class LoraTraining:
     block_swap: bool
 
 
-def prepare_lora_training(transformer: nn.Module, config: NativeTrainConfig, accelerator, weight_dtype: torch.dtype) -> LoraTraining:
+def prepare_lora_training(
+    transformer: nn.Module, config: NativeTrainConfig, accelerator, weight_dtype: torch.dtype
+) -> LoraTraining:
     """Base frozen in the compute dtype (or fp8), LoRA parameters in fp32, checkpointing, optimizer, block swap."""
     from accelerate.utils import set_seed
     from diffusers.training_utils import cast_training_params
@@ -181,6 +193,16 @@ def reapply_recipe(training: LoraTraining, recipe: dict) -> list[str]:
 
 
 DEVICE_FILE = "device.json"
+
+
+def free_text_encoders(parts, device: torch.device) -> None:
+    """The prompts are encoded and cached: the text encoders' memory goes back before the LoRA is built."""
+    import gc
+
+    parts.clip_encoder = parts.t5_encoder = None
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def write_device_record(path: Path, accelerator) -> None:

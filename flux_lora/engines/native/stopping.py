@@ -11,7 +11,6 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
@@ -41,7 +40,7 @@ class StopRequest:
     SAME_STOP_S, ends the process at once (SIGUSR2, a warning, never does)."""
 
     def __init__(self) -> None:
-        self.signum: Optional[int] = None
+        self.signum: int | None = None
         self.first_at = 0.0
         self.previous: dict[int, object] = {}
 
@@ -83,12 +82,15 @@ class RunOwnership:
             self.leave()
 
     def leave(self) -> None:
-        print(f"the run's lease ({self.path}) carries another token: the run was taken over; stopped without writing", flush=True)
+        print(
+            f"the run's lease ({self.path}) carries another token: the run was taken over; stopped without writing",
+            flush=True,
+        )
         os._exit(LEASE_LOST_EXIT_CODE)
 
 
 @contextmanager
-def writing(path: Path, cleanup: Optional[Path] = None):
+def writing(path: Path, cleanup: Path | None = None):
     """A write into the run folder: a failure (a full disk, a quota) becomes WriteFailed naming the path and the room
     left, after removing what this write began (`cleanup`, our own temporary); what was saved before stays."""
     try:

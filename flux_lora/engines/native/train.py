@@ -21,7 +21,6 @@ writing nothing more (exit 75). A write that fails (a full disk) ends it with on
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import signal
@@ -29,14 +28,12 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 from flux_lora.checkpoint_files import (
     WriteFailed,
     atomic_write_file,
-    atomic_write_text,
     begin_dir,
     commit_dir,
     staging_path,
@@ -56,13 +53,17 @@ from flux_lora.engines.native.records import (
     LossRecorder,
     Progress,
     TrainResult,
+    class_plan_line,
+    ending_line,
     lora_metadata,
     peak_memory_gb,
-    train_summary,
+    stopping_line,
+    write_train_summary,
 )
 from flux_lora.engines.native.setup import (
     DEVICE_FILE,
     LoraTraining,
+    free_text_encoders,
     load_parts,
     optimizer_recipe,
     prepare_lora_training,
@@ -79,7 +80,6 @@ from flux_lora.engines.native.stopping import (
     writing,
 )
 from flux_lora.provenance import METADATA_KEY, RECORD_FILE, EmbedRecord, embedded_record_text, shareable_metadata
-from flux_lora.redaction import redact
 
 SAMPLE_GUIDANCE = 3.5  # sd-scripts' default embedded guidance for sample prompts (--g)
 LORA_STATE_FILE = "lora_weights.safetensors"
@@ -99,14 +99,28 @@ def draw_noise_and_sigmas(config: NativeTrainConfig, latents: torch.Tensor, gene
     noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
     noise = flow.offset_noise(noise, config.noise_offset, generator)
     sigmas = flow.sample_sigmas(
-        config.timestep_sampling, latents.shape[0], latents.shape[2], latents.shape[3],
-        sigmoid_scale=config.sigmoid_scale, discrete_flow_shift=config.discrete_flow_shift, generator=generator,
+        config.timestep_sampling,
+        latents.shape[0],
+        latents.shape[2],
+        latents.shape[3],
+        sigmoid_scale=config.sigmoid_scale,
+        discrete_flow_shift=config.discrete_flow_shift,
+        generator=generator,
     )
     return noise.to(latents.device), sigmas.to(latents.device)
 
 
-def flow_matching_loss(transformer, config: NativeTrainConfig, latents, noise, sigmas, pooled, t5, dtype,
-                       loss_weights: Optional[torch.Tensor] = None) -> torch.Tensor:  # fmt: skip
+def flow_matching_loss(
+    transformer,
+    config: NativeTrainConfig,
+    latents,
+    noise,
+    sigmas,
+    pooled,
+    t5,
+    dtype,
+    loss_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Scalar loss of one batch: noisy input, packed tokens, transformer, unpack, prediction type, weighted loss.
     `loss_weights` scale each sample's loss before the batch mean (class images: dataset.prior_loss_weight), as
     sd-scripts' train_network.py does: the mean over the batch, not over the weights."""
@@ -126,8 +140,14 @@ def flow_matching_loss(transformer, config: NativeTrainConfig, latents, noise, s
     prediction = flow.unpack_latents(prediction.float(), h, w)
     prediction = flow.apply_prediction_type(config.model_prediction_type, prediction, noisy, sigmas)
     loss = flow.per_sample_loss(
-        prediction, target, sigmas, loss_type=config.loss_type, huber_schedule=config.huber_schedule,
-        huber_c=config.huber_c, min_snr_gamma=config.min_snr_gamma, min_snr_variant=config.min_snr_variant,
+        prediction,
+        target,
+        sigmas,
+        loss_type=config.loss_type,
+        huber_schedule=config.huber_schedule,
+        huber_c=config.huber_c,
+        min_snr_gamma=config.min_snr_gamma,
+        min_snr_variant=config.min_snr_variant,
     )
     if loss_weights is not None:
         loss = loss * loss_weights.to(loss.device, loss.dtype)
@@ -135,7 +155,9 @@ def flow_matching_loss(transformer, config: NativeTrainConfig, latents, noise, s
 
 
 @torch.no_grad()
-def sample_latents(transformer, pooled, t5, *, seed: int, width: int, height: int, steps: int, device, dtype) -> torch.Tensor:
+def sample_latents(
+    transformer, pooled, t5, *, seed: int, width: int, height: int, steps: int, device, dtype
+) -> torch.Tensor:
     """Euler sampler over FLUX's shifted schedule; the start noise comes from a CPU generator seeded per prompt."""
     h, w = height // 8, width // 8
     noise = torch.randn(1, 16, h, w, generator=torch.Generator().manual_seed(seed))
@@ -144,9 +166,13 @@ def sample_latents(transformer, pooled, t5, *, seed: int, width: int, height: in
     sigmas = flow.euler_sigmas(steps, (h // 2) * (w // 2))
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         velocity = transformer(
-            hidden_states=x.to(dtype), encoder_hidden_states=t5[None].to(device, dtype),
-            pooled_projections=pooled[None].to(device, dtype), timestep=torch.tensor([sigma], device=device, dtype=dtype),
-            img_ids=img_ids, txt_ids=txt_ids, guidance=torch.tensor([SAMPLE_GUIDANCE], device=device, dtype=dtype),
+            hidden_states=x.to(dtype),
+            encoder_hidden_states=t5[None].to(device, dtype),
+            pooled_projections=pooled[None].to(device, dtype),
+            timestep=torch.tensor([sigma], device=device, dtype=dtype),
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            guidance=torch.tensor([SAMPLE_GUIDANCE], device=device, dtype=dtype),
             return_dict=False,
         )[0]
         x = x + (sigma_next - sigma) * velocity.float()
@@ -156,14 +182,29 @@ def sample_latents(transformer, pooled, t5, *, seed: int, width: int, height: in
 # ------------------------------------------------------------------------------------------ the job's parts
 
 
-def train_micro_step(training: LoraTraining, config: NativeTrainConfig, accelerator, batch: dict[str, torch.Tensor],
-                     batch_index: int, weight_dtype: torch.dtype) -> float:
+def train_micro_step(
+    training: LoraTraining,
+    config: NativeTrainConfig,
+    accelerator,
+    batch: dict[str, torch.Tensor],
+    batch_index: int,
+    weight_dtype: torch.dtype,
+) -> float:
     """One micro-batch under gradient accumulation; the optimizer steps when accelerate syncs gradients."""
     with accelerator.accumulate(training.transformer):
         noise, sigmas = draw_noise_and_sigmas(config, batch["latents"], step_generator(config.seed, batch_index))
         with accelerator.autocast():
-            loss = flow_matching_loss(training.transformer, config, batch["latents"], noise, sigmas,
-                                      batch["pooled"], batch["t5"], weight_dtype, batch.get("loss_weights"))
+            loss = flow_matching_loss(
+                training.transformer,
+                config,
+                batch["latents"],
+                noise,
+                sigmas,
+                batch["pooled"],
+                batch["t5"],
+                weight_dtype,
+                batch.get("loss_weights"),
+            )
         accelerator.backward(loss)
         if accelerator.sync_gradients and config.max_grad_norm > 0:
             accelerator.clip_grad_norm_(training.params, config.max_grad_norm)
@@ -181,7 +222,11 @@ def register_state_hooks(accelerator, transformer) -> None:
         if accelerator.is_main_process:
             from safetensors.torch import save_file
 
-            trainable = {n: p.detach().cpu().contiguous() for n, p in accelerator.unwrap_model(transformer).named_parameters() if p.requires_grad}
+            trainable = {
+                n: p.detach().cpu().contiguous()
+                for n, p in accelerator.unwrap_model(transformer).named_parameters()
+                if p.requires_grad
+            }
             save_file(trainable, str(Path(state_dir) / LORA_STATE_FILE))
 
     def load_lora_state(models, state_dir):
@@ -209,11 +254,24 @@ def resume_state(accelerator, training: LoraTraining, state_dir: str) -> int:
     return step
 
 
-def run_metadata(config: NativeTrainConfig, accelerator, training: LoraTraining, items: list, batches_per_epoch: int,
-                 started_at: float) -> dict[str, str]:
+def run_metadata(
+    config: NativeTrainConfig,
+    accelerator,
+    training: LoraTraining,
+    items: list,
+    batches_per_epoch: int,
+    started_at: float,
+) -> dict[str, str]:
     """kohya's ss_* keys, and the run's record as launch.embed_record says (every LoRA the run saves carries them)."""
-    metadata = lora_metadata(config, items=items, batches_per_epoch=batches_per_epoch, started_at=started_at,
-                             fp8_linears=training.fp8_linears, block_swap_applied=training.block_swap, num_processes=accelerator.num_processes)
+    metadata = lora_metadata(
+        config,
+        items=items,
+        batches_per_epoch=batches_per_epoch,
+        started_at=started_at,
+        fp8_linears=training.fp8_linears,
+        block_swap_applied=training.block_swap,
+        num_processes=accelerator.num_processes,
+    )
     record = Path(config.run_dir) / RECORD_FILE if config.run_dir else None
     if record is not None and record.is_file():
         full = json.loads(record.read_text())
@@ -231,14 +289,20 @@ class BatchPlan:
 
     def __init__(self, config: NativeTrainConfig, items: list, accelerator) -> None:
         self.config, self.items, self.accelerator = config, items, accelerator
-        self.per_epoch = len(epoch_batches(items, config.num_repeats, config.batch_size, torch.Generator().manual_seed(0)))
+        self.per_epoch = len(
+            epoch_batches(items, config.num_repeats, config.batch_size, torch.Generator().manual_seed(0))
+        )
 
     def micro_batch(self, micro_step: int) -> tuple[int, int, list[int]]:
         """(batch index, position in its epoch, item indices)."""
         batch_index = micro_step * self.accelerator.num_processes + self.accelerator.process_index
         epoch, position = divmod(batch_index, self.per_epoch)
-        batches = epoch_batches(self.items, self.config.num_repeats, self.config.batch_size,
-                                torch.Generator().manual_seed(self.config.seed + epoch))  # fmt: skip
+        batches = epoch_batches(
+            self.items,
+            self.config.num_repeats,
+            self.config.batch_size,
+            torch.Generator().manual_seed(self.config.seed + epoch),
+        )
         return batch_index, position, batches[position]
 
     def epoch_of(self, step: int) -> int:
@@ -252,14 +316,19 @@ class StepLog:
     def __init__(self, config: NativeTrainConfig, accelerator, logging_dir: Path, has_classes: bool) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.config, self.accelerator, self.logging_dir, self.has_classes = config, accelerator, logging_dir, has_classes
+        self.config, self.accelerator, self.logging_dir, self.has_classes = (
+            config,
+            accelerator,
+            logging_dir,
+            has_classes,
+        )
         self.writer = SummaryWriter(str(logging_dir)) if accelerator.is_main_process else None
         self.recorder = LossRecorder()
         self.losses: list[float] = []
         self.step_seconds: list[float] = []
         self.micro_losses: list[float] = []
         self.class_samples = 0  # class images in this optimizer step's micro-batches (logged when the run has any)
-        self.progress: Optional[Progress] = None
+        self.progress: Progress | None = None
         self.step_began = 0.0
 
     def start(self, global_step: int) -> None:
@@ -305,8 +374,16 @@ class StepLog:
 class Checkpointer:
     """A step's state folder and LoRA file, each complete under its name or not there at all; old states pruned."""
 
-    def __init__(self, config: NativeTrainConfig, accelerator, transformer, output_dir: Path, metadata: dict[str, str],
-                 plan: BatchPlan, ownership: RunOwnership) -> None:  # fmt: skip
+    def __init__(
+        self,
+        config: NativeTrainConfig,
+        accelerator,
+        transformer,
+        output_dir: Path,
+        metadata: dict[str, str],
+        plan: BatchPlan,
+        ownership: RunOwnership,
+    ) -> None:
         self.config, self.accelerator, self.transformer, self.output_dir = config, accelerator, transformer, output_dir
         self.metadata, self.plan, self.ownership = metadata, plan, ownership
         self.save_dtype = SAVE_DTYPES[config.save_precision]
@@ -337,7 +414,9 @@ class Checkpointer:
             epoch = self.plan.epoch_of(step)
             (staging / TRAIN_STATE_FILE).write_text(json.dumps({"current_epoch": epoch, "current_step": step}))
             commit_dir(staging, state_dir, step)
-            step_meta = dict(self.metadata, ss_steps=str(step), ss_epoch=str(epoch), ss_training_finished_at=str(time.time()))
+            step_meta = dict(
+                self.metadata, ss_steps=str(step), ss_epoch=str(epoch), ss_training_finished_at=str(time.time())
+            )
             model = accelerator.unwrap_model(self.transformer)
             atomic_write_file(path, lambda partial: save_kohya_lora(model, partial, step_meta, dtype=self.save_dtype))
             if not final:
@@ -348,8 +427,19 @@ class Checkpointer:
 class Sampler:
     """Sample images from the run's prompts (seeded per prompt); the stop flag is read between images."""
 
-    def __init__(self, config: NativeTrainConfig, accelerator, transformer, parts, embeddings: dict, device, weight_dtype,
-                 output_dir: Path, stop: StopRequest, ownership: RunOwnership) -> None:  # fmt: skip
+    def __init__(
+        self,
+        config: NativeTrainConfig,
+        accelerator,
+        transformer,
+        parts,
+        embeddings: dict,
+        device,
+        weight_dtype,
+        output_dir: Path,
+        stop: StopRequest,
+        ownership: RunOwnership,
+    ) -> None:
         self.config, self.accelerator, self.transformer, self.parts = config, accelerator, transformer, parts
         self.embeddings, self.device, self.weight_dtype, self.output_dir = embeddings, device, weight_dtype, output_dir
         self.stop, self.ownership = stop, ownership
@@ -371,18 +461,32 @@ class Sampler:
         (self.output_dir / "sample").mkdir(exist_ok=True)
         for index, prompt in enumerate(config.sample_prompts):
             if self.stop.signum and index:  # a sample pass can outlast SLURM's warning: a stop comes first
-                print(f"{signal.Signals(self.stop.signum).name}: {index} of {len(config.sample_prompts)} samples written at step {step}", flush=True)
+                print(
+                    f"{signal.Signals(self.stop.signum).name}: {index} of {len(config.sample_prompts)} samples written at step {step}",
+                    flush=True,
+                )
                 break
             self.ownership.check()
             began = time.perf_counter()
             pooled, t5 = self.embeddings[prompt["text"]]
             with self.accelerator.autocast():
-                latents = sample_latents(model, pooled, t5, seed=prompt["seed"], width=config.resolution, height=config.resolution,
-                                         steps=config.sample_steps, device=self.device, dtype=self.weight_dtype)  # fmt: skip
+                latents = sample_latents(
+                    model,
+                    pooled,
+                    t5,
+                    seed=prompt["seed"],
+                    width=config.resolution,
+                    height=config.resolution,
+                    steps=config.sample_steps,
+                    device=self.device,
+                    dtype=self.weight_dtype,
+                )
             # The VAE decodes in its own dtype, outside autocast: bf16 convolutions on a CPU take 20x longer than fp32.
             pixels = decode_latents(self.parts, latents)[0].float().cpu()
             array = ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-            path = self.output_dir / "sample" / f"{config.output_name}_{step:06d}_{index:02d}_{stamp}_{prompt['seed']}.png"
+            path = (
+                self.output_dir / "sample" / f"{config.output_name}_{step:06d}_{index:02d}_{stamp}_{prompt['seed']}.png"
+            )
             with writing(path, cleanup=path):
                 Image.fromarray(array).save(path)
             self.paths.append(str(path))
@@ -403,12 +507,26 @@ def run_training(config: NativeTrainConfig) -> TrainResult:
         stop.restore()
 
 
-def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
-    """The recipe: 1. set up, 2. resume, 3. the loop, 4. save, 5. finish."""
+def start_accelerator(config: NativeTrainConfig):
+    """A fresh accelerate state, seeded: the job is one run per process, but tests and benchmarks train repeatedly
+    in one process, and accelerate keeps its state in class attributes."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import set_seed
 
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        cpu=config.use_cpu,
+    )
+    set_seed(config.seed)
+    return accelerator
+
+
+def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
+    """The recipe: 1. set up, 2. resume, 3. the loop, 4. save, 5. finish."""
     # 1. Set up: accelerate, the model parts, the dataset and prompts encoded (then the text encoders freed), the LoRA.
     began = time.time()
     ownership = RunOwnership()
@@ -416,13 +534,8 @@ def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
         raise ValueError(f"save_precision={config.save_precision!r}: expected one of {sorted(SAVE_DTYPES)}")
     if config.resume_from and (problem := state_problem(Path(config.resume_from))):
         raise SystemExit(f"resume_from: {problem}")
-    # The job is one run per process; tests and benchmarks call this repeatedly in one process.
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
-                              mixed_precision=config.mixed_precision, cpu=config.use_cpu)  # fmt: skip
+    accelerator = start_accelerator(config)
     device = accelerator.device
-    set_seed(config.seed)
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision, torch.float32)
     output_dir, logging_dir = Path(config.output_dir), Path(config.logging_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -434,15 +547,10 @@ def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
     items, stats = build_train_items(config, parts)
     classes = [item for item in items if item.is_class]
     if classes and accelerator.is_main_process:  # the plan as it trains: a test reads it back
-        print(f"class images: {len(classes)} of them, {sum(i.repeats for i in classes)} places per epoch beside "
-              f"{sum(i.repeats or config.num_repeats for i in items if not i.is_class)} subject places, "
-              f"loss weight {config.prior_loss_weight:g}", flush=True)
+        print(class_plan_line(items, config), flush=True)
     prompts = [p["text"] for p in config.sample_prompts]
     embeddings = cached_text_embeddings(parts, prompts, TensorCache(config.cache_dir, "text"), stats) if prompts else {}
-    parts.clip_encoder = parts.t5_encoder = None
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    free_text_encoders(parts, device)
     training = prepare_lora_training(parts.transformer, config, accelerator, weight_dtype)
     register_state_hooks(accelerator, training.transformer)
     plan = BatchPlan(config, items, accelerator)
@@ -460,15 +568,17 @@ def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
     first_step = global_step + 1
     metadata = run_metadata(config, accelerator, training, items, plan.per_epoch, time.time())
     checkpointer = Checkpointer(config, accelerator, training.transformer, output_dir, metadata, plan, ownership)
-    sampler = Sampler(config, accelerator, training.transformer, parts, embeddings, device, weight_dtype, output_dir, stop, ownership)
+    sampler = Sampler(
+        config, accelerator, training.transformer, parts, embeddings, device, weight_dtype, output_dir, stop, ownership
+    )
     log = StepLog(config, accelerator, logging_dir, bool(classes))
 
     # 3. The loop: micro-batches until max_train_steps; after each optimizer step, what every process saw decides
     #    whether to stop (a signal, a non-finite loss, a lost lease), save or sample.
     stop_signal, _, _ = agreed_stop(accelerator, stop.signum or 0, False)  # a signal during setup: nothing new to save
-    stop_reason: Optional[str] = "signal" if stop_signal else None
-    nonfinite_step: Optional[int] = None
-    lora_path: Optional[Path] = None
+    stop_reason: str | None = "signal" if stop_signal else None
+    nonfinite_step: int | None = None
+    lora_path: Path | None = None
     log.start(global_step)
     micro_step = global_step * config.gradient_accumulation_steps
     while global_step < config.max_train_steps and stop_reason is None:
@@ -482,8 +592,9 @@ def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
         global_step += 1
         current = log.close_step()
         # Asked before this step writes a byte: every process leaves together when the run was taken over.
-        stop_signal, nonfinite, lost = agreed_stop(accelerator, stop.signum or 0, not math.isfinite(current),
-                                                   accelerator.is_main_process and ownership.lost())  # fmt: skip
+        stop_signal, nonfinite, lost = agreed_stop(
+            accelerator, stop.signum or 0, not math.isfinite(current), accelerator.is_main_process and ownership.lost()
+        )
         if lost:
             ownership.leave()
         log.write(global_step, training.scheduler.get_last_lr()[0], device)
@@ -496,7 +607,7 @@ def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
         if last:
             break  # the final save below (a stop asked for now changes nothing)
         if stop_signal and accelerator.is_main_process:
-            print(f"{signal.Signals(stop_signal).name}: stopping at step {global_step}, saving a state to resume from", flush=True)
+            print(stopping_line(stop_signal, global_step), flush=True)
         if stop_signal or periodic:
             lora_path, state = checkpointer.save(global_step, final=False)
             last_state = str(state)
@@ -518,24 +629,30 @@ def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
 
     # 5. Finish: the result, train_summary.json and a line saying how it ended.
     result = TrainResult(
-        losses=log.losses, first_step=first_step, steps=global_step,
-        final_loss=log.losses[-1] if log.losses else float("nan"), average_loss=log.recorder.average,
-        seconds=time.time() - began, step_seconds=log.step_seconds, peak_memory_gb=peak_memory_gb(device),
+        losses=log.losses,
+        first_step=first_step,
+        steps=global_step,
+        final_loss=log.losses[-1] if log.losses else float("nan"),
+        average_loss=log.recorder.average,
+        seconds=time.time() - began,
+        step_seconds=log.step_seconds,
+        peak_memory_gb=peak_memory_gb(device),
         lora_path=None if lora_path is None or stop_reason == "nonfinite_loss" else str(lora_path),
-        output_dir=str(output_dir), sample_paths=sampler.paths, cache=asdict(stats),
-        save_seconds=checkpointer.save_seconds, sample_image_seconds=sampler.image_seconds,
-        stop_reason=stop_reason, stop_signal=stop_signal if stop_reason == "signal" else None, nonfinite_step=nonfinite_step,
+        output_dir=str(output_dir),
+        sample_paths=sampler.paths,
+        cache=asdict(stats),
+        save_seconds=checkpointer.save_seconds,
+        sample_image_seconds=sampler.image_seconds,
+        stop_reason=stop_reason,
+        stop_signal=stop_signal if stop_reason == "signal" else None,
+        nonfinite_step=nonfinite_step,
         last_state=last_state,
-    )  # fmt: skip
+    )
     if accelerator.is_main_process:
         ownership.check()
-        with writing(output_dir / SUMMARY_FILE):
-            atomic_write_text(output_dir / SUMMARY_FILE, redact(json.dumps(train_summary(result, config), indent=2)) + "\n")
-        if stop_reason == "signal":
-            print(f"stopped by {signal.Signals(stop_signal).name} at step {global_step}; resume from {last_state}", flush=True)
-        elif stop_reason == "nonfinite_loss":
-            print(f"non-finite loss at step {nonfinite_step}: stopped, nothing saved from these weights; "
-                  f"last good state: {last_state}", flush=True)
+        write_train_summary(output_dir / SUMMARY_FILE, result, config)
+        if line := ending_line(result):
+            print(line, flush=True)
     accelerator.end_training()
     return result
 
@@ -543,8 +660,10 @@ def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) not in (1, 3) or (len(args) == 3 and args[1] != "--resume"):
-        print("usage: accelerate launch -m flux_lora.engines.native.train <run dir | native_config.json> [--resume STATE_DIR]",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "usage: accelerate launch -m flux_lora.engines.native.train <run dir | native_config.json> [--resume STATE_DIR]",
+            file=sys.stderr,
+        )
         return 2
     frozen = Path(args[0])
     # The launcher passes the run directory; the job reads only the config frozen in it. A resumed attempt
@@ -555,7 +674,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run_training(config)
     except WriteFailed as failed:  # one line, and the exit code the launcher reads as failed; earlier states stay
-        print(f"error: {failed}; the states saved before it are kept: free some space and launch again to resume", flush=True)
+        print(
+            f"error: {failed}; the states saved before it are kept: free some space and launch again to resume",
+            flush=True,
+        )
         return EXIT_WRITE_FAILED
     if result.stop_reason is None:
         print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}, LoRA {result.lora_path}", flush=True)

@@ -38,11 +38,27 @@ def tiny_config(tmp_path: Path, dataset: Path, name: str = "run", **overrides) -
     """The embedded default's job config cut to 8 steps at 64 px on `dataset`, no sample prompts and no run record;
     caches shared under tmp_path/cache."""
     values = dict(
-        dataset_path=str(dataset), training_set_file=None, resolution=64, min_bucket_reso=64, max_bucket_reso=128,
-        bucket_reso_steps=32, max_train_steps=8, learning_rate=1e-3, lr_scheduler="constant", lr_warmup_steps=0,
-        optimizer="adamw8bit", optimizer_args={"weight_decay": 0.01, "betas": [0.9, 0.999], "eps": 1e-8},
-        save_every_n_steps=4, sample_every_n_steps=0, sample_steps=2, sample_prompts=[], use_cpu=True,
-        cache_dir=str(tmp_path / "cache"), trigger="TOK woman", class_tokens="woman", record={},
+        dataset_path=str(dataset),
+        training_set_file=None,
+        resolution=64,
+        min_bucket_reso=64,
+        max_bucket_reso=128,
+        bucket_reso_steps=32,
+        max_train_steps=8,
+        learning_rate=1e-3,
+        lr_scheduler="constant",
+        lr_warmup_steps=0,
+        optimizer="adamw8bit",
+        optimizer_args={"weight_decay": 0.01, "betas": [0.9, 0.999], "eps": 1e-8},
+        save_every_n_steps=4,
+        sample_every_n_steps=0,
+        sample_steps=2,
+        sample_prompts=[],
+        use_cpu=True,
+        cache_dir=str(tmp_path / "cache"),
+        trigger="TOK woman",
+        class_tokens="woman",
+        record={},
     )
     values.update(overrides)
     return replace(native_config_from_run(embedded_default_run(), tmp_path / name), **values)

@@ -41,8 +41,15 @@ def run_figures(root: Path) -> dict[str, Any]:
     from flux_lora.engines.native.train import run_training
     from tests.engines.native.native_tiny_run import tiny_config
 
-    config = tiny_config(root, PROJECT_ROOT / "data" / "sample", "recipe", network_dropout=0.1, sample_prompts=PROMPTS,
-                         sample_every_n_steps=4, keep_last_states=0)  # fmt: skip
+    config = tiny_config(
+        root,
+        PROJECT_ROOT / "data" / "sample",
+        "recipe",
+        network_dropout=0.1,
+        sample_prompts=PROMPTS,
+        sample_every_n_steps=4,
+        keep_last_states=0,
+    )
     run_training(config)
     output = Path(config.output_dir)
     loras = {}
@@ -51,9 +58,14 @@ def run_figures(root: Path) -> dict[str, Any]:
         loras[lora.name] = {"tensors_sha256": tensor_data_sha256(lora), "metadata": metadata}
     accumulator = EventAccumulator(str(config.logging_dir), size_guidance={"scalars": 0})
     accumulator.Reload()
-    scalars = {tag: [[e.step, e.value] for e in accumulator.Scalars(tag)] for tag in sorted(accumulator.Tags()["scalars"])
-               if tag not in TIMING_SCALARS}  # fmt: skip
-    summary = {k: v for k, v in json.loads((output / "train_summary.json").read_text()).items() if k not in TIMING_SUMMARY}
+    scalars = {
+        tag: [[e.step, e.value] for e in accumulator.Scalars(tag)]
+        for tag in sorted(accumulator.Tags()["scalars"])
+        if tag not in TIMING_SCALARS
+    }
+    summary = {
+        k: v for k, v in json.loads((output / "train_summary.json").read_text()).items() if k not in TIMING_SUMMARY
+    }
     states = sorted(p.name for p in output.glob("*-state"))
     return {"cpu": cpu_signature(), "loras": loras, "scalars": scalars, "summary": summary, "states": states}
 
@@ -61,4 +73,6 @@ def run_figures(root: Path) -> dict[str, Any]:
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as folder:
         figures = run_figures(Path(folder))
-    Path(sys.argv[1] if len(sys.argv) > 1 else FIGURES_FILE).write_text(json.dumps(figures, indent=1, sort_keys=True) + "\n")
+    Path(sys.argv[1] if len(sys.argv) > 1 else FIGURES_FILE).write_text(
+        json.dumps(figures, indent=1, sort_keys=True) + "\n"
+    )

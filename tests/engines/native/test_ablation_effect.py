@@ -10,7 +10,16 @@ from flux_lora.engines.native.engine import native_config_from_run
 from flux_lora.engines.native.train import run_training
 from tests.engines.native.native_tiny_run import make_dataset
 
-ABLATIONS = ["a1_alpha", "a2_noise_offset", "a3_grad_accum", "a4_adafactor", "a5_fp8_base", "a6_min_snr", "a7_dropout", "a8_all"]
+ABLATIONS = [
+    "a1_alpha",
+    "a2_noise_offset",
+    "a3_grad_accum",
+    "a4_adafactor",
+    "a5_fp8_base",
+    "a6_min_snr",
+    "a7_dropout",
+    "a8_all",
+]
 
 
 def test_the_list_covers_every_ablation_file():
@@ -20,15 +29,21 @@ def test_the_list_covers_every_ablation_file():
 
 @pytest.fixture(scope="module")
 def curves(tmp_path_factory):
-    from tests.conftest import compose_config
     from flux_lora.compose import load_run
+    from tests.conftest import compose_config
 
     root = tmp_path_factory.mktemp("ablation")
     dataset = make_dataset(root / "ds", count=2)
     small = [
-        "profile.max_train_steps=6", "profile.resolution=64", "profile.save_every_n_steps=0",
-        "profile.sample_every_n_steps=0", "profile.lr_warmup_steps=0", "dataset.min_bucket_reso=64",
-        "dataset.max_bucket_reso=128", "dataset.bucket_reso_steps=32", f"dataset.path={dataset}",
+        "profile.max_train_steps=6",
+        "profile.resolution=64",
+        "profile.save_every_n_steps=0",
+        "profile.sample_every_n_steps=0",
+        "profile.lr_warmup_steps=0",
+        "dataset.min_bucket_reso=64",
+        "dataset.max_bucket_reso=128",
+        "dataset.bucket_reso_steps=32",
+        f"dataset.path={dataset}",
         f"paths.cache={root / 'cache'}",
     ]
     result = {}

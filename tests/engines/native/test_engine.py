@@ -13,8 +13,8 @@ import pytest
 
 from flux_lora.compose import PROJECT_ROOT
 from flux_lora.engines.base import EngineInputs
-from flux_lora.engines.native.engine import NativeEngine, native_config_from_run
 from flux_lora.engines.native.config import CONFIG_FILE, NativeTrainConfig
+from flux_lora.engines.native.engine import NativeEngine, native_config_from_run
 
 
 def test_render_writes_the_config_the_job_reads(compose_run, tmp_path):
@@ -26,7 +26,9 @@ def test_render_writes_the_config_the_job_reads(compose_run, tmp_path):
     (tmp_path / "native_config.json").write_text(inputs.files["native_config.json"])
     config = NativeTrainConfig.from_json(tmp_path / "native_config.json")
     assert config == native_config_from_run(run, tmp_path)
-    assert config.output_dir == str(tmp_path.absolute() / "output") and config.logging_dir == str(tmp_path.absolute() / "logs")
+    assert config.output_dir == str(tmp_path.absolute() / "output") and config.logging_dir == str(
+        tmp_path.absolute() / "logs"
+    )
     assert config.model_kind == "tiny" and config.use_cpu and config.optimizer == "adamw8bit"
     assert config.sample_prompts[0] == {"text": run.dataset.sample_prompts[0].text, "seed": 1001}
     assert engine.check_inputs(run, inputs) == []
@@ -57,15 +59,26 @@ def test_a_frozen_config_with_a_key_missing_or_unknown_is_refused_with_the_file_
 
 
 def test_profile_values_reach_the_job(compose_run, tmp_path):
-    config = native_config_from_run(compose_run("profile=final", "optimizer=adafactor", "launch.resume_from=/x/y-state"), tmp_path)
+    config = native_config_from_run(
+        compose_run("profile=final", "optimizer=adafactor", "launch.resume_from=/x/y-state"), tmp_path
+    )
     assert (config.noise_offset, config.min_snr_gamma, config.network_dropout) == (0.1, 5.0, 0.1)
     assert config.lr_scheduler == "cosine_with_restarts" and config.resume_from == "/x/y-state"
-    assert config.optimizer_args == {"weight_decay": 0.0, "relative_step": False, "scale_parameter": False, "warmup_init": False}
+    assert config.optimizer_args == {
+        "weight_decay": 0.0,
+        "relative_step": False,
+        "scale_parameter": False,
+        "warmup_init": False,
+    }
 
 
 def test_recipe_and_checkpoint_keys_reach_the_job(compose_run, tmp_path):
-    run = compose_run("profile.min_snr_gamma=5", "profile.min_snr_variant=clamp", "profile.save_precision=float",
-                      "launch.keep_last_states=0")
+    run = compose_run(
+        "profile.min_snr_gamma=5",
+        "profile.min_snr_variant=clamp",
+        "profile.save_precision=float",
+        "launch.keep_last_states=0",
+    )
     config = native_config_from_run(run, tmp_path)
     assert (config.min_snr_variant, config.save_precision, config.keep_last_states) == ("clamp", "float", 0)
     assert native_config_from_run(compose_run(), tmp_path).keep_last_states == 2
@@ -76,7 +89,9 @@ def test_a_resume_state_that_is_not_complete_is_named(compose_run, tmp_path):
     state.mkdir()
     (state / "optimizer.bin").write_bytes(b"half")  # no manifest: a write that never finished
     missing = NativeEngine().missing_requirements(compose_run(f"launch.resume_from={state}"))
-    assert missing == [f"launch.resume_from: {state}: no manifest.json (an unfinished write, or a state from before manifests)"]
+    assert missing == [
+        f"launch.resume_from: {state}: no manifest.json (an unfinished write, or a state from before manifests)"
+    ]
 
 
 def test_unapplied_options_are_reported_and_not_passed_on(compose_run, tmp_path):

@@ -85,7 +85,9 @@ def test_min_snr_weight_is_sigma_squared_times_clamped_snr():
 @pytest.mark.parametrize("loss_type", ["l1", "huber", "smooth_l1"])
 def test_other_loss_types(loss_type):
     pred, target = torch.zeros(3, 1, 2, 2), torch.full((3, 1, 2, 2), 0.5)
-    loss = flow.per_sample_loss(pred, target, torch.tensor([0.2, 0.5, 0.8]), loss_type=loss_type, huber_schedule="constant")
+    loss = flow.per_sample_loss(
+        pred, target, torch.tensor([0.2, 0.5, 0.8]), loss_type=loss_type, huber_schedule="constant"
+    )
     assert loss.shape == (3,) and (loss > 0).all()
 
 
@@ -108,8 +110,13 @@ def test_euler_schedule_runs_from_one_to_zero():
 
 @pytest.mark.parametrize(
     ("mode", "options"),
-    [("uniform", {}), ("sigmoid", {"sigmoid_scale": 2.0}), ("shift", {"discrete_flow_shift": 3.0}),
-     ("flux_shift", {}), ("sigma", {"discrete_flow_shift": 3.1582})],
+    [
+        ("uniform", {}),
+        ("sigmoid", {"sigmoid_scale": 2.0}),
+        ("shift", {"discrete_flow_shift": 3.0}),
+        ("flux_shift", {}),
+        ("sigma", {"discrete_flow_shift": 3.1582}),
+    ],
 )
 def test_the_launchers_numpy_sampler_draws_what_the_job_draws(mode, options):
     import numpy as np
@@ -130,7 +137,11 @@ def test_min_snr_variants_and_their_numpy_twin(variant):
     from flux_lora.noise_levels import min_snr_weight_np
 
     sigmas = torch.linspace(0.01, 0.99, 99, dtype=torch.float64)
-    expected = torch.clamp(5.0 * sigmas**2, max=1.0) if variant == "clamp" else sigmas**2 * torch.clamp(((1 - sigmas) / sigmas) ** 2, max=5.0)
+    expected = (
+        torch.clamp(5.0 * sigmas**2, max=1.0)
+        if variant == "clamp"
+        else sigmas**2 * torch.clamp(((1 - sigmas) / sigmas) ** 2, max=5.0)
+    )
     weights = flow.min_snr_weight(sigmas, 5.0, variant)
     assert torch.allclose(weights, expected)
     assert np.allclose(min_snr_weight_np(sigmas.numpy(), 5.0, variant), weights.numpy())

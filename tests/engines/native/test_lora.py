@@ -64,10 +64,19 @@ def test_module_names_keys_and_shapes_match_sd_scripts():
     state = kohya_state_dict(transformer)
     assert set(state) == {f"{n}.{p}" for n in names for p in ("lora_down.weight", "lora_up.weight", "alpha")}
     expected_out = {
-        "img_attn_qkv": 3 * inner, "txt_attn_qkv": 3 * inner, "img_attn_proj": inner, "txt_attn_proj": inner,
-        "img_mlp_0": 4 * inner, "txt_mlp_0": 4 * inner, "img_mlp_2": inner, "txt_mlp_2": inner,
-        "img_mod_lin": 6 * inner, "txt_mod_lin": 6 * inner,
-        "linear1": 3 * inner + 4 * inner, "linear2": inner, "modulation_lin": 3 * inner,
+        "img_attn_qkv": 3 * inner,
+        "txt_attn_qkv": 3 * inner,
+        "img_attn_proj": inner,
+        "txt_attn_proj": inner,
+        "img_mlp_0": 4 * inner,
+        "txt_mlp_0": 4 * inner,
+        "img_mlp_2": inner,
+        "txt_mlp_2": inner,
+        "img_mod_lin": 6 * inner,
+        "txt_mod_lin": 6 * inner,
+        "linear1": 3 * inner + 4 * inner,
+        "linear2": inner,
+        "modulation_lin": 3 * inner,
     }
     expected_in = {"img_mlp_2": 4 * inner, "txt_mlp_2": 4 * inner, "linear2": inner + 4 * inner}
     for name in names:

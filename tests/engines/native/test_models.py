@@ -140,8 +140,11 @@ def test_missing_files_name_each_file_and_its_key(tmp_path):
     assert [line.split(":")[0] for line in lines[3:]] == ["model.tokenizer_dir"] * 2
     with pytest.raises(ModelFilesMissing) as error:
         load_flux_dev(
-            transformer=str(tmp_path / "flux1-dev.safetensors"), vae=str(tmp_path / "ae.safetensors"),
-            clip_l=str(tmp_path / "clip_l.safetensors"), t5xxl=None, diffusers_dir=None,
+            transformer=str(tmp_path / "flux1-dev.safetensors"),
+            vae=str(tmp_path / "ae.safetensors"),
+            clip_l=str(tmp_path / "clip_l.safetensors"),
+            t5xxl=None,
+            diffusers_dir=None,
             tokenizer_dir=str(tmp_path / "tokenizers"),
         )
     assert str(error.value) == "; ".join(lines)
@@ -152,7 +155,11 @@ def test_missing_files_name_each_file_and_its_key(tmp_path):
 
 def test_shipped_configs_are_flux1_dev():
     transformer = json.loads((MODEL_CONFIGS / "transformer" / "config.json").read_text())
-    assert (transformer["num_layers"], transformer["num_single_layers"], transformer["guidance_embeds"]) == (19, 38, True)
+    assert (transformer["num_layers"], transformer["num_single_layers"], transformer["guidance_embeds"]) == (
+        19,
+        38,
+        True,
+    )
     assert sum(transformer["axes_dims_rope"]) == transformer["attention_head_dim"]
     vae = json.loads((MODEL_CONFIGS / "vae" / "config.json").read_text())
     assert (vae["latent_channels"], vae["shift_factor"], vae["scaling_factor"]) == (16, 0.1159, 0.3611)
@@ -194,11 +201,18 @@ def to_bfl_transformer(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         (r"^proj_out", "final_layer.linear"),
     ]
     fused = {
-        r"^transformer_blocks\.(\d+)\.attn\.(to_q|to_k|to_v)\.": ("double_blocks.{}.img_attn.qkv", ["to_q", "to_k", "to_v"]),
+        r"^transformer_blocks\.(\d+)\.attn\.(to_q|to_k|to_v)\.": (
+            "double_blocks.{}.img_attn.qkv",
+            ["to_q", "to_k", "to_v"],
+        ),
         r"^transformer_blocks\.(\d+)\.attn\.(add_q_proj|add_k_proj|add_v_proj)\.": (
-            "double_blocks.{}.txt_attn.qkv", ["add_q_proj", "add_k_proj", "add_v_proj"]),
+            "double_blocks.{}.txt_attn.qkv",
+            ["add_q_proj", "add_k_proj", "add_v_proj"],
+        ),
         r"^single_transformer_blocks\.(\d+)\.(attn\.to_q|attn\.to_k|attn\.to_v|proj_mlp)\.": (
-            "single_blocks.{}.linear1", ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]),
+            "single_blocks.{}.linear1",
+            ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"],
+        ),
     }
     out, groups = {}, {}
     for key, value in state.items():
@@ -242,9 +256,14 @@ def to_ldm_vae(state: dict[str, torch.Tensor], num_blocks: int) -> dict[str, tor
         new = key
         for pattern, replacement in renames:
             new = re.sub(pattern, replacement, new)
-        new = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{num_blocks - 1 - int(m[1])}.block.", new)
-        new = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
-                     lambda m: f"decoder.up.{num_blocks - 1 - int(m[1])}.upsample.", new)
+        new = re.sub(
+            r"decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{num_blocks - 1 - int(m[1])}.block.", new
+        )
+        new = re.sub(
+            r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+            lambda m: f"decoder.up.{num_blocks - 1 - int(m[1])}.upsample.",
+            new,
+        )
         if ".attn_1." in new and new.endswith("weight") and value.ndim == 2:
             value = value[:, :, None, None]  # LDM attention projections are 1x1 convolutions
         out[new] = value.contiguous()
@@ -257,15 +276,20 @@ def write_single_files(parts, root):
     save_file(to_bfl_transformer(parts.transformer.state_dict()), models / "flux1-dev.safetensors")
     save_file(to_ldm_vae(parts.vae.state_dict(), len(parts.vae.config.block_out_channels)), models / "ae.safetensors")
     # ComfyUI's clip_l keys start with "text_model."; its T5 file has no duplicate embed_tokens.
-    save_file({f"text_model.{k}": v for k, v in parts.clip_encoder.state_dict().items()},
-              models / "clip_l.safetensors")
-    save_file({k: v for k, v in parts.t5_encoder.state_dict().items() if k != "encoder.embed_tokens.weight"},
-              models / "t5xxl_fp16.safetensors")
+    save_file({f"text_model.{k}": v for k, v in parts.clip_encoder.state_dict().items()}, models / "clip_l.safetensors")
+    save_file(
+        {k: v for k, v in parts.t5_encoder.state_dict().items() if k != "encoder.embed_tokens.weight"},
+        models / "t5xxl_fp16.safetensors",
+    )
     parts.clip_tokenizer.save_pretrained(models / "tokenizers" / "tokenizer")
     parts.t5_tokenizer.save_pretrained(models / "tokenizers" / "tokenizer_2")
     configs = root / "configs"
-    for name, config in (("transformer", dict(parts.transformer.config)), ("vae", dict(parts.vae.config)),
-                         ("clip_l", parts.clip_encoder.config.to_dict()), ("t5xxl", parts.t5_encoder.config.to_dict())):
+    for name, config in (
+        ("transformer", dict(parts.transformer.config)),
+        ("vae", dict(parts.vae.config)),
+        ("clip_l", parts.clip_encoder.config.to_dict()),
+        ("t5xxl", parts.t5_encoder.config.to_dict()),
+    ):
         (configs / name).mkdir(parents=True)
         (configs / name / "config.json").write_text(json.dumps(config, default=list))
     return models, configs
@@ -287,19 +311,29 @@ def test_single_files_load_through_the_flux_dev_path(tmp_path):
     reference = build_tiny_flux(init_seed=3, t5_max_length=64)
     models, configs = write_single_files(reference, tmp_path)
     loaded = load_flux_dev(
-        transformer=str(models / "flux1-dev.safetensors"), vae=str(models / "ae.safetensors"),
-        clip_l=str(models / "clip_l.safetensors"), t5xxl=str(models / "t5xxl_fp16.safetensors"),
-        diffusers_dir=None, tokenizer_dir=str(models / "tokenizers"), t5_max_length=64,
-        dtype=torch.float32, config_dir=configs,
+        transformer=str(models / "flux1-dev.safetensors"),
+        vae=str(models / "ae.safetensors"),
+        clip_l=str(models / "clip_l.safetensors"),
+        t5xxl=str(models / "t5xxl_fp16.safetensors"),
+        diffusers_dir=None,
+        tokenizer_dir=str(models / "tokenizers"),
+        t5_max_length=64,
+        dtype=torch.float32,
+        config_dir=configs,
     )
     assert_same_model(loaded, reference)
     assert loaded.transformer.dtype == torch.float32
     assert not any(p.requires_grad for p in loaded.vae.parameters())
     assert loaded.vae_identity.startswith("flux-vae-") and loaded.text_encoders_identity.endswith("t5len64")
     bf16 = load_flux_dev(
-        transformer=str(models / "flux1-dev.safetensors"), vae=str(models / "ae.safetensors"),
-        clip_l=str(models / "clip_l.safetensors"), t5xxl=str(models / "t5xxl_fp16.safetensors"),
-        diffusers_dir=None, tokenizer_dir=str(models / "tokenizers"), t5_max_length=64, config_dir=configs,
+        transformer=str(models / "flux1-dev.safetensors"),
+        vae=str(models / "ae.safetensors"),
+        clip_l=str(models / "clip_l.safetensors"),
+        t5xxl=str(models / "t5xxl_fp16.safetensors"),
+        diffusers_dir=None,
+        tokenizer_dir=str(models / "tokenizers"),
+        t5_max_length=64,
+        config_dir=configs,
     )
     assert bf16.transformer.dtype == bf16.vae.dtype == bf16.t5_encoder.dtype == torch.bfloat16
     assert bf16.clip_encoder.embeddings.position_ids.dtype == torch.int64  # integer buffers keep their dtype
@@ -309,12 +343,22 @@ def test_single_files_load_through_the_flux_dev_path(tmp_path):
 def test_diffusers_folder_loads(tmp_path):
     reference = build_tiny_flux(init_seed=4, t5_max_length=64)
     FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=reference.vae, text_encoder=reference.clip_encoder,
-        tokenizer=reference.clip_tokenizer, text_encoder_2=reference.t5_encoder, tokenizer_2=reference.t5_tokenizer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=reference.vae,
+        text_encoder=reference.clip_encoder,
+        tokenizer=reference.clip_tokenizer,
+        text_encoder_2=reference.t5_encoder,
+        tokenizer_2=reference.t5_tokenizer,
         transformer=reference.transformer,
     ).save_pretrained(tmp_path / "flux")
     loaded = load_flux_dev(
-        transformer=None, vae=None, clip_l=None, t5xxl=None, diffusers_dir=str(tmp_path / "flux"),
-        tokenizer_dir=None, t5_max_length=64, dtype=torch.float32,
+        transformer=None,
+        vae=None,
+        clip_l=None,
+        t5xxl=None,
+        diffusers_dir=str(tmp_path / "flux"),
+        tokenizer_dir=None,
+        t5_max_length=64,
+        dtype=torch.float32,
     )
     assert_same_model(loaded, reference)

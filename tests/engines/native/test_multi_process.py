@@ -3,12 +3,12 @@ for NCCL, which needs GPUs. Each process must train on its own batches, and the 
 
 from __future__ import annotations
 
-import pytest
-
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from flux_lora.engines.native.config import CONFIG_FILE
 from tests.engines.native.native_tiny_run import make_dataset, tiny_config
@@ -21,9 +21,21 @@ def test_two_processes_train_on_different_batches_and_finish(tmp_path: Path) -> 
     run_dir.mkdir(parents=True)
     (run_dir / CONFIG_FILE).write_text(config.to_json())
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "flux_lora.engines.native.train", str(run_dir)],
-        capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "flux_lora.engines.native.train",
+            str(run_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     finals = re.findall(r"done: 3 steps, final loss ([0-9.]+)", done.stdout)
     assert len(finals) == 2 and finals[0] != finals[1]  # one line per process, each from its own batches
@@ -59,9 +71,12 @@ def test_each_process_draws_its_own_dropout_masks_from_the_same_initial_lora(tmp
     (tmp_path / CONFIG_FILE).write_text(config.to_json())
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(probe), str(tmp_path)],
-        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[3],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[3],
         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     ranks = {r: (tmp_path / f"rank{r}.txt").read_text() for r in ("0", "1")}
     weights, masks = zip(*(re.match(r"weights (\w+) mask (\w+)", ranks[r]).groups() for r in ("0", "1")))

@@ -32,7 +32,10 @@ def test_alpha_zero_means_alpha_equals_rank(compose_run):
     findings = apply_rules(run)  # divided by alpha before: ZeroDivisionError
     assert findings.errors == [] and findings.warnings == []
     rank = run.profile.network_dim
-    assert lora_scale_line(run) == f"LoRA update scale alpha/rank = {rank}/{rank} = 1 (network_alpha=0 means alpha = rank, as in kohya)"
+    assert (
+        lora_scale_line(run)
+        == f"LoRA update scale alpha/rank = {rank}/{rank} = 1 (network_alpha=0 means alpha = rank, as in kohya)"
+    )
 
 
 @pytest.mark.parametrize("name", ["float", "fp16", "bf16"])
@@ -104,7 +107,9 @@ def test_check_reports_the_lines_only_for_an_engine_that_applies_them(compose_ru
     from flux_lora.check import check_run
     from flux_lora.engines import get_engine
 
-    native = check_run(compose_run("profile.noise_offset=0.1", "profile.min_snr_gamma=5"), get_engine("native"), dry_run=True)
+    native = check_run(
+        compose_run("profile.noise_offset=0.1", "profile.min_snr_gamma=5"), get_engine("native"), dry_run=True
+    )
     assert sum(line.startswith(("profile.noise_offset=", "profile.min_snr_gamma=")) for line in native.infos) == 2
     run = compose_run("engine=sd_scripts", "model=flux_dev", "profile.noise_offset=0.1", "profile.min_snr_gamma=5")
     ignored = check_run(run, get_engine("sd_scripts"), dry_run=True)

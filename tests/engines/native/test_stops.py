@@ -40,10 +40,13 @@ def step_states(output: Path) -> list[int]:
 def stop_job_at_step(run_dir: Path, signum: int, step: int) -> tuple[int, str]:
     """Run the job as the launcher does (its own process) and send `signum` once it reports `step` or later."""
     job = subprocess.Popen(
-        [sys.executable, "-m", "flux_lora.engines.native.train", str(run_dir)], cwd=PROJECT_ROOT,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, "-m", "flux_lora.engines.native.train", str(run_dir)],
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
+    )
     watchdog = threading.Timer(300, job.kill)
     watchdog.start()
     seen = []
@@ -85,7 +88,9 @@ def test_a_signal_finishes_the_step_saves_a_state_and_the_run_resumes(tmp_path: 
 
     if signum == signal.SIGTERM:  # one resume is enough to show the state is a real one
         # As the launcher resumes: the frozen config unchanged, the state on the command line.
-        resumed = tiny_config(tmp_path, dataset, "resumed", max_train_steps=16, save_every_n_steps=3, keep_last_states=2)
+        resumed = tiny_config(
+            tmp_path, dataset, "resumed", max_train_steps=16, save_every_n_steps=3, keep_last_states=2
+        )
         assert main([str(freeze(resumed)), "--resume", str(state)]) == 0
         summary = json.loads((Path(resumed.output_dir) / "train_summary.json").read_text())
         assert (summary["first_step"], summary["steps"], summary["stop_reason"]) == (stopped + 1, 16, None)
@@ -94,8 +99,14 @@ def test_a_signal_finishes_the_step_saves_a_state_and_the_run_resumes(tmp_path: 
 
 def test_a_non_finite_loss_stops_at_once_and_saves_nothing_from_the_broken_weights(tmp_path: Path) -> None:
     # lr 1e12: the first update blows the LoRA up, and the next loss is NaN.
-    config = tiny_config(tmp_path, make_dataset(tmp_path / "ds", count=2), learning_rate=1e12, max_train_steps=20,
-                         save_every_n_steps=1, keep_last_states=0)
+    config = tiny_config(
+        tmp_path,
+        make_dataset(tmp_path / "ds", count=2),
+        learning_rate=1e12,
+        max_train_steps=20,
+        save_every_n_steps=1,
+        keep_last_states=0,
+    )
     assert main([str(freeze(config))]) == 3
 
     output = Path(config.output_dir)
@@ -105,7 +116,9 @@ def test_a_non_finite_loss_stops_at_once_and_saves_nothing_from_the_broken_weigh
     assert summary["average_loss"] is None or math.isfinite(summary["average_loss"])  # JSON has no NaN
     assert step_states(output) == list(range(1, summary["nonfinite_step"]))
     if summary["last_good_checkpoint"] is not None:
-        assert summary["last_good_checkpoint"] == str(output / f"flux-lora-step{summary['nonfinite_step'] - 1:08d}-state")
+        assert summary["last_good_checkpoint"] == str(
+            output / f"flux-lora-step{summary['nonfinite_step'] - 1:08d}-state"
+        )
         assert state_problem(Path(summary["last_good_checkpoint"])) is None
     for lora in output.glob("*.safetensors"):
         assert all(torch.isfinite(t).all() for t in load_file(lora).values()), lora.name
@@ -121,6 +134,9 @@ def test_pruning_keeps_the_newest_step_states(tmp_path: Path) -> None:
     removed = prune_step_states(tmp_path, "flux-lora", 6, keep=2)  # a newer state (8) is not counted against 6
     assert [p.name for p in removed] == ["flux-lora-step00000002-state"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "flux-lora-state", "flux-lora-step00000004-state", "flux-lora-step00000006-state",
-        "flux-lora-step00000008-state", "other-step00000002-state",
+        "flux-lora-state",
+        "flux-lora-step00000004-state",
+        "flux-lora-step00000006-state",
+        "flux-lora-step00000008-state",
+        "other-step00000002-state",
     ]

@@ -74,7 +74,10 @@ def test_resume_continues_at_the_saved_step_and_ends_where_the_uninterrupted_run
 def test_outputs_have_sd_scripts_names(runs):
     root, first, _, _ = runs
     output = root / "first" / "output"
-    assert sorted(p.name for p in output.glob("*.safetensors")) == ["flux-lora-step00000004.safetensors", "flux-lora.safetensors"]
+    assert sorted(p.name for p in output.glob("*.safetensors")) == [
+        "flux-lora-step00000004.safetensors",
+        "flux-lora.safetensors",
+    ]
     for state, step in (("flux-lora-step00000004-state", 4), ("flux-lora-state", 8)):
         record = json.loads((output / state / "train_state.json").read_text())
         assert record["current_step"] == step and "current_epoch" in record
@@ -84,8 +87,17 @@ def test_outputs_have_sd_scripts_names(runs):
     assert all(re.fullmatch(r"flux-lora_0000(04|08)_00_\d{14}_1001\.png", name) for name in samples)
     summary = json.loads((output / "train_summary.json").read_text())
     assert summary["steps"] == 8 and summary["final_loss"] == first.losses[-1]
-    assert set(summary) == {"final_loss", "average_loss", "steps", "seconds", "peak_memory_gb", "max_train_steps",
-                            "first_step", "stop_reason", "stop_lead_s"}
+    assert set(summary) == {
+        "final_loss",
+        "average_loss",
+        "steps",
+        "seconds",
+        "peak_memory_gb",
+        "max_train_steps",
+        "first_step",
+        "stop_reason",
+        "stop_lead_s",
+    }
     assert (summary["max_train_steps"], summary["first_step"], summary["stop_reason"]) == (8, 1, None)
     for state in ("flux-lora-step00000004-state", "flux-lora-state"):
         assert state_problem(output / state) is None  # complete, with a manifest
@@ -121,8 +133,18 @@ def test_metadata_states_what_was_applied(runs, tmp_path):
     assert json.loads(meta["ss_bucket_info"]) == {"buckets": ["64x64"]}
 
     dataset = make_dataset(tmp_path / "ds", count=1)
-    applied = run_training(tiny_config(tmp_path, dataset, max_train_steps=2, save_every_n_steps=0,
-                                       noise_offset=0.05, min_snr_gamma=5.0, min_snr_variant="clamp", fp8_base=True))
+    applied = run_training(
+        tiny_config(
+            tmp_path,
+            dataset,
+            max_train_steps=2,
+            save_every_n_steps=0,
+            noise_offset=0.05,
+            min_snr_gamma=5.0,
+            min_snr_variant="clamp",
+            fp8_base=True,
+        )
+    )
     meta = _metadata(applied.lora_path)
     assert meta["ss_noise_offset"] == "0.05" and meta["ss_min_snr_gamma"] == "5.0"
     assert meta["ss_min_snr_variant"] == "clamp" and meta["ss_min_snr_kind"] == "flow: loss * min(1, gamma*sigma^2)"

@@ -12,9 +12,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-SUBSET_KEYS = {"image_dir", "caption_extension", "class_tokens", "num_repeats", "keep_tokens", "shuffle_caption", "flip_aug", "is_reg"}
-DATASET_KEYS = {"resolution", "batch_size", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
-                "bucket_no_upscale", "subsets"}
+SUBSET_KEYS = {
+    "image_dir",
+    "caption_extension",
+    "class_tokens",
+    "num_repeats",
+    "keep_tokens",
+    "shuffle_caption",
+    "flip_aug",
+    "is_reg",
+}
+DATASET_KEYS = {
+    "resolution",
+    "batch_size",
+    "enable_bucket",
+    "min_bucket_reso",
+    "max_bucket_reso",
+    "bucket_reso_steps",
+    "bucket_no_upscale",
+    "subsets",
+}
 
 
 class ConfigSanitizer:
@@ -40,8 +57,14 @@ class BlueprintGenerator:
             unknown = set(dataset) - DATASET_KEYS
             assert not unknown, f"extra keys not allowed in dataset: {sorted(unknown)}"  # voluptuous rejects them
             for subset in dataset["subsets"]:
-                assert not set(subset) - SUBSET_KEYS, f"extra keys not allowed in subset: {sorted(set(subset) - SUBSET_KEYS)}"
-        return Blueprint(dataset_group=[dict(d, batch_size=d.get("batch_size", args.train_batch_size)) for d in user_config["datasets"]])
+                assert not set(subset) - SUBSET_KEYS, (
+                    f"extra keys not allowed in subset: {sorted(set(subset) - SUBSET_KEYS)}"
+                )
+        return Blueprint(
+            dataset_group=[
+                dict(d, batch_size=d.get("batch_size", args.train_batch_size)) for d in user_config["datasets"]
+            ]
+        )
 
 
 class DatasetGroup:
@@ -54,7 +77,11 @@ class DatasetGroup:
             images = 0
             for subset in dataset["subsets"]:
                 folder = Path(subset["image_dir"])
-                found = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")] if folder.is_dir() else []
+                found = (
+                    [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
+                    if folder.is_dir()
+                    else []
+                )
                 images += len(found) * int(subset.get("num_repeats", 1))
             batches += math.ceil(images / dataset["batch_size"])
         return batches
