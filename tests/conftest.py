@@ -19,6 +19,9 @@ from tests.slurm_two_node import two_node_slurm  # noqa: F401
 
 register()
 
+# The ablation cells, baseline first: read from conf/ablation, so a new cell is tested where the cells are.
+ABLATIONS = ("baseline", *sorted(p.stem for p in (CONF_DIR / "ablation").glob("*.yaml") if p.stem != "baseline"))
+
 
 def compose_config(overrides: list[str] | None = None, *, with_hydra: bool = False) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

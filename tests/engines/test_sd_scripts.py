@@ -34,6 +34,7 @@ from flux_lora.engines.sd_scripts import (
     split_flags,
 )
 from flux_lora.schema import RunConfig
+from tests.conftest import ABLATIONS
 from tests.engines.native.native_tiny_run import make_dataset
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,17 +44,6 @@ STANDIN = Path(__file__).resolve().parent / "sd_scripts_standin.py"
 
 PROFILES = ("fast", "final", "smoke")
 GPUS = ("rtx4090", "a6000", "h100", "h200")
-ABLATIONS = (
-    "baseline",
-    "a1_alpha",
-    "a2_noise_offset",
-    "a3_grad_accum",
-    "a4_adafactor",
-    "a5_fp8_base",
-    "a6_min_snr",
-    "a7_dropout",
-    "a8_all",
-)
 RUN_DIR = Path("/runs/test-run")
 
 

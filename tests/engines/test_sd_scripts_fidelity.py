@@ -33,20 +33,9 @@ from flux_lora.lifecycle.outcome import gather_evidence, scalar_series, training
 from flux_lora.rules import apply_rules
 from flux_lora.schema import RunConfig
 from tests.cli import run_cli
+from tests.conftest import ABLATIONS
 from tests.engines.native.native_tiny_run import make_dataset
 from tests.engines.sd_scripts_checkout import STANDIN, Checkout, checkout_for_tests, real_checkout
-
-ABLATIONS = (
-    "baseline",
-    "a1_alpha",
-    "a2_noise_offset",
-    "a3_grad_accum",
-    "a4_adafactor",
-    "a5_fp8_base",
-    "a6_min_snr",
-    "a7_dropout",
-    "a8_all",
-)
 
 
 def compose_run(*overrides: str) -> RunConfig:
