@@ -16,8 +16,7 @@ from flux_lora.provenance import load_record
 from flux_lora.replay import dataset_problem
 from tests.class_images import write_class_images
 from tests.cli import run_cli
-from tests.engines.sd_scripts_checkout import standin_checkout
-from tests.models.model_stubs import write_model_folder
+from tests.engines.sd_scripts_checkout import sd_scripts_run_args, standin_checkout
 from tests.test_launch_e2e import run_dirs
 
 
@@ -79,18 +78,8 @@ def test_native_trains_the_class_images_at_their_weight(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_sd_scripts_gets_is_reg_subsets_and_the_prior_loss_weight(tmp_path: Path) -> None:
     classes = write_class_images(tmp_path / "classes")
-    models = tmp_path / "models"
-    write_model_folder(models)  # real headers over sparse holes: the launch checks them, the stand-in loads no weights
     args = [
-        "engine=sd_scripts",
-        "model=flux_dev",
-        f"paths.models={models}",
-        "profile=final",
-        "gpu=cpu",
-        "profile.resolution=256",
-        "profile.max_train_steps=4",
-        "profile.lr_warmup_steps=1",
-        "profile.save_every_n_steps=2",
+        *sd_scripts_run_args(tmp_path),
         f"dataset.reg_path={classes}",
         "dataset.reg_repeats=2",
         "dataset.prior_loss_weight=0.5",

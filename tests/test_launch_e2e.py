@@ -18,10 +18,9 @@ import pytest
 from flux_lora.checkpoint_files import read_safetensors_metadata
 from flux_lora.provenance import METADATA_KEY
 from tests.cli import ONE_THREAD, run_cli, start_cli
-from tests.engines.sd_scripts_checkout import standin_checkout
+from tests.engines.sd_scripts_checkout import sd_scripts_run_args, standin_checkout
 from tests.engines.sd_scripts_standin import STANDIN_LORA_ENV
 from tests.eval.tiny_eval import EVAL_SECTIONS, SMALL_EVAL_ARGS
-from tests.models.model_stubs import write_model_folder
 
 SECRET = "hf_e2e-secret-never-recorded"
 FAST_NATIVE = [
@@ -158,19 +157,7 @@ def test_sd_scripts_ablation_sweep_dry_run(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_sd_scripts_engine_runs_through_accelerate_with_standin(tmp_path: Path) -> None:
-    models = tmp_path / "models"
-    write_model_folder(models)  # real headers over sparse holes: the launch checks them, the stand-in loads no weights
-    args = [
-        "engine=sd_scripts",
-        "model=flux_dev",
-        f"paths.models={models}",
-        "profile=final",
-        "gpu=cpu",
-        "profile.resolution=256",
-        "profile.max_train_steps=4",
-        "profile.lr_warmup_steps=1",
-        "profile.save_every_n_steps=2",
-    ]
+    args = sd_scripts_run_args(tmp_path)
     checkout = standin_checkout(tmp_path / "sd-scripts")
     # The stand-in writes real kohya LoRA files for the tiny model, so the evaluator can judge this run below.
     done = launch(args, tmp_path, {"SD_SCRIPTS_DIR": str(checkout), STANDIN_LORA_ENV: "tiny"})

@@ -11,7 +11,7 @@ _NAMES_SHOWN = 5
 _UNUSABLE_FLAGS = tuple(flag for flag, info in FLAGS.items() if info.severity == "error")
 _MISSING_CAPTION_FLAGS = ("caption_missing", "caption_empty", "caption_not_utf8")
 # Warnings that the gate reports but never counts against a launch: each is worth a look, none is fatal alone.
-_ADVISORY_FLAGS = (
+ADVISORY_FLAGS = (
     "exif_rotated",
     "cmyk",
     "16_bit",
@@ -110,7 +110,7 @@ def evaluate_gate(report: DatasetReport, gate: GateSettings) -> GateResult:
             f"{_names(_paths(missing_trigger))}"
         )
 
-    for flag in _ADVISORY_FLAGS:
+    for flag in ADVISORY_FLAGS:
         flagged = report.with_flag(flag)
         if flagged:
             warnings.append(f"{len(flagged)} {FLAGS[flag].meaning} ({FLAGS[flag].fix}): {_names(_paths(flagged))}")

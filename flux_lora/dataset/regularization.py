@@ -13,25 +13,16 @@ from dataclasses import dataclass, field
 
 from flux_lora.dataset.captions import contains_trigger
 from flux_lora.dataset.flags import FLAGS, severity_of
-from flux_lora.dataset.gate import GateResult, GateSettings
+from flux_lora.dataset.gate import ADVISORY_FLAGS, GateResult, GateSettings
 from flux_lora.dataset.report import DatasetReport, ImageRecord
 
 _NAMES_SHOWN = 5
-# The subject gate's advisories that mean the same for a class image; faces, triggers and caption repetition do not
+# The subject gate's advisories mean the same for a class image, but for faces, triggers and caption repetition
 # (class images are many people, carry no trigger, and "a photo of a woman" for all of them is kohya's own default).
-_ADVISORY_FLAGS = (
-    "exif_rotated",
-    "cmyk",
-    "16_bit",
-    "alpha",
-    "greyscale",
-    "extension_mismatch",
-    "upscaled",
-    "extreme_aspect",
-    "caption_bom",
-    "caption_too_long_clip",
-    "caption_too_long_t5",
+_SUBJECT_ONLY_FLAGS = frozenset(
+    {"no_face", "several_faces", "trigger_not_first", "caption_duplicate", "caption_near_duplicate"}
 )
+_ADVISORY_FLAGS = tuple(flag for flag in ADVISORY_FLAGS if flag not in _SUBJECT_ONLY_FLAGS)
 
 
 @dataclass(frozen=True)

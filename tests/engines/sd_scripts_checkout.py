@@ -52,3 +52,23 @@ def real_checkout() -> Checkout | None:
 
 def checkout_for_tests(root: Path) -> Checkout:
     return real_checkout() or Checkout(standin_checkout(root), sys.executable, "stand-in")
+
+
+def sd_scripts_run_args(tmp_path: Path) -> list[str]:
+    """A 4-step sd-scripts run on the CPU tier (final profile at 256 px, a state every 2 steps), over a model folder
+    of real FLUX.1-dev headers on sparse holes: the launch checks them, the stand-in loads no weights."""
+    from tests.models.model_stubs import write_model_folder
+
+    models = tmp_path / "models"
+    write_model_folder(models)
+    return [
+        "engine=sd_scripts",
+        "model=flux_dev",
+        f"paths.models={models}",
+        "profile=final",
+        "gpu=cpu",
+        "profile.resolution=256",
+        "profile.max_train_steps=4",
+        "profile.lr_warmup_steps=1",
+        "profile.save_every_n_steps=2",
+    ]
