@@ -22,6 +22,7 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ import torch
 import yaml
 
 from flux_lora.engines.native.config import NativeTrainConfig
+from flux_lora.engines.native.engine import composed_native_config
 from flux_lora.engines.native.models import MODEL_CONFIGS
 from flux_lora.engines.native.records import peak_memory_gb
 from flux_lora.engines.native.setup import prepare_lora_training
@@ -68,6 +70,10 @@ def read_yaml(path: Path) -> dict:
     return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
+# The job config names a run folder; these benchmarks write nothing into it.
+BENCH_RUN_DIR = Path(tempfile.gettempdir()) / "flux-lora-bench-run"
+
+
 def settings_to_measure(
     tiers: list[str], resolutions: list[int], profile: str, tiny: bool, device: torch.device
 ) -> list[Setting]:
@@ -82,7 +88,9 @@ def settings_to_measure(
             # Tiny resolutions stand in for the GPU ones, so every tier runs them.
             if not tiny and resolution > gpu["max_resolution"]:
                 continue
-            config = NativeTrainConfig(
+            config = composed_native_config(
+                [f"profile={profile}", f"gpu={tier}"],
+                BENCH_RUN_DIR,
                 model_kind="tiny" if tiny else "flux_dev",
                 t5_max_length=t5_tokens,
                 resolution=resolution,
@@ -143,18 +151,11 @@ def measure(
     setting: Setting, *, tiny: bool, device: torch.device, steps: int, warmup: int, seed: int, stage: list
 ) -> dict:
     """Set up as run_training does, then time `warmup + steps` optimizer steps; `stage[0]` names where an OOM hit."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
+    from flux_lora.engines.native.train import start_accelerator
 
     config = setting.config
     stage[0] = "setup"
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    accelerator = Accelerator(
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        mixed_precision=config.mixed_precision,
-        cpu=config.use_cpu,
-    )
+    accelerator = start_accelerator(config)  # the job's own: a fresh accelerate state, seeded
     weight_dtype = torch.bfloat16
 
     # The job's own setup: bf16 base, LoRA in fp32, fp8 base, checkpointing, optimizer, prepare, block swap.
@@ -412,7 +413,9 @@ def main() -> int:
         )
 
     on = env["gpu_name"] or f"CPU ({env['threads']} threads)"
-    recipe = settings[0].config if settings else NativeTrainConfig()
+    if not settings:
+        raise SystemExit("no setting to measure: every resolution is above the chosen tiers' max_resolution")
+    recipe = settings[0].config
     memory = "CUDA max allocated, reset per setting" if device.type == "cuda" else "CPU: process max RSS, never reset"
     print_table(
         rows,

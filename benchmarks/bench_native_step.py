@@ -29,6 +29,7 @@ from PIL import Image  # noqa: E402
 
 from flux_lora.engines.native.config import NativeTrainConfig  # noqa: E402
 from flux_lora.engines.native.data import build_train_items, collate, epoch_batches  # noqa: E402
+from flux_lora.engines.native.engine import composed_native_config
 from flux_lora.engines.native.setup import build_optimizer, load_parts  # noqa: E402
 from flux_lora.engines.native.train import (  # noqa: E402
     draw_noise_and_sigmas,
@@ -127,7 +128,9 @@ def main() -> None:
     return_freed_memory_to_the_os()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        config = NativeTrainConfig(
+        config = composed_native_config(
+            [],
+            root / "run",
             dataset_path=str(make_dataset(root / "ds", args.resolution)),
             resolution=args.resolution,
             min_bucket_reso=args.resolution,

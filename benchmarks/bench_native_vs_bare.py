@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from bench_native_gpu import (
+    BENCH_RUN_DIR,
     CONF,
     TINY_RESOLUTIONS,
     add_common_arguments,
@@ -54,7 +55,7 @@ from bench_native_gpu import (
     transformer_config,
 )
 
-from flux_lora.engines.native.config import NativeTrainConfig
+from flux_lora.engines.native.engine import composed_native_config
 from flux_lora.engines.native.lora import DOUBLE_BLOCK_MODULES, SINGLE_BLOCK_MODULES
 from flux_lora.engines.native.setup import prepare_lora_training, store_base_in_fp8
 from flux_lora.engines.native.train import train_micro_step
@@ -113,7 +114,9 @@ class NativeEngineLoop:
         from accelerate.state import AcceleratorState, GradientState
 
         self.device = device
-        self.config = NativeTrainConfig(
+        self.config = composed_native_config(
+            [],
+            BENCH_RUN_DIR,
             model_kind="tiny" if tiny else "flux_dev",
             t5_max_length=text_tokens,
             resolution=case.resolution,

@@ -83,6 +83,21 @@ def unapplied_options(run: RunConfig) -> dict[str, str]:
 _NEUTRAL_VALUES = {"gpu.blocks_to_swap": ("blocks_to_swap", 0)}
 
 
+def composed_native_config(overrides: list[str], run_dir: Path, **fields: object) -> NativeTrainConfig:
+    """The job config a launch with these overrides would freeze (composed from conf/: the job has no defaults of
+    its own), with `fields` replaced. For benchmarks that time the job's code outside a launch."""
+    from dataclasses import replace
+
+    from hydra import compose, initialize_config_dir
+
+    from flux_lora.compose import CONF_DIR, load_run, register
+
+    register()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        run = load_run(compose("config", overrides=list(overrides)))
+    return replace(native_config_from_run(run, run_dir), **fields)
+
+
 def native_config_from_run(run: RunConfig, run_dir: Path, unapplied: dict[str, str] | None = None) -> NativeTrainConfig:
     """The frozen job config of a run, every field from the run; options in `unapplied` (default:
     unapplied_options(run)) are not passed on."""
