@@ -139,7 +139,13 @@ def read_run(run_dir: Path) -> RunRow:
         note = run.get("refusal") or "; ".join(run.get("errors", [])) or note
     config = read_yaml(run_dir / "config.yaml")
     if state == "running" and _owner_gone(config, run.get("run_id", "")):
-        state, note = OWNER_GONE, "its launcher and job are gone; run the same command again to resume it"
+        # The owner writes its final status before it releases the lease: a status read before the lease
+        # was looked at may predate that write, so read it again before calling the owner gone.
+        status = read_json(run_dir / "status.json")
+        if status.get("state", state) == "running":
+            state, note = OWNER_GONE, "its launcher and job are gone; run the same command again to resume it"
+        else:
+            state, note = status.get("state", state), status.get("reason") or ""
     lineage = run.get("lineage")
     if lineage:
         note = (

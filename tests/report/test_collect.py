@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
+from flux_lora.report import summary
 from flux_lora.report.collect import cell_name, seconds_per_step
 
 
@@ -24,3 +26,28 @@ def test_seconds_per_step_are_over_every_attempt() -> None:
     assert seconds_per_step(attempts, 70.0, 10) == pytest.approx(28.0 / 10)
     # sd-scripts records no per-attempt training time: the wall time of all attempts over the steps.
     assert seconds_per_step([{"duration_s": 30.0}, {"duration_s": 40.0}], 70.0, 10) == pytest.approx(7.0)
+
+
+def test_an_owner_that_finishes_while_its_run_is_read_is_not_called_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The owner writes its final status, then releases its lease. A reader that saw `running` and then found no
+    lease (the owner finished in between: seen once in CI, `watch` ended on "owner gone" for a failed cell) reads
+    the status again instead of calling the owner gone."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text(json.dumps({"run_id": "abc"}))
+    (run_dir / "config.yaml").write_text(f"paths:\n  outputs: {tmp_path}\n")
+    (run_dir / "status.json").write_text(json.dumps({"state": "running"}))
+
+    def owner_finishes_then_releases(config: dict, run_id: str) -> bool:
+        (run_dir / "status.json").write_text(json.dumps({"state": "failed", "reason": "loss is NaN at step 3"}))
+        return True  # and the lease file is gone
+
+    monkeypatch.setattr(summary, "_owner_gone", owner_finishes_then_releases)
+    row = summary.read_run(run_dir)
+    assert (row.state, row.note) == ("failed", "loss is NaN at step 3")
+
+    monkeypatch.setattr(summary, "_owner_gone", lambda config, run_id: True)  # still `running`: gone indeed
+    (run_dir / "status.json").write_text(json.dumps({"state": "running"}))
+    assert summary.read_run(run_dir).state == summary.OWNER_GONE
