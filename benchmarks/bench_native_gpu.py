@@ -184,7 +184,8 @@ def measure(
         for _ in range(config.gradient_accumulation_steps):
             on_device = {k: v.to(device) for k, v in batch.items()}
             # The job reads every micro-step's loss too (a device sync), so the timing includes it.
-            losses.append(train_micro_step(training, config, accelerator, on_device, micro_step, weight_dtype))
+            with accelerator.accumulate(training.transformer):
+                losses.append(train_micro_step(training, config, accelerator, on_device, micro_step, weight_dtype))
             micro_step += 1
         if not accelerator.sync_gradients:
             raise RuntimeError("accumulation out of step: the last micro-step did not update the weights")

@@ -139,7 +139,8 @@ class NativeEngineLoop:
 
     def step(self, batch: dict[str, torch.Tensor], index: int) -> float:
         on_device = {k: v.to(self.device) for k, v in batch.items()}
-        return train_micro_step(self.training, self.config, self.accelerator, on_device, index, torch.bfloat16)
+        with self.accelerator.accumulate(self.training.transformer):
+            return train_micro_step(self.training, self.config, self.accelerator, on_device, index, torch.bfloat16)
 
     def close(self) -> None:
         self.accelerator.free_memory()

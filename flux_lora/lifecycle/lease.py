@@ -54,6 +54,7 @@ STALE_TAKEOVER_S = 60.0
 # The job's owner passes its lease to the job in these, so the trainer checks it before it writes.
 LEASE_FILE_ENV = "FLUX_LORA_LEASE_FILE"
 LEASE_TOKEN_ENV = "FLUX_LORA_LEASE_TOKEN"
+LEASES_ENV = "FLUX_LORA_LEASES"  # a packed job: {run dir: [lease file, token]} for each of its runs
 
 
 @dataclass(frozen=True)

@@ -91,9 +91,12 @@ class FusedDownDropout:
 
 
 def add_flux_lora(
-    transformer: FluxTransformer2DModel, rank: int, alpha: float, dropout: float | None
+    transformer: FluxTransformer2DModel, rank: int, alpha: float, dropout: float | None, adapter: str = ADAPTER
 ) -> list[torch.nn.Parameter]:
-    """Inject a kohya-shaped LoRA (scale alpha/rank) with peft; return the trainable parameters, deduplicated."""
+    """Inject a kohya-shaped LoRA (scale alpha/rank) with peft as `adapter`; return its parameters, deduplicated.
+
+    diffusers' add_adapter makes the new adapter the active one and freezes the others (peft's set_adapter):
+    a packed job's adapters are trained one at a time (`use_adapter`), each with its parameters from here."""
     groups = _lora_groups(transformer)
     alpha = alpha or rank  # kohya: alpha 0/None means alpha = rank (scale 1)
     config = LoraConfig(
@@ -104,47 +107,66 @@ def add_flux_lora(
         init_lora_weights=True,  # down kaiming-uniform, up zeros
         use_rslora=False,
     )
-    transformer.add_adapter(config, adapter_name=ADAPTER)
+    transformer.add_adapter(config, adapter_name=adapter)
     for members in groups.values():
-        downs = [transformer.get_submodule(name).lora_A[ADAPTER] for name in members]
+        downs = [transformer.get_submodule(name).lora_A[adapter] for name in members]
         for down in downs[1:]:
             down.weight = downs[0].weight  # one kohya lora_down per fused group
         if dropout:
             hook = FusedDownDropout(dropout, len(downs))
             for down in downs:
                 down.register_forward_hook(hook)
-    params = [p for name, p in transformer.named_parameters() if "lora_" in name]
+    params = list(adapter_parameters(transformer, adapter).values())
     for param in params:
         param.requires_grad_(True)
     return params
 
 
-def kohya_state_dict(transformer: FluxTransformer2DModel) -> dict[str, torch.Tensor]:
-    """The LoRA in kohya's FLUX key format, float32 on CPU."""
+def adapter_parameters(transformer: torch.nn.Module, adapter: str) -> dict[str, torch.nn.Parameter]:
+    """One adapter's parameters by name (a fused group's shared lora_A once), in the model's order."""
+    marker = f".{adapter}."
+    return {name: p for name, p in transformer.named_parameters() if "lora_" in name and marker in name}
+
+
+def use_adapter(transformer: torch.nn.Module, adapter: str) -> None:
+    """Make `adapter` the one the LoRA layers run (and the only one with gradients) until the next call."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in transformer.modules():
+        if isinstance(module, BaseTunerLayer) and module.active_adapters != [adapter]:
+            module.set_adapter(adapter)
+
+
+def kohya_state_dict(transformer: FluxTransformer2DModel, adapter: str = ADAPTER) -> dict[str, torch.Tensor]:
+    """The LoRA `adapter` in kohya's FLUX key format, float32 on CPU."""
     state = {}
     for kohya_name, members in _lora_groups(transformer).items():
         modules = [transformer.get_submodule(name) for name in members]
         first = modules[0]
-        down = first.lora_A[ADAPTER].weight
-        up = torch.cat([m.lora_B[ADAPTER].weight for m in modules], dim=0)
+        down = first.lora_A[adapter].weight
+        up = torch.cat([m.lora_B[adapter].weight for m in modules], dim=0)
         state[f"{kohya_name}.lora_down.weight"] = down.detach().float().cpu().contiguous()
         state[f"{kohya_name}.lora_up.weight"] = up.detach().float().cpu().contiguous()
-        state[f"{kohya_name}.alpha"] = torch.tensor(float(first.lora_alpha[ADAPTER]))
+        state[f"{kohya_name}.alpha"] = torch.tensor(float(first.lora_alpha[adapter]))
     return state
 
 
 def save_kohya_lora(
-    transformer: FluxTransformer2DModel, path: Path, metadata: dict[str, str], dtype: torch.dtype = torch.bfloat16
+    transformer: FluxTransformer2DModel,
+    path: Path,
+    metadata: dict[str, str],
+    dtype: torch.dtype = torch.bfloat16,
+    adapter: str = ADAPTER,
 ) -> None:
     """Write the LoRA as a kohya `.safetensors` file (every tensor, `.alpha` included, in `dtype`)."""
     bad = [key for key, value in metadata.items() if not isinstance(value, str)]
     if bad:
         raise TypeError(f"safetensors metadata values must be str: {bad}")
-    tensors = {key: value.to(dtype) for key, value in kohya_state_dict(transformer).items()}
+    tensors = {key: value.to(dtype) for key, value in kohya_state_dict(transformer, adapter).items()}
     save_file(tensors, str(path), metadata=metadata)
 
 
-def load_kohya_lora(transformer: FluxTransformer2DModel, path: Path) -> dict[str, str]:
+def load_kohya_lora(transformer: FluxTransformer2DModel, path: Path, adapter: str = ADAPTER) -> dict[str, str]:
     """Load a kohya FLUX LoRA into a transformer prepared by `add_flux_lora` with the same rank.
 
     Shapes come from the transformer, so this works at any model size. A different alpha in the file is
@@ -165,8 +187,8 @@ def load_kohya_lora(transformer: FluxTransformer2DModel, path: Path) -> dict[str
     with torch.no_grad():
         for kohya_name, members in groups.items():
             modules = [transformer.get_submodule(name) for name in members]
-            rank = modules[0].r[ADAPTER]
-            model_alpha = float(modules[0].lora_alpha[ADAPTER])
+            rank = modules[0].r[adapter]
+            model_alpha = float(modules[0].lora_alpha[adapter])
             down = tensors[f"{kohya_name}.lora_down.weight"]
             up = tensors[f"{kohya_name}.lora_up.weight"]
             file_alpha = float(tensors.get(f"{kohya_name}.alpha", torch.tensor(float(down.shape[0]))))
@@ -174,9 +196,9 @@ def load_kohya_lora(transformer: FluxTransformer2DModel, path: Path) -> dict[str
                 raise ValueError(f"{path}: {kohya_name} has rank {down.shape[0]}, the transformer's LoRA has {rank}")
             if file_alpha != model_alpha:
                 up = up.float() * (file_alpha / model_alpha)
-            ups = torch.split(up, [m.lora_B[ADAPTER].out_features for m in modules], dim=0)
+            ups = torch.split(up, [m.lora_B[adapter].out_features for m in modules], dim=0)
             # lora_A is shared within the group, so copying into the first sets all of them.
-            modules[0].lora_A[ADAPTER].weight.copy_(down)
+            modules[0].lora_A[adapter].weight.copy_(down)
             for module, part in zip(modules, ups):
-                module.lora_B[ADAPTER].weight.copy_(part)
+                module.lora_B[adapter].weight.copy_(part)
     return metadata

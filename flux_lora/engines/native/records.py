@@ -168,14 +168,15 @@ def lora_metadata(
 
 
 class Progress:
-    """rich progress bar on a terminal; otherwise one plain line about every 5% of the steps."""
+    """rich progress bar on a terminal; otherwise one plain line about every 5% of the steps. A run of a packed job
+    prefixes its lines with its label (and has no bar: one terminal cannot hold several live bars)."""
 
-    def __init__(self, total: int, start: int, enabled: bool) -> None:
-        self.total, self.start, self.enabled = total, start, enabled
+    def __init__(self, total: int, start: int, enabled: bool, label: str) -> None:
+        self.total, self.start, self.enabled, self.label = total, start, enabled, label
         self.began = time.perf_counter()
         self.every = max(1, total // 20)
         self.bar = None
-        if enabled and sys.stdout.isatty():
+        if enabled and sys.stdout.isatty() and not label:
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
             from rich.progress import Progress as RichProgress
 
@@ -199,10 +200,10 @@ class Progress:
         elif step % self.every == 0 or step == self.total:
             eta = (self.total - step) / rate if rate > 0 else float("nan")
             print(
-                f"step {step}/{self.total} loss {loss:.4f} avg {average:.4f} {rate:.2f} it/s "
+                self.label + f"step {step}/{self.total} loss {loss:.4f} avg {average:.4f} {rate:.2f} it/s "
                 f"ETA {int(eta // 60):d}:{int(eta % 60):02d}"
                 if eta == eta
-                else f"step {step}/{self.total}",
+                else self.label + f"step {step}/{self.total}",
                 flush=True,
             )
 

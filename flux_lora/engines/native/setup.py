@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flux_lora.engines.native.config import NativeTrainConfig
+from flux_lora.engines.native.rng import RngSlot
 
 
 def load_parts(config: NativeTrainConfig):
@@ -120,42 +121,74 @@ def build_scheduler(config: NativeTrainConfig, optimizer, num_processes: int):
 
 @dataclass
 class LoraTraining:
-    """The transformer with its LoRA, ready to step: what the loop and the GPU benchmark both run."""
+    """One run's LoRA on the transformer, ready to step: what the loop and the GPU benchmark both run. A packed job
+    holds several on one transformer, each with its adapter, optimizer, scheduler and random streams."""
 
-    transformer: nn.Module  # wrapped by accelerate
+    transformer: nn.Module  # wrapped by accelerate; shared by the runs of a packed job
     optimizer: torch.optim.Optimizer
     scheduler: object
     params: list[nn.Parameter]
     fp8_linears: int
     block_swap: bool
+    adapter: str
+    rng: RngSlot
 
 
 def prepare_lora_training(
     transformer: nn.Module, config: NativeTrainConfig, accelerator, weight_dtype: torch.dtype
 ) -> LoraTraining:
-    """Base frozen in the compute dtype (or fp8), LoRA parameters in fp32, checkpointing, optimizer, block swap."""
+    """One run: the packed setup with one adapter (peft's default name)."""
+    from flux_lora.engines.native.lora import ADAPTER
+
+    return prepare_lora_trainings(transformer, [config], [ADAPTER], accelerator, weight_dtype)[0]
+
+
+def prepare_lora_trainings(
+    transformer: nn.Module,
+    configs: list[NativeTrainConfig],
+    adapters: list[str],
+    accelerator,
+    weight_dtype: torch.dtype,
+) -> list[LoraTraining]:
+    """Base frozen in the compute dtype (or fp8), one LoRA per config in fp32, checkpointing, optimizers, block swap.
+    The configs share what the base, the data and accelerate see (launch.pack's key); each LoRA starts from its own
+    seed, as its separate run's would."""
     from accelerate.utils import set_seed
     from diffusers.training_utils import cast_training_params
 
     from flux_lora.engines.native.lora import add_flux_lora
 
+    first = configs[0]
     transformer.requires_grad_(False)
     transformer.to(dtype=weight_dtype)
-    params = add_flux_lora(transformer, config.network_dim, config.network_alpha, config.network_dropout)
-    # The LoRA's initial weights are the same on every process; from here on each process draws its own dropout masks.
-    set_seed(config.seed + accelerator.process_index)
+    lora_params, slots = [], []
+    for config, adapter in zip(configs, adapters):
+        set_seed(config.seed)  # the LoRA's initial weights: a separate run draws them right after this seed
+        lora_params.append(
+            add_flux_lora(transformer, config.network_dim, config.network_alpha, config.network_dropout, adapter)
+        )
+        # The initial weights are the same on every process; from here on each process draws its own dropout masks.
+        set_seed(config.seed + accelerator.process_index)
+        slots.append(RngSlot())
+    for params in lora_params:  # adding an adapter froze the ones added before it
+        for param in params:
+            param.requires_grad_(True)
     cast_training_params(transformer, dtype=torch.float32)
-    fp8_linears = store_base_in_fp8(transformer) if config.fp8_base else 0
-    if config.gradient_checkpointing:
+    fp8_linears = store_base_in_fp8(transformer) if first.fp8_base else 0
+    if first.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
-    optimizer = build_optimizer(config, params)
-    scheduler = build_scheduler(config, optimizer, accelerator.num_processes)
-    transformer, optimizer, scheduler = accelerator.prepare(transformer, optimizer, scheduler)
-    block_swap = bool(config.blocks_to_swap) and accelerator.device.type == "cuda"
+    optimizers = [build_optimizer(config, params) for config, params in zip(configs, lora_params)]
+    schedulers = [build_scheduler(config, opt, accelerator.num_processes) for config, opt in zip(configs, optimizers)]
+    transformer, *prepared = accelerator.prepare(transformer, *optimizers, *schedulers)
+    optimizers, schedulers = prepared[: len(configs)], prepared[len(configs) :]
+    block_swap = bool(first.blocks_to_swap) and accelerator.device.type == "cuda"
     if block_swap:
-        enable_block_swap(accelerator.unwrap_model(transformer), config.blocks_to_swap, accelerator.device)
-    return LoraTraining(transformer, optimizer, scheduler, params, fp8_linears, block_swap)
+        enable_block_swap(accelerator.unwrap_model(transformer), first.blocks_to_swap, accelerator.device)
+    return [
+        LoraTraining(transformer, optimizer, scheduler, params, fp8_linears, block_swap, adapter, slot)
+        for optimizer, scheduler, params, adapter, slot in zip(optimizers, schedulers, lora_params, adapters, slots)
+    ]
 
 
 def optimizer_recipe(training: LoraTraining) -> dict:

