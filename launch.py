@@ -27,8 +27,9 @@ from flux_lora.compose import (
 from flux_lora.cost import estimate_cost, estimated_and_took
 from flux_lora.engines import get_engine
 from flux_lora.lifecycle.decision import RunNotStartable, continue_known_run
-from flux_lora.lifecycle.job import ExpectedTraining, evaluate_after_run, launch_command, start_run
+from flux_lora.lifecycle.job import ExpectedTraining, evaluate_after_run, launch_command, launch_run, start_run
 from flux_lora.lifecycle.lease import Lease, LeaseHeld, LeaseLost
+from flux_lora.lifecycle.packing import Deferred, Packer, PackQueue, run_waiting
 from flux_lora.lifecycle.slurm import restart_count, sweep_cells_expected
 from flux_lora.records import RunState, write_pointer
 from flux_lora.redaction import redact_terminal
@@ -99,12 +100,17 @@ def launch_one(cfg: DictConfig) -> None:
         )
         refused_exit(hydra_cfg.mode)
         return
+    deferred = False
     try:
-        with lease:
-            run_under_lease(run, engine, report, cost, resolved, run_id, expect, lease, run_dir)
+        run_under_lease(run, engine, report, cost, resolved, run_id, expect, lease, run_dir)
+    except Deferred:  # launch.pack: it trains in a packed job once every cell is decided; the lease stays held
+        deferred = True
     except LeaseLost as lost:  # taken over while we ran: the new owner records the run; we wrote nothing more
         print(f"error: {lost}", file=sys.stderr)
         refused_exit(hydra_cfg.mode)
+    finally:
+        if not deferred:
+            lease.release()
 
 
 def run_under_lease(run, engine, report, cost, resolved, run_id, expect, lease: Lease, run_dir: Path) -> None:
@@ -112,11 +118,12 @@ def run_under_lease(run, engine, report, cost, resolved, run_id, expect, lease: 
     hydra_cfg = HydraConfig.get()
     if lease.took_over:
         print(f"info: run {run_id}: took over the lease of {lease.took_over.describe()}: {lease.took_over_why}")
+    launch = packed_launch(run, engine, run_id, lease, hydra_cfg.mode)
     if run.launch.resume == ResumeMode.auto and not (
         run.launch.dry_run or run.launch.resume_from or report.errors or report.refusal
     ):
         try:
-            known = continue_known_run(run, engine, report, run_dir, run_id, resolved, expect, lease)
+            known = continue_known_run(run, engine, report, run_dir, run_id, resolved, expect, lease, launch)
         except RunNotStartable as refusal:
             print(f"error: {refusal}", file=sys.stderr)
             leave_note(run_dir, hydra_cfg.mode, "refused", run_dir, run_id, str(refusal))
@@ -144,8 +151,29 @@ def run_under_lease(run, engine, report, cost, resolved, run_id, expect, lease: 
         lease=lease,
         finish=lambda: engine.finish_attempt(run, run_dir),
         engine_record=engine.version_record(run),
+        launch=launch,
     )
     end_run(frozen.run_id, status, run_dir, hydra_cfg.mode, run)
+
+
+def packed_launch(run, engine, run_id: str, lease: Lease, mode):
+    """launch.pack in a local sweep: the cell's launch waits for its packed job (lifecycle.packing); else launch_run."""
+    if not (run.launch.pack and mode == RunMode.MULTIRUN):
+        return launch_run
+    if not PackQueue.runs_here:
+        print("info: launch.pack: this cell runs as a job of its own (packing is built for local sweeps)")
+        return launch_run
+
+    def on_end(run_dir: Path, status) -> None:
+        try:
+            if status is None:
+                print(f"error: run {run_id} in {run_dir} was taken over by another launch; nothing more written")
+            else:
+                end_run(run_id, status, run_dir, mode, run)
+        finally:
+            lease.release()
+
+    return Packer(engine.pack_key, on_end).launch
 
 
 def leave_note(cell_dir: Path, mode, state: str, home: Path, run_id: str, note: str) -> None:
@@ -196,8 +224,10 @@ def cli() -> int:
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     redact_terminal()  # the config tree, a check's message, a one-line error: no secret reaches the terminal
     code = 0
+    PackQueue.runs_here = True  # launch.pack: the cells' packed jobs start here once Hydra has decided every cell
     try:
         main()
+        run_waiting(lambda line: print(f"info: {line}"))
     except Exception as exc:  # noqa: BLE001 - the CLI's contract is one line per error
         if os.environ.get("FLUX_LORA_TRACEBACK"):
             raise

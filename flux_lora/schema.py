@@ -315,6 +315,10 @@ class LaunchConfig:
     # code and package versions; no absolute paths, host or user names), `full` (the run folder's whole record, for
     # private use) or `none` (kohya's ss_* keys only). The run folder keeps the full record whatever this says.
     embed_record: EmbedRecord = EmbedRecord.shareable
+    # A local sweep on engine=native: the cells that can share a base (the same model, data, resolution, batch and
+    # accumulation structure and precision; engines/native/config.py PER_RUN_FIELDS says what may differ) train as
+    # one job, one adapter each on one frozen model, each equal to its separate run. Each keeps its run folder.
+    pack: bool = False
 
 
 @dataclass

@@ -64,3 +64,8 @@ class Engine(Protocol):
         """Tidy the job's outputs after it ends, however it ended (e.g. renumber a resumed attempt's files);
         returns what changed. Must be safe to call again."""
         ...
+
+    def pack_key(self, run_dir: Path) -> str | None:
+        """launch.pack: runs frozen with the same key can train as one job (one base, an adapter each); None for a
+        run that trains alone."""
+        ...

@@ -642,3 +642,6 @@ class SdScriptsEngine:
     def finish_attempt(self, run: RunConfig, run_dir: Path) -> list[str]:
         """After the job: a resumed attempt's files move into output/ under their true step numbers."""
         return adopt_resumed_outputs(Path(run_dir) / "output", run.launch.output_name)
+
+    def pack_key(self, run_dir: Path) -> str | None:
+        return None  # sd-scripts trains one network per process

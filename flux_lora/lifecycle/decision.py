@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
@@ -118,7 +118,10 @@ def decide(earlier: list[Path], output_name: str, max_train_steps: int | None = 
         if s is not None and s.state not in resumable:
             continue
         if s is None and not (d / STATUS_FILE).exists():
-            continue  # frozen, never started (a dry run's folder has a status)
+            # Frozen, never started (a launcher killed before it started the job, or while the cell waited for its
+            # packed job): started in its own folder. A dry run's folder has a status.
+            unsaved = unsaved or d
+            continue
         choice = choose_state(d / "output", output_name, max_train_steps)
         notes += [f"{d.name}: {n}" for n in choice.notes()]
         if choice.state and (best is None or (choice.state.step or 0) > (best[1].state.step or 0)):
@@ -200,7 +203,15 @@ def inputs_drift(run, engine, home: Path, inputs) -> str | None:
 
 
 def continue_known_run(
-    run, engine, report, cell_dir: Path, run_id: str, resolved: dict, expect: ExpectedTraining, lease: Lease
+    run,
+    engine,
+    report,
+    cell_dir: Path,
+    run_id: str,
+    resolved: dict,
+    expect: ExpectedTraining,
+    lease: Lease,
+    launch: Callable[..., RunStatus] = launch_run,  # or a packed sweep's (lifecycle.packing)
 ):
     """For launch.resume=auto: None when the run id is new here (start it); else (its folder, status) where status is
     None for a run skipped as done and the resumed attempt's status otherwise. Raises RunNotStartable."""
@@ -270,7 +281,7 @@ def continue_known_run(
     if home != cell_dir:
         write_pointer(cell_dir, "resumed", home, run_id)
     expect = dataclasses.replace(expect, from_step=from_step)
-    status = launch_run(
+    status = launch(
         home,
         launch_command(resumed, inputs),
         expect,

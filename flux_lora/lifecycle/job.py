@@ -33,7 +33,7 @@ from flux_lora.check_report import CheckReport
 from flux_lora.checkpoint_files import WriteFailed
 from flux_lora.engines.base import EngineInputs
 from flux_lora.lifecycle.job_guard import LEASE_LOST_EXIT_CODE
-from flux_lora.lifecycle.lease import HEARTBEAT_S, Lease, LeaseLost, read_holder
+from flux_lora.lifecycle.lease import HEARTBEAT_S, LEASES_ENV, Lease, LeaseLost, read_holder
 from flux_lora.lifecycle.outcome import (
     KILLED_EXIT_CODE,
     STOPPED_EXIT_CODES,
@@ -190,6 +190,18 @@ def _summary_facts(run_dir: Path, since: float) -> dict:
     return {k: v for k, v in facts.items() if v is not None}
 
 
+@dataclass
+class PlannedRun:
+    """One run of a job: a job trains one, a packed job (launch.pack) several, each with its folder, lease and record."""
+
+    run_dir: Path
+    expect: ExpectedTraining | None = None
+    finish: Callable[[], object] | None = None  # called for its effect on the files (what it returns is not used)
+    lease: Lease | None = None
+    engine_record: dict | None = None
+    label: str = ""  # what starts its lines in a packed job's output ("[folder name] ")
+
+
 def launch_run(
     run_dir: Path,
     command: LaunchCommand,
@@ -201,40 +213,77 @@ def launch_run(
     """Run one attempt of the job and record it; the caller holds the run id's lease (None only in unit tests).
     Every write into the run folder first checks that the lease is still ours: raises LeaseLost, having written
     nothing more, once another launch took the run over."""
+    (status,) = launch_runs([PlannedRun(run_dir, expect, finish, lease, engine_record)], command)
+    if status is None:
+        assert lease is not None
+        raise LeaseLost(lease.holder.run_id, read_holder(lease.path))
+    return status
+
+
+def _cell_exit_code(run_dir: Path, since: float, job_exit_code: int) -> int:
+    """A packed run's own exit code, from its train_summary.json (the job's says how the job as a whole ended)."""
+    summary = _read_summary(run_dir, since)
+    if not summary:
+        return job_exit_code
+    if summary.get("stop_reason") == "nonfinite_loss":
+        return 3
+    if summary.get("stop_reason") == "signal":
+        return 128 + signal.Signals[summary["signal"]].value if summary.get("signal") else job_exit_code
+    return 0
+
+
+def launch_runs(runs: list[PlannedRun], command: LaunchCommand) -> list[RunStatus | None]:
+    """Run one attempt of a job that trains `runs` (one, or a packed job's several) and record it in each run's
+    folder; None for a run that another launch took over (nothing more was written for it)."""
     started_at, began = time.monotonic(), time.time()
-    if lease is not None:
-        lease.check()
-    previous = read_status(run_dir)
-    attempts = list(previous.attempts) if previous else []
+    packed = len(runs) > 1
+    for run in runs:
+        if run.lease is not None:
+            run.lease.check()
     host, pid = socket.gethostname(), os.getpid()
-    attempt = {
-        "started": now_iso(),
-        "ended": None,
-        "duration_s": None,
-        "state": RunState.running.value,
-        "exit_code": None,
-        "from_step": expect.from_step if expect else 0,
-        "host": host,
-        "pid": pid,
-        "command": command.argv,
-        "python": command.argv[0],
-        "engine": engine_record,
-        "slurm": slurm_record(),
-        "reason": None,
-    }
-    status = RunStatus(
-        state=RunState.running,
-        started=(previous.started if previous and attempts else None) or attempt["started"],
-        host=host,
-        pid=pid,
-        heartbeat=now_iso(),
-        attempts=[*attempts, attempt],
-    )
-    write_status(run_dir, status)
+    attempts, statuses = [], []
+    for run in runs:
+        previous = read_status(run.run_dir)
+        earlier = list(previous.attempts) if previous else []
+        attempt = {
+            "started": now_iso(),
+            "ended": None,
+            "duration_s": None,
+            "state": RunState.running.value,
+            "exit_code": None,
+            "from_step": run.expect.from_step if run.expect else 0,
+            "host": host,
+            "pid": pid,
+            "command": command.argv,
+            "python": command.argv[0],
+            "engine": run.engine_record,
+            "slurm": slurm_record(),
+            "reason": None,
+        }
+        if packed:  # the job trained these runs together: each run's record names the others
+            attempt["packed_with"] = [str(other.run_dir) for other in runs if other is not run]
+        status = RunStatus(
+            state=RunState.running,
+            started=(previous.started if previous and earlier else None) or attempt["started"],
+            host=host,
+            pid=pid,
+            heartbeat=now_iso(),
+            attempts=[*earlier, attempt],
+        )
+        write_status(run.run_dir, status)
+        attempts.append(attempt)
+        statuses.append(status)
     secrets = secret_values()
-    env = {**os.environ, **command.env, **(lease.job_env() if lease else {})}
+    leases = [run.lease for run in runs if run.lease is not None]
+    env = {**os.environ, **command.env}
+    if packed and leases:
+        env[LEASES_ENV] = json.dumps(
+            {str(r.run_dir.absolute()): [str(r.lease.path), r.lease.holder.token] for r in runs if r.lease}
+        )
+    elif leases:
+        env.update(leases[0].job_env())
     guard = [sys.executable, "-m", "flux_lora.lifecycle.job_guard"]
-    if lease is not None:
+    for lease in leases:
         guard += ["--heartbeat", str(lease.path), "--token", lease.holder.token]
 
     # A session of its own, so a terminal's Ctrl-C reaches only us and we decide how the job stops; the guard
@@ -250,9 +299,10 @@ def launch_run(
         bufsize=1,
         start_new_session=True,
     )
-    if lease is not None:
-        # The guard outlives a killed launcher while the job saves: the lease names it, so nobody resumes meanwhile.
-        lease.update(guard_pid=child.pid, guard_start=process_start_time(child.pid), run_dir=str(run_dir))
+    for run in runs:
+        if run.lease is not None:
+            # The guard outlives a killed launcher while the job saves: the lease names it, so nobody resumes meanwhile.
+            run.lease.update(guard_pid=child.pid, guard_start=process_start_time(child.pid), run_dir=str(run.run_dir))
     signalled = False
     warned = False  # SLURM's SIGUSR2 before the time limit (submitit's signal_delay_s), or a preemption warning
 
@@ -276,58 +326,57 @@ def launch_run(
         stop_job(signal.SIGTERM)
 
     beating = threading.Event()
-
-    lost = threading.Event()  # the lease carries another token: write nothing more
+    lost = [threading.Event() for _ in runs]  # the run's lease carries another token: write nothing more for it
 
     def heartbeat() -> None:
         while not beating.wait(HEARTBEAT_S):
-            if lease is not None and not lease.beat():
-                lost.set()
-                return
-            status.heartbeat = now_iso()
-            try:
-                write_status(run_dir, status)
-            except OSError:
-                pass  # a full disk: the lease's heartbeat still says we live; the final status says how it ended
+            for run, status, gone in zip(runs, statuses, lost):
+                if gone.is_set():
+                    continue
+                if run.lease is not None and not run.lease.beat():
+                    gone.set()
+                    continue
+                status.heartbeat = now_iso()
+                try:
+                    write_status(run.run_dir, status)
+                except OSError:
+                    pass  # a full disk: the lease's heartbeat still says we live; the final status says how it ended
 
     previous_handlers = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
     beat = threading.Thread(target=heartbeat, daemon=True)
     beat.start()
-    watch = JobWatch()
+    watches = [JobWatch() for _ in runs]
+    logs: list[TextIO | None] = []
     try:
-        log: TextIO | None = open(run_dir / LOG_FILE, "a", encoding="utf-8")
+        for run in runs:
+            logs.append(open(run.run_dir / LOG_FILE, "a", encoding="utf-8"))
         try:
             assert child.stdout is not None
             for line in child.stdout:
                 line = redact(line, secrets)
                 sys.stdout.write(line)
                 sys.stdout.flush()
-                if lost.is_set() or (lease is not None and not lease.holds()):
-                    lost.set()  # the guard kills the job within a second; its last lines are not ours to log
-                    continue
+                # A packed job's run says which it is; a line that does not (accelerate's, a warning) is every run's.
+                owner = next((i for i, run in enumerate(runs) if packed and line.startswith(run.label)), None)
+                text = line[len(runs[owner].label) :] if owner is not None else line
+                for index, run in enumerate(runs):
+                    if owner is not None and index != owner:
+                        continue
+                    if lost[index].is_set() or (run.lease is not None and not run.lease.holds()):
+                        lost[index].set()  # the guard or the job stops within a second; its lines are not ours
+                        continue
+                    logs[index] = _append_line(logs[index], run.run_dir, text)
+                    watch = watches[index]
+                    if watch.feed(text) and watch.nonfinite_step is not None and not watch.stop_sent and not packed:
+                        watch.stop_sent = True  # the loss is NaN: nothing later can be trusted; stop now
+                        stop_job(signal.SIGTERM)  # (a packed job drops that run itself and goes on with the others)
+        finally:
+            for log in logs:
                 if log is not None:
                     try:
-                        log.write(line)
-                        log.flush()
-                    except OSError as exc:  # a full disk: the job's lines still reach the terminal and the verdict
-                        print(
-                            f"warning: {WriteFailed(run_dir / LOG_FILE, exc)}; the job's output goes to the terminal only",
-                            file=sys.stderr,
-                        )
-                        try:
-                            log.close()
-                        except OSError:
-                            pass
-                        log = None
-                if watch.feed(line) and watch.nonfinite_step is not None and not watch.stop_sent:
-                    watch.stop_sent = True  # the loss is NaN: nothing later can be trusted; stop now
-                    stop_job(signal.SIGTERM)
-        finally:
-            if log is not None:
-                try:
-                    log.close()
-                except OSError:
-                    pass
+                        log.close()
+                    except OSError:
+                        pass
         exit_code = child.wait()
     finally:
         beating.set()
@@ -335,39 +384,63 @@ def launch_run(
         for s, handler in previous_handlers.items():
             signal.signal(s, handler)
 
-    if lease is not None and (lost.is_set() or exit_code == LEASE_LOST_EXIT_CODE or not lease.holds()):
-        raise LeaseLost(lease.holder.run_id, read_holder(lease.path))
-    if finish is not None:
-        finish()  # e.g. a resumed sd-scripts attempt's files renumbered before they are judged
-    embed_in_outputs(run_dir)  # LoRAs the engine saved without the run's record (sd-scripts) get it
-    state, reason = judge_attempt(run_dir, exit_code, expect, watch, signalled, began)
-    requeue = previous_handlers[signal.SIGUSR2] if warned and state == RunState.interrupted else None
-    if not callable(requeue):
-        requeue = None
-    attempt.update(
-        ended=now_iso(),
-        duration_s=round(time.monotonic() - started_at, 2),
-        state=state.value,
-        exit_code=exit_code,
-        reason=reason,
-        **_summary_facts(run_dir, began),
-    )
-    status = RunStatus(
-        state=state,
-        exit_code=exit_code,
-        started=status.started,
-        ended=attempt["ended"],
-        duration_s=total_duration(status.attempts),
-        reason=reason,
-        host=host,
-        attempts=status.attempts,
-    )
-    if lease is not None:
-        lease.check()
-    write_status(run_dir, status)
-    if requeue is not None:
-        request_requeue(run_dir, status, attempt, requeue, lease)
-    return status
+    ended: list[RunStatus | None] = []
+    for run, status, attempt, watch, gone in zip(runs, statuses, attempts, watches, lost):
+        lease = run.lease
+        if lease is not None and (gone.is_set() or exit_code == LEASE_LOST_EXIT_CODE or not lease.holds()):
+            ended.append(None)
+            continue
+        if run.finish is not None:
+            run.finish()  # e.g. a resumed sd-scripts attempt's files renumbered before they are judged
+        embed_in_outputs(run.run_dir)  # LoRAs the engine saved without the run's record (sd-scripts) get it
+        code = _cell_exit_code(run.run_dir, began, exit_code) if packed else exit_code
+        state, reason = judge_attempt(run.run_dir, code, run.expect, watch, signalled, began)
+        attempt.update(
+            ended=now_iso(),
+            duration_s=round(time.monotonic() - started_at, 2),
+            state=state.value,
+            exit_code=code,
+            reason=reason,
+            **_summary_facts(run.run_dir, began),
+        )
+        final = RunStatus(
+            state=state,
+            exit_code=code,
+            started=status.started,
+            ended=attempt["ended"],
+            duration_s=total_duration(status.attempts),
+            reason=reason,
+            host=host,
+            attempts=status.attempts,
+        )
+        if lease is not None:
+            lease.check()
+        write_status(run.run_dir, final)
+        requeue = previous_handlers[signal.SIGUSR2] if warned and state == RunState.interrupted else None
+        if callable(requeue) and not packed:
+            request_requeue(run.run_dir, final, attempt, requeue, lease)
+        ended.append(final)
+    return ended
+
+
+def _append_line(log: TextIO | None, run_dir: Path, line: str) -> TextIO | None:
+    """The job's line into the run's train.log; a full disk closes the log (the line still reached the terminal)."""
+    if log is None:
+        return None
+    try:
+        log.write(line)
+        log.flush()
+        return log
+    except OSError as exc:
+        print(
+            f"warning: {WriteFailed(run_dir / LOG_FILE, exc)}; the job's output goes to the terminal only",
+            file=sys.stderr,
+        )
+        try:
+            log.close()
+        except OSError:
+            pass
+        return None
 
 
 def request_requeue(run_dir: Path, status: RunStatus, attempt: dict, requeue: Callable, lease: Lease | None) -> None:
@@ -441,6 +514,7 @@ def start_run(
     finish: Callable[[], object] | None = None,  # called for its effect on the files (what it returns is not used)
     lease: Lease | None = None,
     engine_record: dict | None = None,
+    launch: Callable[..., RunStatus] | None = None,  # launch_run, or a packed sweep's (lifecycle.packing)
 ) -> RunStatus:
     """Refuse, stop after freezing (dry run), or launch: the one place that decides."""
     if report.errors:
@@ -450,4 +524,4 @@ def start_run(
     if dry_run:
         return mark_dry_run(frozen.run_dir)
     assert frozen.command is not None
-    return launch_run(frozen.run_dir, frozen.command, expect, finish, lease, engine_record)
+    return (launch or launch_run)(frozen.run_dir, frozen.command, expect, finish, lease, engine_record)

@@ -1,6 +1,6 @@
 """The training job's guard: it dies with the launcher, and the job goes with it, after a chance to save.
 
-    python -m flux_lora.lifecycle.job_guard [--heartbeat LEASE_FILE --token TOKEN] <argv of the job...>
+    python -m flux_lora.lifecycle.job_guard [--heartbeat LEASE_FILE --token TOKEN]... <argv of the job...>
 
 The runner starts this (standard library only, so it never slows the start) as a session leader; it
 starts the job in its own process group and:
@@ -15,7 +15,9 @@ starts the job in its own process group and:
   - touches the run's lease file (--heartbeat) while the job runs and the lease still carries our token
     (--token), so a run whose launcher died but whose job is still saving reads as held, also from another
     host; once the lease carries another token (the run was taken over), it kills the job at once
-    (SIGKILL, nothing more is written) and exits LEASE_LOST_EXIT_CODE;
+    (SIGKILL, nothing more is written) and exits LEASE_LOST_EXIT_CODE. A packed job (launch.pack) names one
+    lease per run: the guard keeps those it still holds fresh and kills the job once it holds none (the job
+    stops writing for a run taken over by itself);
   - gives the job default SIGINT, SIGTERM and SIGUSR2 handling, even when the launcher was started in the
     background by a shell (which makes it ignore SIGINT), and forwards those signals to every process of
     the job (its group and every descendant: torch elastic starts its workers in sessions of their own):
@@ -127,38 +129,42 @@ def _holds(path: str, token: str | None) -> bool:
         return False
 
 
-def _beat(path: str, token: str | None, job: subprocess.Popen, lost: threading.Event) -> None:
-    """Keep the lease fresh while it is ours; the moment it is not, kill the job: it must not write another byte."""
+def _beat(leases: list[tuple[str, str | None]], job: subprocess.Popen, lost: threading.Event) -> None:
+    """Keep the leases fresh while they are ours; the moment none is, kill the job: it must not write another byte."""
     last_beat = 0.0
     while job.poll() is None:
-        if not _holds(path, token):
+        held = [path for path, token in leases if _holds(path, token)]
+        if not held:
             lost.set()
             signal_job(job.pid, signal.SIGKILL)
             print(
-                f"job_guard: the lease {path} carries another token: the run was taken over; job killed",
+                f"job_guard: the lease {leases[0][0]} carries another token: the run was taken over; job killed"
+                if len(leases) == 1
+                else "job_guard: every run's lease carries another token: the runs were taken over; job killed",
                 file=sys.stderr,
                 flush=True,
             )
             return
         if time.monotonic() - last_beat >= HEARTBEAT_S:
-            try:
-                os.utime(path)
-            except OSError:
-                pass
+            for path in held:
+                try:
+                    os.utime(path)
+                except OSError:
+                    pass
             last_beat = time.monotonic()
         time.sleep(LEASE_CHECK_S)
 
 
 def main(argv: list[str]) -> int:
-    heartbeat_file: str | None = None
-    token: str | None = None
-    if argv[:1] == ["--heartbeat"] and len(argv) >= 2:
-        heartbeat_file, argv = argv[1], argv[2:]
-    if argv[:1] == ["--token"] and len(argv) >= 2:
-        token, argv = argv[1], argv[2:]
+    leases: list[tuple[str, str | None]] = []
+    while argv[:1] == ["--heartbeat"] and len(argv) >= 2:
+        path, token, argv = argv[1], None, argv[2:]
+        if argv[:1] == ["--token"] and len(argv) >= 2:
+            token, argv = argv[1], argv[2:]
+        leases.append((path, token))
     if not argv:
         print(
-            "usage: python -m flux_lora.lifecycle.job_guard [--heartbeat LEASE_FILE --token TOKEN] <job argv...>",
+            "usage: python -m flux_lora.lifecycle.job_guard [--heartbeat LEASE_FILE --token TOKEN]... <job argv...>",
             file=sys.stderr,
         )
         return 2
@@ -200,8 +206,8 @@ def main(argv: list[str]) -> int:
 
     threading.Thread(target=watch_parent, daemon=True).start()
     lost = threading.Event()
-    if heartbeat_file:
-        threading.Thread(target=_beat, args=(heartbeat_file, token, job, lost), daemon=True).start()
+    if leases:
+        threading.Thread(target=_beat, args=(leases, job, lost), daemon=True).start()
     code = job.wait()
     # Wait for every adopted descendant too: the job is over only when all of its processes are.
     while True:

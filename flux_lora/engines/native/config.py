@@ -7,6 +7,7 @@ every default and `native_config_from_run` sets every field, so the two cannot d
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -111,3 +112,63 @@ class NativeTrainConfig:
         if missing:
             raise ValueError(f"{path}: missing keys {missing}")
         return cls(**data)
+
+
+# launch.pack: the fields each run of a packed job keeps to itself (its adapter, noise, loss, optimizer, schedule,
+# length, outputs). Every other field is what the runs share (the base, the data, the batch and accumulation
+# structure, the precision) and must be equal for them to share a job; a new field is shared until it is listed here,
+# so a field nobody thought about can never be silently trained with another run's value.
+PER_RUN_FIELDS = frozenset(
+    {
+        "trigger",
+        "sample_prompts",
+        "max_train_steps",
+        "network_dim",
+        "network_alpha",
+        "network_dropout",
+        "learning_rate",
+        "lr_scheduler",
+        "lr_warmup_steps",
+        "lr_scheduler_num_cycles",
+        "noise_offset",
+        "min_snr_gamma",
+        "min_snr_variant",
+        "loss_type",
+        "huber_schedule",
+        "huber_c",
+        "guidance_scale",
+        "timestep_sampling",
+        "sigmoid_scale",
+        "discrete_flow_shift",
+        "model_prediction_type",
+        "max_grad_norm",
+        "seed",
+        "optimizer",
+        "optimizer_args",
+        "save_every_n_steps",
+        "save_precision",
+        "sample_every_n_steps",
+        "sample_steps",
+        "run_dir",
+        "output_dir",
+        "logging_dir",
+        "output_name",
+        "resume_from",
+        "init_lora",
+        "keep_last_states",
+        "record",
+    }
+)
+# Packed runs step under one accelerate GradScaler, which every optimizer's step would update: fp16 is never packed.
+UNPACKABLE_PRECISION = "fp16"
+
+
+def pack_key(config: NativeTrainConfig) -> str | None:
+    """What runs that can share one job have in common, as a digest; None for a run that trains alone. The training
+    set enters by content (each run folder has its own copy)."""
+    if config.mixed_precision == UNPACKABLE_PRECISION:
+        return None
+    shared = {k: v for k, v in asdict(config).items() if k not in PER_RUN_FIELDS}
+    if config.training_set_file:
+        shared["training_set_file"] = hashlib.sha256(Path(config.training_set_file).read_bytes()).hexdigest()
+    return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:12]

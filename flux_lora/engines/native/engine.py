@@ -15,7 +15,7 @@ from flux_lora.checkpoint_files import state_problem
 from flux_lora.compose import PROJECT_ROOT
 from flux_lora.dataset.training_set import TRAINING_SET_FILE
 from flux_lora.engines.base import EngineInputs
-from flux_lora.engines.native.config import CONFIG_FILE, NativeTrainConfig
+from flux_lora.engines.native.config import CONFIG_FILE, NativeTrainConfig, pack_key
 from flux_lora.schema import Accelerator, ModelKind, OptimizerName, RunConfig
 
 TRAIN_MODULE = "flux_lora.engines.native.train"
@@ -239,6 +239,9 @@ class NativeEngine:
 
     def finish_attempt(self, run: RunConfig, run_dir: Path) -> list[str]:
         return []  # the native job names its files by the true step itself
+
+    def pack_key(self, run_dir: Path) -> str | None:
+        return pack_key(NativeTrainConfig.from_json(Path(run_dir) / CONFIG_FILE))
 
     def check_inputs(self, run: RunConfig, inputs: EngineInputs) -> list[str]:
         """The frozen JSON must read back into exactly the config it was made from."""

@@ -10,6 +10,7 @@ The diffusers <-> kohya mapping, fused row order included, is the one diffusers'
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -107,7 +108,9 @@ def add_flux_lora(
         init_lora_weights=True,  # down kaiming-uniform, up zeros
         use_rslora=False,
     )
-    transformer.add_adapter(config, adapter_name=adapter)
+    with warnings.catch_warnings():  # a packed job's second adapter: several adapters in one model are the point
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        transformer.add_adapter(config, adapter_name=adapter)
     for members in groups.values():
         downs = [transformer.get_submodule(name).lora_A[adapter] for name in members]
         for down in downs[1:]:
