@@ -164,6 +164,15 @@ def sweep_cost_line(estimates: list[CostEstimate], parallel: int) -> str:
     )
 
 
+def own_seconds(status: dict) -> float:
+    """A run's share of the time its attempts took: an attempt of a packed job (launch.pack) trained its runs
+    together, so each of them counts its duration once between them."""
+    attempts = [a for a in status.get("attempts") or [] if a.get("duration_s") is not None]
+    if not attempts:
+        return float(status.get("duration_s") or 0.0)
+    return sum(a["duration_s"] / (1 + len(a.get("packed_with") or [])) for a in attempts)
+
+
 def estimated_and_took(rows_dirs: list[Path]) -> str | None:
     """After a sweep: the estimate beside what its cells took (cells that recorded an estimate and ran)."""
     estimated = took = 0.0
@@ -172,7 +181,7 @@ def estimated_and_took(rows_dirs: list[Path]) -> str | None:
         record = (_read(run_dir / "run.json") or {}).get("cost_estimate")
         status = _read(run_dir / "status.json") or {}
         if record and status.get("duration_s") is not None:
-            estimated, took, counted = estimated + record["seconds"], took + status["duration_s"], counted + 1
+            estimated, took, counted = estimated + record["seconds"], took + own_seconds(status), counted + 1
     if not counted:
         return None
     return f"cost: estimated {duration(estimated)} for the {counted} cell(s) that ran, took {duration(took)} ({took / max(estimated, 1e-9):.2f}x)"

@@ -126,3 +126,82 @@ def test_a_nan_in_one_adapter_fails_that_run_only(trained) -> None:
     summary = json.loads((Path(bad.output_dir) / "train_summary.json").read_text())
     assert summary["stop_reason"] == "nonfinite_loss"
     assert not list(Path(bad.output_dir).glob("flux-lora.safetensors"))  # nothing saved from the broken weights
+
+
+@pytest.mark.parametrize("sweep_seeds", [(42,), (42, 1, 2)])
+def test_the_ablation_cells_fall_into_four_packs(tmp_path: Path, sweep_seeds: tuple[int, ...]) -> None:
+    """conf/ablation composed as a sweep composes it: baseline, a1 alpha, a2 noise offset, a4 adafactor, a6 min-SNR
+    and a7 dropout share a base; a3 (accumulation 4), a5 (fp8 base) and a8 (both) each train alone. Seeds are per run,
+    so three seeds of every cell still make four packs (no training here)."""
+    from flux_lora.compose import load_run
+    from flux_lora.engines.native.config import pack_key
+    from flux_lora.engines.native.engine import native_config_from_run
+    from tests.conftest import ABLATIONS, compose_config
+
+    packs: dict[str | None, list[str]] = {}
+    for ablation in ABLATIONS:
+        for seed in sweep_seeds:
+            run = load_run(compose_config([f"ablation={ablation}", f"profile.seed={seed}"]))
+            config = native_config_from_run(run, tmp_path / f"{ablation}-{seed}")
+            packs.setdefault(pack_key(config), []).append(ablation)
+    groups = sorted(sorted(set(cells)) for cells in packs.values())
+    assert groups == sorted(
+        [
+            ["a1_alpha", "a2_noise_offset", "a4_adafactor", "a6_min_snr", "a7_dropout", "baseline"],
+            ["a3_grad_accum"],
+            ["a5_fp8_base"],
+            ["a8_all"],
+        ]
+    ), groups
+    assert sum(len(cells) for cells in packs.values()) == len(ABLATIONS) * len(sweep_seeds)
+
+
+def test_every_per_run_field_is_a_field_and_fp16_never_packs(tmp_path: Path) -> None:
+    from dataclasses import fields, replace
+
+    from flux_lora.engines.native.config import PER_RUN_FIELDS, NativeTrainConfig, pack_key
+
+    assert PER_RUN_FIELDS <= {f.name for f in fields(NativeTrainConfig)}
+    config = tiny_config(tmp_path, tmp_path)
+    assert pack_key(config) is not None and pack_key(replace(config, mixed_precision="fp16")) is None
+    assert pack_key(replace(config, seed=1, learning_rate=5.0)) == pack_key(config)  # per run
+    assert pack_key(replace(config, resolution=128)) != pack_key(config)  # shared: another pack
+
+
+def test_a_run_taken_over_in_a_packed_job_stops_writing_and_the_others_go_on(
+    trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each run of a packed job names its lease (FLUX_LORA_LEASES). Another launch takes one run's lease after its
+    step-2 state: that run writes nothing more (no later state, no LoRA, no summary); the other trains on, equal to
+    its separate run."""
+    from flux_lora.lifecycle.lease import LEASES_ENV
+
+    root, dataset, separate, _ = trained
+    cells = {"baseline": CELLS["baseline"], "taken": {"seed": 3}}
+    configs_ = configs(root, dataset, "lease", cells)
+    leases = {}
+    for config in configs_:
+        path = tmp_path / f"{Path(config.run_dir).name}.lease"
+        path.write_text(json.dumps({"token": f"token-{path.stem}"}))
+        leases[str(Path(config.run_dir).absolute())] = [str(path), f"token-{path.stem}"]
+    monkeypatch.setenv(LEASES_ENV, json.dumps(leases))
+    taken_dir = Path(configs_[1].output_dir)
+
+    from flux_lora.engines.native import train
+
+    lease_file = Path(leases[str(Path(configs_[1].run_dir).absolute())][0])
+    save = train.Checkpointer.save
+
+    def save_then_taken_over(self, step: int, final: bool):
+        saved = save(self, step, final)
+        if self.output_dir == taken_dir and step == 4:  # another launch takes the run right after this state
+            lease_file.write_text(json.dumps({"token": "another launch"}))
+        return saved
+
+    monkeypatch.setattr(train.Checkpointer, "save", save_then_taken_over)
+    good, taken = run_packed(configs_)
+    assert taken is None  # nothing to report: it is not ours any more
+    assert not (taken_dir / "flux-lora.safetensors").exists() and not (taken_dir / "train_summary.json").exists()
+    assert not (taken_dir / "flux-lora-step00000008-state").exists()
+    assert good is not None and good.stop_reason is None and good.losses == separate[0].losses
+    assert_same_tensors(Path(separate[0].lora_path), Path(good.lora_path))
