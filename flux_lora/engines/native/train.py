@@ -364,14 +364,25 @@ class StepLog:
         self.class_samples = 0  # class images in this optimizer step's micro-batches (logged when the run has any)
         self.progress: Progress | None = None
         self.label = label
-        self.step_began = 0.0
+        self.clock_seconds = 0.0
+        self.clock_from: float | None = None
 
     def start(self, global_step: int) -> None:
         self.progress = Progress(self.config.max_train_steps, global_step, self.accelerator.is_main_process, self.label)
         self.restart_clock()
 
     def restart_clock(self) -> None:
-        self.step_began = time.perf_counter()
+        self.clock_seconds, self.clock_from = 0.0, time.perf_counter()
+
+    # The step's clock runs only during the run's own turns: a packed job's run records its own seconds per step,
+    # not those of the runs trained between its turns.
+    def pause_clock(self) -> None:
+        if self.clock_from is not None:
+            self.clock_seconds += time.perf_counter() - self.clock_from
+            self.clock_from = None
+
+    def resume_clock(self) -> None:
+        self.clock_from = time.perf_counter()
 
     def micro(self, position: int, loss: float, class_samples: int) -> None:
         self.micro_losses.append(loss)
@@ -383,7 +394,8 @@ class StepLog:
         current = sum(self.micro_losses) / len(self.micro_losses)
         self.micro_losses.clear()
         self.losses.append(current)
-        self.step_seconds.append(time.perf_counter() - self.step_began)
+        running = time.perf_counter() - self.clock_from if self.clock_from is not None else 0.0
+        self.step_seconds.append(self.clock_seconds + running)
         return current
 
     def write(self, step: int, lr: float, device: torch.device) -> None:
@@ -568,11 +580,14 @@ class Cell:
         from flux_lora.engines.native.lora import use_adapter
 
         use_adapter(self.accelerator.unwrap_model(self.training.transformer), self.training.adapter)
+        self.log.resume_clock()
         try:
             with self.training.rng.turn():
                 yield
         except RunTakenOver:
             self.stop_reason = "taken_over"
+        finally:
+            self.log.pause_clock()
 
     @property
     def running(self) -> bool:
