@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -66,6 +67,10 @@ def test_a_packed_sweep_killed_resumes_then_skips_and_a_cell_replayed_alone_trai
         assert attempts[1]["packed_with"]  # resumed packed again
     assert "packed_with" not in json.loads((cells["a3_grad_accum"] / "status.json").read_text())["attempts"][-1]
     assert {row.state for row in map(read_run, cells.values())} == {"succeeded"}
+    watched = run_cli(str(sweep_dir), "--once", module="flux_lora.watch", env={"COLUMNS": "200"})
+    assert watched.returncode == 0, watched.stderr[-2000:]
+    for cell in cells.values():  # watch shows a packed cell as any other: its state and its own steps
+        assert re.search(rf"{cell.name}\s+│\s*succeeded\s*│[^\n]*6/6", watched.stdout), watched.stdout[-3000:]
 
     once_more = run_cli(*sweep, folder=tmp_path)
     assert once_more.returncode == 0 and once_more.stdout.count("skipped: done") == len(CELLS), once_more.stdout[-3000:]
