@@ -267,7 +267,8 @@ def resume_state(accelerator, training: LoraTraining, state_dir: str, say: Calla
     with torch.no_grad():
         for name, param in adapter_parameters(accelerator.unwrap_model(training.transformer), training.adapter).items():
             param.copy_(saved[_state_name(name, training.adapter)])
-    on_device = "on_device" if accelerator.num_processes > 1 else "cpu"  # as accelerator.load_state chooses
+    # As accelerator.load_state chooses: on each process's device with several GPUs, else the CPU (MULTI_CPU too).
+    on_device = "on_device" if accelerator.num_processes > 1 and accelerator.multi_device else "cpu"
     restored = load_accelerator_state(
         state_dir,
         [],
