@@ -1,5 +1,5 @@
 """One real 3-seed sweep shared by the report and provenance tests: `launch.py sweep=ablation_seeds` with baseline
-and a1_alpha on the tiny model (6 runs of 3 steps at 64 px, about 1.5 min on 2 cores); the session fixture that
+and a1_alpha on the tiny model (6 runs of 3 steps at 64 px, packed into one job); the session fixture that
 makes it is `seed_sweep` in tests/conftest.py."""
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ from tests.cli import ONE_THREAD, run_cli
 SWEEP_ARGS = [
     "sweep=ablation_seeds",
     "ablation=baseline,a1_alpha",
+    # One job trains the six runs (one base, an adapter each; each equal to its separate run, tests/engines/native/
+    # test_packed.py): the report and provenance tests read their folders as any other's.
+    "launch.pack=true",
     "ablation.baseline_steps=3",
     "profile.lr_warmup_steps=1",
     "profile.save_every_n_steps=1",

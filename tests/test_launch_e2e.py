@@ -255,7 +255,8 @@ def test_sweep_through_submitit_launcher(tmp_path: Path) -> None:
 def test_ctrl_c_stops_the_sweep_and_marks_the_cell_interrupted(tmp_path: Path) -> None:
     import signal
 
-    launcher = start_cli("sweep=ablation", "profile.max_train_steps=1000", folder=tmp_path)
+    # 100 steps: the first progress line comes at step 5 (every 5%), long before the cell could end.
+    launcher = start_cli("sweep=ablation", "ablation.baseline_steps=100", folder=tmp_path)
     assert launcher.stdout is not None
     for line in launcher.stdout:
         if line.startswith("step "):  # the first cell is training

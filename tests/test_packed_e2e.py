@@ -22,7 +22,7 @@ from tests.test_resume_e2e import SHORT, descendants, finish, start, wait_until_
 
 pytestmark = pytest.mark.slow
 
-CELLS = ("baseline", "a2_noise_offset", "a3_grad_accum")  # a3 accumulates 4 micro-batches a step: it trains alone
+CELLS = ("baseline", "a2_noise_offset")
 
 
 def test_a_packed_sweep_killed_resumes_then_skips_and_a_cell_replayed_alone_trains_the_same_lora(
@@ -65,7 +65,6 @@ def test_a_packed_sweep_killed_resumes_then_skips_and_a_cell_replayed_alone_trai
         attempts = json.loads((cell / "status.json").read_text())["attempts"]
         assert [a["state"] for a in attempts] == ["interrupted", "succeeded"] and attempts[1]["from_step"] >= 2
         assert attempts[1]["packed_with"]  # resumed packed again
-    assert "packed_with" not in json.loads((cells["a3_grad_accum"] / "status.json").read_text())["attempts"][-1]
     assert {row.state for row in map(read_run, cells.values())} == {"succeeded"}
     watched = run_cli(str(sweep_dir), "--once", module="flux_lora.watch", env={"COLUMNS": "200"})
     assert watched.returncode == 0, watched.stderr[-2000:]

@@ -91,3 +91,15 @@ def test_a_final_state_without_its_lora_is_passed_over_for_the_step_before(tmp_p
     decision = decide([run], "flux-lora", max_train_steps=6)
     assert decision.decision == Decision.resume and decision.state.step == 4
     assert "final LoRA is missing" in " ".join(decision.notes)
+
+
+def test_a_folder_frozen_but_never_started_is_started_in_place(tmp_path: Path) -> None:
+    """Its launcher died between freezing it and starting its job (a packed sweep's cells wait there for their job):
+    the next launch holding the lease starts it in that folder, not in a new one beside it."""
+    frozen = tmp_path / "0_cell"
+    frozen.mkdir()
+    (frozen / "run.json").write_text(json.dumps({"run_id": "abc"}))  # no status.json: never started
+    decision = decide([frozen], "flux-lora", 6)
+    assert (decision.decision, decision.run_dir, decision.state) == (Decision.resume, frozen, None)
+    dry = make_run(tmp_path / "1_dry", "abc", RunState.dry_run)  # a dry run's folder is never trained in
+    assert decide([dry], "flux-lora", 6).decision == Decision.start
