@@ -549,7 +549,14 @@ class Cell:
     its records, checkpoints and samples, and how far it got. Whatever it does happens in its `turn`."""
 
     def __init__(
-        self, config: NativeTrainConfig, training: LoraTraining, accelerator, items: list, label: str, alone: bool
+        self,
+        config: NativeTrainConfig,
+        training: LoraTraining,
+        accelerator,
+        items: list,
+        label: str,
+        alone: bool,
+        began: float,
     ) -> None:
         self.config, self.training, self.accelerator, self.items, self.label = (
             config,
@@ -558,7 +565,9 @@ class Cell:
             items,
             label,
         )
-        self.began = time.time()
+        # Its training time: the job's wall time alone; packed, the shared setup and its own turns (not the others').
+        self.began, self.alone = began, alone
+        self.setup_seconds, self.turn_seconds = time.time() - began, 0.0
         self.ownership = RunOwnership(config.run_dir, alone)
         self.plan = BatchPlan(config, items, accelerator)
         self.log = StepLog(config, accelerator, Path(config.logging_dir), any(i.is_class for i in items), label)
@@ -582,6 +591,7 @@ class Cell:
 
         use_adapter(self.accelerator.unwrap_model(self.training.transformer), self.training.adapter)
         self.log.resume_clock()
+        turn_began = time.time()
         try:
             with self.training.rng.turn():
                 yield
@@ -589,6 +599,7 @@ class Cell:
             self.stop_reason = "taken_over"
         finally:
             self.log.pause_clock()
+            self.turn_seconds += time.time() - turn_began
 
     @property
     def running(self) -> bool:
@@ -685,7 +696,7 @@ class Cell:
             steps=self.global_step,
             final_loss=log.losses[-1] if log.losses else float("nan"),
             average_loss=log.recorder.average,
-            seconds=time.time() - self.began,
+            seconds=time.time() - self.began if self.alone else self.setup_seconds + self.turn_seconds,
             step_seconds=log.step_seconds,
             peak_memory_gb=peak_memory_gb(device),
             lora_path=None if self.lora_path is None or stop_reason == "nonfinite_loss" else str(self.lora_path),
@@ -749,6 +760,7 @@ def train_lora(configs: list[NativeTrainConfig], stop: StopRequest) -> list[Trai
     """The recipe: 1. set up, 2. resume, 3. the loop, 4. save, 5. finish. One config is one run; several (a packed
     job: they share a base, data and batch structure) train an adapter each on one base, each as its own run would."""
     # 1. Set up: accelerate, the model parts, the dataset and prompts encoded (then the text encoders freed), the LoRAs.
+    began = time.time()
     for config in configs:
         if config.save_precision not in SAVE_DTYPES:
             raise ValueError(f"save_precision={config.save_precision!r}: expected one of {sorted(SAVE_DTYPES)}")
@@ -776,7 +788,8 @@ def train_lora(configs: list[NativeTrainConfig], stop: StopRequest) -> list[Trai
     adapters = [ADAPTER] if len(configs) == 1 else [f"run{i}" for i in range(len(configs))]
     trainings = prepare_lora_trainings(parts.transformer, configs, adapters, accelerator, weight_dtype)
     cells = [
-        Cell(c, t, accelerator, items, label, len(configs) == 1) for c, t, label in zip(configs, trainings, labels)
+        Cell(c, t, accelerator, items, label, len(configs) == 1, began)
+        for c, t, label in zip(configs, trainings, labels)
     ]
     results: dict[int, TrainResult] = {}
 
