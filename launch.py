@@ -161,8 +161,9 @@ def packed_launch(run, engine, run_id: str, lease: Lease, mode):
     if not (run.launch.pack and mode == RunMode.MULTIRUN):
         return launch_run
     if not PackQueue.runs_here:
-        print("info: launch.pack: this cell runs as a job of its own (packing is built for local sweeps)")
+        print("info: launch.pack: this cell runs as a job of its own (packing is built for local and SLURM sweeps)")
         return launch_run
+    sweep_dir = Path(HydraConfig.get().sweep.dir)
 
     def on_end(run_dir: Path, status) -> None:
         try:
@@ -172,6 +173,7 @@ def packed_launch(run, engine, run_id: str, lease: Lease, mode):
                 end_run(run_id, status, run_dir, mode, run)
         finally:
             lease.release()
+            report_if_last_cell(sweep_dir)  # the cell's task ended before its packed job trained it
 
     return Packer(engine.pack_key, on_end).launch
 

@@ -8,7 +8,10 @@ loads launchers only from its plugin namespace). Over the plugin's own it:
   - refuses `nodes > 1` (accelerate's multi-node rendezvous is not set up here);
   - asks for `--requeue`, so a job on a node that fails comes back on another one;
   - saves the rendered sbatch script and the job ids in the sweep folder (`slurm_jobs.json`, `sbatch.sh`);
-  - with `launch.detach=true`, returns once the jobs are queued; the last cell to finish writes the report.
+  - with `launch.detach=true`, returns once the jobs are queued; the last cell to finish writes the report;
+  - with `launch.pack=true`, submits the cells that can share a base as one job (`PackedCells`): the job decides
+    each cell as it would alone, then trains the waiting ones packed (lifecycle.packing), and a requeued job does
+    it again, so each cell resumes where it stopped.
 The time limit is handled in the job (lifecycle.job): the trainer saves on SLURM's SIGUSR2, then
 submitit's own handler requeues the job and the restarted cell resumes from that state.
 """
@@ -28,8 +31,11 @@ from typing import Any, ClassVar
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, filter_overrides
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
+from flux_lora.compose import load_run
+from flux_lora.engines import get_engine
+from flux_lora.lifecycle.packing import PackQueue, run_waiting
 from flux_lora.lifecycle.slurm import JOBS_FILE
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
@@ -144,9 +150,13 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
             (list(overrides), "hydra.sweep.dir", n, f"job_id_for_{n}", Singleton.get_state())
             for n, overrides in zip(numbers, job_overrides)
         ]
+        packs = self.packs(job_overrides)
         try:
             with contextlib.redirect_stderr(io.StringIO()):  # submitit prints sbatch's complaint; we say it in one line
-                jobs = executor.map_array(self, *zip(*cells))
+                if packs is None:
+                    jobs = executor.map_array(self, *zip(*cells))
+                else:
+                    jobs = executor.map_array(PackedCells(self), [[cells[i] for i in pack] for pack in packs])
         except FailedJobError as refused:
             raise ClusterRefusal(rejected_setting(str(refused), self.params)) from None
         record = {
@@ -154,6 +164,8 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
             "cells": [" ".join(filter_overrides(o)) for o in job_overrides],
             "detached": bool(OmegaConf.select(self.config, "launch.detach", default=False)),
         }
+        if packs is not None:
+            record["packs"] = packs  # the cells (by their index in "cells") each job runs
         script = jobs[0].paths.submission_file
         if script.is_file():
             shutil.copyfile(script, sweep_dir / SCRIPT_FILE)
@@ -164,7 +176,63 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         if record["detached"]:
             SlurmLauncher.detached = {**record, "sweep_dir": str(sweep_dir)}
             return []
-        return [job.results()[0] for job in jobs]
+        if packs is None:
+            return [job.results()[0] for job in jobs]
+        returns: dict[int, JobReturn] = {}
+        for job, pack in zip(jobs, packs):
+            returns.update(zip(pack, job.results()[0]))
+        return [returns[i] for i in sorted(returns)]
+
+    def packs(self, job_overrides: Sequence[Sequence[str]]) -> list[list[int]] | None:
+        """launch.pack: the cells each SLURM job runs, grouped by the engine's key of the composed cell (the job
+        groups the frozen runs again by their full key, the training set's content included, so a pack that turns
+        out not to share a base trains as several packs in that job); None when no cell asks for packing."""
+        keys = [self._sweep_pack_key(overrides) for overrides in job_overrides]
+        if all(key is False for key in keys):
+            return None
+        packs: dict[str, list[int]] = {}
+        alone: list[list[int]] = []
+        for index, key in enumerate(keys):
+            if isinstance(key, str):
+                packs.setdefault(key, []).append(index)
+            else:
+                alone.append([index])
+        return sorted([*packs.values(), *alone])
+
+    def _sweep_pack_key(self, overrides: Sequence[str]) -> str | bool | None:
+        """The cell's pack key; None: it packs with nobody; False: it does not ask for packing. A cell that does not
+        compose here is left to its job, which says why in one line, as it does for a cell that is not packed."""
+        assert self.hydra_context is not None and self.config is not None
+        try:
+            cell = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            if not OmegaConf.select(cell, "launch.pack", default=False):
+                return False
+            with open_dict(cell):
+                del cell["hydra"]
+            run = load_run(cell)
+            return get_engine(run.engine.name.value).sweep_pack_key(run)
+        except Exception:  # noqa: BLE001 - see the docstring
+            return None
+
+
+class PackedCells:
+    """One SLURM job running several cells of a packed sweep: each cell's task (compose, check, freeze, decide)
+    in turn, as the job of a cell alone runs it, then the waiting runs as packed jobs (lifecycle.packing)."""
+
+    def __init__(self, launcher: SlurmLauncher) -> None:
+        self.launcher = launcher
+
+    def __call__(self, cells: list[tuple]) -> list[JobReturn]:
+        PackQueue.runs_here = True
+        returns = [self.launcher(*cell) for cell in cells]
+        run_waiting(lambda line: print(f"info: {line}"))
+        return returns
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """Requeued (time limit, preemption): the same cells again; each resumes where it stopped."""
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self, *args, **kwargs)
 
 
 def follow_lines(detached: dict) -> list[str]:

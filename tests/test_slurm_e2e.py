@@ -166,6 +166,69 @@ def test_a_cell_that_hits_the_time_limit_or_is_requeued_resumes_in_its_folder_an
 
 
 @pytest.mark.slow
+def test_a_packed_sweep_is_one_slurm_job_whose_cells_save_on_the_warning_and_resume_after_the_requeue(
+    slurm, tmp_path: Path
+) -> None:
+    """launch.pack=true on SLURM: the two cells that share a base are one job (one array task, one trainer). SLURM's
+    warning (SIGUSR2 to the job's processes, as before a time limit or a preemption; sent with `scancel --signal`)
+    saves both cells and submitit requeues the job; the job that comes back decides each cell again (both resume)
+    and trains them packed to their last step."""
+    sweep_dir = tmp_path / "sweep"
+    steps = 8
+    sweep = start_cli(
+        "-m",
+        "ablation=baseline,a2_noise_offset",
+        "launch.pack=true",
+        f"ablation.baseline_steps={steps}",
+        "profile.save_every_n_steps=4",
+        *CELL,
+        *ON_SLURM,
+        f"hydra.sweep.dir={sweep_dir}",
+        folder=tmp_path,
+    )
+    cells = [sweep_dir / "0_tiny-smoke-cpu-native-baseline", sweep_dir / "1_tiny-smoke-cpu-native-a2_noise_offset"]
+    deadline = time.monotonic() + 600
+    jobs: list[str] = []
+    held_since: dict[str, float] = {}
+    warned = False
+    while sweep.poll() is None and time.monotonic() < deadline:
+        if not jobs and (sweep_dir / "slurm_jobs.json").is_file():
+            jobs = json.loads((sweep_dir / "slurm_jobs.json").read_text())["jobs"]
+        if not warned and all(len(scalar_series(cell / "logs", LOSS_TAG)) >= 2 for cell in cells):
+            # Held still (SIGSTOP) while the warning is sent, so it comes mid-training however fast this machine is.
+            trainer = trainer_pid(cells[0])
+            assert trainer == trainer_pid(cells[1])  # one trainer for both cells
+            os.kill(trainer, signal.SIGSTOP)
+            try:
+                subprocess.run(["scancel", "--signal=USR2", jobs[0]], check=True, timeout=30)
+                time.sleep(1)
+            finally:
+                os.kill(trainer, signal.SIGCONT)
+            warned = True
+        keep_requeued_jobs_moving(jobs, held_since)
+        time.sleep(1)
+    output = finish(sweep, timeout_s=60)
+    assert warned, output[-4000:]
+    record = json.loads((sweep_dir / "slurm_jobs.json").read_text())
+    assert len(record["jobs"]) == 1 and record["packs"] == [[0, 1]], record
+    for cell in cells:
+        status = status_of(cell)
+        assert status.get("state") == "succeeded", output[-4000:] + json.dumps(status, indent=1)[-3000:]
+        attempts = status["attempts"]
+        assert [a["state"] for a in attempts] == ["interrupted", "succeeded"], json.dumps(attempts, indent=1)
+        assert attempts[0].get("requeued") and "SLURM's warning" in attempts[0]["reason"], attempts[0]
+        assert [a["slurm"]["restart_count"] for a in attempts] == [0, 1]
+        assert {a["slurm"]["job_id"] for a in attempts} == {jobs[0]}
+        assert all(a["packed_with"] == [str(c) for c in cells if c != cell] for a in attempts)
+        assert attempts[1]["from_step"] > 0  # resumed from the state saved on the warning
+        losses = scalar_series(cell / "logs", LOSS_TAG)
+        assert [step for step, _, _ in losses] == list(range(1, steps + 1))  # every step, once, in the final lineage
+        summary = json.loads((cell / "output" / "train_summary.json").read_text())
+        assert summary["steps"] == steps and (cell / "output" / "flux-lora.safetensors").is_file()
+    assert (sweep_dir / "report.html").is_file()
+
+
+@pytest.mark.slow
 def test_a_sweep_submitted_twice_trains_each_cell_once_and_detach_returns_while_it_runs(slurm, tmp_path: Path) -> None:
     """The first submission is detached and runs one cell at a time; a second submission of the same sweep meets
     its running cell (busy, with its job) and trains the other; the first one's pending cell then finds it done.

@@ -69,3 +69,8 @@ class Engine(Protocol):
         """launch.pack: runs frozen with the same key can train as one job (one base, an adapter each); None for a
         run that trains alone."""
         ...
+
+    def sweep_pack_key(self, run: RunConfig) -> str | None:
+        """pack_key of a composed run before its check and freeze (a SLURM sweep groups its cells into jobs by it on
+        the submitting host): equal for runs whose frozen keys may be equal; None for a run that trains alone."""
+        ...

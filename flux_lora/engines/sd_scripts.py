@@ -645,3 +645,6 @@ class SdScriptsEngine:
 
     def pack_key(self, run_dir: Path) -> str | None:
         return None  # sd-scripts trains one network per process
+
+    def sweep_pack_key(self, run: RunConfig) -> str | None:
+        return None

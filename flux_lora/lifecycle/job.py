@@ -416,10 +416,15 @@ def launch_runs(runs: list[PlannedRun], command: LaunchCommand) -> list[RunStatu
         if lease is not None:
             lease.check()
         write_status(run.run_dir, final)
-        requeue = previous_handlers[signal.SIGUSR2] if warned and state == RunState.interrupted else None
-        if callable(requeue) and not packed:
-            request_requeue(run.run_dir, final, attempt, requeue, lease)
         ended.append(final)
+    requeue = previous_handlers[signal.SIGUSR2]
+    stopped = [
+        (run.run_dir, final, attempt, run.lease)
+        for run, final, attempt in zip(runs, ended, attempts)
+        if final is not None and final.state == RunState.interrupted
+    ]
+    if warned and stopped and callable(requeue):
+        request_requeue(stopped, requeue)
     return ended
 
 
@@ -443,16 +448,17 @@ def _append_line(log: TextIO | None, run_dir: Path, line: str) -> TextIO | None:
         return None
 
 
-def request_requeue(run_dir: Path, status: RunStatus, attempt: dict, requeue: Callable, lease: Lease | None) -> None:
-    """Let submitit's own handler (hydra-submitit-launcher's checkpoint: the same cell again) requeue the job with
-    `scontrol requeue`, counting time-outs against max_num_timeout; it exits when it did. "requeued" is recorded
-    only then; otherwise the reason it was not."""
+def request_requeue(stopped: list[tuple[Path, RunStatus, dict, Lease | None]], requeue: Callable) -> None:
+    """Let submitit's own handler (hydra-submitit-launcher's checkpoint: the same cell or cells again) requeue the job
+    with `scontrol requeue`, counting time-outs against max_num_timeout; it exits when it did. "requeued" is recorded
+    in each stopped run's attempt only then; otherwise the reason it was not."""
     outcome = "not requeued: submitit's handler returned without requeueing"
     try:
         requeue(signal.SIGUSR2, None)
     except SystemExit:
         outcome = "requeued to resume"
-        attempt["requeued"] = True
+        for _, _, attempt, _ in stopped:
+            attempt["requeued"] = True
         raise
     except subprocess.CalledProcessError as failed:
         outcome = f"not requeued: {' '.join(map(str, failed.cmd))} failed (exit {failed.returncode})"
@@ -462,9 +468,10 @@ def request_requeue(run_dir: Path, status: RunStatus, attempt: dict, requeue: Ca
         raise
     finally:
         note = f"SLURM's warning before the time limit or a preemption: {outcome}"
-        attempt["reason"] = status.reason = f"{status.reason}; {note}"
-        if lease is None or lease.holds():
-            write_status(run_dir, status)
+        for run_dir, status, attempt, lease in stopped:
+            attempt["reason"] = status.reason = f"{status.reason}; {note}"
+            if lease is None or lease.holds():
+                write_status(run_dir, status)
 
 
 def evaluation_argv(run: RunConfig, run_dir: Path) -> list[str]:

@@ -243,6 +243,10 @@ class NativeEngine:
     def pack_key(self, run_dir: Path) -> str | None:
         return pack_key(NativeTrainConfig.from_json(Path(run_dir) / CONFIG_FILE))
 
+    def sweep_pack_key(self, run: RunConfig) -> str | None:
+        # No run folder yet: its fields are each run's own, and the training set enters only once it is frozen.
+        return pack_key(native_config_from_run(run, Path(run.paths.outputs) / "not-frozen"))
+
     def check_inputs(self, run: RunConfig, inputs: EngineInputs) -> list[str]:
         """The frozen JSON must read back into exactly the config it was made from."""
         text = inputs.files.get(CONFIG_FILE)
