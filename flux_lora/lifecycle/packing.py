@@ -7,7 +7,8 @@ accelerate command they would run, and starts each group as one `accelerate laun
 trains every run of it; a group of one is a run alone. Each run's status, train.log, outputs and outcome stay its
 own; what happens after a run ends (its line, its evaluation, its lease released) is the cell's `on_end`.
 
-A SLURM sweep (hydra/launcher=slurm) runs each cell as its own job: packing across jobs is not built.
+On SLURM (hydra/launcher=slurm) the same happens inside one SLURM job per group of cells (flux_lora.cluster's
+PackedCells): the job runs its cells' tasks, then `run_waiting`.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ class WaitingRun:
 
 
 class PackQueue:
-    """The runs waiting for their packed job. `runs_here` is set by the process that starts them after Hydra's
-    multirun (launch.py's cli); a cell's task run anywhere else (a SLURM job) launches as it would alone."""
+    """The runs waiting for their packed job. `runs_here` is set by the process that starts them once its cells'
+    tasks ran (launch.py's cli after Hydra's multirun, a packed SLURM job); a cell's task run anywhere else (a job of
+    its own) launches as it would alone."""
 
     runs_here = False
     waiting: list[WaitingRun] = []
