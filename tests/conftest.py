@@ -74,10 +74,38 @@ TRAINED_OR_CLUSTER_FIXTURES = frozenset(
 )
 
 
+# pytest-xdist (`-n 2 --dist loadgroup`, pyproject.toml): the tests that share a trained fixture or a cluster run on
+# one worker, so nothing is trained twice and no two tests drive the one SLURM at once. Session fixtures that build on
+# each other share a group; a test taking a module-scoped fixture stays with its module.
+SHARED_FIXTURE_GROUPS = {
+    "slurm": "slurm",
+    "two_node_slurm": "slurm",
+    "seed_sweep": "seed_sweep",
+    "evaluated_sweep": "seed_sweep",
+    "tiny_run": "tiny_run",
+    "evaluated_run": "tiny_run",
+    "judged_diffusers_lora": "judged_diffusers_lora",
+}
+
+
+def shared_fixture_group(item: pytest.Item) -> str | None:
+    names = list(getattr(item, "fixturenames", ()))
+    for name in names:
+        if name in SHARED_FIXTURE_GROUPS:
+            return SHARED_FIXTURE_GROUPS[name]
+    definitions = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    if any(defs and defs[-1].scope == "module" for name in names for defs in [definitions.get(name)]):
+        return item.nodeid.split("::")[0]
+    return None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if TRAINED_OR_CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+        group = shared_fixture_group(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config) -> None:
