@@ -99,6 +99,7 @@ def shared_fixture_group(item: pytest.Item) -> str | None:
     return None
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if TRAINED_OR_CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
