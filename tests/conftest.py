@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+
+# One OpenMP thread for torch in the test processes and every process they start (the CLI, accelerate, the job, a
+# SLURM job): the tiny model's ops take microseconds, and beside the other xdist worker a second thread spins in
+# OpenMP's barriers for a descheduled partner (the ablation-curve fixture: 142 s with two threads, under 40 s with one).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 from hydra import compose, initialize_config_dir

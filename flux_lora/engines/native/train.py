@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -880,4 +881,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Everything is written, flushed and closed (LoRA, states, summary, TensorBoard's writer in end_training): skip the
+    # interpreter's teardown of torch, diffusers and peft's ~4000 modules, which holds each job ~1.8 s after its work.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
