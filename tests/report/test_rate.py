@@ -138,10 +138,13 @@ def test_rating_with_keys_and_a_click_in_chromium_then_the_report_unblinds(rate_
         browser.wait_for(page, "document.getElementById('progress').textContent.startsWith('Prompt 2 of 5')")
         browser.wait_for(page, "document.querySelectorAll('.item img').length === 6")
         browser.click(page, ".item:nth-child(2) button[data-score='2']")  # a real mouse click on prompt 2
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 120  # generous: a busy machine must not fail the test
         while len(ratings(rate_server.sweep_dir, "browser")) < 7 and time.monotonic() < deadline:
             time.sleep(0.05)
-        status_line = browser.evaluate(page, "document.getElementById('status').textContent")
+        # The server writes the rating before it answers: the page says so once the answer is back.
+        status_line = browser.wait_for(
+            page, "(t => t.startsWith('Saved') ? t : '')(document.getElementById('status').textContent)", timeout=120
+        )
         urls = browser.requested_urls(page)
     lines = ratings(rate_server.sweep_dir, "browser")
     # Sorted: the page posts each rating without waiting for the last, so under load they may land out of order.
