@@ -113,9 +113,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         group = shared_fixture_group(item)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
-    # Slow tests first (a stable sort: the file order stays within each half): xdist hands tests out in this order,
-    # so the long ones start early and the short ones fill the workers' ends, instead of one long test ending last.
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config) -> None:

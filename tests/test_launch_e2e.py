@@ -10,6 +10,7 @@ given to it are empty placeholders, since the stand-in never reads them.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -114,7 +115,10 @@ def test_embedded_default_trains_end_to_end(tmp_path: Path) -> None:
     assert command["argv"][-3:] == ["-m", "flux_lora.engines.native.train", str(run_dir)]
     output = run_dir / "output"
     assert (output / "flux-lora.safetensors").is_file()
-    assert json.loads((output / "device.json").read_text())["device"] == "cpu"  # the job's own account
+    device = json.loads((output / "device.json").read_text())  # the job's own account
+    assert device["device"] == "cpu"
+    # The threads the user set (tests/conftest.py sets OMP_NUM_THREADS=1) are the job's, not accelerate's default.
+    assert device["cpu_threads"] == int(os.environ["OMP_NUM_THREADS"]) == 1
     assert (output / "flux-lora-step00000002.safetensors").is_file()
     assert list((output / "sample").glob("flux-lora_000004_0[0-4]_*.png"))
     assert list((run_dir / "logs").rglob("events.out.tfevents.*"))

@@ -78,12 +78,21 @@ def accelerate_argv(run: RunConfig, inputs: EngineInputs) -> list[str]:
     ]
     if gpu.accelerator == Accelerator.cpu and gpu.num_gpus > 1:
         # Several CPU processes (gloo): torch elastic starts them, as for GPUs; the job itself asks for the CPU.
-        argv += ["--multi_gpu", "--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // gpu.num_gpus))]
+        argv += ["--multi_gpu", "--num_cpu_threads_per_process", str(max(1, cpu_threads() // gpu.num_gpus))]
     elif gpu.accelerator == Accelerator.cpu:
-        argv += ["--cpu", "--num_cpu_threads_per_process", str(os.cpu_count() or 1)]
+        argv += ["--cpu", "--num_cpu_threads_per_process", str(cpu_threads())]
     elif gpu.num_gpus > 1:
         argv.append("--multi_gpu")
     return argv + list(inputs.script_argv)
+
+
+def cpu_threads() -> int:
+    """Threads for a CPU job: OMP_NUM_THREADS where the user set it (accelerate's flag below would override it), else
+    every core."""
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return os.cpu_count() or 1
 
 
 def launch_command(run: RunConfig, inputs: EngineInputs) -> LaunchCommand:
